@@ -1,0 +1,1 @@
+"""Official X-VLM checkpoint conversion (installed as ``modeling_xvlm.conversion``)."""
