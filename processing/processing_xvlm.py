@@ -1,0 +1,358 @@
+"""XVLMProcessor: images + texts (+ boxes) -> X-VLM model inputs; predicted boxes -> pixel boxes."""
+
+from __future__ import annotations
+
+import numbers
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+from .image_processing_xvlm import XVLMImageProcessor, XVLMImageProcessorPil, load_images_rgb
+from .text import pre_caption, pre_question
+
+__all__ = ["XVLMProcessor", "encode_texts", "is_box"]
+
+TEXT_PREPROCESSING = ("caption", "question", None)
+
+
+def is_box(x: Any) -> bool:
+    """True for ``None`` or one box: 4 numbers (sequence, array or tensor of shape (4,))."""
+    if x is None:
+        return True
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        return tuple(x.shape) == (4,)
+    if isinstance(x, Sequence) and not isinstance(x, str) and len(x) == 4:
+        return all(isinstance(v, numbers.Number) for v in x)
+    return False
+
+
+def _group(structure: Any, is_leaf, n_images: int, what: str) -> tuple[list[Any], list[int] | None, bool]:
+    """Flatten ``structure`` into leaves and the image each belongs to.
+
+    Returns ``(leaves, image_index or None, nested)``; ``image_index`` is None when there are no images.
+    """
+    if isinstance(structure, (torch.Tensor, np.ndarray)) and getattr(structure, "ndim", 0) == 2:
+        structure = list(structure)
+    if is_leaf(structure):
+        if n_images > 1:
+            raise ValueError(f"got a single {what[:-1] if what.endswith('s') else what} for {n_images} images")
+        return [structure], ([0] if n_images else None), False
+    if not isinstance(structure, (list, tuple)):
+        raise ValueError(f"{what} must be a {what[:-1]}, a list or a list of lists, got {type(structure).__name__}")
+    if all(is_leaf(x) for x in structure):
+        items = list(structure)
+        if n_images == 0:
+            return items, None, False
+        if len(items) == n_images:
+            return items, list(range(n_images)), False
+        if n_images == 1:
+            return items, [0] * len(items), False
+        raise ValueError(
+            f"got {len(items)} {what} for {n_images} images: give one per image, or a list of {n_images} lists "
+            f"({what} per image)"
+        )
+    if n_images and len(structure) != n_images:
+        raise ValueError(f"{what} has {len(structure)} groups but there are {n_images} images")
+    leaves: list[Any] = []
+    index: list[int] = []
+    for i, group in enumerate(structure):
+        if isinstance(group, (torch.Tensor, np.ndarray)) and group.ndim == 2:
+            group = list(group)
+        if is_leaf(group):
+            group = [group]
+        if not isinstance(group, (list, tuple)) or not all(is_leaf(x) for x in group):
+            raise ValueError(f"{what}[{i}] must be a list of {what}, got {group!r}")
+        leaves.extend(group)
+        index.extend([i] * len(group))
+    return leaves, (index if n_images else None), True
+
+
+def encode_texts(
+    tokenizer,
+    texts: Sequence[str],
+    max_length: int | None = 40,
+    truncation: bool = True,
+    padding: str | bool = "longest",
+    add_sep: bool = False,
+    text_preprocessing: str | None = "caption",
+    max_words: int | None = 30,
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Tokenise texts the X-VLM way: ``[CLS] tokens`` (``+ [SEP]`` with ``add_sep``), padded with the pad id.
+
+    Truncation keeps ``max_length - 1`` text tokens (``- 2`` with ``add_sep``), like the official custom tokenizer
+    and pre-training code. ``padding``: ``"longest"``/``True``, ``"max_length"`` or ``False``/``"do_not_pad"``.
+
+    Returns ``(input_ids, attention_mask)`` as lists of lists.
+    """
+    if text_preprocessing not in TEXT_PREPROCESSING:
+        raise ValueError(f"text_preprocessing must be one of {TEXT_PREPROCESSING}, got {text_preprocessing!r}")
+    cleaned = []
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ValueError(f"text[{i}] must be a str, got {type(t).__name__}: {t!r}")
+        try:
+            if text_preprocessing == "caption":
+                t = pre_caption(t, max_words)
+            elif text_preprocessing == "question":
+                t = pre_question(t, max_words)
+        except ValueError as err:
+            raise ValueError(f"text[{i}]: {err}") from None
+        cleaned.append(t)
+    n_special = 2 if add_sep else 1
+    if truncation and max_length is not None and max_length <= n_special:
+        raise ValueError(f"max_length must be > {n_special}, got {max_length}")
+    body = tokenizer(cleaned, add_special_tokens=False)["input_ids"] if cleaned else []
+    ids = []
+    for toks in body:
+        if truncation and max_length is not None:
+            toks = toks[: max_length - n_special]
+        row = [tokenizer.cls_token_id, *toks]
+        if add_sep:
+            row.append(tokenizer.sep_token_id)
+        ids.append(row)
+    if padding in (True, "longest"):
+        target = max((len(r) for r in ids), default=0)
+    elif padding == "max_length":
+        if max_length is None:
+            raise ValueError("padding='max_length' needs max_length")
+        target = max(max_length, max((len(r) for r in ids), default=0))
+    elif padding in (False, None, "do_not_pad"):
+        target = None
+    else:
+        raise ValueError(f"padding must be 'longest', 'max_length' or False, got {padding!r}")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    masks = [[1] * len(r) for r in ids]
+    if target is not None:
+        ids = [r + [pad_id] * (target - len(r)) for r in ids]
+        masks = [m + [0] * (target - len(m)) for m in masks]
+    return ids, masks
+
+
+class XVLMProcessor(ProcessorMixin):
+    """X-VLM processor: an :class:`XVLMImageProcessorPil` (or :class:`XVLMImageProcessor`) and a BERT WordPiece tokenizer.
+
+    Args:
+        image_processor: X-VLM image processor (default: ``XVLMImageProcessorPil()``).
+        tokenizer: a ``BertTokenizer`` / ``BertTokenizerFast``.
+        max_length: maximum token count including [CLS] (default 40, the official retrieval value).
+        add_sep: append [SEP] (default ``False``: the official encoder inputs are ``[CLS] tokens``).
+        text_preprocessing: ``"caption"`` (official ``pre_caption``, default), ``"question"`` (``pre_question``)
+            or ``None`` (raw text).
+        max_words: word limit of the text cleaning (default 30).
+        padding: default padding, ``"longest"`` (official fine-tuning) or ``"max_length"``.
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        max_length: int = 40,
+        add_sep: bool = False,
+        text_preprocessing: str | None = "caption",
+        max_words: int | None = 30,
+        padding: str = "longest",
+        **kwargs,
+    ) -> None:
+        if image_processor is None:
+            image_processor = XVLMImageProcessorPil()
+        if tokenizer is None:
+            raise ValueError("XVLMProcessor needs a tokenizer (a BertTokenizer).")
+        if text_preprocessing not in TEXT_PREPROCESSING:
+            raise ValueError(f"text_preprocessing must be one of {TEXT_PREPROCESSING}, got {text_preprocessing!r}")
+        super().__init__(image_processor, tokenizer, **kwargs)
+        self.max_length = max_length
+        self.add_sep = add_sep
+        self.text_preprocessing = text_preprocessing
+        self.max_words = max_words
+        self.padding = padding
+
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        """Load the sub-processors directly (works with or without the Auto registration).
+
+        ``backend="pil"`` (default) or ``"torchvision"`` picks the image processor class.
+        """
+        kwargs = dict(kwargs)
+        backend = kwargs.pop("backend", None) or "pil"
+        kwargs.pop("use_fast", None)
+        subfolder = kwargs.pop("subfolder", "")
+        ip_cls = XVLMImageProcessor if backend == "torchvision" else XVLMImageProcessorPil
+        image_processor = ip_cls.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        return [image_processor, tokenizer]
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        images: Any = None,
+        text: str | Sequence[str] | Sequence[Sequence[str]] | None = None,
+        boxes: Any = None,
+        box_format: str = "xywh",
+        image_index: Sequence[int] | None = None,
+        return_tensors: str | None = "pt",
+        padding: str | bool | None = None,
+        max_length: int | None = None,
+        truncation: bool = True,
+        add_sep: bool | None = None,
+        text_preprocessing: str | None | bool = False,
+        max_words: int | None | bool = False,
+        **images_kwargs: Any,
+    ) -> BatchFeature:
+        """Build model inputs.
+
+        Args:
+            images: one image, a list of ``N_images`` images, or a 4-D batch (PIL / numpy / torch / paths).
+            text: one text; a list with one text per image; a list of texts for a single image; or a list of
+                ``N_images`` lists (several texts per image).
+            boxes: pixel boxes of the *original* images, mirroring ``text`` (one per text; ``None`` = whole image),
+                or per image when ``text`` is None. 4 numbers each in ``box_format``.
+            box_format: ``"xywh"`` (official / COCO, default), ``"xyxy"`` or ``"cxcywh"``.
+            image_index: explicit image row for each text (overrides the structure of ``text``).
+            return_tensors: ``"pt"`` (default), ``"np"`` or ``None``.
+            padding, max_length, truncation, add_sep, text_preprocessing, max_words: override the processor's
+                text settings for this call.
+            images_kwargs: passed to the image processor.
+
+        Returns:
+            ``BatchFeature`` with ``pixel_values`` ``(N_images, 3, H, W)``; ``input_ids`` / ``attention_mask``
+            ``(N_texts, L)``; ``image_index`` ``(N_texts,)`` when texts are not one per image or boxes are given;
+            with boxes, ``region_masks`` ``(N_texts, 1 + P)`` and ``target_boxes`` ``(N_texts, 4)``.
+        """
+        if images is None and text is None:
+            raise ValueError("give at least one of images and text")
+        if boxes is not None and images is None:
+            raise ValueError("boxes need the images they refer to")
+        data: dict[str, Any] = {}
+        sizes: list[tuple[int, int]] = []
+        n_images = 0
+        if images is not None:
+            rgb = load_images_rgb(images)
+            sizes = [(im.height, im.width) for im in rgb]
+            n_images = len(rgb)
+            pixel = self.image_processor(rgb, return_tensors="pt", **images_kwargs)["pixel_values"]
+            data["pixel_values"] = pixel
+
+        texts: list[str] | None = None
+        index: list[int] | None = None
+        nested = False
+        if text is not None and image_index is not None:
+            texts = [text] if isinstance(text, str) else list(text)
+        elif text is not None:
+            texts, index, nested = _group(text, lambda x: isinstance(x, str), n_images, "texts")
+
+        box_list: list[Any] | None = None
+        if boxes is not None:
+            box_list, box_index, box_nested = _group(boxes, is_box, n_images, "boxes")
+            if texts is None:
+                index, nested = box_index, True
+            elif image_index is not None:
+                if len(box_list) != len(texts):
+                    raise ValueError(f"got {len(box_list)} boxes for {len(texts)} texts")
+            elif len(box_list) != len(texts) or box_index != index:
+                self._raise_box_mismatch(box_list, box_index, texts, index)
+
+        if image_index is not None:
+            if texts is None:
+                raise ValueError("image_index needs text")
+            image_index = [int(i) for i in image_index]
+            if len(image_index) != len(texts):
+                raise ValueError(f"image_index has {len(image_index)} entries for {len(texts)} texts")
+            bad = [i for i in image_index if not 0 <= i < n_images]
+            if bad:
+                raise ValueError(f"image_index values {bad} are out of range for {n_images} images")
+            index, nested = image_index, True
+
+        if texts is not None:
+            ids, att = encode_texts(
+                self.tokenizer,
+                texts,
+                max_length=self.max_length if max_length is None else max_length,
+                truncation=truncation,
+                padding=self.padding if padding is None else padding,
+                add_sep=self.add_sep if add_sep is None else add_sep,
+                text_preprocessing=self.text_preprocessing if text_preprocessing is False else text_preprocessing,
+                max_words=self.max_words if max_words is False else max_words,
+            )
+            data["input_ids"] = ids
+            data["attention_mask"] = att
+
+        if box_list is not None:
+            names = self._box_names(boxes, box_list, index)
+            targets, masks = self.image_processor.prepare_boxes(
+                box_list, [sizes[i] for i in index], box_format=box_format, names=names
+            )
+            data["region_masks"] = masks
+            data["target_boxes"] = targets
+        if index is not None and (nested or box_list is not None or len(index) != n_images or
+                                  index != list(range(n_images))):
+            data["image_index"] = index
+
+        return self._to_batch(data, return_tensors)
+
+    @staticmethod
+    def _raise_box_mismatch(box_list, box_index, texts, index) -> None:
+        if index is None or box_index is None:
+            raise ValueError(f"got {len(box_list)} boxes for {len(texts)} texts")
+        n = max(max(index, default=-1), max(box_index, default=-1)) + 1
+        for i in range(n):
+            nt, nb = index.count(i), box_index.count(i)
+            if nt != nb:
+                raise ValueError(f"boxes[{i}]: image {i} has {nt} texts but {nb} boxes")
+        raise ValueError(f"got {len(box_list)} boxes for {len(texts)} texts")
+
+    @staticmethod
+    def _box_names(boxes, box_list, index) -> list[str]:
+        """``boxes[i]`` for flat inputs, ``boxes[img][j]`` for per-image lists."""
+        flat = is_box(boxes) or (
+            isinstance(boxes, (list, tuple)) and all(is_box(b) for b in boxes)
+        ) or (isinstance(boxes, (torch.Tensor, np.ndarray)) and boxes.ndim == 2)
+        if flat or index is None:
+            return [f"boxes[{i}]" for i in range(len(box_list))]
+        names, seen = [], {}
+        for img in index:
+            j = seen.get(img, 0)
+            seen[img] = j + 1
+            names.append(f"boxes[{img}][{j}]")
+        return names
+
+    @staticmethod
+    def _to_batch(data: dict[str, Any], return_tensors: str | None) -> BatchFeature:
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in ("input_ids", "attention_mask", "image_index", "region_masks"):
+                value = torch.as_tensor(value, dtype=torch.long) if _rectangular(value) else value
+            elif key == "target_boxes":
+                value = torch.as_tensor(value, dtype=torch.float32)
+            if return_tensors in ("np", "numpy") and isinstance(value, torch.Tensor):
+                value = value.numpy()
+            elif return_tensors is None and isinstance(value, torch.Tensor):
+                value = value.tolist()
+            out[key] = value
+        if return_tensors not in ("pt", "np", "numpy", None):
+            raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
+        return BatchFeature(out)
+
+    def post_process_grounding(
+        self, outputs: Any, target_sizes: Any = None, box_format: str = "xyxy"
+    ) -> list[dict[str, torch.Tensor]]:
+        """See :meth:`XVLMImageProcessorPil.post_process_grounding`."""
+        return self.image_processor.post_process_grounding(outputs, target_sizes=target_sizes, box_format=box_format)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["pixel_values", "input_ids", "attention_mask"]
+
+
+def _rectangular(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, list) and value and isinstance(value[0], list):
+        return len({len(r) for r in value}) == 1
+    return True

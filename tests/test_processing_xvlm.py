@@ -1,0 +1,334 @@
+"""Tests for boxes / region masks, text cleaning, the tokenizer conventions, XVLMProcessor, masking and collators."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modeling_xvlm.box_ops import box_convert
+from modeling_xvlm.processing import (
+    XVLMGroundingCollator,
+    XVLMImageProcessorPil,
+    XVLMPretrainCollator,
+    XVLMProcessor,
+    XVLMRegionSampler,
+    XVLMTextMasker,
+    mentions_left_right,
+    pre_caption,
+    pre_question,
+    region_mask_from_box,
+    region_masks_from_boxes,
+    validate_and_clip_box,
+)
+
+
+@pytest.fixture
+def processor(tiny_tokenizer) -> XVLMProcessor:
+    """Model input 64 x 64 with total stride 32: a 2 x 2 patch grid (P = 4)."""
+    return XVLMProcessor(XVLMImageProcessorPil(size={"height": 64, "width": 64}, patch_size=32), tiny_tokenizer)
+
+
+def img(h: int = 48, w: int = 64) -> Image.Image:
+    return Image.new("RGB", (w, h), (10, 20, 30))
+
+
+# ------------------------------------------------------------------ region masks (official get_image_attns)
+
+
+@pytest.mark.parametrize(
+    "box,size,expected",
+    [
+        ((0, 0, 64, 64), 64, [1, 1, 1, 1, 1]),  # whole image
+        ((40, 5, 10, 10), 64, [1, 0, 1, 0, 0]),  # inside one patch (row 0, col 1)
+        ((32, 0, 32, 32), 64, [1, 0, 1, 0, 0]),  # exactly one patch, edges on the grid
+        ((0, 0, 33, 32), 64, [1, 1, 1, 0, 0]),  # one pixel over the boundary -> ceil takes the next column
+        ((64, 64, 0, 0), 64, [1, 0, 0, 0, 1]),  # on the far corner: clamped to the last patch, at least one cell
+        ((31.9, 31.9, 0.2, 0.2), 64, [1, 1, 1, 1, 1]),  # tiny box across the centre touches all four patches
+        ((40, 40, 50, 20), (64, 96), [1, 0, 0, 0, 0, 1, 1]),  # non-square input: 2 x 3 grid, row-major
+        ((0, 0, 10, 70), (64, 96), [1, 1, 0, 0, 1, 0, 0]),  # taller than the image: clipped to the grid
+    ],
+)
+def test_region_mask_hand_computed(box, size, expected) -> None:
+    assert region_mask_from_box(*box, image_size=size, patch_size=32) == expected
+    assert region_masks_from_boxes([box], size, 32).tolist() == [expected]
+
+
+def test_region_mask_official_224_grid() -> None:
+    # 224 / 32 = 7: box (100, 50, 60, 30) -> columns floor(100/32)=3 .. ceil(160/32)=5 (excl), rows 1 .. ceil(80/32)=3
+    mask = region_mask_from_box(100, 50, 60, 30, image_size=224, patch_size=32)
+    on = [i - 1 for i, v in enumerate(mask) if v and i > 0]
+    assert on == [7 * r + c for r in (1, 2) for c in (3, 4)] and mask[0] == 1 and len(mask) == 50
+    with pytest.raises(ValueError, match="multiples of patch_size"):
+        region_mask_from_box(0, 0, 1, 1, image_size=100, patch_size=32)
+
+
+# ------------------------------------------------------------------ boxes: validation and round trips
+
+
+def test_validate_and_clip() -> None:
+    torch.testing.assert_close(
+        validate_and_clip_box([-10, -10, 30, 30], (48, 64), "xywh"), torch.tensor([0.0, 0.0, 20.0, 20.0], dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        validate_and_clip_box([50, 40, 90, 70], (48, 64), "xyxy"), torch.tensor([50.0, 40.0, 64.0, 48.0], dtype=torch.float64)
+    )
+    bad = [
+        ([0, 0, -1, 5], "xywh", "negative width or height"),
+        ([10, 0, 5, 5], "xyxy", "negative width or height"),
+        ([float("nan"), 0, 5, 5], "xywh", "NaN"),
+        ([100, 100, 10, 10], "xywh", "no area left"),
+        ([5, 5, 0, 10], "xywh", "no area left"),
+        ([1, 2, 3], "xywh", "exactly 4"),
+    ]
+    for box, fmt, message in bad:
+        with pytest.raises(ValueError, match=rf"boxes\[3\].*{message}"):
+            validate_and_clip_box(box, (48, 64), fmt, name="boxes[3]")
+
+
+def test_processor_boxes_formats_round_trip(processor) -> None:
+    image = img(48, 64)  # H = 48, W = 64; model input 64 x 64
+    xywh = torch.tensor([[8.0, 12.0, 24.0, 18.0], [32.0, 24.0, 32.0, 24.0]], dtype=torch.float64)
+    outs = {}
+    for fmt in ("xywh", "xyxy", "cxcywh"):
+        boxes = box_convert(xywh, "xywh", fmt).tolist()
+        outs[fmt] = processor(images=image, text=["a dog", "a cat"], boxes=boxes, box_format=fmt)
+    for fmt in ("xyxy", "cxcywh"):
+        torch.testing.assert_close(outs[fmt]["target_boxes"], outs["xywh"]["target_boxes"], rtol=0, atol=0)
+        assert torch.equal(outs[fmt]["region_masks"], outs["xywh"]["region_masks"])
+    out = outs["xywh"]
+    # normalised cxcywh: (x + w/2)/W, (y + h/2)/H, w/W, h/H
+    expected = torch.tensor([[20 / 64, 21 / 48, 24 / 64, 18 / 48], [48 / 64, 36 / 48, 0.5, 0.5]])
+    torch.testing.assert_close(out["target_boxes"], expected)
+    # second box -> resized (32, 32, 32, 32) -> bottom-right patch only; first -> resized (8, 16, 24, 24): rows 0-1, col 0
+    assert out["region_masks"].tolist() == [[1, 1, 0, 1, 0], [1, 0, 0, 0, 1]]
+    assert out["image_index"].tolist() == [0, 0]
+    # post-processing inverts the normalisation (xyxy and xywh, original pixels)
+    back = processor.post_process_grounding(out["target_boxes"], target_sizes=[(48, 64), (48, 64)], box_format="xywh")
+    torch.testing.assert_close(torch.cat([b["boxes"] for b in back]), xywh.float())
+    back_xyxy = processor.post_process_grounding(
+        {"pred_boxes": out["target_boxes"]}, target_sizes=torch.tensor([[48, 64], [48, 64]])
+    )
+    torch.testing.assert_close(torch.cat([b["boxes"] for b in back_xyxy]), box_convert(xywh, "xywh", "xyxy").float())
+
+
+def test_processor_clips_and_whole_image_entries(processor) -> None:
+    out = processor(images=[img(), img(32, 32)], text=[["a dog", "the cat"], ["a man"]],
+                    boxes=[[[-10, -10, 30, 30], None], [[0, 0, 32, 32]]])
+    torch.testing.assert_close(out["target_boxes"][0], torch.tensor([10 / 64, 10 / 48, 20 / 64, 20 / 48]))
+    torch.testing.assert_close(out["target_boxes"][1:], torch.tensor([[0.5, 0.5, 1.0, 1.0]] * 2))
+    assert out["region_masks"][1].tolist() == [1] * 5 and out["region_masks"][2].tolist() == [1] * 5
+    assert out["image_index"].tolist() == [0, 0, 1]
+    assert out["pixel_values"].shape == (2, 3, 64, 64)
+
+
+def test_processor_box_errors(processor) -> None:
+    with pytest.raises(ValueError, match=r"boxes\[0\]\[1\].*no area left"):
+        processor(images=[img()], text=[["a", "b"]], boxes=[[[0, 0, 5, 5], [100, 100, 5, 5]]])
+    with pytest.raises(ValueError, match=r"boxes\[1\].*negative"):
+        processor(images=img(), text=["a", "b"], boxes=[[0, 0, 5, 5], [0, 0, 5, -5]])
+    with pytest.raises(ValueError, match=r"boxes\[0\].*NaN"):
+        processor(images=img(), text=["a"], boxes=[[float("nan"), 0, 5, 5]])
+    with pytest.raises(ValueError, match=r"boxes\[0\]: image 0 has 2 texts but 1 boxes"):
+        processor(images=[img(), img()], text=[["a", "b"], ["c"]], boxes=[[[0, 0, 5, 5]], [[0, 0, 5, 5]]])
+    with pytest.raises(ValueError, match="3 boxes for 2 images"):
+        processor(images=[img(), img()], boxes=[[0, 0, 5, 5]] * 3)
+    with pytest.raises(ValueError, match="box_format"):
+        processor(images=img(), text="a", boxes=[[0, 0, 5, 5]], box_format="yxhw")
+
+
+# ------------------------------------------------------------------ text
+
+
+def test_pre_caption_and_question() -> None:
+    assert pre_caption("  A Dog's  ball!  (red)-and/blue  <person>\n") == "a dogs ball red and blue person"
+    assert pre_caption(" ".join(["w"] * 40)) == " ".join(["w"] * 30)
+    with pytest.raises(ValueError, match="empty"):
+        pre_caption("?!.")
+    assert pre_question("What's on the left-side?  ") == "whats on the left side"
+    assert pre_question("a  b") == "a  b"  # no whitespace collapsing, as officially
+
+
+def test_tokenizer_conventions(processor, tiny_tokenizer) -> None:
+    out = processor(text=["A red dog!", "the cat"])
+    ids = out["input_ids"].tolist()
+    cls, sep = tiny_tokenizer.cls_token_id, tiny_tokenizer.sep_token_id
+    # no [SEP], text cleaned and lower-cased, padded with [PAD] = 0 to the longest
+    assert ids[0] == [cls] + tiny_tokenizer.convert_tokens_to_ids(["a", "red", "dog"])
+    assert ids[1] == [cls] + tiny_tokenizer.convert_tokens_to_ids(["the", "cat"]) + [0]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert sep not in sum(ids, []) and "image_index" not in out and "pixel_values" not in out
+    with_sep = processor(text="a dog", add_sep=True)["input_ids"][0].tolist()
+    assert with_sep == [cls, *tiny_tokenizer.convert_tokens_to_ids(["a", "dog"]), sep]
+    # truncation keeps max_length - 1 text tokens ([CLS] included in max_length)
+    assert processor(text=" ".join(["dog"] * 60))["input_ids"].shape == (1, 31)  # pre_caption keeps 30 words
+    long = processor(text=" ".join(["dog"] * 60), text_preprocessing=None)["input_ids"]
+    assert long.shape == (1, 40) and long[0, 0] == cls and long[0, -1] == tiny_tokenizer.convert_tokens_to_ids("dog")
+    assert processor(text="a dog", padding="max_length")["input_ids"].shape == (1, 40)
+    assert processor(text="A Dog", text_preprocessing=None)["input_ids"].shape == (1, 3)
+    with pytest.raises(ValueError, match=r"text\[1\].*empty"):
+        processor(text=["a dog", "!!"])
+
+
+def test_texts_per_image_and_image_index(processor) -> None:
+    out = processor(images=[img(), img()], text=["a dog", "a cat"])
+    assert "image_index" not in out and out["input_ids"].shape[0] == 2
+    out = processor(images=img(), text=["a dog", "a cat", "a man"])
+    assert out["image_index"].tolist() == [0, 0, 0]
+    out = processor(images=[img(), img()], text=["a dog", "a cat", "a man"], image_index=[1, 0, 1])
+    assert out["image_index"].tolist() == [1, 0, 1]
+    with pytest.raises(ValueError, match="3 texts for 2 images"):
+        processor(images=[img(), img()], text=["a", "b", "c"])
+    with pytest.raises(ValueError, match="out of range"):
+        processor(images=[img()], text=["a", "b"], image_index=[0, 1])
+
+
+def test_save_load_and_auto_processor(processor, tmp_path) -> None:
+    processor.add_sep = True
+    processor.max_length = 12
+    processor.save_pretrained(tmp_path)
+    loaded = XVLMProcessor.from_pretrained(tmp_path)
+    assert loaded.add_sep and loaded.max_length == 12 and loaded.image_processor.patch_size == 32
+    assert loaded.image_processor.input_size == (64, 64)
+    a = processor(images=img(), text="a red dog", boxes=[[1, 2, 30, 20]])
+    b = loaded(images=img(), text="a red dog", boxes=[[1, 2, 30, 20]])
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    pytest.importorskip("modeling_xvlm.configuration_xvlm")
+    from transformers import AutoProcessor
+
+    auto = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(auto, XVLMProcessor) and auto.max_length == 12
+
+
+# ------------------------------------------------------------------ MLM masking
+
+
+def test_masking_statistics(tiny_tokenizer) -> None:
+    masker = XVLMTextMasker(tiny_tokenizer, seed=0)
+    words = ["dog", "cat", "man", "red", "blue", "run", "walk", "small", "big", "the"]
+    rng = np.random.default_rng(0)
+    n_rows, length = 1500, 21  # [CLS] + 20 words -> n_pred = min(8, round(21 * 0.25)) = 5
+    rows = [[tiny_tokenizer.cls_token_id] + tiny_tokenizer.convert_tokens_to_ids(list(rng.choice(words, 20)))
+            for _ in range(n_rows)]
+    ids = torch.tensor([r + [0, 0] for r in rows])  # two padding positions
+    att = (torch.arange(23) < 21).long().expand(n_rows, -1)
+    mlm_ids, labels = masker(ids, att)
+    masked = labels != -100
+    assert masked.sum(1).tolist() == [5] * n_rows
+    assert not masked[:, 0].any() and not masked[:, 21:].any()
+    assert torch.equal(labels[masked], ids[masked])
+    assert torch.equal(mlm_ids[~masked], ids[~masked])
+    total = masked.sum().item()
+    frac_mask = (mlm_ids[masked] == tiny_tokenizer.mask_token_id).float().mean().item()
+    frac_same = (mlm_ids[masked] == ids[masked]).float().mean().item()
+    v = len(tiny_tokenizer)
+    assert abs(frac_mask - (0.8 + 0.1 / v)) < 0.02  # a random draw can be [MASK] too
+    assert abs(frac_same - (0.1 + 0.1 / v)) < 0.015
+    assert total == 5 * n_rows
+    # max_masks caps long texts; short texts get at least one mask
+    long_ids = torch.tensor([[2] + [tiny_tokenizer.convert_tokens_to_ids("dog")] * 39])
+    assert (XVLMTextMasker(tiny_tokenizer, seed=1)(long_ids)[1] != -100).sum() == 8
+    short_ids = torch.tensor([[2, tiny_tokenizer.convert_tokens_to_ids("dog")]])
+    assert (XVLMTextMasker(tiny_tokenizer, seed=1)(short_ids)[1] != -100).sum() == 1
+
+
+def test_masking_deterministic_and_whole_word(tiny_tokenizer) -> None:
+    ids = torch.tensor([tiny_tokenizer.convert_tokens_to_ids(["[CLS]", "a", "run", "##ing", "##s", "the"])] * 400)
+    a = XVLMTextMasker(tiny_tokenizer, seed=7)(ids)
+    b = XVLMTextMasker(tiny_tokenizer, seed=7)(ids)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    m = XVLMTextMasker(tiny_tokenizer, mask_prob=0.5, skipgram_prb=0.0, seed=3)  # n_pred = 3
+    tokens = tiny_tokenizer.convert_ids_to_tokens(ids[0].tolist())
+    special = [True] + [False] * 5
+    seen_word = 0
+    for _ in range(500):
+        pos = set(m.choose_positions(tokens, special))
+        assert len(pos) == 3 and 0 not in pos
+        if pos & {2, 3, 4} and not pos & {1, 5}:
+            assert pos == {2, 3, 4}  # whole word, never a fragment alone
+            seen_word += 1
+    assert seen_word > 50
+
+
+# ------------------------------------------------------------------ region sampler and collators
+
+
+def test_mentions_left_right() -> None:
+    assert mentions_left_right(["the bright sky"], "substring") and not mentions_left_right(["the bright sky"])
+    assert mentions_left_right(["Leftmost dog"]) and mentions_left_right(["a", "dog on the right"])
+    assert not mentions_left_right(["an upright man", "alright"])
+
+
+def test_region_sampler_boxes() -> None:
+    image = img(48, 64)  # W = 64, H = 48
+    objects = [{"bbox": [8, 12, 16, 24], "caption": "a dog"}]
+    sampler = XVLMRegionSampler(image_size=32, crop=False, hflip_prob=0.0, seed=0)
+    out, entries = sampler(image, "a picture", objects)
+    assert out.size == (32, 32)
+    assert entries == [("a picture", [0.0, 0.0, 32.0, 32.0], 1), ("a dog", [4.0, 8.0, 8.0, 16.0], 0)]
+    flipper = XVLMRegionSampler(image_size=32, crop=False, hflip_prob=1.0, seed=0)
+    assert flipper(image, None, objects)[1] == [("a dog", [20.0, 8.0, 8.0, 16.0], 0)]  # x = (64 - 8) - 16 = 40
+    left = [{"bbox": [8, 12, 16, 24], "caption": "the left dog"}]
+    assert flipper(image, None, left)[1][0][1][0] == 4.0  # careful flip: not flipped
+    bright = [{"bbox": [8, 12, 16, 24], "caption": "a bright dog"}]
+    assert flipper(image, None, bright)[1][0][1][0] == 20.0  # word test: flipped
+    official = XVLMRegionSampler(image_size=32, crop=False, hflip_prob=1.0, left_right_test="substring")
+    assert official(image, None, bright)[1][0][1][0] == 4.0
+    # min_perc_in_image: half outside (8/16 = 0.5, not > 0.5) is dropped; 12/16 kept and clipped
+    part = [{"bbox": [56, 0, 16, 10], "caption": "a"}, {"bbox": [52, 0, 16, 10], "caption": "b"}]
+    ents = sampler(image, None, part)[1]
+    assert ents == [("b", [26.0, 0.0, 6.0, 10 * 32 / 48], 0)]
+    # attributes, max_regions
+    many = [{"bbox": [i, i, 8, 8], "caption": "dog", "attributes": ["red"]} for i in range(10)]
+    ents = sampler(image, ["a picture"], many)[1]
+    assert len(ents) == 5 and ents[0][2] == 1 and all(e[0] == "red dog" for e in ents[1:])
+
+
+def test_region_sampler_crop_keeps_anchor() -> None:
+    sampler = XVLMRegionSampler(image_size=32, hflip_prob=0.0, seed=0)
+    image = img(48, 64)
+    for _ in range(30):
+        _, entries = sampler(image, None, [{"bbox": [20, 10, 16, 20], "caption": "dog"}])
+        assert len(entries) == 1  # the only object is the anchor: always fully inside the crop
+        x, y, w, h = entries[0][1]
+        assert 0 <= x and 0 <= y and x + w <= 32 + 1e-9 and y + h <= 32 + 1e-9
+
+
+def test_pretrain_collator(processor) -> None:
+    collator = XVLMPretrainCollator(processor, region_sampler=XVLMRegionSampler(64, crop=False, seed=0), seed=0)
+    rows = [
+        {"image": img(), "caption": "a dog on the left"},
+        {"image": img(40, 40), "caption": ["a picture", "a photo"],
+         "objects": [{"bbox": [0, 0, 20, 20], "caption": "the cat"}, {"bbox": [20, 20, 20, 20], "caption": "a man"}]},
+        {"image": img(), "caption": None, "objects": []},  # no texts: dropped
+    ]
+    batch = collator(rows)
+    n = batch["input_ids"].shape[0]
+    assert n == 4 and batch["pixel_values"].shape == (2, 3, 64, 64)
+    assert batch["image_index"].tolist() == [0, 1, 1, 1]
+    assert batch["is_image"].tolist()[:2] == [1, 1] and sorted(batch["is_image"].tolist()[2:]) == [0, 0]
+    assert batch["region_masks"].shape == (4, 5) and batch["region_masks"][:2].eq(1).all()
+    torch.testing.assert_close(batch["target_boxes"][:2], torch.tensor([[0.5, 0.5, 1.0, 1.0]] * 2))
+    assert batch["mlm_labels"].shape == batch["input_ids"].shape == batch["mlm_input_ids"].shape
+    masked = batch["mlm_labels"] != -100
+    assert masked.sum(1).ge(1).all() and torch.equal(batch["mlm_labels"][masked], batch["input_ids"][masked])
+    for key, dtype in [("input_ids", torch.long), ("mlm_labels", torch.long), ("is_image", torch.long),
+                       ("region_masks", torch.long), ("target_boxes", torch.float32), ("image_index", torch.long)]:
+        assert batch[key].dtype == dtype, key
+    padded = XVLMPretrainCollator(processor, max_texts=6, pad_with_duplicates=True, seed=0)(rows)
+    assert padded["input_ids"].shape[0] == 6
+    sampled = XVLMPretrainCollator(processor, max_texts=2, seed=0)(rows)
+    assert sampled["input_ids"].shape[0] == 2
+
+
+def test_grounding_collator(processor) -> None:
+    collator = XVLMGroundingCollator(processor, return_target_sizes=True)
+    batch = collator([{"image": img(), "text": "the dog", "bbox": [8, 12, 24, 18]},
+                      {"image": img(32, 32), "text": "a cat", "bbox": [0, 0, 16, 16]}])
+    assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "labels", "target_sizes"}
+    torch.testing.assert_close(batch["labels"], torch.tensor([[20 / 64, 21 / 48, 24 / 64, 18 / 48], [0.25, 0.25, 0.5, 0.5]]))
+    assert batch["target_sizes"].tolist() == [[48, 64], [32, 32]]
