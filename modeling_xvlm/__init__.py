@@ -3,23 +3,49 @@
     from modeling_xvlm import XVLMConfig, XVLMModel
 """
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, AutoModelForZeroShotImageClassification
 
 from .configuration_xvlm import XVLMConfig, XVLMTextConfig
-from .modeling_xvlm import XVLMModel, XVLMOutput, XVLMPreTrainedModel, XVLMTextModel
+from .modeling_xvlm import (
+    XVLMForGrounding,
+    XVLMForGroundingOutput,
+    XVLMForPretraining,
+    XVLMForPretrainingOutput,
+    XVLMForRetrieval,
+    XVLMForRetrievalOutput,
+    XVLMModel,
+    XVLMOutput,
+    XVLMPreTrainedModel,
+    XVLMTextModel,
+)
+from .retrieval import RetrievalOutput, retrieval_metrics
 
 AutoConfig.register("xvlm", XVLMConfig, exist_ok=True)
 AutoConfig.register("xvlm_text_model", XVLMTextConfig, exist_ok=True)
 AutoModel.register(XVLMConfig, XVLMModel, exist_ok=True)
 AutoModel.register(XVLMTextConfig, XVLMTextModel, exist_ok=True)
+# Task heads: transformers has no Auto class for retrieval or box grounding. The retrieval head returns CLIP-style
+# `logits_per_image` (image-text similarity / temperature), which is what the zero-shot image classification
+# Auto class and pipeline use; the pre-training head fits `AutoModelForPreTraining`. `XVLMForGrounding` has no
+# matching Auto class (`AutoModelForZeroShotObjectDetection` expects per-query detection outputs); load it directly.
+AutoModelForZeroShotImageClassification.register(XVLMConfig, XVLMForRetrieval, exist_ok=True)
+AutoModelForPreTraining.register(XVLMConfig, XVLMForPretraining, exist_ok=True)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "RetrievalOutput",
     "XVLMConfig",
+    "XVLMForGrounding",
+    "XVLMForGroundingOutput",
+    "XVLMForPretraining",
+    "XVLMForPretrainingOutput",
+    "XVLMForRetrieval",
+    "XVLMForRetrievalOutput",
     "XVLMModel",
     "XVLMOutput",
     "XVLMPreTrainedModel",
     "XVLMTextConfig",
     "XVLMTextModel",
+    "retrieval_metrics",
 ]

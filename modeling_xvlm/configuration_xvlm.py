@@ -150,6 +150,10 @@ class XVLMConfig(PreTrainedConfig):
             the official code, which zeroes the GIoU loss of the whole batch when any box is degenerate.
         official_itc_gradient_scaling: `False` (default) gathers ITC features across processes with the full
             gradient; `True` reproduces the official `AllGather`, whose ITC gradient is 1/world_size too small.
+        official_duplicate_negatives: `False` (default) treats pre-training entries with the same visual input (same
+            image and same region mask, e.g. two captions of one image or padding duplicates) as positives of each
+            other for ITC and never as ITM negatives; `True` reproduces the official code, which treats them as
+            negatives (official quirk: duplicates act as false negatives).
     """
 
     model_type = "xvlm"
@@ -171,6 +175,7 @@ class XVLMConfig(PreTrainedConfig):
     bbox_giou_loss_weight: float = 1.0
     official_giou_batch_zeroing: bool = False
     official_itc_gradient_scaling: bool = False
+    official_duplicate_negatives: bool = False
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):

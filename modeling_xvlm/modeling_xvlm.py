@@ -542,6 +542,27 @@ def _check_image_mask(mask: torch.Tensor | None, expected: tuple[int, int]) -> t
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def shrink_swin_windows(swin: SwinModel, vision_config: Any) -> None:
+    """Give every Swin stage whose feature map is smaller than the window a window of the feature-map size.
+
+    The official Swin (and Microsoft's) builds such a stage with `window = resolution`, no shift and a relative
+    position table of `(2 * resolution - 1) ** 2` rows. transformers' `SwinModel` shrinks the window only at run
+    time and keeps a table of the configured window, which then cannot be indexed. X-VLM-base never has such a
+    stage (its last stage equals the window), but small configurations do.
+    """
+    window = int(vision_config.window_size)
+    for stage in swin.encoder.layers:
+        for block in stage.blocks:
+            resolution = min(block.input_resolution)
+            if resolution >= window:
+                continue
+            attention = block.attention
+            bias_class = type(attention.relative_position_bias)
+            attention.relative_position_bias = bias_class(attention.num_attention_heads, (resolution, resolution))
+            block.window_size = resolution
+            block.shift_size = 0
+
+
 class XVLMModel(XVLMPreTrainedModel):
     """X-VLM base model: image, region and text encoders, the fusion encoder and the ITC projections.
 
@@ -554,6 +575,7 @@ class XVLMModel(XVLMPreTrainedModel):
     def __init__(self, config: XVLMConfig, add_projections: bool = True):
         super().__init__(config)
         self.vision_model = SwinModel(config.vision_config, add_pooling_layer=False)
+        shrink_swin_windows(self.vision_model, config.vision_config)
         self.text_model = XVLMTextModel(config.text_config)
         if add_projections:
             self.vision_proj = nn.Linear(config.vision_width, config.projection_dim)
@@ -818,8 +840,813 @@ class XVLMModel(XVLMPreTrainedModel):
 
 
 __all__ = [
+    "shrink_swin_windows",
     "XVLMModel",
     "XVLMOutput",
     "XVLMPreTrainedModel",
     "XVLMTextModel",
+]
+
+
+# ================================================================================================================
+# Task heads
+# ================================================================================================================
+#
+# Each head holds the base model as `self.xvlm` (`base_model_prefix = "xvlm"`), so an `XVLMModel` checkpoint loads
+# into it. Official key correspondence (converted by the conversion scripts): `itm_head.{0,1,3}`,
+# `bbox_head.{0,1,3}` (`build_mlp`), `mlm_head.transform.*` / `mlm_head.decoder.bias` (BERT `cls.predictions`).
+
+
+from .losses import (  # noqa: E402  (heads section imports)
+    IGNORE_INDEX,
+    bbox_losses,
+    distributed_world,
+    image_text_matching_loss,
+    masked_lm_loss,
+    sample_hard_negatives,
+)
+
+
+def _build_mlp(in_dim: int, out_dim: int) -> nn.Sequential:
+    """Official `build_mlp`: Linear(D, 2D) -> LayerNorm(2D, eps 1e-5) -> GELU (erf) -> Linear(2D, out)."""
+    return nn.Sequential(
+        nn.Linear(in_dim, 2 * in_dim), nn.LayerNorm(2 * in_dim, eps=1e-5), nn.GELU(), nn.Linear(2 * in_dim, out_dim)
+    )
+
+
+def _nested_to_tuple(output: ModelOutput, nested: tuple[str, ...]) -> tuple[Any, ...]:
+    return tuple(
+        output[k].to_tuple() if k in nested and isinstance(output[k], ModelOutput) else output[k]
+        for k in output.keys()
+    )
+
+
+def _slice_output(output: BaseModelOutputWithCrossAttentions, rows: int) -> BaseModelOutputWithCrossAttentions:
+    """Keep the first `rows` rows of every tensor of a fusion output (the positive pairs of an ITM pass)."""
+
+    def cut(value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, tuple):
+            return tuple(cut(v) for v in value)
+        return value[:rows]
+
+    return BaseModelOutputWithCrossAttentions(
+        last_hidden_state=output.last_hidden_state[:rows],
+        hidden_states=cut(output.hidden_states),
+        attentions=cut(output.attentions),
+        cross_attentions=cut(output.cross_attentions),
+    )
+
+
+@dataclass
+class XVLMForRetrievalOutput(ModelOutput):
+    """Output of `XVLMForRetrieval.forward`.
+
+    Args:
+        loss: `itc_loss_weight * loss_itc + itm_loss_weight * loss_itm`, when the loss is computed.
+        loss_itc: image-text contrastive loss (soft targets over pairs sharing an `image_id`).
+        loss_itm: image-text matching loss with hard negatives.
+        logits_per_image: `(n_images, n_texts)` ITC similarities divided by the temperature.
+        logits_per_text: `(n_texts, n_images)`, the transpose.
+        itm_logits: `(B, 2)` ITM logits of the aligned pairs (image i, text i); class 1 = match. `None` when the
+            numbers of images and texts differ.
+        itm_labels: `(3B,)` labels of the ITM pass `[positives; (neg image, text); (image, neg text)]`
+            (`-100` for rows without an admissible negative), when the loss is computed.
+        image_embeds: `(n_images, projection_dim)` L2-normalised ITC image features.
+        text_embeds: `(n_texts, projection_dim)` L2-normalised ITC text features.
+        text_model_output: text encoder output.
+        vision_model_output: image encoder output (`last_hidden_state` `(n_images, 1 + P, vision_width)`).
+        fusion_model_output: fusion encoder output of the aligned pairs.
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_itc: torch.FloatTensor | None = None
+    loss_itm: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    itm_logits: torch.FloatTensor | None = None
+    itm_labels: torch.LongTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+    fusion_model_output: BaseModelOutputWithCrossAttentions | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return _nested_to_tuple(self, ("text_model_output", "vision_model_output", "fusion_model_output"))
+
+
+@dataclass
+class XVLMForGroundingOutput(ModelOutput):
+    """Output of `XVLMForGrounding.forward`.
+
+    Args:
+        loss: `bbox_l1_loss_weight * loss_bbox_l1 + bbox_giou_loss_weight * loss_bbox_giou`, when `labels` are given.
+        loss_bbox_l1: L1 distance summed over the 4 coordinates, averaged over boxes.
+        loss_bbox_giou: mean `1 - GIoU`.
+        pred_boxes: `(B, 4)` boxes `(cx, cy, w, h)` in [0, 1], relative to the square model input.
+        text_model_output: text encoder output.
+        vision_model_output: image encoder output.
+        fusion_model_output: fusion encoder output (`last_hidden_state` `(B, L, hidden)`).
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_bbox_l1: torch.FloatTensor | None = None
+    loss_bbox_giou: torch.FloatTensor | None = None
+    pred_boxes: torch.FloatTensor | None = None
+    text_model_output: BaseModelOutputWithCrossAttentions | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+    fusion_model_output: BaseModelOutputWithCrossAttentions | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return _nested_to_tuple(self, ("text_model_output", "vision_model_output", "fusion_model_output"))
+
+
+@dataclass
+class XVLMForPretrainingOutput(ModelOutput):
+    """Output of `XVLMForPretraining.forward`.
+
+    Args:
+        loss: weighted sum of the computed losses (weights `config.*_loss_weight`).
+        loss_itc, loss_itm, loss_mlm, loss_bbox_l1, loss_bbox_giou: the parts (`None` when not computed; the box
+            losses are 0 for a batch without region entries).
+        logits_per_image: `(N, N)` ITC logits between the visual inputs (image or region) and the texts.
+        logits_per_text: `(N, N)`, the transpose.
+        itm_logits: `(3N, 2)` ITM logits `[positives; (neg image, text); (image, neg text)]` when the loss is
+            computed, else `(N, 2)` for the aligned pairs.
+        itm_labels: `(3N,)` ITM labels (`-100` for rows without an admissible negative).
+        mlm_logits: with `mlm_labels`, `(num_masked, vocab)` at the labelled positions (in `mlm_labels != -100`
+            order, like the official `masked_pos` path); without, `(N, L, vocab)` for `mlm_input_ids`.
+        pred_boxes: `(N, 4)` predicted `(cx, cy, w, h)` of every entry (when `target_boxes` or `region_masks` are
+            given).
+        image_embeds: `(N, projection_dim)` ITC features of the visual inputs.
+        text_embeds: `(N, projection_dim)` ITC features of the texts.
+        text_model_output: text encoder output.
+        vision_model_output: image encoder output for the `n_images` unique images.
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_itc: torch.FloatTensor | None = None
+    loss_itm: torch.FloatTensor | None = None
+    loss_mlm: torch.FloatTensor | None = None
+    loss_bbox_l1: torch.FloatTensor | None = None
+    loss_bbox_giou: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    itm_logits: torch.FloatTensor | None = None
+    itm_labels: torch.LongTensor | None = None
+    mlm_logits: torch.FloatTensor | None = None
+    pred_boxes: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return _nested_to_tuple(self, ("text_model_output", "vision_model_output"))
+
+
+class _XVLMHeadMixin:
+    """Shared by the heads: embedding accessors delegating to `self.xvlm` and `from_vision_text_pretrained`."""
+
+    xvlm: XVLMModel
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.xvlm.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.xvlm.set_input_embeddings(value)
+
+    @classmethod
+    def from_vision_text_pretrained(
+        cls,
+        vision_name_or_path: str,
+        text_name_or_path: str,
+        config: XVLMConfig | None = None,
+        **config_kwargs: Any,
+    ):
+        """Build the head from a Swin and a BERT checkpoint (see `XVLMModel.from_vision_text_pretrained`); the
+        pre-training head also takes BERT's MLM head (`cls.predictions`)."""
+        return build_from_vision_text_pretrained(cls, vision_name_or_path, text_name_or_path, config, **config_kwargs)
+
+    def _check_text(self, input_ids: torch.Tensor | None, name: str = "input_ids") -> None:
+        if input_ids is None:
+            raise ValueError(f"{type(self).__name__}.forward needs {name}.")
+
+
+def _image_text_matching(
+    xvlm: XVLMModel,
+    itm_head: nn.Module,
+    image_seqs: torch.Tensor,
+    image_index: torch.Tensor,
+    image_masks: torch.Tensor | None,
+    text_states: torch.Tensor,
+    text_mask: torch.Tensor | None,
+    image_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    temp: torch.Tensor,
+    positive_mask: torch.Tensor | None,
+    output_attentions: bool | None = None,
+    output_hidden_states: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, BaseModelOutputWithCrossAttentions]:
+    """ITM with hard negatives (official `get_matching_loss`) in ONE fusion pass over `3B` texts.
+
+    Entry b pairs text b with visual sequence `image_seqs[image_index[b]]` and key mask `image_masks[b]`. Negatives
+    are drawn from the local ITC similarities; a negative visual input brings its own mask. Distinct visual
+    sequences are fused from `image_seqs` through `image_index` (keys/values computed once per sequence).
+
+    Returns `(loss, logits (3B, 2), labels (3B,), fusion output of all 3B rows)`.
+    """
+    batch = text_states.shape[0]
+    with torch.no_grad():
+        sim_i2t = image_feat @ text_feat.t() / temp
+    neg_image, neg_text, text_valid, image_valid = sample_hard_negatives(sim_i2t, positive_mask)
+    rows = torch.arange(batch, device=text_states.device)
+    entry_for_image = torch.cat([rows, neg_image, rows])
+    entry_for_text = torch.cat([rows, rows, neg_text])
+    if text_mask is None:
+        text_mask = torch.ones(text_states.shape[:2], dtype=torch.long, device=text_states.device)
+    fused = xvlm.fuse(
+        text_states[entry_for_text],
+        text_mask[entry_for_text],
+        image_seqs,
+        None if image_masks is None else image_masks[entry_for_image],
+        output_attentions=output_attentions,
+        output_hidden_states=output_hidden_states,
+        return_dict=True,
+        image_index=image_index[entry_for_image],
+    )
+    logits = itm_head(fused.last_hidden_state[:, 0])
+    loss, labels = image_text_matching_loss(logits, text_valid, image_valid)
+    return loss, logits, labels, fused
+
+
+class XVLMForRetrieval(_XVLMHeadMixin, XVLMPreTrainedModel):
+    """X-VLM for image-text retrieval (official `XVLMForRetrieval`, `Retrieval.py`): ITC through the base model's
+    projections and temperature, and an ITM head on the fused [CLS] (class 1 = match).
+
+    Training: `forward(..., return_loss=True)` returns ITC (soft targets over pairs sharing an `image_id`) + ITM
+    (hard negatives). Inference: `rank` (ITC top-k re-ranked with ITM), `itm_scores`, `retrieval_score_matrices`
+    and `modeling_xvlm.retrieval.retrieval_metrics`.
+    """
+
+    def __init__(self, config: XVLMConfig):
+        super().__init__(config)
+        self.xvlm = XVLMModel(config)
+        self.itm_head = _build_mlp(config.text_config.hidden_size, 2)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_ids: torch.LongTensor | None = None,
+        return_loss: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> XVLMForRetrievalOutput | tuple:
+        """Score images against texts; with `return_loss` compute the ITC + ITM training loss.
+
+        Args:
+            pixel_values: `(n_images, 3, H, W)`.
+            input_ids: `(n_texts, L)`; attention_mask: `(n_texts, L)`.
+            image_ids: `(B,)` image ids of aligned training pairs; texts of the same image are ITC positives (soft
+                targets) and never ITM negatives. Default: every pair is its own image.
+            return_loss: compute the loss (needs aligned pairs, `n_images == n_texts`). `None` (default) means
+                `self.training`, so `Trainer` gets a loss in training while eval-mode inference stays
+                deterministic (hard negatives are sampled); pass `return_loss=True` in the batch (the collator does)
+                for an evaluation loss.
+
+        Returns:
+            `XVLMForRetrievalOutput`; `itm_logits` are those of the aligned pairs (when `n_images == n_texts`).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if pixel_values is None or input_ids is None:
+            raise ValueError("XVLMForRetrieval.forward needs pixel_values and input_ids.")
+        if return_loss is None:
+            return_loss = self.training
+        xvlm = self.xvlm
+        image = xvlm.get_image_features(pixel_values, output_attentions, output_hidden_states)
+        text = xvlm.get_text_features(input_ids, attention_mask, output_attentions, output_hidden_states)
+        image_feat, text_feat = image.pooler_output, text.pooler_output
+        logits_per_image = image_feat @ text_feat.t() / xvlm.temp
+        n_images, n_texts = image_feat.shape[0], text_feat.shape[0]
+        aligned = n_images == n_texts
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+
+        loss = loss_itc = loss_itm = itm_labels = itm_logits = fusion = None
+        if return_loss:
+            if not aligned:
+                raise ValueError(
+                    f"The retrieval loss needs aligned image-text pairs, got {n_images} images and {n_texts} texts."
+                )
+            positive_mask = None
+            if image_ids is not None:
+                image_ids = torch.as_tensor(image_ids, device=image_feat.device).view(-1)
+                if image_ids.shape[0] != n_images:
+                    raise ValueError(f"image_ids must have shape ({n_images},), got {tuple(image_ids.shape)}.")
+                positive_mask = image_ids[:, None] == image_ids[None, :]
+            loss_itc = image_text_contrastive_loss(
+                image_feat,
+                text_feat,
+                xvlm.temp,
+                image_ids,
+                official_gradient_scaling=self.config.official_itc_gradient_scaling,
+            )
+            rows = torch.arange(n_images, device=image_feat.device)
+            loss_itm, all_logits, itm_labels, fused = _image_text_matching(
+                xvlm,
+                self.itm_head,
+                image.last_hidden_state,
+                rows,
+                None,
+                text.last_hidden_state,
+                attention_mask,
+                image_feat,
+                text_feat,
+                xvlm.temp,
+                positive_mask,
+                output_attentions,
+                output_hidden_states,
+            )
+            itm_logits = all_logits[:n_images]
+            fusion = _slice_output(fused, n_images)
+            loss = self.config.itc_loss_weight * loss_itc + self.config.itm_loss_weight * loss_itm
+        elif aligned:
+            fusion = xvlm.fuse(
+                text.last_hidden_state,
+                attention_mask,
+                image.last_hidden_state,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=True,
+            )
+            itm_logits = self.itm_head(fusion.last_hidden_state[:, 0])
+
+        output = XVLMForRetrievalOutput(
+            loss=loss,
+            loss_itc=loss_itc,
+            loss_itm=loss_itm,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_image.t(),
+            itm_logits=itm_logits,
+            itm_labels=itm_labels,
+            image_embeds=image_feat,
+            text_embeds=text_feat,
+            text_model_output=text,
+            vision_model_output=image,
+            fusion_model_output=fusion,
+        )
+        return output if return_dict else output.to_tuple()
+
+    # -- inference ------------------------------------------------------------------------------------------------
+    def itm_scores(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        text_embeds: torch.Tensor | None = None,
+        image_index: torch.LongTensor | None = None,
+        image_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Raw ITM logit of class "match" (official retrieval score) for (image, text) pairs.
+
+        Give the images either as `pixel_values` `(n, 3, H, W)` or as encoded sequences `image_embeds`
+        `(n, 1 + P, vision_width)` (`encode_image(...).last_hidden_state`), and the texts as `input_ids` `(B, L)` or
+        text-encoder states `text_embeds` `(B, L, hidden)` (`get_text_features(...).last_hidden_state`), with their
+        `attention_mask` `(B, L)`. Text b is paired with image b, or with image `image_index[b]` when given (each
+        image is then fused once for all its texts).
+
+        Returns:
+            `(B,)` logits (no softmax; official `itm_head(cls)[:, 1]`).
+        """
+        if (pixel_values is None) == (image_embeds is None):
+            raise ValueError("Pass exactly one of pixel_values or image_embeds.")
+        if (input_ids is None) == (text_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or text_embeds.")
+        if image_embeds is None:
+            image_embeds = self.xvlm.encode_image(pixel_values).last_hidden_state
+        if text_embeds is None:
+            text_embeds = self.xvlm.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        fused = self.xvlm.fuse(
+            text_embeds, attention_mask, image_embeds, image_attention_mask, image_index=image_index
+        )
+        return self.itm_head(fused[:, 0])[:, 1]
+
+    @torch.no_grad()
+    def rank(
+        self,
+        pixel_values: torch.FloatTensor,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        k: int = 16,
+        batch_size: int = 64,
+    ):
+        """Rank a gallery of images for every text and texts for every image (official `Retrieval.py` protocol).
+
+        Every image and text is encoded once (in batches of `batch_size`); the ITC cosine similarity (no
+        temperature) of all pairs picks the top `k` candidates in each direction; the union of those pairs is scored
+        once each with the ITM head, in fusion batches of `batch_size` pairs. Candidates are returned sorted by
+        their ITM logit.
+
+        Returns:
+            `modeling_xvlm.retrieval.RetrievalOutput` with `i2t_indices`/`i2t_scores` `(n_images, k)`,
+            `t2i_indices`/`t2i_scores` `(n_texts, k)` and `similarity` `(n_images, n_texts)`.
+        """
+        from .retrieval import encode_images, encode_texts, rank_gallery
+
+        images = encode_images(self, pixel_values, batch_size)
+        texts = encode_texts(self, input_ids, attention_mask, batch_size)
+        return rank_gallery(self, images, texts, k=k, batch_size=batch_size)
+
+    @torch.no_grad()
+    def retrieval_score_matrices(
+        self,
+        pixel_values: torch.FloatTensor,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        k: int = 16,
+        batch_size: int = 64,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Official evaluation matrices `(scores_i2t (n_images, n_texts), scores_t2i (n_texts, n_images))`: -100
+        everywhere except the top-`k` ITC candidates, which hold their raw ITM logit (for `retrieval_metrics`)."""
+        from .retrieval import score_matrices
+
+        return score_matrices(self.rank(pixel_values, input_ids, attention_mask, k=k, batch_size=batch_size))
+
+
+def _check_grounding_boxes(labels: torch.Tensor, batch: int, name: str = "labels") -> torch.Tensor:
+    if not isinstance(labels, torch.Tensor):
+        labels = torch.as_tensor(labels)
+    if tuple(labels.shape) != (batch, 4):
+        raise ValueError(
+            f"{name} must have shape ({batch}, 4): one normalised (cx, cy, w, h) box per text, got "
+            f"{tuple(labels.shape)}."
+        )
+    if not labels.is_floating_point():
+        labels = labels.float()
+    if not bool(torch.isfinite(labels).all()):
+        raise ValueError(f"{name} contain NaN or infinite values.")
+    if bool((labels < 0).any()) or bool((labels > 1).any()):
+        raise ValueError(
+            f"{name} must be (cx, cy, w, h) normalised to [0, 1] by the model input size, got values in "
+            f"[{float(labels.min()):.4g}, {float(labels.max()):.4g}]. Convert pixel boxes with the processor."
+        )
+    return labels
+
+
+class XVLMForGrounding(_XVLMHeadMixin, XVLMPreTrainedModel):
+    """X-VLM for referring-expression grounding with boxes (official `XVLMForGrounding`, `Grounding_bbox.py`).
+
+    `bbox_head` on the fused [CLS] (full image, all-ones image mask) + sigmoid gives `(cx, cy, w, h)` in [0, 1]
+    relative to the square model input. The base model has no ITC projections or temperature (official box
+    checkpoints have none), so every parameter is trained by the box loss.
+    """
+
+    def __init__(self, config: XVLMConfig):
+        super().__init__(config)
+        self.xvlm = XVLMModel(config, add_projections=False)
+        self.bbox_head = _build_mlp(config.text_config.hidden_size, 4)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.FloatTensor | None = None,
+        image_index: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> XVLMForGroundingOutput | tuple:
+        """Predict one box per text.
+
+        Args:
+            pixel_values: `(n_images, 3, H, W)`.
+            input_ids, attention_mask: `(B, L)`.
+            labels: optional `(B, 4)` target boxes, normalised `(cx, cy, w, h)` in [0, 1].
+            image_index: optional `(B,)`, the image of each text (several expressions of one image share its
+                encoding); default: text b uses image b.
+
+        Returns:
+            `XVLMForGroundingOutput` with `pred_boxes` `(B, 4)` and, with `labels`, `loss = l1 + giou` (weights
+            `config.bbox_l1_loss_weight`, `config.bbox_giou_loss_weight`).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if pixel_values is None or input_ids is None:
+            raise ValueError("XVLMForGrounding.forward needs pixel_values and input_ids.")
+        xvlm = self.xvlm
+        image = xvlm.encode_image(pixel_values, output_attentions, output_hidden_states)
+        text = xvlm.text_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        batch = input_ids.shape[0]
+        if image_index is None and image.last_hidden_state.shape[0] != batch:
+            raise ValueError(
+                f"Got {image.last_hidden_state.shape[0]} images for {batch} texts: pass image_index to pair texts "
+                "with images."
+            )
+        if labels is not None:
+            labels = _check_grounding_boxes(labels, batch).to(image.last_hidden_state.device)
+        fusion = xvlm.fuse(
+            text.last_hidden_state,
+            attention_mask,
+            image.last_hidden_state,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            image_index=image_index,
+        )
+        pred_boxes = self.bbox_head(fusion.last_hidden_state[:, 0]).sigmoid()
+        loss = loss_l1 = loss_giou = None
+        if labels is not None:
+            loss_l1, loss_giou = bbox_losses(
+                pred_boxes, labels, official_batch_zeroing=self.config.official_giou_batch_zeroing
+            )
+            loss = self.config.bbox_l1_loss_weight * loss_l1 + self.config.bbox_giou_loss_weight * loss_giou
+        output = XVLMForGroundingOutput(
+            loss=loss,
+            loss_bbox_l1=loss_l1,
+            loss_bbox_giou=loss_giou,
+            pred_boxes=pred_boxes,
+            text_model_output=text,
+            vision_model_output=image,
+            fusion_model_output=fusion,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class XVLMMLMHeadTransform(nn.Module):
+    """BERT `cls.predictions.transform`: dense -> activation -> LayerNorm."""
+
+    def __init__(self, config: XVLMTextConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.transform_act_fn = ACT2FN[config.hidden_act]
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.transform_act_fn(self.dense(hidden_states)))
+
+
+class XVLMMLMHead(nn.Module):
+    """BERT MLM head: transform + `decoder` (weight tied to the word embeddings, own bias)."""
+
+    def __init__(self, config: XVLMTextConfig):
+        super().__init__()
+        self.transform = XVLMMLMHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(hidden_states))
+
+
+def _visual_groups(image_index: torch.Tensor, region_masks: torch.Tensor | None) -> torch.Tensor:
+    """Id per entry such that two entries share an id iff they have the same visual input (same image and same
+    region mask): those pairs are positives for ITC and never ITM negatives."""
+    if region_masks is None:
+        return image_index
+    keys = torch.cat([image_index[:, None].long(), (region_masks != 0).long()], dim=1)
+    return torch.unique(keys, dim=0, return_inverse=True)[1]
+
+
+class XVLMForPretraining(_XVLMHeadMixin, XVLMPreTrainedModel):
+    """X-VLM pre-training (official `models/model_pretrain.py`): ITC + ITM (hard negatives) + MLM, plus box L1 and
+    GIoU for region ("visual concept") entries.
+
+    One forward takes a batch of image-text and region-text entries: unique images `pixel_values`, `image_index`
+    per text, `region_masks` per text (all-ones rows for whole-image captions), the texts, the masked texts
+    `mlm_input_ids` with `mlm_labels` (-100 where unmasked), `target_boxes` and `is_image`.
+    """
+
+    _tied_weights_keys = {"mlm_head.decoder.weight": "xvlm.text_model.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: XVLMConfig):
+        super().__init__(config)
+        self.xvlm = XVLMModel(config)
+        hidden = config.text_config.hidden_size
+        self.itm_head = _build_mlp(hidden, 2)
+        self.bbox_head = _build_mlp(hidden, 4)
+        self.mlm_head = XVLMMLMHead(config.text_config)
+        self.post_init()
+
+    # -- tied MLM decoder -----------------------------------------------------------------------------------------
+    def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict:
+        # X-VLM always ties the MLM decoder to the word embeddings (official BertForMaskedLM); XVLMConfig has no
+        # `tie_word_embeddings` field, which transformers would otherwise read as "do not tie".
+        if not all_submodels and getattr(self.config, "tie_word_embeddings", True):
+            return dict(self._tied_weights_keys)
+        return super().get_expanded_tied_weights_keys(all_submodels=all_submodels)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.mlm_head.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.mlm_head.decoder = new_embeddings
+
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_index: torch.LongTensor | None = None,
+        region_masks: torch.Tensor | None = None,
+        mlm_input_ids: torch.LongTensor | None = None,
+        mlm_labels: torch.LongTensor | None = None,
+        target_boxes: torch.FloatTensor | None = None,
+        is_image: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> XVLMForPretrainingOutput | tuple:
+        """One pre-training step on N entries (texts).
+
+        Args:
+            pixel_values: `(n_images, 3, H, W)` unique images.
+            input_ids, attention_mask: `(N, L)` unmasked texts (ITC, ITM, boxes).
+            image_index: `(N,)` image of each entry; default `arange(N)` (needs `n_images == N`).
+            region_masks: `(N, 1 + P)` region masks (1 for [CLS] and in-box patches; all ones for whole-image
+                captions). `None`: a plain image-text batch.
+            mlm_input_ids: `(N, L)` masked texts (same attention mask); mlm_labels: `(N, L)`, original ids at
+                masked positions and -100 elsewhere.
+            target_boxes: `(N, 4)` normalised `(cx, cy, w, h)`; whole-image entries use (0.5, 0.5, 1, 1).
+            is_image: `(N,)` 1 for whole-image captions (excluded from the box losses), 0 for regions.
+            return_loss: compute ITC + ITM (and MLM / box losses when their labels are given). `None` (default):
+                when training or when `mlm_labels` / `target_boxes` are given.
+
+        The ITC/ITM/MLM visual input of an entry is its region sequence (`XVLMModel.region_sequence`, key mask
+        `region_masks`), or its image; the box head reads the FULL image with an all-ones mask (official). In
+        training the temperature is clamped in place to `config.temperature_clamp` (official [0.001, 0.5]).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if pixel_values is None or input_ids is None:
+            raise ValueError("XVLMForPretraining.forward needs pixel_values and input_ids.")
+        if return_loss is None:
+            return_loss = self.training or mlm_labels is not None or target_boxes is not None
+        xvlm, config = self.xvlm, self.config
+        if self.training:
+            with torch.no_grad():
+                xvlm.temp.clamp_(*config.temperature_clamp)
+
+        n_texts = input_ids.shape[0]
+        device = input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if image_index is None:
+            if pixel_values.shape[0] != n_texts:
+                raise ValueError(
+                    f"Got {pixel_values.shape[0]} images for {n_texts} texts: pass image_index (the image of each "
+                    "text)."
+                )
+            image_index = torch.arange(n_texts, device=device)
+        image_index = torch.as_tensor(image_index, device=device).long()
+
+        image = xvlm.encode_image(pixel_values, output_attentions, output_hidden_states)
+        full_images = image.last_hidden_state
+        if region_masks is not None:
+            xvlm._check_regions(full_images.shape[0], region_masks, image_index)
+            visual_seqs = xvlm.region_sequence(full_images, region_masks, image_index)  # (N, 1 + P, W)
+            visual_index = torch.arange(n_texts, device=device)
+        else:
+            if image_index.dim() != 1 or image_index.shape[0] != n_texts:
+                raise ValueError(f"image_index must have shape ({n_texts},), got {tuple(image_index.shape)}.")
+            if int(image_index.min()) < 0 or int(image_index.max()) >= full_images.shape[0]:
+                raise ValueError(f"image_index values must be in [0, {full_images.shape[0]}).")
+            visual_seqs, visual_index = full_images, image_index
+        text = xvlm.get_text_features(input_ids, attention_mask, output_attentions, output_hidden_states)
+        text_feat = text.pooler_output
+        image_feat = xvlm._project(xvlm.vision_proj, visual_seqs)[visual_index]
+        logits_per_image = image_feat @ text_feat.t() / xvlm.temp
+
+        loss_itc = loss_itm = loss_mlm = loss_l1 = loss_giou = itm_labels = None
+        if return_loss:
+            if config.official_duplicate_negatives:
+                groups = torch.arange(n_texts, device=device)  # official: every entry is its own positive only
+            else:
+                groups = _visual_groups(image_index, region_masks)
+            rank, _ = distributed_world()
+            # Ids unique across processes (images of different processes are different inputs).
+            loss_itc = image_text_contrastive_loss(
+                image_feat,
+                text_feat,
+                xvlm.temp,
+                groups + (rank << 32),
+                official_gradient_scaling=config.official_itc_gradient_scaling,
+            )
+            loss_itm, itm_logits, itm_labels, _ = _image_text_matching(
+                xvlm,
+                self.itm_head,
+                visual_seqs,
+                visual_index,
+                region_masks,
+                text.last_hidden_state,
+                attention_mask,
+                image_feat,
+                text_feat,
+                xvlm.temp,
+                groups[:, None] == groups[None, :],
+            )
+        else:
+            fused = xvlm.fuse(
+                text.last_hidden_state, attention_mask, visual_seqs, region_masks, image_index=visual_index
+            )
+            itm_logits = self.itm_head(fused[:, 0])
+
+        mlm_logits = None
+        if mlm_labels is not None and mlm_input_ids is None:
+            raise ValueError("mlm_labels need mlm_input_ids (the masked texts).")
+        if mlm_input_ids is not None:
+            if tuple(mlm_input_ids.shape) != tuple(input_ids.shape):
+                raise ValueError(
+                    f"mlm_input_ids {tuple(mlm_input_ids.shape)} must have the shape of input_ids "
+                    f"{tuple(input_ids.shape)} (they share attention_mask)."
+                )
+            mlm_states = xvlm.text_model(
+                input_ids=mlm_input_ids,
+                attention_mask=attention_mask,
+                encoder_hidden_states=visual_seqs[visual_index],
+                encoder_attention_mask=region_masks,
+                return_dict=True,
+            ).last_hidden_state
+            if mlm_labels is not None:
+                if tuple(mlm_labels.shape) != tuple(mlm_input_ids.shape):
+                    raise ValueError(
+                        f"mlm_labels {tuple(mlm_labels.shape)} must have the shape of mlm_input_ids "
+                        f"{tuple(mlm_input_ids.shape)} (-100 at unmasked positions)."
+                    )
+                masked = mlm_labels != IGNORE_INDEX
+                mlm_logits = self.mlm_head(mlm_states[masked])
+                loss_mlm = masked_lm_loss(mlm_logits, mlm_labels[masked])
+            else:
+                mlm_logits = self.mlm_head(mlm_states)
+
+        pred_boxes = None
+        if target_boxes is not None or region_masks is not None:
+            fused_full = xvlm.fuse(text.last_hidden_state, attention_mask, full_images, image_index=image_index)
+            pred_boxes = self.bbox_head(fused_full[:, 0]).sigmoid()
+            if target_boxes is not None:
+                target_boxes = torch.as_tensor(target_boxes, device=device)
+                if tuple(target_boxes.shape) != (n_texts, 4):
+                    raise ValueError(f"target_boxes must have shape ({n_texts}, 4), got {tuple(target_boxes.shape)}.")
+                if is_image is not None:
+                    is_image = torch.as_tensor(is_image, device=device).view(-1)
+                    if is_image.shape[0] != n_texts:
+                        raise ValueError(f"is_image must have shape ({n_texts},), got {tuple(is_image.shape)}.")
+                loss_l1, loss_giou = bbox_losses(
+                    pred_boxes, target_boxes, is_image, official_batch_zeroing=config.official_giou_batch_zeroing
+                )
+
+        loss = None
+        if return_loss:
+            parts = [
+                (config.itc_loss_weight, loss_itc),
+                (config.itm_loss_weight, loss_itm),
+                (config.mlm_loss_weight, loss_mlm),
+                (config.bbox_l1_loss_weight, loss_l1),
+                (config.bbox_giou_loss_weight, loss_giou),
+            ]
+            loss = sum(weight * value for weight, value in parts if value is not None)
+
+        output = XVLMForPretrainingOutput(
+            loss=loss,
+            loss_itc=loss_itc,
+            loss_itm=loss_itm,
+            loss_mlm=loss_mlm,
+            loss_bbox_l1=loss_l1,
+            loss_bbox_giou=loss_giou,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_image.t(),
+            itm_logits=itm_logits,
+            itm_labels=itm_labels,
+            mlm_logits=mlm_logits,
+            pred_boxes=pred_boxes,
+            image_embeds=image_feat,
+            text_embeds=text_feat,
+            text_model_output=text,
+            vision_model_output=image,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ += [
+    "XVLMForGrounding",
+    "XVLMForGroundingOutput",
+    "XVLMForPretraining",
+    "XVLMForPretrainingOutput",
+    "XVLMForRetrieval",
+    "XVLMForRetrievalOutput",
 ]

@@ -1,0 +1,77 @@
+"""Command line: convert an official X-VLM checkpoint into a Hugging Face folder.
+
+    python -m modeling_xvlm.conversion --checkpoint model_state_step_199999.th --task pretrain --output xvlm-4m
+    xvlm-convert --checkpoint checkpoint_best.pth --task retrieval --image-size 384 --output xvlm-coco \
+        --tokenizer bert-base-uncased/ [--config configs/Retrieval_coco.yaml] [--push-to-hub user/xvlm-coco]
+
+See docs/conversion.md for what is inferred, the key mapping and the parity contract.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .convert_official import TASKS, ConversionError, convert_checkpoint
+from .safe_load import UnsafeCheckpointError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xvlm-convert",
+        description="Convert an official X-VLM checkpoint (.th/.pth, zengyan-97/X-VLM) into a Hugging Face folder "
+        "(config.json, model.safetensors, README.md and, with --tokenizer, the processor files).",
+    )
+    parser.add_argument("--checkpoint", required=True, help="official checkpoint file (.th / .pth / .safetensors)")
+    parser.add_argument(
+        "--task",
+        choices=TASKS,
+        default=None,
+        help="target model: pretrain (XVLMForPretraining), retrieval (XVLMForRetrieval) or grounding "
+        "(XVLMForGrounding, box head); default: detected from the keys",
+    )
+    parser.add_argument("--output", required=True, help="output folder")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="input size of the converted model (224, 384 or 480 for X-VLM-base); default: the checkpoint's. A "
+        "224/window-7 pre-training checkpoint converted at 384 gets window 12 and resized position tables",
+    )
+    parser.add_argument("--window-size", type=int, default=None, help="Swin window of the converted model (advanced)")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="official task YAML (e.g. configs/Retrieval_coco.yaml); its vision_config/text_config JSON paths are "
+        "resolved relative to the YAML file or the working directory",
+    )
+    parser.add_argument("--tokenizer", default=None, help="folder with a BERT vocab.txt; writes an XVLMProcessor")
+    parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="push the result to this Hub repo")
+    parser.add_argument("--base-model", default=None, help="Hub id recorded as base_model in the model card")
+    parser.add_argument("--no-verify", action="store_true", help="skip re-reading the folder with from_pretrained")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        convert_checkpoint(
+            args.checkpoint,
+            args.output,
+            task=args.task,
+            image_size=args.image_size,
+            window_size=args.window_size,
+            config=args.config,
+            tokenizer=args.tokenizer,
+            push_to_hub=args.push_to_hub,
+            base_model=args.base_model,
+            verify=not args.no_verify,
+        )
+    except (ConversionError, UnsafeCheckpointError, FileNotFoundError, NotImplementedError) as error:
+        print(f"xvlm-convert: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
