@@ -1,0 +1,64 @@
+"""Datasets for X-VLM in the Hugging Face Hub format (see docs/data.md).
+
+* :mod:`.schemas` - the ``datasets.Features`` of the ``pretrain``, ``retrieval`` and ``grounding`` configurations,
+  validation helpers and the folder writer (Parquet shards + dataset card);
+* :mod:`.synthetic` - the deterministic synthetic-shapes generator, its vocabulary and tokenizer;
+* :mod:`.official` - the converter from the official X-VLM JSON files;
+* :mod:`.loading` - :func:`load_xvlm_dataset` (defaults to the cached synthetic dataset);
+* :mod:`.cli` - the ``xvlm-data`` command.
+"""
+
+from .loading import (
+    default_cache_root,
+    ensure_synthetic_dataset,
+    load_xvlm_dataset,
+    retrieval_pairs,
+    synthetic_dataset_dir,
+)
+from .official import ConversionSummary, convert_official
+from .schemas import (
+    CONFIG_NAMES,
+    GROUNDING_FEATURES,
+    PRETRAIN_FEATURES,
+    RETRIEVAL_FEATURES,
+    SPLITS,
+    DatasetFolderWriter,
+    SchemaMismatchError,
+    check_features,
+    feature_mismatches,
+    get_features,
+    validate_record,
+)
+from .synthetic import (
+    SyntheticConfig,
+    generate_split,
+    synthetic_tokenizer,
+    synthetic_vocabulary,
+    write_synthetic_dataset,
+)
+
+__all__ = [
+    "CONFIG_NAMES",
+    "SPLITS",
+    "PRETRAIN_FEATURES",
+    "RETRIEVAL_FEATURES",
+    "GROUNDING_FEATURES",
+    "SchemaMismatchError",
+    "get_features",
+    "feature_mismatches",
+    "check_features",
+    "validate_record",
+    "DatasetFolderWriter",
+    "SyntheticConfig",
+    "generate_split",
+    "write_synthetic_dataset",
+    "synthetic_vocabulary",
+    "synthetic_tokenizer",
+    "ConversionSummary",
+    "convert_official",
+    "load_xvlm_dataset",
+    "retrieval_pairs",
+    "ensure_synthetic_dataset",
+    "synthetic_dataset_dir",
+    "default_cache_root",
+]

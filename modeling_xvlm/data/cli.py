@@ -1,0 +1,153 @@
+"""``xvlm-data``: generate the synthetic dataset, convert the official JSON files, inspect a dataset folder.
+
+Examples::
+
+    xvlm-data synthetic --out data/synthetic                  # 4000/200/200 images, seed 0
+    xvlm-data synthetic                                       # the default cache folder used by load_xvlm_dataset()
+    xvlm-data convert-official --out data/coco --image-root /data/images \\
+        --retrieval-train coco_train.json --retrieval-val coco_val.json --retrieval-test coco_test.json
+    xvlm-data info data/coco
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .schemas import CONFIG_NAMES
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xvlm-data", description="X-VLM datasets in the Hugging Face Hub format.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    syn = sub.add_parser("synthetic", help="generate the synthetic shapes dataset (deterministic by seed)")
+    syn.add_argument("--out", type=Path, default=None,
+                     help="output folder (default: the cache folder that load_xvlm_dataset() uses)")
+    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--num-train", type=int, default=None, help="training images (default 4000)")
+    syn.add_argument("--num-validation", "--num-val", dest="num_validation", type=int, default=None,
+                     help="validation images (default 200)")
+    syn.add_argument("--num-test", type=int, default=None, help="test images (default 200)")
+    syn.add_argument("--max-objects", type=int, default=None, help="at most this many shapes per image (1-4)")
+    syn.add_argument("--test-heldout-fraction", type=float, default=None,
+                     help="fraction of test images with a held-out colour-shape combination (default 0.25)")
+    syn.add_argument("--expressions-per-object", type=int, default=None,
+                     help="referring expressions per object in train (default 1)")
+    syn.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+
+    conv = sub.add_parser("convert-official", help="convert official X-VLM JSON files + an image root")
+    conv.add_argument("--out", type=Path, required=True, help="output dataset folder")
+    conv.add_argument("--image-root", type=Path, required=True, help="folder that image paths are relative to")
+    conv.add_argument("--pretrain-text", nargs="+", default=[], metavar="PATH",
+                      help="image-text JSON-lines files or folders (§5: caption + binary|image_rpath)")
+    conv.add_argument("--pretrain-regions", nargs="+", default=[], metavar="PATH",
+                      help="region JSON-lines files or folders (§5: elems [+ caption] + binary|image_rpath)")
+    for split in ("train", "val", "test"):
+        conv.add_argument(f"--retrieval-{split}", type=Path, default=None, metavar="JSON",
+                          help=f"retrieval file, e.g. coco_{split}.json")
+    for split in ("train", "val", "test"):
+        conv.add_argument(f"--grounding-{split}", type=Path, default=None, metavar="JSON",
+                          help=f"RefCOCO+ file, e.g. refcoco+_{split}.json")
+    conv.add_argument("--refcoco-refs", type=Path, default=None, help="refs(unc).p (boxes of grounding records)")
+    conv.add_argument("--refcoco-instances", type=Path, default=None, help="instances.json of RefCOCO+")
+    for config in CONFIG_NAMES:
+        conv.add_argument(f"--{config}-image-root", type=Path, default=None,
+                          help=f"image root for the {config} inputs (default --image-root)")
+    conv.add_argument("--image-key", default=None, help="image field of pre-training lines (default: auto)")
+    conv.add_argument("--caption-key", default="caption", help="caption field of pre-training lines")
+    conv.add_argument("--no-verify-images", action="store_true", help="do not fully decode each image")
+    conv.add_argument("--max-records", type=int, default=None, help="read at most N records per input")
+    conv.add_argument("--shard-size-mb", type=int, default=500, help="approximate Parquet shard size")
+    conv.add_argument("--overwrite", action="store_true")
+
+    info = sub.add_parser("info", help="print the configurations, splits, row counts and features of a dataset")
+    info.add_argument("path", nargs="?", default=None, help="dataset folder or Hub id (default: synthetic)")
+    return parser
+
+
+def _synthetic(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .loading import ensure_synthetic_dataset
+    from .synthetic import SyntheticConfig, write_synthetic_dataset
+
+    overrides = {
+        "seed": args.seed, "num_train": args.num_train, "num_validation": args.num_validation,
+        "num_test": args.num_test, "max_objects": args.max_objects,
+        "test_heldout_fraction": args.test_heldout_fraction,
+        "expressions_per_object_train": args.expressions_per_object,
+    }
+    config = dataclasses.replace(SyntheticConfig(), **{k: v for k, v in overrides.items() if v is not None})
+    if args.out is None:
+        path = ensure_synthetic_dataset(config)
+        print(json.dumps({"out": str(path), "cache_key": config.cache_key()}, indent=2))
+        return 0
+    summary = write_synthetic_dataset(args.out, config, overwrite=args.overwrite)
+    print(json.dumps({"out": str(args.out), "counts": summary["counts"], "seconds": summary["seconds"]}, indent=2))
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .official import convert_official
+
+    summary = convert_official(
+        args.out,
+        args.image_root,
+        pretrain_text=args.pretrain_text,
+        pretrain_regions=args.pretrain_regions,
+        retrieval={"train": args.retrieval_train, "val": args.retrieval_val, "test": args.retrieval_test},
+        grounding={"train": args.grounding_train, "val": args.grounding_val, "test": args.grounding_test},
+        refcoco_refs=args.refcoco_refs,
+        refcoco_instances=args.refcoco_instances,
+        image_roots={c: getattr(args, f"{c}_image_root") for c in CONFIG_NAMES},
+        image_key=args.image_key,
+        caption_key=args.caption_key,
+        verify_images=not args.no_verify_images,
+        max_records=args.max_records,
+        overwrite=args.overwrite,
+        max_shard_bytes=args.shard_size_mb * 1024 * 1024,
+    )
+    print(summary.format())
+    print(f"Summary written to {Path(args.out) / 'conversion_summary.json'}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    import datasets
+
+    from .loading import ensure_synthetic_dataset
+    from .schemas import feature_mismatches
+
+    path = args.path or str(ensure_synthetic_dataset())
+    print(f"dataset: {path}")
+    for config in datasets.get_dataset_config_names(path):
+        parts = datasets.load_dataset(path, config)
+        for split, part in parts.items():
+            problems = feature_mismatches(part.features, config) if config in CONFIG_NAMES else ["not an X-VLM config"]
+            status = "ok" if not problems else "; ".join(problems)
+            print(f"  {config}/{split}: {part.num_rows} rows, schema {status}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``xvlm-data``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "synthetic":
+            return _synthetic(args)
+        if args.command == "convert-official":
+            return _convert(args)
+        return _info(args)
+    except (FileExistsError, FileNotFoundError, ValueError) as error:
+        print(f"xvlm-data {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

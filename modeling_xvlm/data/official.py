@@ -1,0 +1,455 @@
+"""Convert the official X-VLM JSON files plus an image root into a Hub-format X-VLM dataset folder.
+
+Inputs (official formats, see docs/data.md):
+
+* pre-training image-text JSON lines ``{"caption": str | [str], "binary": <base64> | "image_rpath": path}``;
+* pre-training region/object JSON lines ``{"elems": [{"caption", "bb": [x, y, w, h], "attributes"?}], "caption"?,
+  "binary" | "image_rpath"}``;
+* retrieval lists: train ``[{"image", "caption": str, "image_id"}]`` (grouped into one row per image), val/test
+  ``[{"image", "caption": [str]}]``;
+* RefCOCO+ lists ``[{"image", "text", "ref_id"}]`` whose boxes come from ``refs(unc).p`` + ``instances.json`` (or
+  records that carry ``bbox`` themselves, as the VLUE files do).
+
+Output: the layout of :mod:`modeling_xvlm.data.schemas` (``pretrain``/``retrieval``/``grounding`` configs), images
+embedded with their original bytes. Missing or unreadable images, malformed records and unusable boxes are counted,
+skipped, and reported in :class:`ConversionSummary` (printed by the CLI and written to ``conversion_summary.json``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import os
+import pickle
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from .schemas import DatasetFolderWriter, as_text_list, clip_bbox, write_json
+
+__all__ = ["ConversionSummary", "convert_official", "load_refcoco_boxes", "SPLIT_ALIASES"]
+
+#: Official split names -> Hub split names.
+SPLIT_ALIASES = {"train": "train", "val": "validation", "valid": "validation", "validation": "validation",
+                 "test": "test"}
+_SUMMARY_FILE = "conversion_summary.json"
+_MAX_EXAMPLES = 20
+
+
+@dataclass
+class ConversionSummary:
+    """What a conversion wrote and what it skipped (and why)."""
+
+    written: dict[str, dict[str, int]] = field(default_factory=dict)
+    skipped: dict[str, dict[str, int]] = field(default_factory=dict)
+    reasons: Counter = field(default_factory=Counter)
+    missing_images: list[str] = field(default_factory=list)
+    corrupt_images: list[str] = field(default_factory=list)
+    boxes_clipped: int = 0
+    boxes_dropped: int = 0
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def skip(self, config: str, split: str, reason: str, detail: str = "") -> None:
+        self.skipped.setdefault(config, {}).setdefault(split, 0)
+        self.skipped[config][split] += 1
+        self.reasons[reason] += 1
+        examples = self.examples.setdefault(reason, [])
+        if detail and len(examples) < _MAX_EXAMPLES:
+            examples.append(detail)
+
+    @property
+    def num_written(self) -> int:
+        return sum(n for splits in self.written.values() for n in splits.values())
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(n for splits in self.skipped.values() for n in splits.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "written": self.written,
+            "skipped": self.skipped,
+            "num_written": self.num_written,
+            "num_skipped": self.num_skipped,
+            "skip_reasons": dict(self.reasons),
+            "missing_images": len(self.missing_images),
+            "corrupt_images": len(self.corrupt_images),
+            "missing_image_examples": self.missing_images[:_MAX_EXAMPLES],
+            "corrupt_image_examples": self.corrupt_images[:_MAX_EXAMPLES],
+            "boxes_clipped": self.boxes_clipped,
+            "boxes_dropped": self.boxes_dropped,
+            "examples": self.examples,
+        }
+
+    def format(self) -> str:
+        """A short human-readable report."""
+        lines = ["Conversion summary:"]
+        for config, splits in self.written.items():
+            for split, n in splits.items():
+                skipped = self.skipped.get(config, {}).get(split, 0)
+                lines.append(f"  {config}/{split}: {n} rows written, {skipped} skipped")
+        for config, splits in self.skipped.items():
+            for split, n in splits.items():
+                if split not in self.written.get(config, {}):
+                    lines.append(f"  {config}/{split}: 0 rows written, {n} skipped")
+        lines.append(f"  missing images: {len(self.missing_images)}; corrupt images: {len(self.corrupt_images)}")
+        for path in self.missing_images[:5]:
+            lines.append(f"    missing: {path}")
+        for path in self.corrupt_images[:5]:
+            lines.append(f"    corrupt: {path}")
+        if self.reasons:
+            reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.reasons.items()))
+            lines.append(f"  skipped records by reason: {reasons}")
+        lines.append(f"  boxes clipped to the image: {self.boxes_clipped}; boxes dropped: {self.boxes_dropped}")
+        return "\n".join(lines)
+
+
+class _ImageReader:
+    """Reads and verifies images once per path; remembers failures; keeps a few recent images in memory."""
+
+    def __init__(self, summary: ConversionSummary, verify: bool, cache_size: int = 64) -> None:
+        self.summary = summary
+        self.verify = verify
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, tuple[bytes, int, int]] = OrderedDict()
+        self._failed: dict[str, str] = {}
+
+    def _decode(self, data: bytes) -> tuple[int, int]:
+        with Image.open(io.BytesIO(data)) as image:
+            if self.verify:
+                image.load()  # a full decode: truncated files fail here
+            return image.size
+
+    def read_path(self, path: Path, display: str) -> tuple[dict[str, Any], int, int] | str:
+        """``({"bytes", "path"}, width, height)`` or the failure reason ``"missing_image"`` / ``"corrupt_image"``."""
+        key = str(path)
+        if key in self._failed:
+            return self._failed[key]
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            data, width, height = self._cache[key]
+            return {"bytes": data, "path": display}, width, height
+        try:
+            data = path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
+            self._failed[key] = "missing_image"
+            self.summary.missing_images.append(display)
+            return "missing_image"
+        try:
+            width, height = self._decode(data)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+            self._failed[key] = "corrupt_image"
+            self.summary.corrupt_images.append(f"{display} ({type(error).__name__}: {error})")
+            return "corrupt_image"
+        self._cache[key] = (data, width, height)
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return {"bytes": data, "path": display}, width, height
+
+    def read_base64(self, text: str, display: str) -> tuple[dict[str, Any], int, int] | str:
+        try:
+            data = base64.b64decode(text, validate=False)
+            width, height = self._decode(data)
+        except (binascii.Error, UnidentifiedImageError, OSError, ValueError, SyntaxError, TypeError) as error:
+            self.summary.corrupt_images.append(f"{display} ({type(error).__name__}: {error})")
+            return "corrupt_image"
+        return {"bytes": data, "path": None}, width, height
+
+
+def _resolve(root: Path, relpath: str) -> Path:
+    path = Path(relpath)
+    return path if path.is_absolute() else root / path
+
+
+def _iter_json_lines(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, int, str]]:
+    """Yield ``(file name, line number, line)`` for every non-empty line of the files / directories' files."""
+    for entry in paths:
+        entry = Path(entry)
+        if entry.is_dir():
+            files = sorted(p for p in entry.iterdir() if p.is_file() and not p.name.startswith("."))
+        elif entry.is_file():
+            files = [entry]
+        else:
+            raise FileNotFoundError(f"no such pre-training file or directory: {entry}")
+        for file in files:
+            with open(file, encoding="utf-8") as f:
+                for number, line in enumerate(f, start=1):
+                    if line.strip():
+                        yield file.name, number, line
+
+
+def _load_json_list(path: str | os.PathLike) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    return data
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles only built-in containers and scalars: any global (class or function) lookup is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(
+            f"refusing to load {module}.{name} from a RefCOCO refs pickle: only plain lists, dicts, strings and "
+            "numbers are allowed"
+        )
+
+
+def load_refcoco_boxes(refs_path: str | os.PathLike, instances_path: str | os.PathLike) -> dict[int, dict[str, Any]]:
+    """Map ``ref_id`` -> ``{"bbox": [x, y, w, h], "split": str}`` from ``refs(unc).p`` and ``instances.json``.
+
+    This is what the official code reads through ``REFER`` (``refToAnn[ref_id]['bbox']``, ``Refs[ref_id]['split']``).
+    ``refs(unc).p`` is a pickle of plain lists and dicts; it is read with an unpickler that refuses every class and
+    function (see `_PlainDataUnpickler`), so a tampered file raises instead of running code.
+    """
+    with open(refs_path, "rb") as f:
+        refs = _PlainDataUnpickler(f).load()
+    with open(instances_path, encoding="utf-8") as f:
+        instances = json.load(f)
+    boxes = {int(a["id"]): a["bbox"] for a in instances.get("annotations", [])}
+    out: dict[int, dict[str, Any]] = {}
+    for ref in refs:
+        ann_id = int(ref["ann_id"])
+        if ann_id in boxes:
+            out[int(ref["ref_id"])] = {"bbox": [float(v) for v in boxes[ann_id]], "split": str(ref.get("split", ""))}
+    return out
+
+
+def _checked_box(bbox: Any, width: int, height: int, summary: ConversionSummary) -> list[float] | None:
+    if not isinstance(bbox, Sequence) or isinstance(bbox, str) or len(bbox) != 4:
+        summary.boxes_dropped += 1
+        return None
+    try:
+        box = [float(v) for v in bbox]
+    except (TypeError, ValueError):
+        summary.boxes_dropped += 1
+        return None
+    clipped = clip_bbox(box, width, height)
+    if clipped is None:
+        summary.boxes_dropped += 1
+        return None
+    if any(abs(a - b) > 1e-3 for a, b in zip(clipped, box)):
+        summary.boxes_clipped += 1
+    return clipped
+
+
+def _pretrain_rows(
+    paths: Sequence[str | os.PathLike],
+    kind: str,
+    root: Path,
+    reader: _ImageReader,
+    summary: ConversionSummary,
+    image_key: str | None,
+    caption_key: str,
+    max_records: int | None,
+) -> Iterator[dict[str, Any]]:
+    count = 0
+    for file_name, number, line in _iter_json_lines(paths):
+        if max_records is not None and count >= max_records:
+            return
+        count += 1
+        where = f"{file_name}:{number}"
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+            captions = as_text_list(record.get(caption_key))
+        except (ValueError, TypeError) as error:
+            summary.skip("pretrain", "train", "invalid_record", f"{where}: {error}")
+            continue
+        captions = [c for c in captions if c.strip()]
+        if "binary" in record and (image_key in (None, "binary")):
+            image = reader.read_base64(record["binary"], where)
+            image_id = str(record.get("image_id", where))
+        else:
+            keys = [image_key] if image_key else ["image_rpath", "image"]
+            rel = next((record[k] for k in keys if k and isinstance(record.get(k), str)), None)
+            if rel is None:
+                summary.skip("pretrain", "train", "invalid_record", f"{where}: no image field ({keys})")
+                continue
+            image = reader.read_path(_resolve(root, rel), rel)
+            image_id = str(record.get("image_id", rel))
+        if isinstance(image, str):
+            summary.skip("pretrain", "train", image, where)
+            continue
+        image_dict, width, height = image
+        objects = []
+        if kind == "regions":
+            elems = record.get("elems")
+            if not isinstance(elems, list):
+                summary.skip("pretrain", "train", "invalid_record", f"{where}: `elems` is not a list")
+                continue
+            for elem in elems:
+                try:
+                    elem_captions = [c for c in as_text_list(elem.get("caption")) if c.strip()]
+                    attributes = [a for a in as_text_list(elem.get("attributes")) if a.strip()]
+                except (TypeError, AttributeError):
+                    summary.boxes_dropped += 1
+                    continue
+                box = _checked_box(elem.get("bb"), width, height, summary)
+                if box is None or not elem_captions:
+                    if box is not None:
+                        summary.boxes_dropped += 1
+                    continue
+                objects.append({"bbox": box, "captions": elem_captions, "attributes": attributes})
+        if not captions and not objects:
+            summary.skip("pretrain", "train", "no_text", where)
+            continue
+        yield {
+            "image": image_dict, "image_id": image_id, "width": width, "height": height,
+            "captions": captions, "objects": objects, "group": "regions" if kind == "regions" else "image_text",
+        }
+
+
+def _retrieval_rows(
+    path: str | os.PathLike, split: str, root: Path, reader: _ImageReader, summary: ConversionSummary,
+    max_records: int | None,
+) -> Iterator[dict[str, Any]]:
+    records = _load_json_list(path)[: max_records]
+    grouped: OrderedDict[str, dict[str, Any]] = OrderedDict()
+    for i, record in enumerate(records):
+        where = f"{Path(path).name}[{i}]"
+        try:
+            rel = record["image"]
+            captions = [c for c in as_text_list(record.get("caption")) if c.strip()]
+            if not isinstance(rel, str) or not captions:
+                raise ValueError("needs `image` (str) and a non-empty `caption`")
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            summary.skip("retrieval", split, "invalid_record", f"{where}: {error}")
+            continue
+        entry = grouped.setdefault(rel, {"image_id": str(record.get("image_id", rel)), "captions": []})
+        entry["captions"].extend(captions)
+    for rel, entry in grouped.items():
+        image = reader.read_path(_resolve(root, rel), rel)
+        if isinstance(image, str):
+            summary.skip("retrieval", split, image, rel)
+            continue
+        image_dict, width, height = image
+        yield {"image": image_dict, "image_id": entry["image_id"], "width": width, "height": height,
+               "captions": entry["captions"], "group": ""}
+
+
+def _grounding_rows(
+    path: str | os.PathLike, split: str, root: Path, reader: _ImageReader, summary: ConversionSummary,
+    boxes: Mapping[int, Mapping[str, Any]] | None, max_records: int | None,
+) -> Iterator[dict[str, Any]]:
+    records = _load_json_list(path)[: max_records]
+    for i, record in enumerate(records):
+        where = f"{Path(path).name}[{i}]"
+        try:
+            rel, text, ref_id = record["image"], record["text"], int(record["ref_id"])
+            if not isinstance(rel, str) or not isinstance(text, str) or not text.strip():
+                raise ValueError("needs `image` (str), `text` (non-empty str) and `ref_id` (int)")
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            summary.skip("grounding", split, "invalid_record", f"{where}: {error}")
+            continue
+        ref = boxes.get(ref_id) if boxes is not None else None
+        bbox = record.get("bbox", ref["bbox"] if ref else None)
+        group = str(record.get("split", ref["split"] if ref else ""))
+        if bbox is None:
+            summary.skip("grounding", split, "no_bbox", f"{where}: ref_id {ref_id}")
+            continue
+        image = reader.read_path(_resolve(root, rel), rel)
+        if isinstance(image, str):
+            summary.skip("grounding", split, image, rel)
+            continue
+        image_dict, width, height = image
+        box = _checked_box(bbox, width, height, summary)
+        if box is None:
+            summary.skip("grounding", split, "invalid_bbox", f"{where}: {bbox}")
+            continue
+        yield {"image": image_dict, "image_id": str(record.get("image_id", rel)), "width": width, "height": height,
+               "text": text, "bbox": box, "ref_id": ref_id, "group": group}
+
+
+def _split_name(name: str) -> str:
+    if name not in SPLIT_ALIASES:
+        raise ValueError(f"unknown split {name!r}; expected one of {sorted(SPLIT_ALIASES)}")
+    return SPLIT_ALIASES[name]
+
+
+def convert_official(
+    out_dir: str | os.PathLike,
+    image_root: str | os.PathLike,
+    *,
+    pretrain_text: Iterable[str | os.PathLike] = (),
+    pretrain_regions: Iterable[str | os.PathLike] = (),
+    retrieval: Mapping[str, str | os.PathLike] | None = None,
+    grounding: Mapping[str, str | os.PathLike] | None = None,
+    refcoco_refs: str | os.PathLike | None = None,
+    refcoco_instances: str | os.PathLike | None = None,
+    image_roots: Mapping[str, str | os.PathLike] | None = None,
+    image_key: str | None = None,
+    caption_key: str = "caption",
+    verify_images: bool = True,
+    max_records: int | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = 500 * 1024 * 1024,
+    pretty_name: str = "X-VLM dataset (converted from the official JSON files)",
+) -> ConversionSummary:
+    """Convert official X-VLM JSON files into an X-VLM dataset folder at ``out_dir``.
+
+    Args:
+        out_dir: the output folder (must be empty unless ``overwrite``).
+        image_root: the folder that relative image paths are resolved against.
+        pretrain_text: image-text JSON-lines files or folders of them (``pretrain`` config, ``group="image_text"``).
+        pretrain_regions: region/object JSON-lines files or folders (``pretrain`` config, ``group="regions"``).
+        retrieval: ``{"train": coco_train.json, "val": coco_val.json, "test": coco_test.json}`` (any subset).
+        grounding: ``{"train": refcoco+_train.json, "val": ..., "test": ...}`` (any subset).
+        refcoco_refs, refcoco_instances: ``refs(unc).p`` and ``instances.json`` giving the boxes (and the
+            ``val``/``testA``/``testB`` group) of grounding records that carry no ``bbox``.
+        image_roots: per-config roots (``{"pretrain": ..., "retrieval": ..., "grounding": ...}``) overriding
+            ``image_root``.
+        image_key: the image field of pre-training lines (default: ``binary`` if present, else ``image_rpath`` or
+            ``image``); caption_key: their caption field (``caption``; ``desc`` for captioning data).
+        verify_images: fully decode every image (catches truncated files; slower).
+        max_records: read at most this many records of each input (for smoke tests).
+
+    Returns:
+        The :class:`ConversionSummary`, also written to ``out_dir/conversion_summary.json``.
+    """
+    retrieval = {_split_name(k): v for k, v in (retrieval or {}).items() if v}
+    grounding = {_split_name(k): v for k, v in (grounding or {}).items() if v}
+    pretrain_text, pretrain_regions = list(pretrain_text), list(pretrain_regions)
+    if not (pretrain_text or pretrain_regions or retrieval or grounding):
+        raise ValueError("nothing to convert: give pre-training, retrieval or grounding files")
+    for path in [*pretrain_text, *pretrain_regions, *retrieval.values(), *grounding.values()]:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"input file not found: {path}")
+    roots = {name: Path((image_roots or {}).get(name) or image_root) for name in ("pretrain", "retrieval", "grounding")}
+    boxes = None
+    if refcoco_refs or refcoco_instances:
+        if not (refcoco_refs and refcoco_instances):
+            raise ValueError("give both refcoco_refs (refs(unc).p) and refcoco_instances (instances.json)")
+        boxes = load_refcoco_boxes(refcoco_refs, refcoco_instances)
+
+    summary = ConversionSummary()
+    reader = _ImageReader(summary, verify=verify_images)
+    sources = ", ".join(Path(p).name for p in [*pretrain_text, *pretrain_regions, *retrieval.values(),
+                                                *grounding.values()])
+    writer = DatasetFolderWriter(
+        out_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes, pretty_name=pretty_name,
+        card_body=f"Converted with `xvlm-data convert-official` from the official X-VLM files: {sources}.",
+    )
+    with writer:
+        for kind, paths in (("image_text", pretrain_text), ("regions", pretrain_regions)):
+            if paths:
+                for row in _pretrain_rows(paths, kind, roots["pretrain"], reader, summary, image_key, caption_key,
+                                          max_records):
+                    writer.add("pretrain", "train", row)
+        for split, path in retrieval.items():
+            for row in _retrieval_rows(path, split, roots["retrieval"], reader, summary, max_records):
+                writer.add("retrieval", split, row)
+        for split, path in grounding.items():
+            for row in _grounding_rows(path, split, roots["grounding"], reader, summary, boxes, max_records):
+                writer.add("grounding", split, row)
+    summary.written = {c: dict(s) for c, s in writer.counts.items()}
+    write_json(Path(out_dir) / _SUMMARY_FILE, summary.to_dict())
+    return summary

@@ -1,0 +1,616 @@
+"""A deterministic generator of synthetic scenes that exercises every grain of X-VLM.
+
+Each scene is a small image (96-160 px a side, some non-square) on a dark, block-noise background with 1-4 coloured
+shapes (4 shapes x 6 colours x 2 sizes). For every scene the generator produces
+
+* three whole-image captions that name every object, with spatial relations ("a small red circle to the left of a
+  large blue square and a small white diamond", "from left to right a red circle a blue square and a white diamond",
+  "there are three shapes a ..."),
+* one object per shape with its pixel box ``[x, y, w, h]``, captions (``"red circle"``, ``"red circle on the left"``)
+  and attributes (``["small"]``),
+* referring expressions that single out exactly one object (``"the red circle"``, ``"the circle on the left"``,
+  ``"the leftmost shape"``, ``"the square above the green triangle"``...), each checked for a unique referent.
+
+Splits: ``train`` and ``validation`` only use the *seen* colour-shape combinations; ``test`` also holds scenes with
+some *held-out* combinations (``group == "heldout"``), never seen in training. In ``validation`` and ``test`` no two
+images have the same multiset of (colour, shape), so every caption identifies one image of the gallery.
+
+Everything is a function of the seed (and the split); a split does not depend on the sizes of the other splits.
+Captions use only the words of :func:`synthetic_vocabulary`, lower case and without punctuation, so the official
+``pre_caption`` cleaning leaves them unchanged, and :func:`synthetic_tokenizer` covers them with no ``[UNK]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import itertools
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .schemas import SPLITS, DatasetFolderWriter, write_json
+
+__all__ = [
+    "COLOURS",
+    "SHAPES",
+    "SIZES",
+    "DEFAULT_HELDOUT_COMBOS",
+    "GENERATOR_VERSION",
+    "SyntheticConfig",
+    "SceneObject",
+    "Scene",
+    "generate_scene",
+    "generate_split",
+    "scene_records",
+    "write_synthetic_dataset",
+    "synthetic_vocabulary",
+    "synthetic_tokenizer",
+    "relation",
+    "denotation",
+    "referring_expressions",
+    "SPECIAL_TOKENS",
+]
+
+#: Bump when the output of the generator changes (it is part of the default cache folder name).
+GENERATOR_VERSION = 2
+
+#: Colour name -> RGB (strong, well separated hues, readable on the dark background at 64 px).
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (225, 35, 35),
+    "green": (40, 190, 60),
+    "blue": (45, 95, 240),
+    "yellow": (240, 220, 35),
+    "purple": (165, 60, 215),
+    "white": (240, 240, 240),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
+#: Size name -> side of the shape as a fraction of the image's shorter side.
+SIZES: dict[str, tuple[float, float]] = {"small": (0.21, 0.27), "large": (0.33, 0.40)}
+#: Colour-shape combinations that appear only in the test split (one per shape, each colour at most once).
+DEFAULT_HELDOUT_COMBOS: tuple[tuple[str, str], ...] = (
+    ("red", "triangle"),
+    ("green", "circle"),
+    ("blue", "diamond"),
+    ("yellow", "square"),
+)
+SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+_NUMBERS = ("zero", "one", "two", "three", "four")
+_SPLIT_STREAM = {"train": 1, "validation": 2, "test": 3}
+#: Relation name -> the words used in captions and expressions.
+_RELATION_WORDS = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
+_SIDE_WORDS = {"left": "on the left", "right": "on the right", "above": "at the top", "below": "at the bottom"}
+_EXTREME_WORDS = {"left": "leftmost", "right": "rightmost", "above": "highest", "below": "lowest"}
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Parameters of the synthetic dataset (every field is part of the cache key of the default dataset)."""
+
+    seed: int = 0
+    num_train: int = 4000
+    num_validation: int = 200
+    num_test: int = 200
+    min_objects: int = 1
+    max_objects: int = 4
+    #: Probabilities of 1..4 objects (truncated to ``min_objects..max_objects`` and renormalised).
+    object_count_weights: tuple[float, ...] = (0.3, 0.35, 0.25, 0.1)
+    image_sizes: tuple[int, ...] = (96, 112, 128, 144, 160)
+    #: Probability that a scene is square (otherwise width and height are drawn independently).
+    square_probability: float = 0.5
+    heldout_combos: tuple[tuple[str, str], ...] = DEFAULT_HELDOUT_COMBOS
+    #: Fraction of test scenes that contain at least one held-out combination.
+    test_heldout_fraction: float = 0.25
+    #: Probability that a scene with 2+ objects repeats an object's colour and shape (exercises "on the left").
+    duplicate_probability: float = 0.2
+    #: Referring expressions per object in train (validation and test use one); each is a grounding row.
+    expressions_per_object_train: int = 1
+    version: int = GENERATOR_VERSION
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_objects <= self.max_objects <= 4:
+            raise ValueError("need 1 <= min_objects <= max_objects <= 4")
+        for colour, shape in self.heldout_combos:
+            if colour not in COLOURS or shape not in SHAPES:
+                raise ValueError(f"unknown held-out combination {(colour, shape)!r}")
+        if min(self.image_sizes) < 64:
+            raise ValueError("image sizes below 64 px make the small shapes unreadable")
+        if not 0.0 <= self.test_heldout_fraction <= 1.0:
+            raise ValueError("test_heldout_fraction must be in [0, 1]")
+
+    def num_images(self, split: str) -> int:
+        return {"train": self.num_train, "validation": self.num_validation, "test": self.num_test}[split]
+
+    def cache_key(self) -> str:
+        """A short, stable name for this configuration (used for the default cache folder)."""
+        default = SyntheticConfig()
+        parts = [f"v{self.version}", f"seed{self.seed}"]
+        for f in dataclasses.fields(self):
+            if f.name in ("seed", "version"):
+                continue
+            value = getattr(self, f.name)
+            if value != getattr(default, f.name):
+                parts.append(f"{f.name}={value}".replace(" ", "").replace("'", ""))
+        key = "-".join(parts)
+        if len(key) > 80:  # keep folder names short but unique
+            import hashlib
+
+            key = f"v{self.version}-seed{self.seed}-" + hashlib.sha1(key.encode()).hexdigest()[:12]
+        return key
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One shape of a scene; ``x, y, side`` in pixels (the shape is inscribed in the square box)."""
+
+    shape: str
+    colour: str
+    size: str
+    x: int
+    y: int
+    side: int
+
+    @property
+    def bbox(self) -> list[float]:
+        """``[x, y, w, h]`` in pixels."""
+        return [float(self.x), float(self.y), float(self.side), float(self.side)]
+
+    @property
+    def x1(self) -> int:
+        return self.x + self.side
+
+    @property
+    def y1(self) -> int:
+        return self.y + self.side
+
+    @property
+    def cx(self) -> float:
+        return self.x + self.side / 2
+
+    @property
+    def cy(self) -> float:
+        return self.y + self.side / 2
+
+    def describe(self, with_size: bool = False) -> str:
+        return f"{self.size} {self.colour} {self.shape}" if with_size else f"{self.colour} {self.shape}"
+
+
+@dataclass
+class Scene:
+    """A generated scene: geometry, texts and rendering parameters."""
+
+    image_id: str
+    width: int
+    height: int
+    objects: list[SceneObject]
+    background: tuple[int, int, int]
+    noise_block: int
+    noise_seed: int
+    jitter: list[tuple[int, int, int]]
+    captions: list[str] = field(default_factory=list)
+    #: ``(text, index of the referent in objects)``.
+    expressions: list[tuple[str, int]] = field(default_factory=list)
+    heldout_combos: frozenset = frozenset()
+
+    @property
+    def has_heldout(self) -> bool:
+        return any((o.colour, o.shape) in self.heldout_combos for o in self.objects)
+
+    def render(self) -> Image.Image:
+        """Draw the scene (deterministic)."""
+        rng = np.random.default_rng(self.noise_seed)
+        b = self.noise_block
+        grid = rng.integers(-14, 15, size=(self.height // b + 1, self.width // b + 1), dtype=np.int16)
+        noise = np.repeat(np.repeat(grid, b, axis=0), b, axis=1)[: self.height, : self.width]
+        pixels = np.clip(np.asarray(self.background, dtype=np.int16)[None, None, :] + noise[..., None], 0, 255)
+        image = Image.fromarray(pixels.astype(np.uint8), mode="RGB")
+        draw = ImageDraw.Draw(image)
+        for obj, jitter in zip(self.objects, self.jitter):
+            colour = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLOURS[obj.colour], jitter))
+            x0, y0, x1, y1 = obj.x, obj.y, obj.x1 - 1, obj.y1 - 1
+            if obj.shape == "circle":
+                draw.ellipse([x0, y0, x1, y1], fill=colour)
+            elif obj.shape == "square":
+                draw.rectangle([x0, y0, x1, y1], fill=colour)
+            elif obj.shape == "triangle":
+                draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=colour)
+            elif obj.shape == "diamond":
+                xm, ym = (x0 + x1) / 2, (y0 + y1) / 2
+                draw.polygon([(xm, y0), (x1, ym), (xm, y1), (x0, ym)], fill=colour)
+            else:  # pragma: no cover - guarded by SHAPES
+                raise ValueError(obj.shape)
+        return image
+
+    def png_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        self.render().save(buffer, format="PNG", compress_level=6)
+        return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Geometry and language
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def relation(a: SceneObject, b: SceneObject, name: str) -> bool:
+    """Whether ``a`` is entirely ``left``/``right``/``above``/``below`` ``b`` (box separation, pixel boxes)."""
+    if name == "left":
+        return a.x1 <= b.x
+    if name == "right":
+        return a.x >= b.x1
+    if name == "above":
+        return a.y1 <= b.y
+    if name == "below":
+        return a.y >= b.y1
+    raise ValueError(name)
+
+
+def _location_phrase(obj: SceneObject, width: int, height: int) -> str:
+    col = min(int(3 * obj.cx / width), 2)
+    row = min(int(3 * obj.cy / height), 2)
+    return [
+        ["in the top left", "at the top", "in the top right"],
+        ["on the left", "in the middle", "on the right"],
+        ["in the bottom left", "at the bottom", "in the bottom right"],
+    ][row][col]
+
+
+def _with_article(phrases: Sequence[str]) -> str:
+    items = [f"a {p}" for p in phrases]
+    return items[0] if len(items) == 1 else " ".join(items[:-1]) + " and " + items[-1]
+
+
+def _captions(objects: Sequence[SceneObject], width: int, height: int, rng: np.random.Generator) -> list[str]:
+    n = len(objects)
+    if n == 1:
+        o = objects[0]
+        return [
+            f"a {o.describe(True)} {_location_phrase(o, width, height)}",
+            f"a single {o.describe()}",
+            f"there is one shape a {o.describe(True)}",
+        ]
+    pairs = [(i, j, r) for i, j in itertools.permutations(range(n), 2) for r in _RELATION_WORDS
+             if relation(objects[i], objects[j], r)]
+    i, j, rel = pairs[int(rng.integers(len(pairs)))]
+    rest = [k for k in range(n) if k not in (i, j)]
+    relational = f"a {objects[i].describe(True)} {_RELATION_WORDS[rel]} a {objects[j].describe(True)}"
+    if rest:
+        relational += " and " + _with_article([objects[k].describe(True) for k in rest])
+    left_to_right = sorted(range(n), key=lambda k: (objects[k].cx, objects[k].cy))
+    listing = "from left to right " + _with_article([objects[k].describe() for k in left_to_right])
+    order = rng.permutation(n)
+    counting = f"there are {_NUMBERS[n]} shapes " + _with_article([objects[k].describe() for k in order])
+    return [relational, listing, counting]
+
+
+# A referring expression is a (text, predicate) pair; the predicate returns the set of object indices it denotes.
+_Predicate = Callable[[Sequence[SceneObject]], set]
+
+
+def _match(colour: str | None = None, shape: str | None = None, size: str | None = None) -> Callable:
+    def matches(o: SceneObject) -> bool:
+        return (colour is None or o.colour == colour) and (shape is None or o.shape == shape) and (
+            size is None or o.size == size
+        )
+
+    return matches
+
+
+def _noun(colour: str | None, shape: str | None, size: str | None = None) -> str:
+    words = [w for w in (size, colour) if w] + [shape or "shape"]
+    return " ".join(words)
+
+
+def denotation(objects: Sequence[SceneObject], kind: str, **kw: Any) -> set[int]:
+    """Indices of the objects denoted by an expression of ``kind`` (see :func:`referring_expressions`)."""
+    if kind == "attribute":
+        m = _match(kw.get("colour"), kw.get("shape"), kw.get("size"))
+        return {i for i, o in enumerate(objects) if m(o)}
+    if kind == "side":  # the <noun> on the <side>: extreme (strictly separated) member of the matching group
+        m = _match(kw.get("colour"), kw.get("shape"))
+        group = [i for i, o in enumerate(objects) if m(o)]
+        if len(group) < 2:
+            return set()
+        return {i for i in group if all(relation(objects[i], objects[j], kw["side"]) for j in group if j != i)}
+    if kind == "relational":  # the <noun> <rel> the <noun2>
+        m, m_ref = _match(kw.get("colour"), kw.get("shape")), _match(kw.get("ref_colour"), kw.get("ref_shape"))
+        refs = [j for j, o in enumerate(objects) if m_ref(o)]
+        if len(refs) != 1:  # "the <noun2>" must itself be unique
+            return set()
+        return {i for i, o in enumerate(objects)
+                if m(o) and i != refs[0] and relation(o, objects[refs[0]], kw["rel"])}
+    raise ValueError(kind)
+
+
+def referring_expressions(objects: Sequence[SceneObject], target: int) -> dict[str, list[str]]:
+    """Every template expression that denotes exactly ``objects[target]``, grouped by kind.
+
+    Kinds: ``attribute`` ("the small red circle", "the red shape"), ``side`` ("the red circle on the left",
+    "the leftmost shape"), ``relational`` ("the circle above the blue square").
+    """
+    t = objects[target]
+    out: dict[str, list[str]] = {"attribute": [], "side": [], "relational": []}
+    attribute_options = [
+        (t.colour, t.shape, None), (None, t.shape, None), (t.colour, None, None), (t.colour, t.shape, t.size),
+        (None, t.shape, t.size),
+    ]
+    for colour, shape, size in attribute_options:
+        if denotation(objects, "attribute", colour=colour, shape=shape, size=size) == {target}:
+            out["attribute"].append(f"the {_noun(colour, shape, size)}")
+    if len(objects) >= 2:
+        for colour, shape in [(t.colour, t.shape), (None, t.shape), (t.colour, None), (None, None)]:
+            for side in _SIDE_WORDS:
+                if denotation(objects, "side", colour=colour, shape=shape, side=side) == {target}:
+                    if colour is None and shape is None:
+                        out["side"].append(f"the {_EXTREME_WORDS[side]} shape")
+                    else:
+                        out["side"].append(f"the {_noun(colour, shape)} {_SIDE_WORDS[side]}")
+        for j, r in enumerate(objects):
+            if j == target:
+                continue
+            for colour, shape in [(t.colour, t.shape), (None, t.shape)]:
+                for rel in _RELATION_WORDS:
+                    if denotation(objects, "relational", colour=colour, shape=shape, ref_colour=r.colour,
+                                  ref_shape=r.shape, rel=rel) == {target}:
+                        out["relational"].append(
+                            f"the {_noun(colour, shape)} {_RELATION_WORDS[rel]} the {_noun(r.colour, r.shape)}"
+                        )
+    return out
+
+
+def _choose_expressions(
+    all_options: Sequence[dict[str, list[str]]], count: int, rng: np.random.Generator
+) -> list[tuple[str, int]]:
+    """Pick ``count`` distinct expressions per object, first a kind (weighted) and then a template of that kind."""
+    chosen: list[tuple[str, int]] = []
+    kind_weights = {"attribute": 0.45, "side": 0.3, "relational": 0.25}
+    for target, options in enumerate(all_options):
+        picked: list[str] = []
+        for _ in range(count):
+            kinds = [k for k in kind_weights if [e for e in options[k] if e not in picked]]
+            if not kinds:
+                break
+            w = np.array([kind_weights[k] for k in kinds])
+            kind = kinds[int(rng.choice(len(kinds), p=w / w.sum()))]
+            candidates = [e for e in options[kind] if e not in picked]
+            picked.append(candidates[int(rng.integers(len(candidates)))])
+        chosen += [(text, target) for text in picked]
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Scenes
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _place(
+    rng: np.random.Generator, width: int, height: int, sides: Sequence[int], gap: int = 3
+) -> list[tuple[int, int]] | None:
+    """Top-left corners for squares of ``sides`` that keep ``gap`` pixels apart (``None`` if placement fails)."""
+    placed: list[tuple[int, int, int]] = []
+    for side in sides:
+        for _ in range(60):
+            x = int(rng.integers(1, width - side))
+            y = int(rng.integers(1, height - side))
+            if all(x + side + gap <= px or px + ps + gap <= x or y + side + gap <= py or py + ps + gap <= y
+                   for px, py, ps in placed):
+                placed.append((x, y, side))
+                break
+        else:
+            return None
+    return [(x, y) for x, y, _ in placed]
+
+
+def generate_scene(
+    rng: np.random.Generator,
+    config: SyntheticConfig,
+    image_id: str,
+    *,
+    combos: Sequence[tuple[str, str]],
+    forced_combo: tuple[str, str] | None = None,
+    expressions_per_object: int = 1,
+) -> Scene:
+    """Draw one scene from ``rng``; colour-shape pairs come from ``combos`` (plus ``forced_combo`` once)."""
+    counts = np.arange(1, 5)
+    weights = np.array(config.object_count_weights[:4], dtype=float)
+    weights[(counts < config.min_objects) | (counts > config.max_objects)] = 0
+    while True:
+        if rng.random() < config.square_probability:
+            width = height = int(rng.choice(config.image_sizes))
+        else:
+            width, height = (int(v) for v in rng.choice(config.image_sizes, size=2))
+        n = int(rng.choice(counts, p=weights / weights.sum()))
+        pairs = [tuple(combos[int(k)]) for k in rng.integers(len(combos), size=n)]
+        if forced_combo is not None:
+            pairs[int(rng.integers(n))] = tuple(forced_combo)
+        if n >= 2 and rng.random() < config.duplicate_probability:
+            pairs[1] = pairs[0]
+        sizes = [("small", "large")[int(k)] for k in rng.integers(2, size=n)]
+        short = min(width, height)
+        sides = [int(round(rng.uniform(*SIZES[s]) * short)) for s in sizes]
+        # Place large shapes first: it fails less often.
+        order = sorted(range(n), key=lambda k: -sides[k])
+        positions = _place(rng, width, height, [sides[k] for k in order])
+        if positions is None:
+            continue
+        objects: list[SceneObject] = [None] * n  # type: ignore[list-item]
+        for k, (x, y) in zip(order, positions):
+            colour, shape = pairs[k]
+            objects[k] = SceneObject(shape=shape, colour=colour, size=sizes[k], x=x, y=y, side=sides[k])
+        # Objects are kept in left-to-right order (the order of the ``objects`` column).
+        objects.sort(key=lambda o: (o.x, o.y))
+        options = [referring_expressions(objects, t) for t in range(n)]
+        if all(any(kinds.values()) for kinds in options):  # every object can be singled out
+            break
+    scene = Scene(
+        image_id=image_id,
+        width=width,
+        height=height,
+        objects=objects,
+        background=tuple(int(v) for v in rng.integers(18, 75, size=3)),
+        noise_block=int(rng.choice([6, 8])),
+        noise_seed=int(rng.integers(2**31)),
+        jitter=[tuple(int(v) for v in rng.integers(-12, 13, size=3)) for _ in objects],
+        heldout_combos=frozenset(tuple(c) for c in config.heldout_combos),
+    )
+    scene.captions = _captions(objects, width, height, rng)
+    scene.expressions = _choose_expressions(options, expressions_per_object, rng)
+    return scene
+
+
+def generate_split(config: SyntheticConfig, split: str) -> Iterator[Scene]:
+    """Yield the scenes of ``split`` (deterministic in ``config.seed`` and ``split`` only)."""
+    if split not in _SPLIT_STREAM:
+        raise ValueError(f"unknown split {split!r}; expected one of {list(_SPLIT_STREAM)}")
+    rng = np.random.default_rng([config.seed, _SPLIT_STREAM[split]])
+    heldout = [tuple(c) for c in config.heldout_combos]
+    seen = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in set(heldout)]
+    unique = split != "train"
+    used: set[tuple] = set()
+    per_object = config.expressions_per_object_train if split == "train" else 1
+    for index in range(config.num_images(split)):
+        image_id = f"{split}-{index:06d}"
+        forced = None
+        if split == "test" and heldout and rng.random() < config.test_heldout_fraction:
+            forced = heldout[int(rng.integers(len(heldout)))]
+        for _attempt in range(10_000):
+            scene = generate_scene(
+                rng, config, image_id, combos=seen, forced_combo=forced, expressions_per_object=per_object
+            )
+            key = tuple(sorted((o.colour, o.shape) for o in scene.objects))
+            if not unique or key not in used:
+                used.add(key)
+                break
+        else:  # pragma: no cover - only with absurd split sizes
+            raise RuntimeError(f"could not draw {config.num_images(split)} distinct scenes for {split!r}")
+        yield scene
+
+
+def scene_records(scene: Scene) -> dict[str, Any]:
+    """The rows of one scene in the X-VLM schemas: ``{"pretrain": row, "retrieval": row, "grounding": [rows]}``."""
+    image = {"bytes": scene.png_bytes(), "path": None}
+    common = {"image": image, "image_id": scene.image_id, "width": scene.width, "height": scene.height}
+    group = "heldout" if scene.has_heldout else "seen"
+    objects = [
+        {
+            "bbox": o.bbox,
+            "captions": [o.describe(), f"{o.describe()} {_location_phrase(o, scene.width, scene.height)}"],
+            "attributes": [o.size],
+        }
+        for o in scene.objects
+    ]
+    grounding = []
+    for k, (text, target) in enumerate(scene.expressions):
+        o = scene.objects[target]
+        grounding.append(
+            {
+                **common,
+                "text": text,
+                "bbox": o.bbox,
+                "ref_id": int(scene.image_id.rsplit("-", 1)[1]) * 100 + k,
+                "group": "heldout" if (o.colour, o.shape) in scene.heldout_combos else "seen",
+            }
+        )
+    return {
+        "pretrain": {**common, "captions": list(scene.captions), "objects": objects, "group": group},
+        "retrieval": {**common, "captions": list(scene.captions), "group": group},
+        "grounding": grounding,
+    }
+
+
+_CARD = """\
+Synthetic scenes for X-VLM (generated by `xvlm-data synthetic`, `modeling_xvlm.data.synthetic`, generator version
+{version}). Images of 1-4 coloured shapes (circle, square, triangle, diamond; red, green, blue, yellow, purple,
+white; small or large) on a noisy background. Whole-image captions name every object with a spatial relation; each
+object has a pixel box, captions and a size attribute; referring expressions single out one object.
+
+The test split also contains the held-out colour-shape combinations {heldout} (rows with `group == "heldout"`); train
+and validation never do. In validation and test no two images share the same set of coloured shapes.
+
+Generator parameters: `{params}`.
+"""
+
+
+def write_synthetic_dataset(
+    out_dir: str | Path,
+    config: SyntheticConfig | None = None,
+    *,
+    overwrite: bool = False,
+    splits: Sequence[str] = SPLITS,
+) -> dict[str, Any]:
+    """Generate the synthetic dataset into ``out_dir`` (configs ``pretrain``, ``retrieval``, ``grounding``).
+
+    Returns a summary ``{"counts": {config: {split: rows}}, "seconds": ..., "config": {...}}``, also written to
+    ``out_dir/xvlm_dataset_info.json`` (the last file written: its presence marks a complete dataset).
+    """
+    config = config or SyntheticConfig()
+    start = time.perf_counter()
+    params = dataclasses.asdict(config)
+    body = _CARD.format(
+        version=config.version,
+        heldout=", ".join(f"{c} {s}" for c, s in config.heldout_combos) or "(none)",
+        params=params,
+    )
+    writer = DatasetFolderWriter(
+        out_dir, overwrite=overwrite, pretty_name="X-VLM synthetic shapes", card_body=body,
+        card_metadata={"license": "cc0-1.0", "size_categories": ["1K<n<10K"]},
+    )
+    with writer:
+        for split in splits:
+            for scene in generate_split(config, split):
+                rows = scene_records(scene)
+                writer.add("pretrain", split, rows["pretrain"])
+                writer.add("retrieval", split, rows["retrieval"])
+                for row in rows["grounding"]:
+                    writer.add("grounding", split, row)
+    summary = {
+        "kind": "xvlm-synthetic",
+        "config": params,
+        "cache_key": config.cache_key(),
+        "counts": writer.counts,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    write_json(Path(out_dir) / "xvlm_dataset_info.json", summary)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Vocabulary and tokenizer
+# --------------------------------------------------------------------------------------------------------------------
+
+_FUNCTION_WORDS = (
+    "a", "the", "and", "of", "to", "in", "on", "at", "from", "there", "is", "are", "single", "shape", "shapes",
+    "left", "right", "top", "bottom", "middle", "above", "below", "leftmost", "rightmost", "highest", "lowest",
+)
+
+
+def synthetic_vocabulary() -> list[str]:
+    """Every token the generator can produce, after the specials ``[PAD] [UNK] [CLS] [SEP] [MASK]`` (ids 0-4).
+
+    The order is fixed, so token ids are stable across versions of the generator that keep the same words.
+    """
+    words = list(_FUNCTION_WORDS) + list(_NUMBERS[1:]) + list(COLOURS) + list(SHAPES) + list(SIZES)
+    seen: set[str] = set()
+    vocab = list(SPECIAL_TOKENS)
+    for word in words:
+        if word not in seen:
+            seen.add(word)
+            vocab.append(word)
+    return vocab
+
+
+def synthetic_tokenizer(model_max_length: int = 40):
+    """A ``transformers.BertTokenizer`` (WordPiece, lower case) over :func:`synthetic_vocabulary`.
+
+    ``[PAD]`` = 0, ``[UNK]`` = 1, ``[CLS]`` = 2, ``[SEP]`` = 3, ``[MASK]`` = 4. Built from a ``vocab=`` dict: in
+    transformers 5.x ``BertTokenizer(vocab_file=...)`` ignores the file.
+    """
+    from transformers import BertTokenizer
+
+    vocab = {token: i for i, token in enumerate(synthetic_vocabulary())}
+    return BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=model_max_length)

@@ -1,0 +1,207 @@
+"""Schemas of the X-VLM dataset configurations, the folder writer and the schema checks of the loader."""
+
+from __future__ import annotations
+
+import io
+
+import datasets
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from modeling_xvlm.data.loading import load_xvlm_dataset, retrieval_pairs
+from modeling_xvlm.data.schemas import (
+    CONFIG_NAMES,
+    DatasetFolderWriter,
+    SchemaMismatchError,
+    check_features,
+    clip_bbox,
+    feature_mismatches,
+    get_features,
+    validate_record,
+)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _image(seed: int, size=(40, 30)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8), mode="RGB")
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _records():
+    images = [_image(i, size) for i, size in enumerate([(40, 30), (32, 32), (24, 48)])]
+    pretrain = [
+        {"image": {"bytes": _png(images[0]), "path": "a.png"}, "image_id": "a", "width": 40, "height": 30,
+         "captions": ["a red circle", "a circle"],
+         "objects": [{"bbox": [1.0, 2.0, 10.5, 5.0], "captions": ["circle"], "attributes": ["red", "small"]},
+                     {"bbox": [0.0, 0.0, 40.0, 30.0], "captions": ["everything"], "attributes": []}],
+         "group": "regions"},
+        {"image": images[1], "image_id": "b", "width": 32, "height": 32, "captions": ["only text"], "objects": [],
+         "group": "image_text"},
+    ]
+    retrieval = [
+        {"image": _png(images[2]), "image_id": "c", "width": 24, "height": 48, "captions": ["x", "y", "z"],
+         "group": ""},
+    ]
+    grounding = [
+        {"image": {"bytes": _png(images[0]), "path": None}, "image_id": "a", "width": 40, "height": 30,
+         "text": "the red circle", "bbox": [1.0, 2.0, 10.5, 5.0], "ref_id": 7, "group": "testA"},
+        {"image": {"bytes": _png(images[1]), "path": None}, "image_id": "b", "width": 32, "height": 32,
+         "text": "the thing", "bbox": [30.0, 30.0, 2.0, 2.0], "ref_id": 2**40, "group": "testB"},
+    ]
+    return images, {"pretrain": pretrain, "retrieval": retrieval, "grounding": grounding}
+
+
+def test_features_of_each_config():
+    assert CONFIG_NAMES == ("pretrain", "retrieval", "grounding")
+    common = {"image", "image_id", "width", "height", "group"}
+    assert set(get_features("pretrain")) == common | {"captions", "objects"}
+    assert set(get_features("retrieval")) == common | {"captions"}
+    assert set(get_features("grounding")) == common | {"text", "bbox", "ref_id"}
+    assert isinstance(get_features("grounding")["image"], datasets.Image)
+    assert get_features("grounding")["bbox"].length == 4
+    assert set(get_features("pretrain")["objects"].feature) == {"bbox", "captions", "attributes"}
+    with pytest.raises(KeyError, match="retrieval"):
+        get_features("vqa")
+
+
+def test_round_trip_through_parquet_and_load_dataset(tmp_path):
+    images, records = _records()
+    out = tmp_path / "ds"
+    with DatasetFolderWriter(out) as writer:
+        for config, rows in records.items():
+            for row in rows:
+                writer.add(config, "test", row)
+        writer.add("retrieval", "train", records["retrieval"][0])
+    assert writer.counts == {"pretrain": {"test": 2}, "retrieval": {"train": 1, "test": 1}, "grounding": {"test": 2}}
+    card = yaml.safe_load((out / "README.md").read_text().split("---")[1])
+    assert [c["config_name"] for c in card["configs"]] == ["pretrain", "retrieval", "grounding"]
+    assert card["configs"][1]["data_files"] == [
+        {"split": "train", "path": "retrieval/train-*.parquet"}, {"split": "test", "path": "retrieval/test-*.parquet"}
+    ]
+    assert (out / "grounding" / "test-00000-of-00001.parquet").is_file()
+
+    pixel_of = {"a": images[0], "b": images[1], "c": images[2]}
+    for config, rows in records.items():
+        loaded = datasets.load_dataset(str(out), config, split="test", cache_dir=str(tmp_path / "hf"))
+        check_features(loaded.features, config)
+        assert len(loaded) == len(rows)
+        for row, original in zip(loaded, rows):
+            assert isinstance(row["image"], Image.Image)
+            assert np.array_equal(np.asarray(row["image"]), np.asarray(pixel_of[original["image_id"]]))
+            expected = {k: v for k, v in original.items() if k != "image"}
+            assert {k: v for k, v in row.items() if k != "image"} == expected
+
+
+def test_many_shards_are_named_and_all_loaded(tmp_path):
+    _, records = _records()
+    out = tmp_path / "ds"
+    with DatasetFolderWriter(out, max_shard_bytes=1, row_group_size=2) as writer:
+        for i in range(7):
+            writer.add("retrieval", "train", {**records["retrieval"][0], "image_id": str(i)})
+    names = sorted(p.name for p in (out / "retrieval").iterdir())
+    assert names == [f"train-{i:05d}-of-00004.parquet" for i in range(4)]
+    loaded = datasets.load_dataset(str(out), "retrieval", split="train", cache_dir=str(tmp_path / "hf"))
+    assert loaded["image_id"] == [str(i) for i in range(7)]
+
+
+def test_writer_refuses_invalid_records_and_non_empty_folders(tmp_path):
+    _, records = _records()
+    bad = dict(records["grounding"][0], bbox=[35.0, 2.0, 10.0, 5.0])  # x + w > width
+    with pytest.raises(ValueError, match="not inside the 40x30 image"):
+        DatasetFolderWriter(tmp_path / "a").add("grounding", "train", bad)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        DatasetFolderWriter(tmp_path / "b")
+
+
+def test_validate_record_reports_value_problems():
+    _, records = _records()
+    assert all(not validate_record(r, c) for c, rows in records.items() for r in rows)
+    row = dict(records["pretrain"][0])
+    row["objects"] = [{"bbox": [0, 0, 0, 5], "captions": [], "attributes": [""]}]
+    row["captions"] = ["ok", ""]
+    problems = validate_record(row, "pretrain")
+    assert any("non-positive size" in p for p in problems)
+    assert any("objects[0].captions" in p for p in problems)
+    assert any("attributes" in p for p in problems)
+    assert any(p.startswith("captions must be") for p in problems)
+    assert validate_record({"image": None}, "grounding")[0].startswith("missing field")
+    assert clip_bbox([-5, 2, 10, 100], 40, 30) == [0.0, 2.0, 5.0, 28.0]
+    assert clip_bbox([50, 2, 10, 10], 40, 30) is None
+
+
+def test_feature_mismatches_are_listed():
+    features = get_features("grounding")
+    del features["bbox"]
+    features["ref_id"] = datasets.Value("string")
+    features["extra"] = datasets.Value("int8")  # extra columns are allowed
+    problems = feature_mismatches(features, "grounding")
+    assert len(problems) == 2
+    assert "missing column 'bbox'" in problems[0] and "length=4" in problems[0]
+    assert "'ref_id' is Value('string'), expected Value('int64')" in problems[1]
+    with pytest.raises(SchemaMismatchError, match="X-VLM 'grounding' schema"):
+        check_features(features, "grounding", where="my data")
+    assert feature_mismatches(get_features("retrieval"), "retrieval") == []
+
+
+def test_loader_reports_schema_mismatch_and_missing_config(tmp_path):
+    # A folder whose "grounding" config has boxes as a string column.
+    out = tmp_path / "bad"
+    (out / "grounding").mkdir(parents=True)
+    features = get_features("grounding")
+    features["bbox"] = datasets.Value("string")
+    datasets.Dataset.from_dict(
+        {"image": [_image(0)], "image_id": ["a"], "width": [40], "height": [30], "text": ["t"], "bbox": ["1 2 3 4"],
+         "ref_id": [1], "group": [""]}, features=features,
+    ).to_parquet(str(out / "grounding" / "test-00000-of-00001.parquet"))
+    (out / "README.md").write_text(
+        "---\nconfigs:\n- config_name: grounding\n  data_files:\n"
+        "  - split: test\n    path: grounding/test-*.parquet\n---\n"
+    )
+    with pytest.raises(SchemaMismatchError, match="column 'bbox' is Value"):
+        load_xvlm_dataset(out, "grounding", "test", cache_dir=str(tmp_path / "hf"))
+    assert len(load_xvlm_dataset(out, "grounding", "test", validate=False, cache_dir=str(tmp_path / "hf"))) == 1
+    with pytest.raises(ValueError, match="no X-VLM configuration 'retrieval'"):
+        load_xvlm_dataset(out, "retrieval", "test", cache_dir=str(tmp_path / "hf"))
+    with pytest.raises(ValueError, match="unknown X-VLM configuration"):
+        load_xvlm_dataset(out, "vqa", "test")
+
+
+def test_retrieval_pairs_expand_captions(tmp_path):
+    images, records = _records()
+    out = tmp_path / "ds"
+    with DatasetFolderWriter(out) as writer:
+        writer.add("retrieval", "train", records["retrieval"][0])
+        writer.add("retrieval", "train", {**records["retrieval"][0], "image_id": "d", "captions": ["w"]})
+    ds = load_xvlm_dataset(out, "retrieval", "train", cache_dir=str(tmp_path / "hf"))
+    pairs = retrieval_pairs(ds)
+    assert pairs["caption"] == ["x", "y", "z", "w"]
+    assert pairs["image_id"] == ["c", "c", "c", "d"]
+    assert pairs["image_index"] == [0, 0, 0, 1]
+    assert np.array_equal(np.asarray(pairs[3]["image"]), np.asarray(images[2]))
+
+
+def test_regenerating_in_place_is_not_hidden_by_the_datasets_cache(tmp_path):
+    """``load_dataset`` keys its cache on the card for card-declared configs; the card records the content sizes."""
+    _, records = _records()
+    out, cache = tmp_path / "ds", str(tmp_path / "hf")
+    with DatasetFolderWriter(out) as writer:
+        writer.add("retrieval", "test", records["retrieval"][0])
+    assert load_xvlm_dataset(out, "retrieval", "test", cache_dir=cache)["captions"] == [["x", "y", "z"]]
+    with DatasetFolderWriter(out, overwrite=True) as writer:
+        writer.add("retrieval", "test", {**records["retrieval"][0], "captions": ["another caption"]})
+    assert load_xvlm_dataset(out, "retrieval", "test", cache_dir=cache)["captions"] == [["another caption"]]

@@ -1,0 +1,223 @@
+"""Conversion of the official X-VLM JSON files (small hand-written ones) into the Hub-format layout."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import pickle
+
+import datasets
+import numpy as np
+import pytest
+from PIL import Image
+
+from modeling_xvlm.data.cli import main as xvlm_data
+from modeling_xvlm.data.loading import load_xvlm_dataset
+from modeling_xvlm.data.official import convert_official
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _image_bytes(seed: int, size: tuple[int, int], fmt: str) -> bytes:
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8), mode="RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def official(tmp_path):
+    """Hand-written official files: every format of §5, one missing image, one corrupt and one truncated image."""
+    root = tmp_path / "images"
+    (root / "coco").mkdir(parents=True)
+    files = {
+        "coco/1.jpg": _image_bytes(1, (64, 48), "JPEG"),
+        "coco/2.png": _image_bytes(2, (50, 40), "PNG"),
+        "coco/3.png": _image_bytes(3, (30, 60), "PNG"),
+    }
+    for rel, data in files.items():
+        (root / rel).write_bytes(data)
+    (root / "coco/corrupt.jpg").write_bytes(b"this is not an image")
+    (root / "coco/truncated.png").write_bytes(files["coco/2.png"][:200])
+    binary = _image_bytes(4, (20, 20), "PNG")
+    ann = tmp_path / "ann"
+    (ann / "pretrain_text").mkdir(parents=True)
+    lines = [
+        {"caption": "a dog on a couch", "image_rpath": "coco/1.jpg"},
+        {"caption": ["two cats", "some cats"], "binary": base64.b64encode(binary).decode()},
+        {"caption": "lost", "image_rpath": "coco/missing.jpg"},
+    ]
+    (ann / "pretrain_text" / "part-0.json").write_text("\n".join(json.dumps(x) for x in lines) + "\n{not json\n")
+    corrupt = {"caption": "bad", "image_rpath": "coco/corrupt.jpg"}
+    (ann / "pretrain_text" / "part-1.json").write_text(json.dumps(corrupt))
+    regions = [
+        {"image_rpath": "coco/2.png", "caption": "a kitchen",
+         "elems": [{"caption": "cup", "bb": [1, 2, 10, 12], "attributes": ["white", "small"]},
+                   {"caption": ["table", "wooden table"], "bb": [40, 30, 20, 20]},  # clipped to 10 x 10
+                   {"caption": "nothing", "bb": [60, 0, 5, 5]}]},  # outside: dropped
+        {"image_rpath": "coco/3.png", "elems": [{"caption": "person", "bb": [0, 0, 30, 60], "attributes": "tall"}]},
+    ]
+    (ann / "regions.json").write_text("\n".join(json.dumps(x) for x in regions))
+    (ann / "coco_train.json").write_text(json.dumps([
+        {"image": "coco/1.jpg", "caption": "first caption", "image_id": 101},
+        {"image": "coco/2.png", "caption": "other image", "image_id": 102},
+        {"image": "coco/1.jpg", "caption": "second caption", "image_id": 101},
+        {"image": "coco/missing.jpg", "caption": "gone", "image_id": 103},
+    ]))
+    (ann / "coco_test.json").write_text(json.dumps([
+        {"image": "coco/3.png", "caption": ["a", "b", "c"]},
+        {"image": "coco/truncated.png", "caption": ["d"]},
+        {"image": "coco/1.jpg", "caption": ["e", "f"]},
+    ]))
+    (ann / "refcoco+_train.json").write_text(json.dumps([
+        {"image": "coco/1.jpg", "text": "left dog", "ref_id": 5},
+        {"image": "coco/1.jpg", "text": "right dog", "ref_id": 6},
+        {"image": "coco/2.png", "text": "no box known", "ref_id": 99},
+    ]))
+    (ann / "refcoco+_test.json").write_text(json.dumps([
+        {"image": "coco/2.png", "text": "the cup", "ref_id": 7},
+        {"image": "coco/missing.jpg", "text": "ghost", "ref_id": 8},
+    ]))
+    refs = [{"ref_id": 5, "ann_id": 50, "image_id": 1, "split": "train"},
+            {"ref_id": 6, "ann_id": 60, "image_id": 1, "split": "train"},
+            {"ref_id": 7, "ann_id": 70, "image_id": 2, "split": "testA"},
+            {"ref_id": 8, "ann_id": 80, "image_id": 9, "split": "testB"}]
+    (ann / "refs(unc).p").write_bytes(pickle.dumps(refs))
+    (ann / "instances.json").write_text(json.dumps({
+        "images": [{"id": 1, "width": 64, "height": 48}, {"id": 2, "width": 50, "height": 40}],
+        "annotations": [{"id": 50, "bbox": [0.5, 1.5, 20.25, 30.0]}, {"id": 60, "bbox": [30, 10, 30, 30]},
+                        {"id": 70, "bbox": [5, 5, 10, 10]}, {"id": 80, "bbox": [1, 1, 2, 2]}],
+    }))
+    return {"root": root, "ann": ann, "files": files, "binary": binary}
+
+
+def _convert(official, out, **kwargs):
+    ann = official["ann"]
+    return convert_official(
+        out, official["root"],
+        pretrain_text=[ann / "pretrain_text"], pretrain_regions=[ann / "regions.json"],
+        retrieval={"train": ann / "coco_train.json", "test": ann / "coco_test.json"},
+        grounding={"train": ann / "refcoco+_train.json", "test": ann / "refcoco+_test.json"},
+        refcoco_refs=ann / "refs(unc).p", refcoco_instances=ann / "instances.json", **kwargs,
+    )
+
+
+def _rows(out, config, split, tmp_path):
+    return list(load_xvlm_dataset(out, config, split, cache_dir=str(tmp_path / "hf")))
+
+
+def test_conversion_rows_equal_the_inputs(official, tmp_path):
+    out = tmp_path / "out"
+    summary = _convert(official, out)
+    files = official["files"]
+
+    def same_image(row, data):
+        expected = Image.open(io.BytesIO(data)).convert("RGB")
+        return np.array_equal(np.asarray(row["image"].convert("RGB")), np.asarray(expected))
+
+    pretrain = _rows(out, "pretrain", "train", tmp_path)
+    assert [(r["image_id"], r["captions"], r["group"]) for r in pretrain] == [
+        ("coco/1.jpg", ["a dog on a couch"], "image_text"),
+        ("part-0.json:2", ["two cats", "some cats"], "image_text"),
+        ("coco/2.png", ["a kitchen"], "regions"),
+        ("coco/3.png", [], "regions"),
+    ]
+    assert same_image(pretrain[0], files["coco/1.jpg"]) and same_image(pretrain[1], official["binary"])
+    assert (pretrain[0]["width"], pretrain[0]["height"]) == (64, 48)
+    assert pretrain[0]["objects"] == []
+    assert pretrain[2]["objects"] == [
+        {"bbox": [1.0, 2.0, 10.0, 12.0], "captions": ["cup"], "attributes": ["white", "small"]},
+        {"bbox": [40.0, 30.0, 10.0, 10.0], "captions": ["table", "wooden table"], "attributes": []},
+    ]
+    assert pretrain[3]["objects"] == [{"bbox": [0.0, 0.0, 30.0, 60.0], "captions": ["person"], "attributes": ["tall"]}]
+
+    retrieval_train = _rows(out, "retrieval", "train", tmp_path)
+    assert [(r["image_id"], r["captions"]) for r in retrieval_train] == [
+        ("101", ["first caption", "second caption"]), ("102", ["other image"])
+    ]
+    assert same_image(retrieval_train[1], files["coco/2.png"])
+    retrieval_test = _rows(out, "retrieval", "test", tmp_path)
+    assert [(r["image_id"], r["captions"]) for r in retrieval_test] == [("coco/3.png", ["a", "b", "c"]),
+                                                                       ("coco/1.jpg", ["e", "f"])]
+
+    grounding_train = _rows(out, "grounding", "train", tmp_path)
+    assert [(r["text"], r["bbox"], r["ref_id"], r["group"]) for r in grounding_train] == [
+        ("left dog", [0.5, 1.5, 20.25, 30.0], 5, "train"), ("right dog", [30.0, 10.0, 30.0, 30.0], 6, "train")
+    ]
+    grounding_test = _rows(out, "grounding", "test", tmp_path)
+    assert [(r["text"], r["bbox"], r["ref_id"], r["group"], r["image_id"]) for r in grounding_test] == [
+        ("the cup", [5.0, 5.0, 10.0, 10.0], 7, "testA", "coco/2.png")
+    ]
+    assert same_image(grounding_test[0], files["coco/2.png"])
+
+    # The summary counts what was skipped and why.
+    report = json.loads((out / "conversion_summary.json").read_text())
+    assert report["written"] == {"pretrain": {"train": 4}, "retrieval": {"train": 2, "test": 2},
+                                 "grounding": {"train": 2, "test": 1}}
+    assert report["missing_images"] == 1 and report["missing_image_examples"] == ["coco/missing.jpg"]
+    assert report["corrupt_images"] == 2
+    assert report["skip_reasons"] == {"missing_image": 3, "corrupt_image": 2, "invalid_record": 1, "no_bbox": 1}
+    assert report["skipped"] == {"pretrain": {"train": 3}, "retrieval": {"train": 1, "test": 1},
+                                 "grounding": {"train": 1, "test": 1}}
+    assert (report["boxes_clipped"], report["boxes_dropped"]) == (1, 1)
+    assert summary.num_written == 11 and summary.num_skipped == 7
+    assert "missing images: 1; corrupt images: 2" in summary.format()
+    assert datasets.get_dataset_config_names(str(out)) == ["pretrain", "retrieval", "grounding"]
+
+
+def test_grounding_records_with_their_own_boxes_and_no_refs(official, tmp_path):
+    ann = official["ann"]
+    (ann / "vlue.json").write_text(json.dumps([
+        {"image": "coco/3.png", "text": "the person", "ref_id": 1, "bbox": [2, 3, 4, 5], "height": 60, "width": 30},
+        {"image": "coco/3.png", "text": "no box", "ref_id": 2},
+    ]))
+    summary = convert_official(tmp_path / "out", official["root"], grounding={"val": ann / "vlue.json"})
+    rows = _rows(tmp_path / "out", "grounding", "validation", tmp_path)
+    assert [(r["text"], r["bbox"]) for r in rows] == [("the person", [2.0, 3.0, 4.0, 5.0])]
+    assert summary.reasons == {"no_bbox": 1}
+
+
+def test_cli_convert_official(official, tmp_path, capsys):
+    ann, out = official["ann"], tmp_path / "cli"
+    status = xvlm_data([
+        "convert-official", "--out", str(out), "--image-root", str(official["root"]),
+        "--retrieval-train", str(ann / "coco_train.json"), "--retrieval-test", str(ann / "coco_test.json"),
+        "--grounding-test", str(ann / "refcoco+_test.json"),
+        "--refcoco-refs", str(ann / "refs(unc).p"), "--refcoco-instances", str(ann / "instances.json"),
+    ])
+    printed = capsys.readouterr().out
+    assert status == 0
+    assert "retrieval/train: 2 rows written, 1 skipped" in printed
+    assert "missing: coco/missing.jpg" in printed
+    assert len(_rows(out, "retrieval", "test", tmp_path)) == 2
+    # Errors are reported, not raised.
+    assert xvlm_data(["convert-official", "--out", str(tmp_path / "x"), "--image-root", "."]) == 2
+    assert "nothing to convert" in capsys.readouterr().err
+    assert xvlm_data(["convert-official", "--out", str(tmp_path / "y"), "--image-root", ".",
+                      "--retrieval-test", str(ann / "nope.json")]) == 2
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_refs_pickle_with_code_is_refused_and_not_executed(tmp_path):
+    from modeling_xvlm.data.official import load_refcoco_boxes
+
+    marker = tmp_path / "pwned"
+    refs = tmp_path / "refs(unc).p"
+    refs.write_bytes(pickle.dumps([_Exploit(str(marker))]))
+    (tmp_path / "instances.json").write_text('{"annotations": []}')
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
+        load_refcoco_boxes(refs, tmp_path / "instances.json")
+    assert not marker.exists()

@@ -1,0 +1,295 @@
+"""The synthetic-shapes generator: determinism, splits, geometry, language, tokenizer and the written layout."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+
+from modeling_xvlm.data.cli import main as xvlm_data
+from modeling_xvlm.data.loading import load_xvlm_dataset
+from modeling_xvlm.data.synthetic import (
+    COLOURS,
+    GENERATOR_VERSION,
+    SHAPES,
+    SIZES,
+    SyntheticConfig,
+    generate_split,
+    scene_records,
+    synthetic_tokenizer,
+    synthetic_vocabulary,
+    write_synthetic_dataset,
+)
+
+SMALL = SyntheticConfig(seed=3, num_train=120, num_validation=40, num_test=110)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synthetic")
+    write_synthetic_dataset(out, SMALL)
+    return out
+
+
+def _load(path: Path, config: str, split: str, tmp_path: Path) -> datasets.Dataset:
+    return datasets.load_dataset(str(path), config, split=split, cache_dir=str(tmp_path / "hf"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Determinism
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_same_seed_gives_identical_files(tmp_path):
+    config = dataclasses.replace(SMALL, num_train=30, num_validation=10, num_test=10)
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    write_synthetic_dataset(a, config)
+    write_synthetic_dataset(b, config)
+    write_synthetic_dataset(c, dataclasses.replace(config, seed=config.seed + 1))
+    files = sorted(p.relative_to(a) for p in a.rglob("*.parquet")) + [Path("README.md")]
+    assert len(files) == 10  # 3 configs x 3 splits + card
+    for rel in files:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    assert (a / "retrieval/train-00000-of-00001.parquet").read_bytes() != (
+        c / "retrieval/train-00000-of-00001.parquet"
+    ).read_bytes()
+
+
+def test_split_does_not_depend_on_other_split_sizes():
+    small = [s.captions for s in generate_split(dataclasses.replace(SMALL, num_train=5), "test")]
+    large = [s.captions for s in generate_split(dataclasses.replace(SMALL, num_train=500), "test")]
+    assert small == large
+    first = next(iter(generate_split(SMALL, "validation")))
+    again = next(iter(generate_split(SMALL, "validation")))
+    assert scene_records(first)["retrieval"]["image"]["bytes"] == scene_records(again)["retrieval"]["image"]["bytes"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Splits and held-out combinations
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_heldout_combinations_only_in_test():
+    heldout = set(SMALL.heldout_combos)
+    for split in ("train", "validation"):
+        for scene in generate_split(SMALL, split):
+            assert not {(o.colour, o.shape) for o in scene.objects} & heldout
+            assert not scene.has_heldout
+    test = list(generate_split(SMALL, "test"))
+    with_heldout = [s for s in test if s.has_heldout]
+    # 25 % by default: a binomial(110, 0.25) draw, far from 0 and from all.
+    assert 10 <= len(with_heldout) <= 50
+    assert all({(o.colour, o.shape) for o in s.objects} & heldout for s in with_heldout)
+
+
+def test_validation_and_test_galleries_have_distinct_captions():
+    for split in ("validation", "test"):
+        scenes = list(generate_split(SMALL, split))
+        keys = [tuple(sorted((o.colour, o.shape) for o in s.objects)) for s in scenes]
+        assert len(set(keys)) == len(keys)
+        captions = [c for s in scenes for c in s.captions]
+        assert len(set(captions)) == len(captions)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Geometry and language
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _overlap(a, b) -> bool:
+    return not (a[0] + a[2] <= b[0] or b[0] + b[2] <= a[0] or a[1] + a[3] <= b[1] or b[1] + b[3] <= a[1])
+
+
+def test_objects_inside_images_and_drawn_where_the_box_says():
+    sizes = set()
+    for scene in generate_split(SMALL, "train"):
+        assert 1 <= len(scene.objects) <= 4
+        assert scene.width in SMALL.image_sizes and scene.height in SMALL.image_sizes
+        pixels = np.asarray(scene.render(), dtype=np.int16)
+        assert pixels.shape == (scene.height, scene.width, 3)
+        for i, o in enumerate(scene.objects):
+            x, y, w, h = o.bbox
+            assert 0 <= x and 0 <= y and x + w <= scene.width and y + h <= scene.height
+            lo, hi = SIZES[o.size]
+            assert lo * min(scene.width, scene.height) - 1 <= w <= hi * min(scene.width, scene.height) + 1
+            for other in scene.objects[i + 1:]:
+                assert not _overlap(o.bbox, other.bbox)
+            # The centre pixel has the shape's colour (up to the colour jitter).
+            centre = pixels[int(y + h / 2), int(x + w / 2)]
+            assert np.abs(centre - np.array(COLOURS[o.colour])).max() <= 12
+            sizes.add((scene.width, scene.height))
+    assert any(w != h for w, h in sizes) and any(w == h for w, h in sizes)
+
+
+_NOUN = r"(?:(small|large) )?(?:(" + "|".join(COLOURS) + r") )?(" + "|".join(SHAPES) + r"|shape)"
+
+
+def _matches(obj: dict, size: str | None, colour: str | None, shape: str) -> bool:
+    return ((size is None or obj["size"] == size) and (colour is None or obj["colour"] == colour)
+            and (shape == "shape" or obj["shape"] == shape))
+
+
+def _rel(a: dict, b: dict, rel: str) -> bool:
+    ax, ay, aw, ah = a["bbox"]
+    bx, by, bw, bh = b["bbox"]
+    return {"left": ax + aw <= bx, "right": ax >= bx + bw, "above": ay + ah <= by, "below": ay >= by + bh}[rel]
+
+
+_SIDE = {"on the left": "left", "on the right": "right", "at the top": "above", "at the bottom": "below"}
+_REL = {"to the left of": "left", "to the right of": "right", "above": "above", "below": "below"}
+_EXTREME = {"leftmost": "left", "rightmost": "right", "highest": "above", "lowest": "below"}
+
+
+def _referents(text: str, objects: list[dict]) -> set[int]:
+    """An interpreter of the expression grammar, written independently of the generator."""
+    idx = range(len(objects))
+    if m := re.fullmatch(r"the (leftmost|rightmost|highest|lowest) shape", text):
+        side = _EXTREME[m[1]]
+        return {i for i in idx if all(_rel(objects[i], objects[j], side) for j in idx if j != i)}
+    if m := re.fullmatch(f"the {_NOUN} ({'|'.join(_SIDE)})", text):
+        group = [i for i in idx if _matches(objects[i], m[1], m[2], m[3])]
+        side = _SIDE[m[4]]
+        return {i for i in group if all(_rel(objects[i], objects[j], side) for j in group if j != i)}
+    if m := re.fullmatch(f"the {_NOUN} ({'|'.join(_REL)}) the {_NOUN}", text):
+        refs = {j for j in idx if _matches(objects[j], m[5], m[6], m[7])}
+        assert len(refs) == 1, f"the reference object of {text!r} is not unique"
+        return {i for i in idx if _matches(objects[i], m[1], m[2], m[3]) and i not in refs
+                and _rel(objects[i], objects[next(iter(refs))], _REL[m[4]])}
+    if m := re.fullmatch(f"the {_NOUN}", text):
+        return {i for i in idx if _matches(objects[i], m[1], m[2], m[3])}
+    raise AssertionError(f"expression outside the grammar: {text!r}")
+
+
+def test_every_referring_expression_has_a_unique_referent(written, tmp_path):
+    for split in ("train", "test"):
+        pretrain = _load(written, "pretrain", split, tmp_path).remove_columns("image")
+        scenes = {}
+        for row in pretrain:
+            objects = []
+            for obj in row["objects"]:
+                colour, shape = obj["captions"][0].split()
+                objects.append({"bbox": obj["bbox"], "colour": colour, "shape": shape, "size": obj["attributes"][0]})
+            scenes[row["image_id"]] = objects
+        grounding = _load(written, "grounding", split, tmp_path).remove_columns("image")
+        kinds = defaultdict(int)
+        per_image = defaultdict(set)
+        for row in grounding:
+            objects = scenes[row["image_id"]]
+            referents = _referents(row["text"], objects)
+            assert len(referents) == 1, (row["text"], objects)
+            assert objects[referents.pop()]["bbox"] == row["bbox"]
+            kinds[row["text"].split()[-1] if "of" not in row["text"] else "rel"] += 1
+            per_image[row["image_id"]].add(tuple(row["bbox"]))
+        # Every object of every image is the referent of some expression.
+        assert all(len(per_image[k]) == len(v) for k, v in scenes.items())
+        assert len(kinds) >= 5  # several templates are in use
+
+
+def test_captions_name_every_object_with_a_relation():
+    for scene in generate_split(SMALL, "validation"):
+        assert len(scene.captions) == 3
+        for caption in scene.captions:
+            assert re.fullmatch(r"[a-z]+( [a-z]+)*", caption)
+            assert len(caption.split()) <= 30  # the official pre_caption keeps 30 words
+            for o in scene.objects:
+                assert o.describe() in caption
+        if len(scene.objects) >= 2:
+            assert re.search(r" (to the left of|to the right of|above|below) ", scene.captions[0])
+            assert scene.captions[1].startswith("from left to right")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Vocabulary and tokenizer
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_tokenizer_covers_every_generated_word():
+    tokenizer = synthetic_tokenizer()
+    vocab = synthetic_vocabulary()
+    assert vocab[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert len(vocab) == len(set(vocab))
+    assert (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id,
+            tokenizer.mask_token_id) == (0, 1, 2, 3, 4)
+    assert len(tokenizer) == len(vocab)
+    texts = []
+    for split in ("train", "test"):
+        for scene in generate_split(SMALL, split):
+            rows = scene_records(scene)
+            texts += rows["retrieval"]["captions"] + [r["text"] for r in rows["grounding"]]
+            texts += [c for o in rows["pretrain"]["objects"] for c in o["captions"] + o["attributes"]]
+    words = {w for t in texts for w in t.split()}
+    assert words <= set(vocab)
+    ids = tokenizer(texts)["input_ids"]
+    assert all(tokenizer.unk_token_id not in seq for seq in ids)
+    assert ids[0][0] == 2 and ids[0][-1] == 3
+    assert tokenizer.decode(ids[0], skip_special_tokens=True) == texts[0]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Written layout, CLI and default loading
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_written_dataset_loads_with_every_config_and_split(written, tmp_path):
+    assert datasets.get_dataset_config_names(str(written)) == ["pretrain", "retrieval", "grounding"]
+    for config in ("pretrain", "retrieval", "grounding"):
+        for split, n in (("train", 120), ("validation", 40), ("test", 110)):
+            ds = load_xvlm_dataset(written, config, split, cache_dir=str(tmp_path / "hf"))
+            if config != "grounding":
+                assert len(ds) == n
+            row = ds[0]
+            assert row["image"].mode == "RGB" and row["image"].size == (row["width"], row["height"])
+    test = _load(written, "retrieval", "test", tmp_path)
+    assert set(test["group"]) == {"seen", "heldout"}
+    assert set(_load(written, "retrieval", "train", tmp_path)["group"]) == {"seen"}
+    # The images of the three configs are the same scenes.
+    first = _load(written, "pretrain", "test", tmp_path)[0]
+    assert np.array_equal(np.asarray(first["image"]), np.asarray(test[0]["image"]))
+
+
+def test_cli_synthetic(tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["synthetic", "--out", str(out), "--seed", "5", "--num-train", "12", "--num-val", "4", "--num-test", "6"]
+    assert xvlm_data(args) == 0
+    assert '"retrieval"' in capsys.readouterr().out
+    assert len(_load(out, "retrieval", "test", tmp_path)) == 6
+    assert xvlm_data(args) == 2  # refuses to overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    assert xvlm_data(args + ["--overwrite"]) == 0
+
+
+def test_default_dataset_is_generated_once_in_the_cache(tmp_path):
+    config = SyntheticConfig(num_train=8, num_validation=4, num_test=4)
+    ds = load_xvlm_dataset(None, "grounding", "test", synthetic_config=config, cache_root=tmp_path / "cache",
+                           cache_dir=str(tmp_path / "hf"))
+    assert len(ds) >= 4
+    folder = next((tmp_path / "cache" / "synthetic").iterdir())
+    assert folder.name == config.cache_key() and config.cache_key().startswith(f"v{GENERATOR_VERSION}-seed0")
+    stamp = (folder / "xvlm_dataset_info.json").stat().st_mtime_ns
+    load_xvlm_dataset(None, "retrieval", "train", synthetic_config=config, cache_root=tmp_path / "cache",
+                      cache_dir=str(tmp_path / "hf"))
+    assert (folder / "xvlm_dataset_info.json").stat().st_mtime_ns == stamp
+    assert [p.name for p in (tmp_path / "cache" / "synthetic").iterdir()] == [folder.name]
+
+
+def test_generation_is_fast():
+    import time
+
+    start = time.perf_counter()
+    scenes = list(generate_split(SyntheticConfig(num_train=300), "train"))
+    for scene in scenes:
+        scene_records(scene)
+    elapsed = time.perf_counter() - start
+    assert len(scenes) == 300
+    assert elapsed < 6.0, f"{elapsed:.2f} s for 300 scenes"
