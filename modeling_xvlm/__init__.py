@@ -30,6 +30,7 @@ AutoModel.register(XVLMTextConfig, XVLMTextModel, exist_ok=True)
 # matching Auto class (`AutoModelForZeroShotObjectDetection` expects per-query detection outputs); load it directly.
 AutoModelForZeroShotImageClassification.register(XVLMConfig, XVLMForRetrieval, exist_ok=True)
 AutoModelForPreTraining.register(XVLMConfig, XVLMForPretraining, exist_ok=True)
+from .hub import create_model_card  # noqa: E402  (remote-code auto_map registration, pipelines, model cards)
 
 __version__ = "0.1.0"
 

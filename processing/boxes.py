@@ -19,8 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..box_ops import BOX_FORMATS, box_convert
-
 __all__ = [
     "as_box_tensor",
     "validate_and_clip_box",
@@ -32,6 +30,37 @@ __all__ = [
     "whole_image_region_masks",
     "grid_shape",
 ]
+
+
+# Box format conversion. The same arithmetic as `modeling_xvlm.box_ops.box_convert`, kept here so that this module
+# and the image processor only import sibling modules and can be copied flat next to a checkpoint as remote code
+# (transformers copies `from .x import` siblings only, not `from ..box_ops`; see docs/hub.md).
+BOX_FORMATS: tuple[str, ...] = ("xywh", "xyxy", "cxcywh")
+
+
+def box_convert(boxes: torch.Tensor, in_fmt: str, out_fmt: str) -> torch.Tensor:
+    """Convert ``(..., 4)`` boxes between ``"xywh"``, ``"xyxy"`` and ``"cxcywh"`` (as ``modeling_xvlm.box_ops``)."""
+    for fmt, name in ((in_fmt, "in_fmt"), (out_fmt, "out_fmt")):
+        if fmt not in BOX_FORMATS:
+            raise ValueError(f"`{name}` must be one of {BOX_FORMATS}, got {fmt!r}.")
+    if boxes.shape[-1] != 4:
+        raise ValueError(f"`boxes` must have a last dimension of size 4, got shape {tuple(boxes.shape)}.")
+    if in_fmt == out_fmt:
+        return boxes
+    a, b, c, d = boxes.unbind(-1)
+    if in_fmt == "xywh" and out_fmt == "cxcywh":
+        return torch.stack((a + c / 2, b + d / 2, c, d), dim=-1)
+    if in_fmt == "cxcywh" and out_fmt == "xywh":
+        return torch.stack((a - c / 2, b - d / 2, c, d), dim=-1)
+    if in_fmt == "xywh":
+        a, b, c, d = a, b, a + c, b + d
+    elif in_fmt == "cxcywh":
+        a, b, c, d = a - 0.5 * c, b - 0.5 * d, a + 0.5 * c, b + 0.5 * d
+    if out_fmt == "xyxy":
+        return torch.stack((a, b, c, d), dim=-1)
+    if out_fmt == "xywh":
+        return torch.stack((a, b, c - a, d - b), dim=-1)
+    return torch.stack(((a + c) / 2, (b + d) / 2, c - a, d - b), dim=-1)
 
 
 def _hw(size: int | Sequence[int]) -> tuple[int, int]:

@@ -31,8 +31,8 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImage
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import is_torchvision_available
 
-from ..box_ops import box_convert
 from .boxes import (
+    box_convert,
     grid_shape,
     normalize_boxes,
     region_masks_from_boxes,

@@ -1,0 +1,555 @@
+"""transformers pipelines for X-VLM: zero-shot image classification, image-text retrieval and visual grounding.
+
+Importing `modeling_xvlm` registers them with `transformers.pipelines.PIPELINE_REGISTRY`:
+
+- ``"zero-shot-image-classification"``: :class:`XVLMZeroShotImageClassificationPipeline`, with `XVLMModel` or
+  `XVLMForRetrieval` (which can re-rank the labels with its ITM head);
+- ``"image-text-retrieval"``: :class:`XVLMImageTextRetrievalPipeline`, with `XVLMModel` or `XVLMForRetrieval`;
+- ``"visual-grounding"``: :class:`XVLMVisualGroundingPipeline`, with `XVLMForGrounding`.
+
+The zero-shot class subclasses transformers' `ZeroShotImageClassificationPipeline` and hands every non-X-VLM model
+(CLIP, SigLIP, ...) to it unchanged; for X-VLM it tokenises like the official code (`[CLS] tokens`, no [SEP],
+`pre_caption` cleaning, through `XVLMProcessor`) and can re-rank the best labels with the ITM head.
+
+All three batch with the standard `batch_size=` argument. This module imports only torch, numpy, PIL and transformers, so
+`pipe.save_pretrained(folder)` / `pipe.push_to_hub(repo)` can ship it as remote code (`custom_pipelines`).
+"""
+
+from __future__ import annotations
+
+import logging as _std_logging
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from transformers import (
+    AutoModel,
+    AutoModelForZeroShotImageClassification,
+    Pipeline,
+)
+from transformers.image_transforms import to_pil_image
+from transformers.image_utils import load_image
+from transformers.pipelines import PIPELINE_REGISTRY
+from transformers.pipelines.zero_shot_image_classification import ZeroShotImageClassificationPipeline
+
+__all__ = [
+    "XVLMImageTextRetrievalPipeline",
+    "XVLMVisualGroundingPipeline",
+    "XVLMZeroShotImageClassificationPipeline",
+    "register_pipelines",
+]
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers shared by the pipelines
+# ----------------------------------------------------------------------------------------------------------------
+
+
+_MAX_TEXT_TOKENS = 40  # XVLMProcessor's default max_length ([CLS] included), the official retrieval value
+
+
+def _is_xvlm(model: Any) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) == "xvlm"
+
+
+def _unwrap(value: Any) -> Any:
+    """Per-item payloads travel as one-element lists; batching nests them one level deeper. Return the items."""
+    items: list[Any] = []
+    for element in value:
+        if isinstance(element, list):
+            items.extend(_unwrap(element))
+        else:
+            items.append(element)
+    return items
+
+
+def _single(value: Any) -> Any:
+    """An output field of one item: unbatched outputs keep the one-element list, batched ones are unbatched."""
+    return value[0] if isinstance(value, list) else value
+
+
+def _is_xvlm_processor(processor: Any) -> bool:
+    return processor is not None and type(processor).__name__ == "XVLMProcessor"
+
+
+class _XVLMInputsMixin:
+    """Text and image encoding through the X-VLM processor (with a tokenizer-only fallback)."""
+
+    def _setup_processor(self) -> None:
+        if _is_xvlm_processor(self.processor):
+            self.tokenizer = self.tokenizer or self.processor.tokenizer
+            self.image_processor = self.image_processor or self.processor.image_processor
+            return
+        if self.tokenizer is not None and self.image_processor is not None:
+            try:  # available when the modeling_xvlm package is installed
+                from modeling_xvlm.processing import XVLMProcessor
+
+                self.processor = XVLMProcessor(image_processor=self.image_processor, tokenizer=self.tokenizer)
+            except ImportError:
+                self.processor = None
+        if self.tokenizer is None:
+            raise ValueError(f"{type(self).__name__} needs a tokenizer or an XVLMProcessor (processor=...).")
+        if self.image_processor is None:
+            raise ValueError(f"{type(self).__name__} needs an image processor or an XVLMProcessor (processor=...).")
+
+    def save_pretrained(self, save_directory, **kwargs: Any) -> None:
+        """Save model, tokenizer, image processor, the `XVLMProcessor` and (as remote code) the pipeline class."""
+        super().save_pretrained(save_directory, **kwargs)
+        if _is_xvlm_processor(self.processor):
+            self.processor.save_pretrained(save_directory, **kwargs)
+
+    def _encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(input_ids, attention_mask)` `(N, L)`: X-VLM's `[CLS] tokens` (no [SEP]), padded."""
+        if _is_xvlm_processor(self.processor):
+            encoded = self.processor(text=list(texts), return_tensors="pt")
+            return encoded["input_ids"], encoded["attention_mask"]
+        tokenizer = self.tokenizer
+        body = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        rows = [[tokenizer.cls_token_id, *ids[: _MAX_TEXT_TOKENS - 1]] for ids in body]
+        length = max(len(r) for r in rows)
+        pad = tokenizer.pad_token_id or 0
+        input_ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows], dtype=torch.long)
+        attention_mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows], dtype=torch.long)
+        return input_ids, attention_mask
+
+    def _encode_images(self, images: list[Any], timeout: float | None = None) -> tuple[torch.Tensor, list[Any]]:
+        """`pixel_values` `(N, 3, H, W)` in the model dtype, and the images as PIL (paths and URLs are loaded,
+        arrays and tensors converted)."""
+        loaded = [_to_pil(image, timeout) for image in images]
+        pixel_values = self.image_processor(images=loaded, return_tensors="pt")["pixel_values"]
+        return pixel_values.to(self.model.dtype), loaded
+
+
+def _to_pil(image: Any, timeout: float | None = None) -> Image.Image:
+    if isinstance(image, (str, Image.Image)):
+        return load_image(image, timeout=timeout)
+    if isinstance(image, (np.ndarray, torch.Tensor)):
+        return to_pil_image(image).convert("RGB")
+    raise ValueError(f"Unsupported image type {type(image).__name__}: use a PIL image, a path, a URL or an array.")
+
+
+def _pad_cat(tensors: list[torch.Tensor], value: int = 0) -> torch.Tensor:
+    """Concatenate `(n_i, L_i)` tensors along rows, right-padding to the longest `L`."""
+    length = max(t.shape[1] for t in tensors)
+    return torch.cat([torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value) for t in tensors])
+
+
+def _base(model: Any) -> Any:
+    base = model.base_model
+    if getattr(base, "vision_proj", None) is None:
+        raise ValueError(
+            f"{type(model).__name__} has no image-text contrastive projections: use XVLMModel or XVLMForRetrieval."
+        )
+    return base
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Zero-shot image classification
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class XVLMZeroShotImageClassificationPipeline(_XVLMInputsMixin, ZeroShotImageClassificationPipeline):
+    """`pipeline("zero-shot-image-classification")` for X-VLM (any other model falls through to transformers).
+
+    `classifier(image, candidate_labels=[...])` scores `hypothesis_template.format(label)` for every label by the
+    ITC similarity (softmax of `logits_per_image`, as CLIP). With `rerank=True` (needs `XVLMForRetrieval`) the
+    `rerank_top_k` best labels (default: all) are re-scored by the ITM head and ranked by the raw ITM "match" logit,
+    as the official retrieval evaluation does; their `score` is then the softmax of those logits and the
+    remaining labels follow with `score` 0.
+
+    Returns, per image, a list of `{"score", "label"}` sorted by score (with `rerank`, also `"itc_score"` and
+    `"itm_score"`).
+    """
+
+    # Optional components (None = load when possible): an X-VLM checkpoint brings an XVLMProcessor, CLIP & co. a
+    # tokenizer and an image processor; a model object needs `processor=` or `tokenizer=` + `image_processor=`.
+    _load_processor = None
+    _load_image_processor = None
+    _load_tokenizer = None
+
+    def __init__(self, **kwargs: Any):
+        if _is_xvlm(kwargs.get("model")):
+            Pipeline.__init__(self, **kwargs)
+            self._setup_processor()
+        else:
+            super().__init__(**kwargs)
+
+    def save_pretrained(self, save_directory, **kwargs: Any) -> None:
+        if _is_xvlm(self.model):
+            return super().save_pretrained(save_directory, **kwargs)
+        # Other models: save exactly what transformers' own pipeline saves (no custom-pipeline entry or code).
+        cls = XVLMZeroShotImageClassificationPipeline
+        registered = cls.__dict__.get("_registered_impl")
+        if registered is not None:
+            del cls._registered_impl
+        try:
+            Pipeline.save_pretrained(self, save_directory, **kwargs)
+        finally:
+            if registered is not None:
+                cls._registered_impl = registered
+
+    def _sanitize_parameters(self, tokenizer_kwargs=None, **kwargs):
+        if not _is_xvlm(self.model):
+            if tokenizer_kwargs is not None:
+                kwargs["tokenizer_kwargs"] = tokenizer_kwargs
+            return super()._sanitize_parameters(**kwargs)
+        preprocess_keys = ("candidate_labels", "hypothesis_template", "timeout")
+        preprocess_params = {k: kwargs[k] for k in preprocess_keys if k in kwargs}
+        forward_params = {k: kwargs[k] for k in ("rerank", "rerank_top_k") if k in kwargs}
+        return preprocess_params, forward_params, {}
+
+    def preprocess(self, image, candidate_labels=None, hypothesis_template="This is a photo of {}.", timeout=None,
+                   tokenizer_kwargs=None):
+        if not _is_xvlm(self.model):
+            return super().preprocess(image, candidate_labels, hypothesis_template, timeout, tokenizer_kwargs)
+        if not candidate_labels:
+            raise ValueError("candidate_labels must be a non-empty list of labels.")
+        candidate_labels = list(candidate_labels)
+        pixel_values, _ = self._encode_images([image], timeout)
+        input_ids, attention_mask = self._encode_texts([hypothesis_template.format(x) for x in candidate_labels])
+        meta = {"labels": candidate_labels, "input_ids": input_ids, "attention_mask": attention_mask}
+        return {"pixel_values": pixel_values, "meta": [meta]}
+
+    def _forward(self, model_inputs, rerank: bool = False, rerank_top_k: int | None = None):
+        if not _is_xvlm(self.model):
+            return super()._forward(model_inputs)
+        metas = _unwrap(model_inputs["meta"])
+        base = _base(self.model)
+        image = base.get_image_features(model_inputs["pixel_values"])
+        # Every label text of the batch goes through the text encoder once.
+        input_ids = _pad_cat([m["input_ids"] for m in metas], value=self.tokenizer.pad_token_id or 0)
+        attention_mask = _pad_cat([m["attention_mask"] for m in metas], value=0)
+        text = base.get_text_features(input_ids, attention_mask)
+        if rerank and not hasattr(self.model, "itm_scores"):
+            raise ValueError(f"rerank=True needs an ITM head (XVLMForRetrieval), got {type(self.model).__name__}.")
+        items, start = [], 0
+        for b, meta in enumerate(metas):
+            rows = slice(start, start + len(meta["labels"]))
+            start = rows.stop
+            logits = image.pooler_output[b] @ text.pooler_output[rows].t() / base.temp
+            item = {"labels": meta["labels"], "logits": logits, "itm_index": None, "itm_logits": None}
+            if rerank:
+                k = len(meta["labels"]) if rerank_top_k is None else max(1, min(int(rerank_top_k), logits.numel()))
+                top = logits.topk(k).indices
+                item["itm_index"] = top
+                item["itm_logits"] = self.model.itm_scores(
+                    image_embeds=image.last_hidden_state[b : b + 1],
+                    text_embeds=text.last_hidden_state[rows][top],
+                    attention_mask=attention_mask[rows][top],
+                    image_index=torch.zeros(k, dtype=torch.long, device=logits.device),
+                )
+            items.append(item)
+        return {"items": items}
+
+    def postprocess(self, model_outputs):
+        if not _is_xvlm(self.model):
+            return super().postprocess(model_outputs)
+        item = _single(model_outputs["items"])
+        labels = item["labels"]
+        probs = item["logits"].float().softmax(dim=-1).tolist()
+        if item["itm_index"] is None:
+            ranked = sorted(zip(probs, labels), key=lambda x: -x[0])
+            return [{"score": score, "label": label} for score, label in ranked]
+        itm_logits = item["itm_logits"].float()
+        itm_probs = itm_logits.softmax(dim=-1).tolist()
+        reranked = {
+            int(i): (p, float(logit))
+            for i, p, logit in zip(item["itm_index"].tolist(), itm_probs, itm_logits.tolist())
+        }
+        results = [
+            {"score": reranked[i][0], "label": labels[i], "itc_score": probs[i], "itm_score": reranked[i][1]}
+            for i in sorted(reranked, key=lambda i: -reranked[i][1])
+        ]
+        rest = sorted((i for i in range(len(labels)) if i not in reranked), key=lambda i: -probs[i])
+        results += [{"score": 0.0, "label": labels[i], "itc_score": probs[i], "itm_score": None} for i in rest]
+        return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image-text retrieval over a small gallery
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Gallery:
+    """The gallery of one pipeline call, encoded once and shared by every batch of queries."""
+
+    def __init__(self, kind: str, items: list[Any], batch_size: int):
+        self.kind, self.items, self.batch_size = kind, list(items), batch_size
+        self.encoded: dict[str, torch.Tensor] | None = None
+
+    def encode(self, pipe: XVLMImageTextRetrievalPipeline) -> dict[str, torch.Tensor]:
+        if self.encoded is None:
+            base = _base(pipe.model)
+            feats, seqs, masks = [], [], []
+            for start in range(0, len(self.items), self.batch_size):
+                chunk = self.items[start : start + self.batch_size]
+                if self.kind == "images":
+                    pixel_values, _ = pipe._encode_images(chunk)
+                    out = base.get_image_features(pixel_values.to(pipe.device))
+                    masks.append(None)
+                else:
+                    input_ids, attention_mask = pipe._encode_texts(chunk)
+                    input_ids, attention_mask = input_ids.to(pipe.device), attention_mask.to(pipe.device)
+                    out = base.get_text_features(input_ids, attention_mask)
+                    masks.append(attention_mask)
+                feats.append(out.pooler_output)
+                seqs.append(out.last_hidden_state)
+            encoded = {"features": torch.cat(feats)}
+            if self.kind == "images":
+                encoded["sequences"] = torch.cat(seqs)
+            else:
+                length = max(s.shape[1] for s in seqs)
+                encoded["sequences"] = torch.cat(
+                    [torch.nn.functional.pad(s, (0, 0, 0, length - s.shape[1])) for s in seqs]
+                )
+                encoded["attention_mask"] = _pad_cat(masks, value=0)
+            self.encoded = encoded
+        return self.encoded
+
+
+class XVLMImageTextRetrievalPipeline(_XVLMInputsMixin, Pipeline):
+    """`pipeline("image-text-retrieval")`: rank a small gallery for each query (official `Retrieval.py` protocol).
+
+    - text -> image: `retriever("a dog on a sofa", images=[img0, img1, ...])`;
+    - image -> text: `retriever(image, texts=["a dog", "two cats", ...])`.
+
+    Queries may be a list (batched with `batch_size=`); the gallery is encoded once per call. Candidates are the
+    `k_test` (default 16) most similar gallery items by ITC cosine similarity (no temperature); with an ITM head
+    (`XVLMForRetrieval`, and `rerank=True`, the default) they are re-ranked by the raw ITM "match" logit.
+
+    Returns, per query, the `top_k` (default 5) best gallery items as `{"score", "itc_score", "index", "image" |
+    "text"}` sorted by `score` (the ITM logit, or the ITC similarity without re-ranking).
+    """
+
+    _load_processor = None
+    _load_image_processor = None
+    _load_feature_extractor = False
+    _load_tokenizer = None
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._setup_processor()
+
+    def __call__(self, inputs: Any = None, images: list[Any] | None = None, texts: list[str] | None = None,
+                 **kwargs: Any):
+        """Rank `images` for text queries or `texts` for image queries (give exactly one gallery)."""
+        if (images is None) == (texts is None):
+            raise ValueError("Give exactly one gallery: images=[...] (text queries) or texts=[...] (image queries).")
+        if images is not None and len(images) == 0 or texts is not None and len(texts) == 0:
+            raise ValueError("The gallery is empty.")
+        if isinstance(texts, str):
+            raise ValueError("texts must be a list of strings.")
+        kind = "images" if images is not None else "texts"
+        gallery = _Gallery(kind, images if images is not None else texts, kwargs.pop("gallery_batch_size", 32))
+        return super().__call__(inputs, gallery=gallery, **kwargs)
+
+    def _sanitize_parameters(self, gallery=None, top_k=None, k_test=None, rerank=None, timeout=None, **kwargs):
+        preprocess_params = {"gallery": gallery} if gallery is not None else {}
+        if timeout is not None:
+            preprocess_params["timeout"] = timeout
+        forward_params = {"gallery": gallery} if gallery is not None else {}
+        if k_test is not None:
+            forward_params["k_test"] = k_test
+        if rerank is not None:
+            forward_params["rerank"] = rerank
+        postprocess_params = {"gallery": gallery} if gallery is not None else {}
+        if top_k is not None:
+            postprocess_params["top_k"] = top_k
+        return preprocess_params, forward_params, postprocess_params
+
+    def preprocess(self, inputs, gallery: _Gallery = None, timeout=None):
+        if gallery is None:
+            raise ValueError("Give a gallery: images=[...] or texts=[...].")
+        if gallery.kind == "images":  # the query is a text
+            if not isinstance(inputs, str):
+                raise ValueError(f"With an image gallery the queries must be texts, got {type(inputs).__name__}.")
+            input_ids, attention_mask = self._encode_texts([inputs])
+            return {"meta": [{"input_ids": input_ids, "attention_mask": attention_mask}]}
+        pixel_values, _ = self._encode_images([inputs], timeout)
+        return {"pixel_values": pixel_values, "meta": [{}]}
+
+    def _forward(self, model_inputs, gallery: _Gallery = None, k_test: int = 16, rerank: bool = True):
+        base = _base(self.model)
+        encoded = gallery.encode(self)
+        metas = _unwrap(model_inputs["meta"])
+        use_itm = rerank and hasattr(self.model, "itm_scores")
+        if gallery.kind == "images":
+            input_ids = _pad_cat([m["input_ids"] for m in metas], value=self.tokenizer.pad_token_id or 0)
+            attention_mask = _pad_cat([m["attention_mask"] for m in metas], value=0)
+            query = base.get_text_features(input_ids, attention_mask)
+        else:
+            query = base.get_image_features(model_inputs["pixel_values"])
+        similarity = query.pooler_output @ encoded["features"].t()  # cosine, no temperature (official)
+        k = max(1, min(int(k_test), similarity.shape[1]))
+        itc_scores, candidates = similarity.topk(k, dim=1)
+        results = []
+        for q in range(similarity.shape[0]):
+            scores = itc_scores[q]
+            if use_itm:
+                index = candidates[q]
+                if gallery.kind == "images":  # one text against k images
+                    scores = self.model.itm_scores(
+                        image_embeds=encoded["sequences"][index],
+                        text_embeds=query.last_hidden_state[q : q + 1].expand(k, -1, -1),
+                        attention_mask=attention_mask[q : q + 1].expand(k, -1),
+                    )
+                else:  # one image against k texts
+                    scores = self.model.itm_scores(
+                        image_embeds=query.last_hidden_state[q : q + 1],
+                        text_embeds=encoded["sequences"][index],
+                        attention_mask=encoded["attention_mask"][index],
+                        image_index=torch.zeros(k, dtype=torch.long, device=index.device),
+                    )
+            results.append({"index": candidates[q], "score": scores, "itc_score": itc_scores[q]})
+        return {"items": results}
+
+    def postprocess(self, model_outputs, gallery: _Gallery = None, top_k: int = 5):
+        item = _single(model_outputs["items"])
+        key = "image" if gallery.kind == "images" else "text"
+        rows = [
+            {"score": float(s), "itc_score": float(c), "index": int(i), key: gallery.items[int(i)]}
+            for i, s, c in zip(item["index"].tolist(), item["score"].float().tolist(), item["itc_score"].tolist())
+        ]
+        rows.sort(key=lambda r: -r["score"])
+        return rows[: max(1, int(top_k))]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Visual grounding
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def draw_box(image: Image.Image, box: list[float], label: str | None = None, color: str = "red",
+             width: int | None = None) -> Image.Image:
+    """A copy of `image` (RGB) with the `(x0, y0, x1, y1)` pixel box drawn (and `label` above it)."""
+    preview = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(preview)
+    width = width or max(2, round(min(preview.size) / 100))
+    draw.rectangle([float(v) for v in box], outline=color, width=width)
+    if label:
+        x0, y0 = float(box[0]), float(box[1])
+        draw.text((x0 + width, max(0.0, y0 - 12) if y0 >= 12 else y0 + width), label, fill=color)
+    return preview
+
+
+class XVLMVisualGroundingPipeline(_XVLMInputsMixin, Pipeline):
+    """`pipeline("visual-grounding")`: one box per (image, referring expression) with `XVLMForGrounding`.
+
+    - `grounder(image, "the dog on the left")` -> one result;
+    - `grounder(image, ["the dog", "the cat"])` -> one result per expression (same image);
+    - `grounder([img0, img1], ["text 0", "text 1"], batch_size=2)` or
+      `grounder([{"image": img0, "text": "..."}, ...])` -> one result per pair.
+
+    Each result is `{"box": {"xmin", "ymin", "xmax", "ymax"}` (int pixels of the original image, as transformers'
+    detection pipelines), `"box_xyxy"` (float pixels), `"box_cxcywh_normalized"` (the model output), `"text"` and
+    `"preview"` (a PIL copy of the image with the box drawn; `preview=False` skips it)}`.
+    """
+
+    _load_processor = None
+    _load_image_processor = None
+    _load_feature_extractor = False
+    _load_tokenizer = None
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._setup_processor()
+
+    def __call__(self, image: Any, text: str | list[str] | None = None, **kwargs: Any):
+        if text is None:
+            return super().__call__(image, **kwargs)  # dict(s) with "image" and "text"
+        if isinstance(image, list):
+            texts = [text] * len(image) if isinstance(text, str) else list(text)
+            if len(texts) != len(image):
+                raise ValueError(f"Got {len(image)} images but {len(texts)} texts.")
+            return super().__call__([{"image": i, "text": t} for i, t in zip(image, texts)], **kwargs)
+        if isinstance(text, str):
+            return super().__call__({"image": image, "text": text}, **kwargs)
+        return super().__call__([{"image": image, "text": t} for t in text], **kwargs)
+
+    def _sanitize_parameters(self, preview=None, timeout=None, **kwargs):
+        preprocess_params = {"timeout": timeout} if timeout is not None else {}
+        postprocess_params = {"preview": preview} if preview is not None else {}
+        return preprocess_params, {}, postprocess_params
+
+    def preprocess(self, inputs, timeout=None):
+        if not isinstance(inputs, dict) or "image" not in inputs or "text" not in inputs:
+            raise ValueError("visual-grounding inputs are (image, text) or dicts {'image': ..., 'text': ...}.")
+        if not isinstance(inputs["text"], str):
+            raise ValueError(f"text must be a string, got {type(inputs['text']).__name__}.")
+        pixel_values, (image,) = self._encode_images([inputs["image"]], timeout)
+        input_ids, attention_mask = self._encode_texts([inputs["text"]])
+        meta = {"image": image, "text": inputs["text"]}
+        return {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask, "meta": [meta]}
+
+    def _forward(self, model_inputs):
+        metas = _unwrap(model_inputs.pop("meta"))
+        outputs = self.model(**model_inputs)
+        return {"pred_boxes": outputs.pred_boxes, "meta": metas}
+
+    def postprocess(self, model_outputs, preview: bool = True):
+        meta = _single(model_outputs["meta"])
+        cx, cy, w, h = model_outputs["pred_boxes"].reshape(-1, 4)[0].float().tolist()
+        width, height = meta["image"].size
+        # Official Grounding_bbox.py: (cx, w) scale with the image width, (cy, h) with its height.
+        xyxy = [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height]
+        result = {
+            "box": dict(zip(("xmin", "ymin", "xmax", "ymax"), (int(round(v)) for v in xyxy))),
+            "box_xyxy": xyxy,
+            "box_cxcywh_normalized": [cx, cy, w, h],
+            "text": meta["text"],
+        }
+        if preview:
+            result["preview"] = draw_box(meta["image"], xyxy, meta["text"])
+        return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registration
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def register_pipelines(grounding_model_class: type | None = None) -> None:
+    """Register the three pipelines with transformers (idempotent).
+
+    `grounding_model_class` (`XVLMForGrounding`) is the class `pipeline("visual-grounding", model="path")` loads
+    locally; a pipeline saved with `save_pretrained` records `AutoModel` instead, which loads the head through the
+    checkpoint's remote code (`auto_map`).
+
+    `"zero-shot-image-classification"` keeps transformers' model classes and default model and only swaps in
+    :class:`XVLMZeroShotImageClassificationPipeline`, which behaves exactly like transformers' class for other models.
+    """
+    tasks = PIPELINE_REGISTRY.supported_tasks
+    if tasks.get("image-text-retrieval", {}).get("impl") is not XVLMImageTextRetrievalPipeline:
+        PIPELINE_REGISTRY.register_pipeline(
+            "image-text-retrieval",
+            pipeline_class=XVLMImageTextRetrievalPipeline,
+            pt_model=AutoModelForZeroShotImageClassification,
+            type="multimodal",
+        )
+    if tasks.get("visual-grounding", {}).get("impl") is not XVLMVisualGroundingPipeline:
+        PIPELINE_REGISTRY.register_pipeline(
+            "visual-grounding",
+            pipeline_class=XVLMVisualGroundingPipeline,
+            pt_model=grounding_model_class or AutoModel,
+            type="multimodal",
+        )
+        # What `pipe.save_pretrained` writes into `config.custom_pipelines`: class names that transformers exports.
+        XVLMVisualGroundingPipeline._registered_impl = {
+            "visual-grounding": {"impl": XVLMVisualGroundingPipeline, "pt": (AutoModel,), "type": "multimodal"}
+        }
+    task = "zero-shot-image-classification"
+    current = PIPELINE_REGISTRY.supported_tasks[task]
+    if current["impl"] is not XVLMZeroShotImageClassificationPipeline:
+        logger = _std_logging.getLogger("transformers.pipelines.base")
+        level = logger.level
+        logger.setLevel(_std_logging.ERROR)  # "already registered. Overwriting" is the point here
+        try:
+            PIPELINE_REGISTRY.register_pipeline(
+                task,
+                pipeline_class=XVLMZeroShotImageClassificationPipeline,
+                pt_model=current.get("pt"),
+                default=current.get("default"),
+                type=current.get("type"),
+            )
+        finally:
+            logger.setLevel(level)

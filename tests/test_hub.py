@@ -1,0 +1,252 @@
+"""Hub workflows: Auto-class round trips of every class, the file set `save_pretrained` writes (what `push_to_hub`
+uploads) and the model-card generator."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForPreTraining,
+    AutoModelForZeroShotImageClassification,
+    AutoProcessor,
+)
+
+import modeling_xvlm
+from modeling_xvlm import (
+    XVLMConfig,
+    XVLMForGrounding,
+    XVLMForPretraining,
+    XVLMForRetrieval,
+    XVLMModel,
+    create_model_card,
+)
+from modeling_xvlm.hub import MODEL_AUTO_CLASSES, REMOTE_ONLY_AUTO_CLASSES, load_eval_results, register_auto_classes
+from modeling_xvlm.processing import XVLMImageProcessor, XVLMImageProcessorPil, XVLMProcessor
+
+PACKAGE_DIR = Path(modeling_xvlm.__file__).parent
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is fastest, and avoids oversubscribing a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_processor(tokenizer, config) -> XVLMProcessor:
+    size = config.image_size
+    image_processor = XVLMImageProcessorPil(size={"height": size, "width": size}, patch_size=config.patch_stride)
+    return XVLMProcessor(image_processor, tokenizer)
+
+
+# (model class, the Auto class that loads it locally, or None for "load it with its own class")
+MODEL_CASES = [
+    (XVLMModel, AutoModel),
+    (XVLMForRetrieval, AutoModelForZeroShotImageClassification),
+    (XVLMForPretraining, AutoModelForPreTraining),
+    (XVLMForGrounding, None),
+]
+
+
+def test_registration_is_idempotent_and_complete() -> None:
+    first = register_auto_classes()
+    assert register_auto_classes() == first
+    assert first["XVLMConfig"] == "AutoConfig"
+    for name, auto in {**MODEL_AUTO_CLASSES, **REMOTE_ONLY_AUTO_CLASSES}.items():
+        assert first[name] == auto
+        assert getattr(modeling_xvlm, name)._auto_class == auto
+    assert XVLMConfig._auto_class == "AutoConfig"
+
+
+@pytest.mark.parametrize("model_class,auto_class", MODEL_CASES, ids=lambda c: getattr(c, "__name__", "direct"))
+def test_model_auto_round_trip(model_class, auto_class, tiny_config, tiny_inputs, tmp_path) -> None:
+    model = model_class(tiny_config).eval()
+    model.save_pretrained(tmp_path)
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert type(config) is XVLMConfig and config.to_dict()["text_config"] == tiny_config.to_dict()["text_config"]
+    loader = auto_class or model_class
+    reloaded = loader.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is model_class
+    state, state2 = model.state_dict(), reloaded.state_dict()
+    assert state.keys() == state2.keys()
+    assert all(torch.equal(state[k], state2[k]) for k in state)
+    with torch.no_grad():
+        if model_class is XVLMForGrounding:
+            a, b = model(**tiny_inputs).pred_boxes, reloaded(**tiny_inputs).pred_boxes
+        elif model_class is XVLMForPretraining:
+            a = model.xvlm(**tiny_inputs).logits_per_image
+            b = reloaded.xvlm(**tiny_inputs).logits_per_image
+        else:
+            a, b = model(**tiny_inputs).logits_per_image, reloaded(**tiny_inputs).logits_per_image
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # Every head checkpoint also loads as the base model (feature extraction).
+    base = AutoModel.from_pretrained(tmp_path)
+    assert type(base) is XVLMModel
+
+
+def test_processor_auto_round_trip(tiny_tokenizer, tiny_config, rgb_image, tmp_path) -> None:
+    processor = tiny_processor(tiny_tokenizer, tiny_config)
+    processor.save_pretrained(tmp_path)
+    auto_processor = AutoProcessor.from_pretrained(tmp_path)
+    assert type(auto_processor) is XVLMProcessor
+    expected = processor(images=rgb_image, text=["a red circle"])
+    got = auto_processor(images=rgb_image, text=["a red circle"])
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(expected[key], got[key], rtol=0, atol=0)
+    # Image processors: both backends through AutoImageProcessor, PIL by default (the parity backend).
+    backends = ((None, XVLMImageProcessorPil), ("pil", XVLMImageProcessorPil), ("torchvision", XVLMImageProcessor))
+    for backend, cls in backends:
+        kwargs = {} if backend is None else {"backend": backend}
+        image_processor = AutoImageProcessor.from_pretrained(tmp_path, **kwargs)
+        assert type(image_processor) is cls
+        assert image_processor.input_size == (tiny_config.image_size, tiny_config.image_size)
+    pil = AutoImageProcessor.from_pretrained(tmp_path)
+    torch.testing.assert_close(
+        pil(rgb_image, return_tensors="pt")["pixel_values"], expected["pixel_values"], rtol=0, atol=0
+    )
+    tv = XVLMImageProcessor(size={"height": tiny_config.image_size, "width": tiny_config.image_size})
+    tv.save_pretrained(tmp_path / "tv")
+    assert type(AutoImageProcessor.from_pretrained(tmp_path / "tv", backend="torchvision")) is XVLMImageProcessor
+
+
+def _sibling_closure(start: Path) -> set[str]:
+    """File names a module needs when copied flat: itself plus its `from .x import` siblings, recursively."""
+    todo, seen = [start], set()
+    while todo:
+        path = todo.pop()
+        if path.name in seen:
+            continue
+        seen.add(path.name)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                todo.append(path.parent / f"{node.module}.py")
+    return seen
+
+
+def test_saved_file_set_is_what_push_to_hub_uploads(tiny_tokenizer, tiny_config, tmp_path) -> None:
+    """`push_to_hub` uploads exactly what `save_pretrained` writes; pin that set for a retrieval checkpoint."""
+    model = XVLMForRetrieval(tiny_config)
+    processor = tiny_processor(tiny_tokenizer, tiny_config)
+    model.save_pretrained(tmp_path, push_to_hub=False)
+    processor.save_pretrained(tmp_path, push_to_hub=False)
+    create_model_card("org/xvlm-tiny-retrieval", model).save(tmp_path / "README.md")
+
+    code = _sibling_closure(PACKAGE_DIR / "modeling_xvlm.py") | _sibling_closure(PACKAGE_DIR / "configuration_xvlm.py")
+    processor_flat = XVLMProcessor._auto_class is not None
+    if processor_flat:
+        processing_dir = Path(modeling_xvlm.processing.__file__).parent
+        code |= _sibling_closure(processing_dir / "processing_xvlm.py")
+        code |= _sibling_closure(processing_dir / "image_processing_xvlm.py")
+    expected = {
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        *code,
+    }
+    files = {p.name for p in tmp_path.iterdir()}
+    assert files == expected
+    assert {"modeling_xvlm.py", "configuration_xvlm.py"} <= files
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_xvlm.XVLMConfig",
+        "AutoModelForZeroShotImageClassification": "modeling_xvlm.XVLMForRetrieval",
+    }
+    assert config["architectures"] == ["XVLMForRetrieval"]
+    if processor_flat:
+        processor_config = json.loads((tmp_path / "processor_config.json").read_text())
+        assert processor_config["auto_map"]["AutoProcessor"] == "processing_xvlm.XVLMProcessor"
+        image_config = processor_config["image_processor"]
+        assert image_config["auto_map"]["AutoImageProcessor"] == "image_processing_xvlm.XVLMImageProcessorPil"
+
+
+def test_grounding_checkpoint_auto_map(tiny_config, tmp_path) -> None:
+    XVLMForGrounding(tiny_config).save_pretrained(tmp_path)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map == {"AutoConfig": "configuration_xvlm.XVLMConfig", "AutoModel": "modeling_xvlm.XVLMForGrounding"}
+    # Locally the package's own classes win: AutoModel is the base model, the head loads with its class.
+    assert type(AutoModel.from_pretrained(tmp_path)) is XVLMModel
+    assert type(XVLMForGrounding.from_pretrained(tmp_path)) is XVLMForGrounding
+
+
+# ------------------------------------------------------------------------------------------------ model cards
+
+
+def test_model_card_metadata_and_sections(tiny_config, tmp_path) -> None:
+    eval_file = tmp_path / "eval.json"
+    eval_file.write_text(
+        json.dumps(
+            {
+                "task": "retrieval",
+                "dataset": "coco",
+                "split": "test",
+                "metrics": {"txt_r1": 81.2, "img_r1": 63.4, "r_mean": 86.1},
+            }
+        )
+    )
+    card = create_model_card(
+        "org/xvlm-base-coco-retrieval",
+        XVLMForRetrieval(tiny_config),
+        base_model="org/xvlm-base-4m",
+        datasets=["coco"],
+        eval_results=eval_file,
+    )
+    card.save(tmp_path / "README.md")
+    reloaded = ModelCard.load(tmp_path / "README.md")
+    data = reloaded.data.to_dict()
+    assert data["library_name"] == "transformers"
+    assert data["pipeline_tag"] == "zero-shot-image-classification"
+    assert data["base_model"] == "org/xvlm-base-4m"
+    assert data["datasets"] == ["coco"]
+    assert data["license"] == "bsd-3-clause"
+    assert set(data["metrics"]) == {"txt_r1", "img_r1", "r_mean"}
+    assert {"x-vlm", "custom_code"} <= set(data["tags"])
+    results = {r.metric_type: r for r in reloaded.data.eval_results}
+    assert results["txt_r1"].metric_value == pytest.approx(81.2)
+    assert results["r_mean"].dataset_name == "coco" and results["r_mean"].dataset_split == "test"
+    assert results["img_r1"].task_type == "image-text-retrieval"
+    text = reloaded.text
+    for section in ("## Intended use", "## How to use", "## Evaluation", "## Citation", "## Training"):
+        assert section in text
+    assert "Image retrieval R@1" in text and "63.40" in text
+    assert "2111.08276" in text and "Zeng" in text
+    assert "org/xvlm-base-coco-retrieval" in text and "trust_remote_code=True" in text
+
+
+def test_model_card_grounding_and_flat_official_results(tiny_config) -> None:
+    card = create_model_card(
+        "org/xvlm-refcoco", XVLMForGrounding(tiny_config), eval_results={"val_d": 85.1, "testA_d": 89.0}
+    )
+    assert card.data.pipeline_tag == "zero-shot-object-detection"
+    results = {r.metric_type: r for r in card.data.eval_results}
+    assert results["testA_d"].task_type == "visual-grounding"
+    assert "base_model" not in card.data.to_dict() or card.data.base_model is None
+    assert "visual-grounding" in card.text
+
+
+def test_load_eval_results_shapes(tmp_path) -> None:
+    flat = load_eval_results({"txt_r1": 1, "r_mean": 2.5, "note": "x"})
+    assert flat == [{"task": None, "dataset": None, "split": None, "metrics": {"txt_r1": 1.0, "r_mean": 2.5}}]
+    nested = load_eval_results(
+        {"results": [{"task": "grounding", "dataset_name": "refcoco+", "metrics": {"val": {"acc": 0.9}}}]}
+    )
+    assert nested[0]["dataset"] == "refcoco+" and nested[0]["metrics"] == {"val/acc": 0.9}
+    with pytest.raises(ValueError, match="no numeric metric"):
+        load_eval_results([{"task": "retrieval"}])
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps([{"txt_r1": 3}]))
+    assert load_eval_results(os.fspath(path))[0]["metrics"] == {"txt_r1": 3.0}

@@ -1,0 +1,272 @@
+"""The three X-VLM pipelines on tiny models: outputs against the model, batching, loading from a folder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPConfig, CLIPModel, pipeline
+from transformers.pipelines import PIPELINE_REGISTRY
+from transformers.pipelines.zero_shot_image_classification import ZeroShotImageClassificationPipeline
+
+from modeling_xvlm import XVLMConfig, XVLMForGrounding, XVLMForRetrieval, XVLMModel
+from modeling_xvlm.pipelines import (
+    XVLMImageTextRetrievalPipeline,
+    XVLMVisualGroundingPipeline,
+    XVLMZeroShotImageClassificationPipeline,
+)
+from modeling_xvlm.processing import XVLMImageProcessorPil, XVLMProcessor
+
+LABELS = ["red", "blue circle", "dog", "a white cat"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is fastest, and avoids oversubscribing a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def by_key(results: list[dict], key: str = "label") -> dict:
+    """`{label: score}` (or `{index: score}`): compares results without depending on the order of near-ties."""
+    return {r[key]: pytest.approx(r["score"], abs=1e-5) for r in results}
+
+
+@pytest.fixture(scope="module")
+def config() -> XVLMConfig:
+    return XVLMConfig.from_preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_tokenizer, config) -> XVLMProcessor:
+    size = config.image_size
+    image_processor = XVLMImageProcessorPil(size={"height": size, "width": size}, patch_size=config.patch_stride)
+    return XVLMProcessor(image_processor, tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def retrieval_model(config) -> XVLMForRetrieval:
+    torch.manual_seed(0)
+    model = XVLMForRetrieval(config).eval()
+    # Make the tiny random model's scores less flat so that rankings are meaningful.
+    with torch.no_grad():
+        model.xvlm.temp.fill_(0.01)
+    return model
+
+
+@pytest.fixture(scope="module")
+def grounding_model(config) -> XVLMForGrounding:
+    torch.manual_seed(1)
+    return XVLMForGrounding(config).eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [
+        Image.fromarray(rng.integers(0, 256, size=(40 + 8 * i, 56 + 4 * i, 3), dtype=np.uint8), mode="RGB")
+        for i in range(3)
+    ]
+
+
+def test_tasks_are_registered() -> None:
+    tasks = PIPELINE_REGISTRY.supported_tasks
+    assert tasks["zero-shot-image-classification"]["impl"] is XVLMZeroShotImageClassificationPipeline
+    assert tasks["zero-shot-image-classification"]["default"]  # transformers' default model is kept
+    assert tasks["image-text-retrieval"]["impl"] is XVLMImageTextRetrievalPipeline
+    assert tasks["visual-grounding"]["impl"] is XVLMVisualGroundingPipeline
+    assert tasks["visual-grounding"]["pt"] == (XVLMForGrounding,)
+
+
+# ------------------------------------------------------------------------------------------ zero-shot
+
+
+def test_zero_shot_scores_are_the_itc_softmax(retrieval_model, processor, images) -> None:
+    classifier = pipeline("zero-shot-image-classification", model=retrieval_model, processor=processor)
+    assert isinstance(classifier, XVLMZeroShotImageClassificationPipeline)
+    result = classifier(images[0], candidate_labels=LABELS, hypothesis_template="a photo of {}")
+    inputs = processor(images=images[0], text=[f"a photo of {label}" for label in LABELS])
+    assert not (inputs["input_ids"] == processor.tokenizer.sep_token_id).any()  # X-VLM: no [SEP]
+    with torch.no_grad():
+        logits = retrieval_model(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"]).logits_per_image
+    probs = logits[0].softmax(-1)
+    expected = sorted(zip(probs.tolist(), LABELS), key=lambda x: -x[0])
+    assert [r["label"] for r in result] == [label for _, label in expected]
+    assert [r["score"] for r in result] == pytest.approx([p for p, _ in expected], abs=1e-5)
+    assert sum(r["score"] for r in result) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_zero_shot_batching_matches_single_calls(retrieval_model, processor, images) -> None:
+    classifier = pipeline("zero-shot-image-classification", model=retrieval_model, processor=processor)
+    singles = [classifier(image, candidate_labels=LABELS) for image in images]
+    batched = classifier(images, candidate_labels=LABELS, batch_size=2)
+    assert len(batched) == len(images)
+    for single, batch in zip(singles, batched):
+        assert {r["label"]: r["score"] for r in batch} == by_key(single)
+
+
+def test_zero_shot_itm_rerank(retrieval_model, processor, images) -> None:
+    classifier = pipeline("zero-shot-image-classification", model=retrieval_model, processor=processor)
+    plain = classifier(images[1], candidate_labels=LABELS)
+    result = classifier(images[1], candidate_labels=LABELS, rerank=True, rerank_top_k=3)
+    reranked, rest = result[:3], result[3:]
+    assert {r["label"] for r in reranked} == {r["label"] for r in plain[:3]}  # ITC picks the candidates
+    assert [r["label"] for r in rest] == [plain[3]["label"]] and rest[0]["score"] == 0.0
+    texts = [f"This is a photo of {r['label']}." for r in reranked]
+    inputs = processor(images=[images[1]] * 3, text=texts)
+    with torch.no_grad():
+        itm = retrieval_model.itm_scores(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"])
+    assert [r["itm_score"] for r in reranked] == pytest.approx(itm.tolist(), abs=1e-5)
+    assert itm.tolist() == sorted(itm.tolist(), reverse=True)  # ranked by the raw ITM logit
+    assert sum(r["score"] for r in reranked) == pytest.approx(1.0, abs=1e-5)
+    batched = classifier(images, candidate_labels=LABELS, rerank=True, rerank_top_k=3, batch_size=3)
+    assert {r["label"]: r["score"] for r in batched[1]} == by_key(result)
+
+
+def test_zero_shot_base_model_and_rerank_error(config, processor, images) -> None:
+    classifier = pipeline("zero-shot-image-classification", model=XVLMModel(config).eval(), processor=processor)
+    assert len(classifier(images[0], candidate_labels=LABELS)) == len(LABELS)
+    with pytest.raises(ValueError, match="ITM head"):
+        classifier(images[0], candidate_labels=LABELS, rerank=True)
+
+
+def test_zero_shot_leaves_other_models_to_transformers(tiny_tokenizer, images, tmp_path) -> None:
+    from transformers import CLIPImageProcessorPil
+
+    clip_config = CLIPConfig(
+        text_config={"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 32},
+        vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 16, "intermediate_size": 32,
+                       "num_hidden_layers": 1, "num_attention_heads": 2},
+        projection_dim=8,
+    )
+    clip = CLIPModel(clip_config).eval()
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    ours = pipeline("zero-shot-image-classification", model=clip, tokenizer=tiny_tokenizer,
+                    image_processor=image_processor)
+    theirs = pipeline("zero-shot-image-classification", model=clip, tokenizer=tiny_tokenizer,
+                      image_processor=image_processor, pipeline_class=ZeroShotImageClassificationPipeline)
+    assert ours(images[0], candidate_labels=LABELS) == theirs(images[0], candidate_labels=LABELS)
+    ours.save_pretrained(tmp_path)
+    assert "custom_pipelines" not in json.loads((tmp_path / "config.json").read_text())
+    assert not (tmp_path / "pipelines.py").exists()
+
+
+def test_zero_shot_from_a_saved_folder(retrieval_model, processor, images, tmp_path) -> None:
+    retrieval_model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    classifier = pipeline("zero-shot-image-classification", model=str(tmp_path))
+    assert type(classifier.model) is XVLMForRetrieval
+    assert type(classifier.processor) is XVLMProcessor
+    direct = pipeline("zero-shot-image-classification", model=retrieval_model, processor=processor)
+    loaded, expected = classifier(images[0], candidate_labels=LABELS), direct(images[0], candidate_labels=LABELS)
+    assert {r["label"]: r["score"] for r in loaded} == by_key(expected)
+
+
+# ------------------------------------------------------------------------------------------ retrieval
+
+
+def test_text_to_image_retrieval(retrieval_model, processor, images) -> None:
+    retriever = pipeline("image-text-retrieval", model=retrieval_model, processor=processor)
+    query = "a red circle"
+    result = retriever(query, images=images, top_k=2, k_test=3)
+    assert len(result) == 2 and all(r["image"] is images[r["index"]] for r in result)
+    inputs = processor(images=images, text=[query] * len(images))
+    with torch.no_grad():
+        image_feat = retrieval_model.xvlm.get_image_features(inputs["pixel_values"]).pooler_output
+        text_feat = retrieval_model.xvlm.get_text_features(inputs["input_ids"][:1], inputs["attention_mask"][:1])
+        itm = retrieval_model.itm_scores(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"])
+    cosine = (text_feat.pooler_output @ image_feat.t())[0]
+    order = itm.argsort(descending=True)[:2].tolist()
+    assert [r["index"] for r in result] == order
+    assert [r["score"] for r in result] == pytest.approx(itm[order].tolist(), abs=1e-5)
+    assert [r["itc_score"] for r in result] == pytest.approx(cosine[order].tolist(), abs=1e-5)
+    # Without re-ranking: ITC cosine similarity order.
+    plain = retriever(query, images=images, top_k=3, rerank=False)
+    assert [r["index"] for r in plain] == cosine.argsort(descending=True).tolist()
+    assert [r["score"] for r in plain] == pytest.approx(sorted(cosine.tolist(), reverse=True), abs=1e-5)
+
+
+def test_image_to_text_retrieval_and_batching(retrieval_model, processor, images) -> None:
+    texts = ["a red circle", "the blue square", "a dog on the left", "a cat"]
+    retriever = pipeline("image-text-retrieval", model=retrieval_model, processor=processor)
+    singles = [retriever(image, texts=texts, top_k=3) for image in images]
+    batched = retriever(images, texts=texts, top_k=3, batch_size=2, gallery_batch_size=3)
+    for single, batch in zip(singles, batched):
+        assert {r["index"]: r["score"] for r in batch} == by_key(single, "index")
+        assert all(r["text"] == texts[r["index"]] for r in single)
+    inputs = processor(images=images[0], text=texts)
+    with torch.no_grad():
+        itm = retrieval_model.itm_scores(
+            inputs["pixel_values"].expand(len(texts), -1, -1, -1), inputs["input_ids"], inputs["attention_mask"]
+        )
+    assert [r["index"] for r in singles[0]] == itm.argsort(descending=True)[:3].tolist()
+    query_batches = retriever(["a red circle", "a cat", "the blue square"], images=images, batch_size=2)
+    assert [q[0]["index"] for q in query_batches] == [
+        retriever(q, images=images)[0]["index"] for q in ["a red circle", "a cat", "the blue square"]
+    ]
+
+
+def test_retrieval_argument_errors(retrieval_model, processor, images) -> None:
+    retriever = pipeline("image-text-retrieval", model=retrieval_model, processor=processor)
+    with pytest.raises(ValueError, match="exactly one gallery"):
+        retriever("a cat", images=images, texts=["a"])
+    with pytest.raises(ValueError, match="exactly one gallery"):
+        retriever("a cat")
+    with pytest.raises(ValueError, match="must be texts"):
+        retriever(images[0], images=images)
+
+
+# ------------------------------------------------------------------------------------------ grounding
+
+
+def test_grounding_box_in_pixels_and_preview(grounding_model, processor, images) -> None:
+    grounder = pipeline("visual-grounding", model=grounding_model, processor=processor)
+    image = images[2]
+    result = grounder(image, "the dog on the left")
+    inputs = processor(images=image, text="the dog on the left")
+    with torch.no_grad():
+        cx, cy, w, h = grounding_model(**inputs).pred_boxes[0].tolist()
+    width, height = image.size
+    expected = [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height]
+    assert result["box_xyxy"] == pytest.approx(expected, abs=1e-4)
+    assert result["box_cxcywh_normalized"] == pytest.approx([cx, cy, w, h], abs=1e-6)
+    assert result["box"] == dict(zip(("xmin", "ymin", "xmax", "ymax"), (round(v) for v in expected)))
+    post = processor.post_process_grounding(torch.tensor([[cx, cy, w, h]]), target_sizes=[(height, width)])
+    assert result["box_xyxy"] == pytest.approx(post[0]["boxes"][0].tolist(), abs=1e-4)
+    preview = result["preview"]
+    assert preview.size == image.size and preview is not image
+    x0 = int(result["box_xyxy"][0])
+    row = (result["box"]["ymin"] + result["box"]["ymax"]) // 2
+    assert (255, 0, 0) in [preview.getpixel((x, row)) for x in range(max(0, x0 - 1), x0 + 3)]  # left edge drawn
+    assert "preview" not in grounder(image, "the dog", preview=False)
+
+
+def test_grounding_batching_and_input_forms(grounding_model, processor, images) -> None:
+    grounder = pipeline("visual-grounding", model=grounding_model, processor=processor)
+    texts = ["the dog on the left", "a cat", "the big red square at the top"]
+    singles = [grounder(image, text) for image, text in zip(images, texts)]
+    batched = grounder(images, texts, batch_size=2)
+    as_dicts = grounder([{"image": i, "text": t} for i, t in zip(images, texts)], batch_size=3)
+    for single, a, b in zip(singles, batched, as_dicts):
+        assert single["text"] == a["text"] == b["text"]
+        assert single["box_xyxy"] == pytest.approx(a["box_xyxy"], abs=1e-4)
+        assert single["box_xyxy"] == pytest.approx(b["box_xyxy"], abs=1e-4)
+    several = grounder(images[0], texts[:2])
+    assert [r["text"] for r in several] == texts[:2]
+    with pytest.raises(ValueError, match="3 images but 2 texts"):
+        grounder(images, texts[:2])
+
+
+def test_grounding_from_a_saved_folder(grounding_model, processor, images, tmp_path) -> None:
+    grounding_model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    grounder = pipeline("visual-grounding", model=str(tmp_path))
+    assert type(grounder.model) is XVLMForGrounding
+    direct = pipeline("visual-grounding", model=grounding_model, processor=processor)
+    assert grounder(images[0], "a dog")["box"] == direct(images[0], "a dog")["box"]

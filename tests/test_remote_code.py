@@ -1,0 +1,270 @@
+"""Remote code: saved folders load with `trust_remote_code=True` in a fresh interpreter without `modeling_xvlm`.
+
+One subprocess checks every folder: `modeling_xvlm` is made unimportable there (a meta-path blocker, the repository
+root removed from `sys.path`), so config, models, processor and pipelines can only come from the code files that
+`save_pretrained` copied next to the weights (`transformers_modules.*`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import pipeline
+
+from modeling_xvlm import XVLMConfig, XVLMForGrounding, XVLMForPretraining, XVLMForRetrieval, XVLMModel
+from modeling_xvlm.hub import ships_flat
+from modeling_xvlm.processing import XVLMImageProcessorPil, XVLMProcessor
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TEXTS = ["a red circle on the left", "the blue square"]
+LABELS = ["red", "blue", "dog"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is fastest, and avoids oversubscribing a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+CHILD = r"""
+import importlib.abc, importlib.util, json, os, sys
+
+repo, root = sys.argv[1], sys.argv[2]
+
+
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "modeling_xvlm" or name.startswith("modeling_xvlm."):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the remote-code test)")
+
+
+sys.meta_path.insert(0, _Block())
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != repo]
+try:
+    import modeling_xvlm  # noqa: F401
+    raise SystemExit("modeling_xvlm is importable: the test would not test remote code")
+except ModuleNotFoundError:
+    pass
+
+import torch
+from PIL import Image
+from transformers import (AutoConfig, AutoModel, AutoModelForPreTraining, AutoModelForZeroShotImageClassification,
+                          AutoProcessor, pipeline)
+
+expected = torch.load(os.path.join(root, "expected.pt"))
+meta = json.load(open(os.path.join(root, "meta.json")))
+checks = []
+
+
+def remote(obj):
+    module = type(obj).__module__
+    assert module.startswith("transformers_modules."), module
+    return module
+
+
+def same(name, a, b):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    checks.append(name)
+
+
+config = AutoConfig.from_pretrained(os.path.join(root, "base"), trust_remote_code=True)
+remote(config)
+assert type(config).__name__ == "XVLMConfig" and config.image_size == meta["image_size"]
+
+if meta["processor_flat"]:
+    processor = AutoProcessor.from_pretrained(os.path.join(root, "base"), trust_remote_code=True)
+    remote(processor)
+    remote(processor.image_processor)
+    image = Image.open(os.path.join(root, "image.png"))
+    inputs = dict(processor(images=[image, image], text=meta["texts"]))
+    for key in ("pixel_values", "input_ids", "attention_mask"):
+        same(f"processor.{key}", inputs[key], expected[key])
+    inputs = {k: inputs[k] for k in ("pixel_values", "input_ids", "attention_mask")}
+else:
+    inputs = {k: expected[k] for k in ("pixel_values", "input_ids", "attention_mask")}
+
+with torch.no_grad():
+    base = AutoModel.from_pretrained(os.path.join(root, "base"), trust_remote_code=True).eval()
+    assert type(base).__name__ == "XVLMModel", type(base)
+    remote(base)
+    same("XVLMModel.logits_per_image", base(**inputs).logits_per_image, expected["base"])
+
+    retrieval = AutoModelForZeroShotImageClassification.from_pretrained(
+        os.path.join(root, "retrieval"), trust_remote_code=True).eval()
+    assert type(retrieval).__name__ == "XVLMForRetrieval", type(retrieval)
+    remote(retrieval)
+    out = retrieval(**inputs)
+    same("XVLMForRetrieval.logits_per_image", out.logits_per_image, expected["retrieval_itc"])
+    same("XVLMForRetrieval.itm_logits", out.itm_logits, expected["retrieval_itm"])
+
+    grounding = AutoModel.from_pretrained(os.path.join(root, "grounding"), trust_remote_code=True).eval()
+    assert type(grounding).__name__ == "XVLMForGrounding", type(grounding)
+    remote(grounding)
+    same("XVLMForGrounding.pred_boxes", grounding(**inputs).pred_boxes, expected["grounding"])
+
+    pretraining = AutoModelForPreTraining.from_pretrained(os.path.join(root, "pretraining"), trust_remote_code=True)
+    assert type(pretraining).__name__ == "XVLMForPretraining", type(pretraining)
+    remote(pretraining)
+    same("XVLMForPretraining.xvlm", pretraining.eval().xvlm(**inputs).logits_per_image, expected["pretraining"])
+
+image = Image.open(os.path.join(root, "image.png"))
+zero_shot = pipeline("zero-shot-image-classification", model=os.path.join(root, "zero_shot_pipeline"),
+                     trust_remote_code=True)
+remote(zero_shot)
+result = zero_shot(image, candidate_labels=meta["labels"])
+scores = {r["label"]: r["score"] for r in result}
+expected_scores = {r["label"]: r["score"] for r in meta["zero_shot"]}
+assert scores.keys() == expected_scores.keys(), result
+same("pipeline.zero-shot", torch.tensor([scores[k] for k in meta["labels"]]),
+     torch.tensor([expected_scores[k] for k in meta["labels"]]))
+
+grounder = pipeline("visual-grounding", model=os.path.join(root, "grounding_pipeline"), trust_remote_code=True)
+remote(grounder)
+assert type(grounder.model).__name__ == "XVLMForGrounding"
+result = grounder(image, meta["texts"][0])
+same("pipeline.visual-grounding", torch.tensor(result["box_xyxy"]), torch.tensor(meta["grounding_box"]))
+assert result["preview"].size == image.size
+print(json.dumps({"checks": checks}))
+"""
+
+
+@pytest.fixture(scope="module")
+def remote_folders(tmp_path_factory, tiny_tokenizer):
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("remote")
+    tokenizer = tiny_tokenizer
+    config = XVLMConfig.from_preset("tiny")
+    size = config.image_size
+    processor = XVLMProcessor(
+        XVLMImageProcessorPil(size={"height": size, "width": size}, patch_size=config.patch_stride), tokenizer
+    )
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, size=(48, 80, 3), dtype=np.uint8), mode="RGB")
+    image.save(root / "image.png")
+    image = Image.open(root / "image.png")
+    inputs = dict(processor(images=[image, image], text=TEXTS))
+    inputs = {k: inputs[k] for k in ("pixel_values", "input_ids", "attention_mask")}
+    expected = dict(inputs)
+
+    models = {
+        "base": XVLMModel(config),
+        "retrieval": XVLMForRetrieval(config),
+        "grounding": XVLMForGrounding(config),
+        "pretraining": XVLMForPretraining(config),
+    }
+    with torch.no_grad():
+        for name, model in models.items():
+            model.eval().save_pretrained(root / name)
+            processor.save_pretrained(root / name)
+        expected["base"] = models["base"](**inputs).logits_per_image
+        out = models["retrieval"](**inputs)
+        expected["retrieval_itc"], expected["retrieval_itm"] = out.logits_per_image, out.itm_logits
+        expected["grounding"] = models["grounding"](**inputs).pred_boxes
+        expected["pretraining"] = models["pretraining"].xvlm(**inputs).logits_per_image
+    torch.save(expected, root / "expected.pt")
+
+    zero_shot = pipeline("zero-shot-image-classification", model=models["retrieval"], processor=processor)
+    zero_shot.save_pretrained(root / "zero_shot_pipeline")
+    grounder = pipeline("visual-grounding", model=models["grounding"], processor=processor)
+    grounder.save_pretrained(root / "grounding_pipeline")
+    meta = {
+        "image_size": size,
+        "texts": TEXTS,
+        "labels": LABELS,
+        "processor_flat": ships_flat(XVLMProcessor) and ships_flat(XVLMImageProcessorPil),
+        "zero_shot": zero_shot(image, candidate_labels=LABELS),
+        "grounding_box": grounder(image, TEXTS[0], preview=False)["box_xyxy"],
+    }
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root, meta
+
+
+def test_pipeline_folders_record_custom_pipelines(remote_folders) -> None:
+    root, _ = remote_folders
+    zero_shot = json.loads((root / "zero_shot_pipeline" / "config.json").read_text())["custom_pipelines"]
+    assert zero_shot["zero-shot-image-classification"]["impl"] == "pipelines.XVLMZeroShotImageClassificationPipeline"
+    assert zero_shot["zero-shot-image-classification"]["pt"] == ["AutoModelForZeroShotImageClassification"]
+    grounding = json.loads((root / "grounding_pipeline" / "config.json").read_text())["custom_pipelines"]
+    assert grounding["visual-grounding"] == {
+        "impl": "pipelines.XVLMVisualGroundingPipeline",
+        "pt": ["AutoModel"],
+        "type": "multimodal",
+    }
+    assert (root / "grounding_pipeline" / "pipelines.py").is_file()
+
+
+def test_fresh_interpreter_loads_everything_as_remote_code(remote_folders, tmp_path) -> None:
+    root, meta = remote_folders
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = {
+        **os.environ,
+        "HF_MODULES_CACHE": str(tmp_path / "hf_modules"),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": "",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "OMP_NUM_THREADS": "1",
+    }
+    result = subprocess.run(
+        [sys.executable, str(script), str(REPO_ROOT), str(root)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    checks = json.loads(result.stdout.strip().splitlines()[-1])["checks"]
+    expected_checks = {
+        "XVLMModel.logits_per_image",
+        "XVLMForRetrieval.logits_per_image",
+        "XVLMForRetrieval.itm_logits",
+        "XVLMForGrounding.pred_boxes",
+        "XVLMForPretraining.xvlm",
+        "pipeline.zero-shot",
+        "pipeline.visual-grounding",
+    }
+    if meta["processor_flat"]:
+        expected_checks |= {"processor.pixel_values", "processor.input_ids", "processor.attention_mask"}
+    assert set(checks) == expected_checks
+
+
+def test_processor_ships_as_remote_code() -> None:
+    """The processor and image processor modules import only sibling modules, so they can be copied flat."""
+    assert ships_flat(XVLMProcessor) and ships_flat(XVLMImageProcessorPil)
+    assert XVLMProcessor._auto_class == "AutoProcessor"
+    assert XVLMImageProcessorPil._auto_class == "AutoImageProcessor"
+
+
+def test_shipped_model_modules_import_only_siblings() -> None:
+    for cls in (XVLMConfig, XVLMModel, XVLMForRetrieval, XVLMForGrounding, XVLMForPretraining):
+        assert ships_flat(cls), cls
+
+
+def test_processing_box_convert_equals_box_ops() -> None:
+    """The processing modules carry their own `box_convert` (to ship flat); it must stay identical to box_ops'."""
+    import itertools
+
+    from modeling_xvlm import box_ops
+    from modeling_xvlm.processing import boxes
+
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        data = torch.rand(5, 3, 4, generator=generator, dtype=dtype) * 100
+        for in_fmt, out_fmt in itertools.product(box_ops.BOX_FORMATS, repeat=2):
+            assert torch.equal(boxes.box_convert(data, in_fmt, out_fmt), box_ops.box_convert(data, in_fmt, out_fmt))
+    assert tuple(boxes.BOX_FORMATS) == tuple(box_ops.BOX_FORMATS)
+    with pytest.raises(ValueError, match="in_fmt"):
+        boxes.box_convert(data, "xy", "xyxy")
+    with pytest.raises(ValueError, match="last dimension"):
+        boxes.box_convert(data[..., :3], "xyxy", "xywh")
