@@ -2,10 +2,23 @@
 
 Protocol: encode every image and every text once; rank all pairs by the ITC cosine similarity (no temperature);
 re-rank the top `k` candidates of every image (texts) and of every text (images) with the raw ITM logit of class
-"match". A pair that is a candidate in both directions is fused once. The official evaluation matrices hold -100
-outside the top-k (`score_matrices`), and `retrieval_metrics` reproduces `itm_eval`.
+"match". The official evaluation matrices hold -100 outside the top-k (`score_matrices`), and `retrieval_metrics`
+reproduces `itm_eval`.
 
-This module imports only torch and numpy; the model is any `XVLMForRetrieval`.
+Two implementations of the re-ranking give the same scores (fp32: to float rounding, rankings identical; see
+`tests/test_fast_paths.py` and `docs/benchmarks.md`):
+
+- `official_protocol_scores`: the official loops, kept as the reference and the benchmark baseline: per image, its
+  top-k texts fused with the image repeated k times; then per text, its top-k images; nothing is shared.
+- `rank_gallery` (used by `XVLMForRetrieval.rank`), the fast path: a pair that is a candidate in both directions is
+  fused once; each distinct image's cross-attention keys/values are computed once per fusion layer and batch
+  (`fuse(..., image_index=...)`); batches mix pairs of many images; pairs are ordered by text length and each batch
+  is cut to its longest text (padding positions are masked keys, so they never change a score). `fusion="cls"`
+  additionally computes only what the score needs (one token in the last fusion layer, the text-only part of the
+  first fusion layer once per text).
+
+This module imports only torch, numpy and (for `fusion="cls"`) the model's own modules; the model is any
+`XVLMForRetrieval`.
 """
 
 from __future__ import annotations
@@ -21,7 +34,10 @@ __all__ = [
     "EncodedTexts",
     "RetrievalOutput",
     "encode_images",
+    "effective_lengths",
     "encode_texts",
+    "fused_cls_states",
+    "official_protocol_scores",
     "rank_gallery",
     "retrieval_metrics",
     "score_matrices",
@@ -101,6 +117,12 @@ def encode_texts(
     return EncodedTexts(torch.cat(states), attention_mask, torch.cat(features))
 
 
+def effective_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
+    """`(n,)`: one past the last attended position of each row (at least 1); later positions are padding."""
+    positions = torch.arange(1, attention_mask.shape[1] + 1, device=attention_mask.device)
+    return (attention_mask.ne(0).long() * positions).amax(dim=1).clamp(min=1)
+
+
 @torch.no_grad()
 def score_pairs(
     model: Any,
@@ -109,28 +131,73 @@ def score_pairs(
     image_idx: torch.Tensor,
     text_idx: torch.Tensor,
     batch_size: int = 64,
+    trim_padding: bool = True,
+    length_bucket: int = 8,
+    fusion: str = "fuse",
 ) -> torch.Tensor:
-    """Raw ITM logits `(n_pairs,)` of the pairs `(image_idx[p], text_idx[p])`, in fusion batches of `batch_size`
-    pairs. Within a batch each distinct image is fused once for all its texts (`image_index` fast path), so sort the
-    pairs by image for the fewest image key/value computations."""
-    scores = torch.empty(image_idx.shape[0], dtype=images.sequences.dtype, device=images.sequences.device)
-    for part in _batches(image_idx.shape[0], batch_size):
-        img, txt = image_idx[part], text_idx[part]
-        unique_images, local_index = torch.unique(img, return_inverse=True)
-        scores[part] = model.itm_scores(
-            image_embeds=images.sequences[unique_images],
-            text_embeds=texts.states[txt],
-            attention_mask=texts.attention_mask[txt],
-            image_index=local_index,
-        )
+    """Raw ITM logits `(n_pairs,)` (float32) of the pairs `(image_idx[p], text_idx[p])`, in fusion batches of
+    `batch_size` pairs.
+
+    Within a batch each distinct image is fused once for all its texts (`image_index`: its keys/values are
+    computed once per fusion layer). Pairs are processed ordered by image; with `trim_padding` (default) they are
+    first grouped by text length (buckets of `length_bucket` tokens) and each batch is cut to its longest text,
+    which leaves every score unchanged (the cut positions are masked padding). `fusion="cls"` runs
+    `fused_cls_states` instead of `fuse` (same scores, less work; see there).
+    """
+    if fusion not in ("fuse", "cls"):
+        raise ValueError(f"fusion must be 'fuse' or 'cls', got {fusion!r}.")
+    n_pairs = image_idx.shape[0]
+    scores = torch.empty(n_pairs, dtype=torch.float32, device=images.sequences.device)
+    if n_pairs == 0:
+        return scores
+    n_images, n_texts = images.sequences.shape[0], texts.states.shape[0]
+    order_key = image_idx * n_texts + text_idx
+    lengths = None
+    if trim_padding:
+        lengths = effective_lengths(texts.attention_mask)[text_idx]
+        bucket = torch.div(lengths + length_bucket - 1, length_bucket, rounding_mode="floor")
+        order_key = bucket * (n_images * n_texts) + order_key
+    order = order_key.argsort()
+    for part in _batches(n_pairs, batch_size):
+        rows = order[part]
+        img, txt = image_idx[rows], text_idx[rows]
+        length = int(lengths[rows].max()) if lengths is not None else texts.states.shape[1]
+        unique_images, local_image = torch.unique(img, return_inverse=True)
+        if fusion == "cls":
+            unique_texts, local_text = torch.unique(txt, return_inverse=True)
+            cls = fused_cls_states(
+                model.xvlm,
+                texts.states[unique_texts, :length],
+                texts.attention_mask[unique_texts, :length],
+                local_text,
+                images.sequences[unique_images],
+                local_image,
+            )
+            scores[rows] = model.itm_head(cls)[:, 1].float()
+        else:
+            scores[rows] = model.itm_scores(
+                image_embeds=images.sequences[unique_images],
+                text_embeds=texts.states[txt, :length],
+                attention_mask=texts.attention_mask[txt, :length],
+                image_index=local_image,
+            ).float()
     return scores
 
 
 @torch.no_grad()
 def rank_gallery(
-    model: Any, images: EncodedImages, texts: EncodedTexts, k: int = 16, batch_size: int = 64
+    model: Any,
+    images: EncodedImages,
+    texts: EncodedTexts,
+    k: int = 16,
+    batch_size: int = 64,
+    trim_padding: bool = True,
+    fusion: str = "fuse",
 ) -> RetrievalOutput:
-    """ITC top-`k` in both directions, then ITM re-ranking of the union of candidate pairs (each scored once)."""
+    """ITC top-`k` in both directions, then ITM re-ranking of the union of candidate pairs (each scored once).
+
+    `batch_size`, `trim_padding` and `fusion` go to `score_pairs`; every choice gives the scores of
+    `official_protocol_scores` (fp32: equal to float rounding, identical rankings)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}.")
     similarity = images.features @ texts.features.t()
@@ -139,14 +206,21 @@ def rank_gallery(
     i2t_candidates = similarity.topk(k_i2t, dim=1).indices  # (n_images, k_i2t) text ids
     t2i_candidates = similarity.t().topk(k_t2i, dim=1).indices  # (n_texts, k_t2i) image ids
 
-    # Pair id = image * n_texts + text; the union sorted by id is grouped by image.
+    # Pair id = image * n_texts + text; the union is deduplicated, so a pair in both directions is fused once.
     image_rows = torch.arange(n_images, device=similarity.device)
     text_rows = torch.arange(n_texts, device=similarity.device)
     i2t_ids = image_rows[:, None] * n_texts + i2t_candidates
     t2i_ids = t2i_candidates * n_texts + text_rows[:, None]
     pair_ids = torch.unique(torch.cat([i2t_ids.flatten(), t2i_ids.flatten()]))
     pair_scores = score_pairs(
-        model, images, texts, torch.div(pair_ids, n_texts, rounding_mode="floor"), pair_ids % n_texts, batch_size
+        model,
+        images,
+        texts,
+        torch.div(pair_ids, n_texts, rounding_mode="floor"),
+        pair_ids % n_texts,
+        batch_size,
+        trim_padding=trim_padding,
+        fusion=fusion,
     )
 
     def lookup(ids: torch.Tensor) -> torch.Tensor:
@@ -164,6 +238,132 @@ def rank_gallery(
         similarity=similarity,
         num_pairs_scored=int(pair_ids.numel()),
     )
+
+
+@torch.no_grad()
+def official_protocol_scores(
+    model: Any, images: EncodedImages, texts: EncodedTexts, k: int = 16, fill_value: float = -100.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official re-ranking loops (`Retrieval.py::evaluation`, one process): the reference and the baseline.
+
+    For each image, its top-`k` texts by ITC similarity are fused in one batch with the image sequence repeated `k`
+    times (image mask all ones); then for each text, its top-`k` images, with the text repeated `k` times. No pair
+    is shared between the loops and every pair recomputes the image keys/values, on the texts as padded by the
+    caller (the official evaluation pads to 40 tokens). Scores are the raw ITM logit of class "match".
+
+    Returns:
+        `(scores_i2t (n_images, n_texts), scores_t2i (n_texts, n_images))`, float32, `fill_value` outside the
+        top-k, as `score_matrices(rank_gallery(...))`.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}.")
+    sims = images.features @ texts.features.t()
+    n_images, n_texts = sims.shape
+    device = sims.device
+    scores_i2t = torch.full((n_images, n_texts), fill_value, dtype=torch.float32, device=device)
+    k_i2t = min(k, n_texts)
+    for i in range(n_images):
+        topk_idx = sims[i].topk(k_i2t, dim=0).indices
+        encoder_output = images.sequences[i].repeat(k_i2t, 1, 1)
+        encoder_att = torch.ones(encoder_output.shape[:-1], dtype=torch.long, device=device)
+        fused = model.xvlm.fuse(texts.states[topk_idx], texts.attention_mask[topk_idx], encoder_output, encoder_att)
+        scores_i2t[i, topk_idx] = model.itm_head(fused[:, 0])[:, 1].float()
+
+    sims_t = sims.t()
+    scores_t2i = torch.full((n_texts, n_images), fill_value, dtype=torch.float32, device=device)
+    k_t2i = min(k, n_images)
+    for t in range(n_texts):
+        topk_idx = sims_t[t].topk(k_t2i, dim=0).indices
+        encoder_output = images.sequences[topk_idx]
+        encoder_att = torch.ones(encoder_output.shape[:-1], dtype=torch.long, device=device)
+        fused = model.xvlm.fuse(
+            texts.states[t].repeat(k_t2i, 1, 1),
+            texts.attention_mask[t].repeat(k_t2i, 1),
+            encoder_output,
+            encoder_att,
+        )
+        scores_t2i[t, topk_idx] = model.itm_head(fused[:, 0])[:, 1].float()
+    return scores_i2t, scores_t2i
+
+
+# -- fusion reduced to what the ITM score needs ------------------------------------------------------------------
+
+
+def _split_heads(module: Any, states: torch.Tensor, projection: Any) -> torch.Tensor:
+    batch, length = states.shape[:2]
+    shape = (batch, length, module.num_attention_heads, module.attention_head_size)
+    return projection(states).view(shape).transpose(1, 2)
+
+
+def _attend(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any) -> torch.Tensor:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from .modeling_xvlm import eager_attention_forward
+
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention_forward)
+    out, _ = interface(module, query, key, value, mask, scaling=module.scaling, dropout=0.0)
+    return out.reshape(query.shape[0], query.shape[2], -1)
+
+
+@torch.no_grad()
+def fused_cls_states(
+    xvlm: Any,
+    text_states: torch.Tensor,
+    text_mask: torch.Tensor,
+    text_index: torch.Tensor,
+    image_seqs: torch.Tensor,
+    image_index: torch.Tensor,
+) -> torch.Tensor:
+    """Fused [CLS] `(P, hidden)` of the pairs `(text_index[p], image_index[p])`, inference only.
+
+    Equals `xvlm.fuse(text_states[text_index], text_mask[text_index], image_seqs, image_index=image_index)[:, 0]`
+    (fp32: to float rounding) with less work: the first fusion layer's self-attention block and cross-attention
+    queries depend on the text alone, so they run once per distinct text; in the last fusion layer only the [CLS]
+    row feeds the ITM head, so its queries, attention outputs and feed-forward run on one token per pair. Uses
+    the modules of `xvlm.text_model.encoder` directly (no attention weights, no dropout).
+    """
+    from .modeling_xvlm import expand_key_mask
+
+    config = xvlm.text_model.config
+    layers = [xvlm.text_model.encoder.layer[i] for i in range(config.fusion_layer, config.num_hidden_layers)]
+    first, last = layers[0], layers[-1]
+    text_self_mask = expand_key_mask(text_mask, text_states.dtype)
+    pair_self_mask = None if text_self_mask is None else text_self_mask[text_index]
+    # first fusion layer: self-attention and cross-attention queries once per distinct text
+    hidden_text, _ = first.attention(text_states, text_self_mask)
+    cross = first.crossattention.self
+    rows = slice(0, 1) if len(layers) == 1 else slice(None)
+    query = _split_heads(cross, hidden_text, cross.query)[text_index][:, :, rows]
+    keys = _split_heads(cross, image_seqs, cross.key)[image_index]
+    values = _split_heads(cross, image_seqs, cross.value)[image_index]
+    hidden = first.crossattention.output(_attend(cross, query, keys, values, None), hidden_text[text_index][:, rows])
+    hidden = first.output(first.intermediate(hidden), hidden)
+    if len(layers) == 1:
+        return hidden[:, 0]
+    for layer in layers[1:-1]:
+        hidden = layer(hidden, pair_self_mask, image_seqs, None, image_index)[0]
+    # last fusion layer: the [CLS] row only (keys/values of the self-attention still span every text token)
+    attention = last.attention.self
+    cls = hidden[:, :1]
+    context = _attend(
+        attention,
+        _split_heads(attention, cls, attention.query),
+        _split_heads(attention, hidden, attention.key),
+        _split_heads(attention, hidden, attention.value),
+        pair_self_mask,
+    )
+    cls = last.attention.output(context, cls)
+    cross = last.crossattention.self
+    context = _attend(
+        cross,
+        _split_heads(cross, cls, cross.query),
+        _split_heads(cross, image_seqs, cross.key)[image_index],
+        _split_heads(cross, image_seqs, cross.value)[image_index],
+        None,
+    )
+    cls = last.crossattention.output(context, cls)
+    cls = last.output(last.intermediate(cls), cls)
+    return cls[:, 0]
 
 
 def score_matrices(output: RetrievalOutput, fill_value: float = -100.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,431 @@
+"""Markdown tables from `benchmarks/results.json`; `write_report` replaces the generated block of
+`docs/benchmarks.md` (between the BEGIN/END markers) and leaves the hand-written text around it alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+BEGIN = "<!-- BEGIN GENERATED: python -m benchmarks.run (do not edit by hand) -->"
+END = "<!-- END GENERATED -->"
+
+PLAIN = ["eager/fp32", "sdpa/fp32", "eager/bf16", "sdpa/bf16"]
+COMPILED = ["sdpa/fp32/compile", "sdpa/bf16/compile"]
+
+
+def _ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    return f"{seconds * 1000:,.0f}" if seconds >= 0.1 else f"{seconds * 1000:.1f}"
+
+
+def _cell(result: dict[str, Any] | None) -> str:
+    if not result:
+        return "n/a"
+    if "median_s" not in result:
+        reason = result.get("skipped") or result.get("error") or "n/a"
+        return f"n/a ({_short(reason)})"
+    spread = result.get("spread")
+    text = f"{_ms(result['median_s'])}"
+    if spread is not None and spread >= 0.15:
+        text += f" (best {_ms(result['min_s'])})"
+    return text
+
+
+def _short(reason: str, limit: int = 60) -> str:
+    reason = reason.splitlines()[0] if reason else ""
+    return reason if len(reason) <= limit else reason[: limit - 1] + "…"
+
+
+def _ratio(numerator: dict | None, denominator: dict | None) -> str:
+    """`numerator time / denominator time` (the speed-up of the denominator variant): of the medians, and in
+    parentheses of the fastest runs."""
+    if not numerator or not denominator or "median_s" not in numerator or "median_s" not in denominator:
+        return "n/a"
+    median = numerator["median_s"] / denominator["median_s"]
+    best = numerator["min_s"] / denominator["min_s"]
+    return f"{median:.2f}x ({best:.2f}x)"
+
+
+def _variant_results(case: dict[str, Any]) -> dict[str, Any]:
+    results = dict(case.get("results", {}))
+    for name, value in case.get("compile", {}).items():
+        results[name] = value
+    return results
+
+
+def render_main_table(data: dict[str, Any]) -> str:
+    lines = [
+        "| # | benchmark | eager fp32 | sdpa fp32 | eager bf16 | sdpa bf16 | compile sdpa fp32 | compile sdpa bf16 "
+        "| bf16 speed-up (sdpa) | sdpa vs eager (fp32) | compile speed-up (fp32 / bf16) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, case in data["cases"].items():
+        if key.startswith("retrieval_eval"):
+            continue
+        info = case.get("case", {})
+        title = f"{info.get('title', key)} (`{key}`)"
+        if "results" not in case:
+            reason = case.get("skipped") or case.get("error") or "not run"
+            lines.append(f"| {info.get('number', '')} | {title} | n/a: {_short(reason, 90)} |||||||||")
+            continue
+        results = _variant_results(case)
+        cells = [_cell(results.get(name)) for name in PLAIN + COMPILED]
+        bf16 = _ratio(results.get("sdpa/fp32"), results.get("sdpa/bf16"))
+        sdpa = _ratio(results.get("eager/fp32"), results.get("sdpa/fp32"))
+        compiled = " / ".join(
+            _ratio(
+                (results.get(f"sdpa/{p}/compile") or {}).get("plain_same_run") or results.get(f"sdpa/{p}"),
+                results.get(f"sdpa/{p}/compile"),
+            )
+            for p in ("fp32", "bf16")
+        )
+        row = " | ".join(cells)
+        lines.append(f"| {info.get('number', '')} | {title} | {row} | {bf16} | {sdpa} | {compiled} |")
+    return "\n".join(lines)
+
+
+def render_throughput_table(data: dict[str, Any]) -> str:
+    lines = [
+        "| benchmark | unit | eager fp32 | sdpa fp32 | eager bf16 | sdpa bf16 | compile sdpa fp32 "
+        "| compile sdpa bf16 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, case in data["cases"].items():
+        if key.startswith("retrieval_eval") or "results" not in case:
+            continue
+        results = _variant_results(case)
+        unit = case.get("case", {}).get("unit", "items")
+        cells = []
+        for name in PLAIN + COMPILED:
+            value = results.get(name) or {}
+            cells.append(f"{value['items_per_s']:.1f}" if "items_per_s" in value else "n/a")
+        lines.append(f"| `{key}` | {unit}/s | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_cpu_table(data: dict[str, Any]) -> str:
+    names = PLAIN + ["sdpa/fp32/ckpt"]
+    lines = [
+        "| benchmark | threads | " + " | ".join(n.replace("/", " ") for n in names)
+        + " | bf16 speed-up (sdpa) | sdpa vs eager (fp32) |",
+        "|---|---|" + "---|" * (len(names) + 2),
+    ]
+    for key, case in data["cases"].items():
+        if key.startswith("retrieval_eval") or "results" not in case:
+            continue
+        results = case["results"]
+        if not any((r or {}).get("cpu_median_s") for r in results.values()):
+            continue
+        cells = []
+        for name in names:
+            value = (results.get(name) or {}).get("cpu_median_s")
+            cells.append("" if name not in results else ("n/a" if value is None else f"{value:.2f}"))
+        bf16 = _fmt(_speedup(results.get("sdpa/fp32"), results.get("sdpa/bf16"), "cpu_median_s"))
+        sdpa = _fmt(_speedup(results.get("eager/fp32"), results.get("sdpa/fp32"), "cpu_median_s"))
+        threads = case.get("case", {}).get("threads") or case.get("torch_threads")
+        lines.append(f"| `{key}` | {threads} | " + " | ".join(cells) + f" | {bf16} | {sdpa} |")
+    return "\n".join(lines)
+
+
+def render_memory_table(data: dict[str, Any]) -> str:
+    names = PLAIN + ["sdpa/fp32/ckpt", "sdpa/bf16/ckpt"] + COMPILED
+    lines = [
+        "| benchmark | " + " | ".join(n.replace("/", " ") for n in names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for key, case in data["cases"].items():
+        if key.startswith("retrieval_eval") or "results" not in case:
+            continue
+        results = _variant_results(case)
+        cells = []
+        for name in names:
+            value = (results.get(name) or {}).get("peak_extra_mib")
+            cells.append("" if name not in results else ("n/a" if value is None else f"{value:,.0f}"))
+        lines.append(f"| `{key}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_agreement_table(data: dict[str, Any]) -> str:
+    lines = ["| benchmark | variant | reference | agreement |", "|---|---|---|---|"]
+    for key, case in data["cases"].items():
+        if key.startswith("retrieval_eval") or "results" not in case:
+            continue
+        agreements = dict(case.get("agreement", {}))
+        for name, value in case.get("compile", {}).items():
+            if isinstance(value, dict) and "agreement" in value:
+                agreements[name] = value["agreement"]
+        for name, value in agreements.items():
+            metrics = ", ".join(
+                f"{metric} = {number:.6f}" if isinstance(number, float) else f"{metric} = {number}"
+                for metric, number in value.items()
+                if metric != "reference"
+            )
+            lines.append(f"| `{key}` | {name} | {value.get('reference')} | {metrics} |")
+    return "\n".join(lines)
+
+
+def _ranking_cell(agreement: dict[str, Any]) -> str:
+    if agreement.get("rankings_identical"):
+        return "yes"
+    if agreement.get("rankings_identical_up_to_ties_1e-5"):
+        return "yes, up to ties (\\|Δ\\| < 1e-5)"
+    if not agreement.get("same_candidates"):
+        return "no (other ITC candidates)"
+    return "no"
+
+
+def render_retrieval_tables(data: dict[str, Any]) -> str:
+    blocks = []
+    for key, case in data["cases"].items():
+        if not key.startswith("retrieval_eval"):
+            continue
+        info = case.get("case", {})
+        blocks.append(f"**{info.get('title', key)}** (`{key}`, fast-path batch {info.get('batch_size')} pairs)\n")
+        if "retrieval" not in case:
+            reason = case.get("skipped") or case.get("error") or "not run"
+            blocks.append(f"n/a: {_short(reason, 200)}\n")
+            continue
+        encode = case["retrieval"].get("encode", {})
+        if encode:
+            blocks.append(
+                "Encoding (every image and text once; same code in every protocol): "
+                + ", ".join(f"{name} {value['median_s']:.2f} s" for name, value in encode.items())
+                + ".\n"
+            )
+        for k_name, per_k in case["retrieval"].items():
+            if not k_name.startswith("k="):
+                continue
+            official_pairs = per_k.get("_official_pairs")
+            blocks.append(f"{k_name} (official protocol: {official_pairs:,} fusion passes)\n")
+            blocks.append(
+                "| protocol | precision | attention | runs | encode s | re-rank s | total s | re-rank CPU s "
+                "| pairs fused | CPU-time speed-up vs official fp32 sdpa: re-rank / total | speed-up vs "
+                "official (same precision, attention), total | speed-up vs official fp32 sdpa: re-rank / total "
+                "| rankings = official fp32 | max \\|Δscore\\| vs official fp32 (common candidates) "
+                "| top-1 = official fp32 "
+                "| peak extra MiB (re-rank) |"
+            )
+            blocks.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            base = per_k.get("official/fp32/sdpa")
+            for name, row in per_k.items():
+                if name.startswith("_"):
+                    continue
+                variant = row["variant"]
+                same = per_k.get(f"official/{variant['precision']}/{variant['attn']}")
+                agreement = row.get("agreement_vs_official_fp32_sdpa", {})
+                pairs = row.get("pairs_scored") or official_pairs
+                spread = ""
+                if row.get("rerank_max_s") and row["rerank_s"] and row.get("runs", 1) > 1:
+                    rel = (row["rerank_max_s"] - row["rerank_min_s"]) / row["rerank_s"]
+                    spread = f" (±{rel * 50:.0f}%)" if rel >= 0.15 else ""
+                speed_same = f"{same['total_s'] / row['total_s']:.2f}x" if same else "n/a"
+                speed_base = (
+                    f"{base['rerank_s'] / row['rerank_s']:.2f}x / {base['total_s'] / row['total_s']:.2f}x"
+                    if base else "n/a"
+                )
+                peak = row.get("peak_extra_mib")
+                cpu = row.get("rerank_cpu_s")
+                cpu_speed = (
+                    f"{base['rerank_cpu_s'] / cpu:.2f}x / {base['total_cpu_s'] / row['total_cpu_s']:.2f}x"
+                    if base and cpu and base.get("rerank_cpu_s") else "n/a"
+                )
+                blocks.append(
+                    f"| {variant['protocol']} | {variant['precision']} | {variant['attn']} | {row.get('runs')} | "
+                    f"{row['encode_s']:.2f} | "
+                    f"{row['rerank_s']:.2f}{spread} | {row['total_s']:.2f} | "
+                    f"{'n/a' if cpu is None else f'{cpu:.2f}'} | {pairs:,} | {cpu_speed} | {speed_same} | "
+                    f"{speed_base} | "
+                    f"{_ranking_cell(agreement)} | "
+                    f"{agreement.get('max_abs_score_diff_common_candidates', float('nan')):.2e} | "
+                    f"{agreement.get('top1_agreement', float('nan')) * 100:.1f}% | "
+                    f"{'n/a' if peak is None else f'{peak:,.0f}'} |"
+                )
+            blocks.append("")
+    return "\n".join(blocks)
+
+
+def _speedup(slow: dict | None, fast: dict | None, key: str = "median_s") -> float | None:
+    if not slow or not fast or key not in slow or key not in fast or not fast[key]:
+        return None
+    return slow[key] / fast[key]
+
+
+def _fmt(value: float | None, suffix: str = "x", digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def _both(slow: dict | None, fast: dict | None) -> str:
+    """Speed-up of the medians, and of the fastest runs in parentheses."""
+    median = _speedup(slow, fast, "median_s")
+    best = _speedup(slow, fast, "min_s")
+    return f"{_fmt(median)} ({_fmt(best)})"
+
+
+def render_summary(data: dict[str, Any]) -> str:
+    """The ratios the issue asks for, computed from the JSON (no number here is typed by hand)."""
+    lines = []
+    cases = data.get("cases", {})
+    # bf16 vs fp32 on benchmarks 1-3
+    bf16_rows = []
+    for key, case in cases.items():
+        if case.get("case", {}).get("number") not in ("1", "2", "3") or "results" not in case:
+            continue
+        results = case["results"]
+        agreement = case.get("agreement", {}).get("sdpa/bf16", {})
+        metric = next((f"{m} {v:.6f}" for m, v in agreement.items() if m != "reference"), "n/a")
+        cpu = _speedup(results.get("sdpa/fp32"), results.get("sdpa/bf16"), "cpu_median_s")
+        bf16_rows.append(
+            f"`{key}` {_both(results.get('sdpa/fp32'), results.get('sdpa/bf16'))} with sdpa, "
+            f"{_both(results.get('eager/fp32'), results.get('eager/bf16'))} with eager"
+            + (f", CPU time {_fmt(cpu)} with sdpa" if cpu else "")
+            + f"; {metric}"
+        )
+    if bf16_rows:
+        lines.append("- **bf16 autocast vs fp32** (time fp32 / time bf16 of the medians, and of the fastest runs in "
+                     "parentheses; agreement of the bf16 output with fp32): "
+                     + "; ".join(bf16_rows) + ".")
+    for suffix in ("", "@1t"):
+        full, shared = cases.get(f"fusion_32p{suffix}", {}), cases.get(f"fusion_32p_8img_shared{suffix}", {})
+        if "results" in full and "results" in shared:
+            a, b = full["results"].get("sdpa/fp32"), shared["results"].get("sdpa/fp32")
+            cpu = _speedup(a, b, "cpu_median_s")
+            lines.append(
+                f"- **Image keys/values shared** (`fuse(..., image_index=...)`, 32 pairs of 8 images vs 32 images, "
+                f"sdpa fp32{', one thread' if suffix else ''}): {_both(a, b)}"
+                + (f", CPU time {_fmt(cpu)}" if cpu else "") + "."
+            )
+    train = cases.get("train_retrieval_224_b4", {})
+    if "results" in train:
+        r = train["results"]
+        memory = [
+            (r.get(name) or {}).get("peak_extra_mib") for name in ("sdpa/fp32", "sdpa/fp32/ckpt")
+        ]
+        memory_text = (
+            f"peak extra memory {memory[0]:,.0f} MiB without and {memory[1]:,.0f} MiB with activation checkpointing"
+            if None not in memory else "memory n/a"
+        )
+        lines.append(
+            f"- **Training step** (benchmark 4): sdpa vs eager {_both(r.get('eager/fp32'), r.get('sdpa/fp32'))}"
+            f" in fp32 (CPU time {_fmt(_speedup(r.get('eager/fp32'), r.get('sdpa/fp32'), 'cpu_median_s'))}), "
+            f"{_both(r.get('eager/bf16'), r.get('sdpa/bf16'))} in bf16; bf16 vs fp32 "
+            f"{_both(r.get('sdpa/fp32'), r.get('sdpa/bf16'))}; with activation checkpointing the step runs at "
+            f"{_both(r.get('sdpa/fp32'), r.get('sdpa/fp32/ckpt'))} the speed without, "
+            f"{memory_text}."
+        )
+    for key, case in cases.items():
+        if not key.startswith("retrieval_eval") or "retrieval" not in case:
+            continue
+        for k_name, per_k in case["retrieval"].items():
+            if not k_name.startswith("k="):
+                continue
+            official = per_k.get("official/fp32/sdpa")
+            parts = []
+            for name in ("fast/fp32/sdpa", "fast-cls/fp32/sdpa", "fast/bf16/sdpa", "fast-cls/bf16/sdpa"):
+                row = per_k.get(name)
+                if not row or not official:
+                    continue
+                agreement = row.get("agreement_vs_official_fp32_sdpa", {})
+                if name.split("/")[1] == "fp32":
+                    equal = {
+                        "yes": "rankings identical",
+                        "no": "RANKINGS DIFFER",
+                    }.get(_ranking_cell(agreement), f"rankings: {_ranking_cell(agreement)}")
+                    equal += f", max |Δscore| {agreement.get('max_abs_score_diff', float('nan')):.1e}"
+                else:
+                    cosine = min(agreement.get("itc_image_cosine_min", 1), agreement.get("itc_text_cosine_min", 1))
+                    equal = (
+                        f"top-1 = fp32 official for {agreement.get('top1_agreement', float('nan')) * 100:.1f}% of "
+                        f"queries, ITC cosine >= {cosine:.5f}"
+                    )
+                cpu = _speedup(official, row, "rerank_cpu_s")
+                parts.append(
+                    f"`{name}` re-ranking {_fmt(_speedup(official, row, 'rerank_s'))}"
+                    + (f" (CPU time {_fmt(cpu)})" if cpu else "")
+                    + f", end to end {_fmt(_speedup(official, row, 'total_s'))} ({equal})"
+                )
+            if parts:
+                lines.append(f"- **Retrieval evaluation `{key}` {k_name}** vs the official protocol (fp32, sdpa): "
+                             + "; ".join(parts) + ".")
+    return "\n".join(lines) if lines else "(no results yet)"
+
+
+def render_tables(data: dict[str, Any]) -> str:
+    machine = data.get("machine", {})
+    settings = data.get("settings", {})
+    header = [
+        f"Machine: {machine.get('cpu')} ({machine.get('logical_cpus')} logical CPUs, torch threads "
+        f"{machine.get('torch_threads')}, {machine.get('memory_gib')} GiB RAM, flags "
+        f"{', '.join(machine.get('cpu_flags', [])) or 'n/a'}), GPU: {machine.get('gpu') or 'none'}; "
+        f"Python {machine.get('python')}, torch {machine.get('torch')}, transformers {machine.get('transformers')}; "
+        f"commit {machine.get('git_commit')}; run started {machine.get('date')} "
+        f"(load average {machine.get('load_average_at_start')}).",
+        "",
+        f"Command: `{data.get('command')}`; {settings.get('warmup')} warm-up + {settings.get('repeats')} timed rounds "
+        "per variant (variants interleaved round by round), median reported; where the runs of a variant spread by "
+        "15% or more, the fastest run follows as (best ...). Ratios are given for the medians and, in parentheses, "
+        "for the fastest runs (the runs least disturbed by other processes on the shared cores). "
+        f"Benchmarks 4-5 are capped at 3 timed rounds (the `runs` field of each result in the JSON). "
+        f"Total wall time {data.get('total_wall_s', 0) / 60:.1f} min.",
+        "",
+        *(
+            ["Runs combined in these tables (`python -m benchmarks.run --combine ...`): " + "; ".join(
+                f"`{r['command']}` ({r['date']}, load average {r.get('load_average_at_start', 'n/a')}, cases "
+                f"{', '.join(r.get('cases', []))}{'; ' + r['note'] if r.get('note') else ''})"
+                for r in data.get("runs", [])) + ".", ""]
+            if len(data.get("runs", [])) > 1 else []
+        ),
+        *(
+            [f"torch.compile variants: `{data['compile_run']['command']}` ({data['compile_run']['machine']['date']}, "
+             f"load average {data['compile_run']['machine'].get('load_average_at_start')}); the compile speed-up "
+             "compares with the plain sdpa variant timed in the same process, interleaved.", ""]
+            if data.get("compile_run") else []
+        ),
+        "### Summary (computed from the results)",
+        "",
+        render_summary(data),
+        "",
+        "### Latency per call (ms, median)",
+        "",
+        render_main_table(data),
+        "",
+        "### Throughput (items per second at the median)",
+        "",
+        render_throughput_table(data),
+        "",
+        "### Process CPU time per call (s, median over the timed runs, all threads)",
+        "",
+        "CPU time counts only the time this process ran, so it is far less disturbed than wall time by other "
+        "processes on the shared cores; with one thread (`@1t` rows, `--threads 1`) it is the compute itself, with "
+        "two it also counts the threads' spin-waiting for each other.",
+        "",
+        render_cpu_table(data),
+        "",
+        "### Peak extra memory per call (MiB above the resident size before the call)",
+        "",
+        render_memory_table(data),
+        "",
+        "### Agreement of each variant with its reference (first call, same inputs)",
+        "",
+        render_agreement_table(data),
+        "",
+        "### 6. Retrieval evaluation, official protocol vs fast path",
+        "",
+        render_retrieval_tables(data),
+    ]
+    return "\n".join(header)
+
+
+def write_report(data: dict[str, Any], doc: Path) -> None:
+    generated = f"{BEGIN}\n\n{render_tables(data)}\n\n{END}"
+    if doc.exists():
+        text = doc.read_text()
+        if BEGIN in text and END in text:
+            before = text[: text.index(BEGIN)]
+            after = text[text.index(END) + len(END):]
+            doc.write_text(before + generated + after)
+            return
+        doc.write_text(text.rstrip() + "\n\n" + generated + "\n")
+        return
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text("# Benchmarks\n\n" + generated + "\n")
