@@ -1,0 +1,50 @@
+"""Training and evaluation of X-VLM: the official recipe, accelerate training loop, checkpoints, evaluation.
+
+* :mod:`.recipe` - AdamW groups (official no-decay substrings, lr multiplier), LambdaLR warm-up/decay, task recipes.
+* :mod:`.augment` / :mod:`.collators` / :mod:`.data` - official augmentations, task collators, step-indexed data.
+* :mod:`.checkpointing` - atomic, exactly resumable checkpoints.
+* :mod:`.train` - ``xvlm-train`` (accelerate); :mod:`.evaluate` - ``xvlm-eval``; :mod:`.main_job` - the CPU demo.
+"""
+
+from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from .collators import (
+    BoxSafeRegionSampler,
+    XVLMGroundingTrainCollator,
+    XVLMImageTextTransform,
+    XVLMRetrievalCollator,
+)
+from .evaluate import evaluate_grounding, evaluate_retrieval, grounding_accuracy
+from .recipe import (
+    NO_DECAY_SUBSTRINGS,
+    TASK_RECIPES,
+    TaskRecipe,
+    create_optimizer,
+    create_scheduler,
+    get_recipe,
+    linear_warmup_decay,
+    parameter_groups,
+)
+from .train import TrainConfig, train
+
+__all__ = [
+    "BoxSafeRegionSampler",
+    "NO_DECAY_SUBSTRINGS",
+    "TASK_RECIPES",
+    "TaskRecipe",
+    "TrainConfig",
+    "XVLMGroundingTrainCollator",
+    "XVLMImageTextTransform",
+    "XVLMRetrievalCollator",
+    "create_optimizer",
+    "create_scheduler",
+    "evaluate_grounding",
+    "evaluate_retrieval",
+    "get_recipe",
+    "grounding_accuracy",
+    "latest_checkpoint",
+    "linear_warmup_decay",
+    "load_checkpoint",
+    "parameter_groups",
+    "save_checkpoint",
+    "train",
+]

@@ -1,0 +1,643 @@
+"""``xvlm-train``: X-VLM pre-training and fine-tuning with accelerate (one CPU, one or several GPUs, several nodes).
+
+Tasks:
+
+* ``pretrain`` - image-text batches (ITC + ITM + MLM) and, with probability ``iter_perc`` per iteration, an extra
+  optimizer step on a region batch (ITC + ITM + MLM on region inputs + box L1 + GIoU), official ``Pretrain.py``.
+* ``retrieval`` - ITC (multi-positive) + ITM fine-tuning of ``XVLMForRetrieval``.
+* ``grounding`` - box L1 + GIoU fine-tuning of ``XVLMForGrounding``.
+* ``demo`` (the default with no arguments) - the CPU demonstration job of :mod:`modeling_xvlm.training.main_job`.
+
+Models come from a preset (``--model tiny|base``, from scratch), a ``save_pretrained`` folder / Hub id
+(``--model path``), or Swin + BERT checkpoints (``--vision-model`` + ``--text-model``). Data come from a dataset
+folder or Hub id in the X-VLM schema (``--dataset``; default: the synthetic dataset).
+
+The official recipe (``modeling_xvlm.training.recipe``) is the default; every value can be overridden. Launch with
+``accelerate launch [--num_processes N] -m modeling_xvlm.training.train ...`` (or ``accelerate launch
+$(which xvlm-train) ...``) for DDP / FSDP / DeepSpeed and mixed precision; see docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .recipe import create_optimizer, create_scheduler, get_recipe, new_parameter_names
+
+__all__ = ["TrainConfig", "train", "build_parser", "main", "build_model", "build_processor"]
+
+TASKS = ("pretrain", "retrieval", "grounding")
+LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "loss_mlm", "loss_bbox_l1", "loss_bbox_giou")
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``xvlm-train`` accepts (``None`` = the official value of the task's recipe)."""
+
+    task: str = "pretrain"
+    # model
+    model: str = "tiny"
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    vision_model: str | None = None
+    text_model: str | None = None
+    tokenizer: str | None = None
+    image_size: int | None = None
+    # data
+    dataset: str | None = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+    max_train_examples: int | None = None
+    num_workers: int = 0
+    # recipe
+    lr: float | None = None
+    lr_mult: float | None = None
+    weight_decay: float | None = None
+    warmup: float | None = None
+    epochs: int | None = None
+    max_steps: int | None = None
+    batch_size: int | None = None
+    max_grad_norm: float | None = None
+    grad_accum: int = 1
+    # pre-training
+    regions: bool = True
+    iter_perc: float | None = None
+    region_batch_texts: int | None = None
+    region_max_images: int | None = None
+    max_regions: int = 5
+    # augmentation
+    randaugment: bool = True
+    careful_hflip: bool = True
+    crop_scale_min: float | None = None
+    grounding_crop: bool = True
+    # system
+    mixed_precision: str | None = None
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    cpu: bool = False
+    # evaluation / logging / checkpoints
+    output_dir: str = "xvlm-output"
+    eval_every: int | None = None
+    eval_at_end: bool = True
+    eval_max_examples: int | None = None
+    k_test: int = 16
+    eval_batch_size: int = 64
+    save_every: int | None = None
+    save_total_limit: int | None = 2
+    resume: str | None = None
+    log_every: int = 10
+    log_with: list[str] = field(default_factory=list)
+    project_name: str = "xvlm"
+    progress: bool = True
+    save_final: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _model_class(task: str):
+    from .. import XVLMForGrounding, XVLMForPretraining, XVLMForRetrieval
+
+    return {"pretrain": XVLMForPretraining, "retrieval": XVLMForRetrieval, "grounding": XVLMForGrounding}[task]
+
+
+def _load_tokenizer(cfg: TrainConfig):
+    from transformers import AutoTokenizer
+
+    if cfg.tokenizer == "synthetic" or (cfg.tokenizer is None and cfg.text_model is None and cfg.dataset is None):
+        from ..data import synthetic_tokenizer
+
+        return synthetic_tokenizer()
+    name = cfg.tokenizer or cfg.text_model
+    if name is None:
+        raise SystemExit(
+            "a tokenizer is needed: pass --tokenizer (e.g. bert-base-uncased) or --text-model, or use a --model "
+            "folder that holds a processor"
+        )
+    return AutoTokenizer.from_pretrained(name)
+
+
+def build_processor(cfg: TrainConfig, image_size: int, patch_size: int):
+    """The processor saved with ``--model`` when there is one, else one from the tokenizer and the model size."""
+    from ..processing import XVLMImageProcessorPil, XVLMProcessor
+
+    if cfg.model not in ("tiny", "base") and cfg.tokenizer is None:
+        try:
+            processor = XVLMProcessor.from_pretrained(cfg.model)
+            if processor.image_processor.input_size == (image_size, image_size):
+                return processor
+        except (OSError, ValueError, TypeError):
+            pass
+    image_processor = XVLMImageProcessorPil(size={"height": image_size, "width": image_size}, patch_size=patch_size)
+    return XVLMProcessor(image_processor=image_processor, tokenizer=_load_tokenizer(cfg))
+
+
+def build_model(cfg: TrainConfig, tokenizer_size: int | None = None):
+    """The task's model from a preset (new weights), a ``save_pretrained`` folder / Hub id, or Swin + BERT."""
+    from .. import XVLMConfig
+    from ..initialization import build_from_vision_text_pretrained
+
+    cls = _model_class(cfg.task)
+    if cfg.vision_model or cfg.text_model:
+        if not (cfg.vision_model and cfg.text_model):
+            raise SystemExit("--vision-model and --text-model go together (Swin + BERT initialisation)")
+        extra = {"image_size": cfg.image_size} if cfg.image_size else {}
+        return build_from_vision_text_pretrained(cls, cfg.vision_model, cfg.text_model, **extra)
+    if cfg.model in ("tiny", "base"):
+        overrides = json.loads(json.dumps(cfg.config_overrides or {}))
+        if tokenizer_size is not None:
+            overrides.setdefault("text_config", {}).setdefault("vocab_size", tokenizer_size)
+        config = XVLMConfig.from_preset(cfg.model, image_size=cfg.image_size, **overrides)
+        return cls(config)
+    return cls.from_pretrained(cfg.model)
+
+
+def _load_split(cfg: TrainConfig, config_name: str, split: str, data: dict | None):
+    if data is not None and (config_name, split) in data:
+        return data[(config_name, split)]
+    from ..data import load_xvlm_dataset
+
+    return load_xvlm_dataset(cfg.dataset, config_name, split)
+
+
+def _subset(dataset: Any, n: int | None) -> Any:
+    if n is None or n >= len(dataset):
+        return dataset
+    return dataset[:n] if isinstance(dataset, list) else dataset.select(range(n))
+
+
+def retrieval_train_rows(dataset: Any) -> Any:
+    """Retrieval rows (image + captions) -> image-caption pairs with a contiguous ``image_index``."""
+    if isinstance(dataset, list):
+        return [
+            {"image": row["image"], "caption": caption, "image_index": i}
+            for i, row in enumerate(dataset)
+            for caption in row["captions"]
+        ]
+    from ..data import retrieval_pairs
+
+    return retrieval_pairs(dataset)
+
+
+class _Fault:
+    """Testing hook (env ``XVLM_TRAIN_FAULT``): ``kill_after_step=N`` or ``kill_mid_save=N`` SIGKILLs this process."""
+
+    def __init__(self, spec: str | None) -> None:
+        self.kind, self.step = None, -1
+        if spec:
+            kind, _, step = spec.partition("=")
+            self.kind, self.step = kind, int(step)
+
+    def after_step(self, step: int) -> None:
+        if self.kind == "kill_after_step" and step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def save_hook(self, step: int):
+        if self.kind == "kill_mid_save" and step == self.step:
+            return lambda where: os.kill(os.getpid(), signal.SIGKILL)
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _batch_size_of(batch: dict[str, torch.Tensor]) -> int:
+    return int(batch["input_ids"].shape[0])
+
+
+def train(cfg: TrainConfig, data: dict | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run one training task; returns a summary (steps, losses, evaluation metrics, timings, output folder).
+
+    Args:
+        cfg: the run configuration.
+        data: optional pre-loaded datasets ``{(config_name, split): rows}`` used instead of loading them.
+        log: where to print messages (default ``print`` on the main process).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+    from ..processing import XVLMPretrainCollator, XVLMRegionSampler, XVLMTextMasker
+    from .checkpointing import latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
+    from .collators import (
+        BoxSafeRegionSampler,
+        XVLMGroundingTrainCollator,
+        XVLMImageTextTransform,
+        XVLMRetrievalCollator,
+    )
+    from .data import (
+        PretrainImageTextCollator,
+        StepBatchSampler,
+        derive_seed,
+        make_loader,
+        pretrain_image_text_row,
+        pretrain_region_row,
+    )
+
+    if cfg.task not in TASKS:
+        raise ValueError(f"unknown task {cfg.task!r}; expected one of {TASKS}")
+    started = time.perf_counter()
+    # Without GPUs, a multi-process launch (torchrun / `accelerate launch --multi_gpu --num_processes N`) is DDP over
+    # gloo, which accelerate only selects with cpu=True.
+    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        cpu=cfg.cpu or (multi_process and not torch.cuda.is_available()),
+        log_with=cfg.log_with or None,
+        project_dir=cfg.output_dir,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.task == "pretrain")],
+    )
+    is_main = accelerator.is_main_process
+    say = log or (lambda msg: print(msg, flush=True))
+    say = say if is_main else (lambda msg: None)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    fault = _Fault(os.environ.get("XVLM_TRAIN_FAULT"))
+    output_dir = Path(cfg.output_dir)
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.seed)  # identical initialisation on every process
+
+    # -- model and processor ---------------------------------------------------------------------------------------
+    tokenizer_size = None
+    if cfg.model in ("tiny", "base") and not cfg.vision_model:
+        tokenizer_size = len(_load_tokenizer(cfg))
+    model = build_model(cfg, tokenizer_size)
+    processor = build_processor(cfg, model.config.image_size, model.config.patch_stride)
+    size = model.config.image_size
+    if cfg.gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+    model.train()
+
+    # -- recipe ----------------------------------------------------------------------------------------------------
+    recipe = get_recipe(
+        cfg.task,
+        lr=cfg.lr,
+        lr_mult=cfg.lr_mult,
+        weight_decay=cfg.weight_decay,
+        warmup=cfg.warmup,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+    )
+    max_grad_norm = recipe.max_grad_norm if cfg.max_grad_norm is None else (cfg.max_grad_norm or None)
+    extra = recipe.extra
+    batch_size = recipe.batch_size
+    accum = max(1, cfg.grad_accum)
+
+    # -- data ------------------------------------------------------------------------------------------------------
+    if cfg.task == "pretrain":
+        train_rows = _subset(_load_split(cfg, "pretrain", cfg.train_split, data), cfg.max_train_examples)
+        masker = XVLMTextMasker(processor.tokenizer)
+        crop_min = 0.2 if cfg.crop_scale_min is None else cfg.crop_scale_min
+        image_collator = PretrainImageTextCollator(
+            XVLMPretrainCollator(processor, masker=masker),
+            XVLMImageTextTransform(size, scale=(crop_min, 1.0), careful_hflip=cfg.careful_hflip,
+                                   randaugment=cfg.randaugment),
+        )
+        region_texts = cfg.region_batch_texts or extra["region_batch_texts"]
+        region_images = cfg.region_max_images or extra["region_max_images"]
+        iter_perc = extra["iter_perc"] if cfg.iter_perc is None else cfg.iter_perc
+        region_collator = XVLMPretrainCollator(
+            processor,
+            masker=XVLMTextMasker(processor.tokenizer),
+            region_sampler=BoxSafeRegionSampler(
+                XVLMRegionSampler(image_size=size, max_regions=cfg.max_regions, careful_hflip=cfg.careful_hflip),
+                randaugment=cfg.randaugment,
+            ),
+            max_texts=region_texts,
+        )
+        image_adapter, region_adapter = pretrain_image_text_row, pretrain_region_row
+        if not cfg.regions:
+            iter_perc = 0.0
+    elif cfg.task == "retrieval":
+        train_rows = retrieval_train_rows(
+            _subset(_load_split(cfg, "retrieval", cfg.train_split, data), cfg.max_train_examples)
+        )
+        crop_min = 0.5 if cfg.crop_scale_min is None else cfg.crop_scale_min
+        image_collator = XVLMRetrievalCollator(
+            processor,
+            XVLMImageTextTransform(size, scale=(crop_min, 1.0), careful_hflip=cfg.careful_hflip,
+                                   randaugment=cfg.randaugment),
+        )
+        image_adapter = None
+        iter_perc = 0.0
+    else:
+        train_rows = _subset(_load_split(cfg, "grounding", cfg.train_split, data), cfg.max_train_examples)
+        image_collator = XVLMGroundingTrainCollator(
+            processor, crop=cfg.grounding_crop, careful_hflip=cfg.careful_hflip, randaugment=cfg.randaugment
+        )
+        image_adapter = None
+        iter_perc = 0.0
+
+    micro_per_epoch = len(train_rows) // (batch_size * world)
+    if micro_per_epoch < 1:
+        raise SystemExit(f"{len(train_rows)} training examples are fewer than one global batch ({batch_size} x {world})")
+    total_steps = cfg.max_steps or max(1, recipe.epochs * micro_per_epoch // accum)
+
+    # -- optimisation ----------------------------------------------------------------------------------------------
+    new_params = new_parameter_names(model, cfg.task) if recipe.new_params_get_lr_mult else set()
+    optimizer = create_optimizer(
+        model, recipe.lr, recipe.weight_decay, recipe.lr_mult, new_params, recipe.betas, recipe.eps
+    )
+    scheduler = create_scheduler(optimizer, total_steps, recipe.warmup)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    # -- resume ----------------------------------------------------------------------------------------------------
+    ckpt_root = output_dir / "checkpoints"
+    start_step, region_micro, history = 0, 0, []
+    rng_state = None
+    if cfg.resume:
+        path = latest_checkpoint(ckpt_root) if cfg.resume in ("latest", "auto") else Path(cfg.resume)
+        if path is None:
+            say(f"no checkpoint in {ckpt_root}: starting from scratch")
+        else:
+            state = load_checkpoint(path, model, optimizer, scheduler, accelerator, restore_rng=False)
+            start_step, region_micro = int(state["step"]), int(state.get("region_micro_steps", 0))
+            history = list(state.get("eval_history", []))
+            rng_state = state["_rng"]
+            say(f"resumed from {path} at step {start_step}")
+
+    image_sampler = StepBatchSampler(
+        len(train_rows), batch_size, cfg.seed, "image", rank, world, start_step=start_step * accum
+    )
+    image_iter = iter(make_loader(train_rows, image_collator, image_sampler, image_adapter, cfg.num_workers))
+    region_iter = None
+    if cfg.task == "pretrain" and iter_perc > 0:
+        region_sampler = StepBatchSampler(
+            len(train_rows), region_images, cfg.seed, "region", rank, world, start_step=region_micro
+        )
+        region_iter = iter(make_loader(train_rows, region_collator, region_sampler, region_adapter, cfg.num_workers))
+
+    if cfg.log_with:
+        accelerator.init_trackers(cfg.project_name, config={k: str(v) for k, v in cfg.to_dict().items()})
+
+    # -- evaluation ------------------------------------------------------------------------------------------------
+    eval_sets: dict[str, Any] = {}
+
+    def evaluate_now(step: int) -> dict[str, Any]:
+        from .evaluate import evaluate_grounding, evaluate_retrieval
+
+        results: dict[str, Any] = {}
+        if is_main:
+            unwrapped = accelerator.unwrap_model(model)
+            kinds = {"pretrain": ["retrieval"] + (["grounding"] if cfg.regions else []),
+                     "retrieval": ["retrieval"], "grounding": ["grounding"]}[cfg.task]
+            for kind in kinds:
+                if kind not in eval_sets:
+                    try:
+                        eval_sets[kind] = _load_split(cfg, kind, cfg.eval_split, data)
+                    except (ValueError, FileNotFoundError) as error:
+                        say(f"no {kind!r} {cfg.eval_split!r} split to evaluate on ({error}); skipped")
+                        eval_sets[kind] = None
+                if eval_sets[kind] is None:
+                    continue
+                if kind == "retrieval":
+                    m = evaluate_retrieval(unwrapped, processor, eval_sets[kind], cfg.k_test, cfg.eval_batch_size,
+                                           cfg.eval_max_examples)
+                    results.update({f"eval/{k}": m[k] for k in ("txt_r1", "img_r1", "r_mean")})
+                else:
+                    m = evaluate_grounding(unwrapped, processor, eval_sets[kind], cfg.eval_batch_size,
+                                           cfg.eval_max_examples)
+                    results["eval/acc@0.5"] = m["acc@0.5"]
+            say(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in results.items()))
+            accelerator.log(results, step=step)
+        accelerator.wait_for_everyone()
+        return results
+
+    # -- one optimizer step ------------------------------------------------------------------------------------------
+    def optimizer_step(batches: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        for k, batch in enumerate(batches):
+            batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+            if cfg.task == "retrieval":
+                batch["return_loss"] = True
+            sync = k == len(batches) - 1
+            context = accelerator.no_sync(model) if not sync and world > 1 else _nullcontext()
+            with context:
+                with accelerator.autocast():
+                    out = model(**batch)
+                    loss = out.loss / len(batches)
+                accelerator.backward(loss)
+            for key in LOSS_KEYS:
+                value = getattr(out, key, None)
+                if value is not None:
+                    sums[key] = sums.get(key, 0.0) + float(value.detach()) / len(batches)
+        if max_grad_norm is not None:
+            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return sums
+
+    # -- loop --------------------------------------------------------------------------------------------------------
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=start_step, disable=not (is_main and cfg.progress), desc=cfg.task,
+               dynamic_ncols=True, mininterval=1.0)
+    if rng_state is not None:
+        restore_rng_state(rng_state)  # last, so that nothing above consumes random numbers after it
+    running: dict[str, float] = {}
+    running_n = 0
+    examples = 0
+    window_start = time.perf_counter()
+    last_losses: dict[str, float] = {}
+    for step in range(start_step, total_steps):
+        if region_iter is not None:
+            coin = derive_seed(cfg.seed, "coin", step) / 2**63
+            if coin < iter_perc:  # identical on every process
+                parts = optimizer_step([next(region_iter) for _ in range(accum)])
+                region_micro += accum
+                for key, value in parts.items():
+                    running[f"region/{key}"] = running.get(f"region/{key}", 0.0) + value
+        batches = [next(image_iter) for _ in range(accum)]
+        examples += sum(_batch_size_of(b) for b in batches) * world
+        parts = optimizer_step(batches)
+        scheduler.step()
+        for key, value in parts.items():
+            running[key] = running.get(key, 0.0) + value
+        running_n += 1
+        done = step + 1
+        if done % max(1, cfg.log_every) == 0 or done == total_steps:
+            elapsed = max(time.perf_counter() - window_start, 1e-9)
+            means = {k: v / running_n for k, v in running.items()}
+            reduced = accelerator.reduce(torch.tensor(list(means.values()), device=accelerator.device), "mean")
+            means = dict(zip(means, reduced.tolist()))
+            means["lr"] = scheduler.get_last_lr()[0]
+            means["examples_per_s"] = examples / elapsed
+            last_losses = means
+            accelerator.log({f"train/{k}": v for k, v in means.items()}, step=done)
+            bar.set_postfix({k.replace("loss_", "").replace("region/", "r_"): f"{v:.3g}" for k, v in means.items()
+                             if k != "lr"}, refresh=False)
+            if not cfg.progress:
+                say(f"{cfg.task} step {done}/{total_steps}: " + ", ".join(
+                    f"{k} {v:.4g}" for k, v in means.items()))
+            running, running_n, examples, window_start = {}, 0, 0, time.perf_counter()
+        bar.update(1)
+        if cfg.eval_every and done % cfg.eval_every == 0 and done != total_steps:
+            history.append({"step": done, **evaluate_now(done)})
+        if cfg.save_every and (done % cfg.save_every == 0 or done == total_steps):
+            save_checkpoint(
+                ckpt_root, done, model, optimizer, scheduler,
+                {"task": cfg.task, "region_micro_steps": region_micro, "total_steps": total_steps,
+                 "eval_history": history, "config": cfg.to_dict()},
+                accelerator, cfg.save_total_limit, fault_hook=fault.save_hook(done),
+            )
+        fault.after_step(done)
+    bar.close()
+    train_seconds = time.perf_counter() - started
+
+    final_eval: dict[str, Any] = {}
+    if cfg.eval_at_end:
+        final_eval = evaluate_now(total_steps)
+    if cfg.save_final:
+        accelerator.wait_for_everyone()
+        unwrapped = accelerator.unwrap_model(model)
+        state_dict = accelerator.get_state_dict(model)
+        if is_main:
+            unwrapped.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+            processor.save_pretrained(output_dir)
+    summary = {
+        "task": cfg.task,
+        "output_dir": str(output_dir),
+        "steps": total_steps,
+        "region_steps": region_micro // accum,
+        "world_size": world,
+        "train_seconds": train_seconds,
+        "last_losses": last_losses,
+        "eval": final_eval,
+        "eval_history": history,
+        "recipe": recipe.to_dict(),
+    }
+    if is_main:
+        with open(output_dir / "train_results.json", "w", encoding="utf-8") as handle:
+            json.dump(summary, handle, indent=2, default=str)
+    accelerator.end_training()
+    return summary
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _bool_flag(parser: argparse.ArgumentParser, name: str, default: bool, help: str) -> None:
+    parser.add_argument(f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction,
+                        default=default, help=help)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xvlm-train",
+        description="Train X-VLM (pre-training, retrieval or grounding fine-tuning) with accelerate. Without "
+        "arguments: the CPU demo job (pre-train a tiny X-VLM on the synthetic dataset, fine-tune and evaluate it).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("task", nargs="?", default="demo", choices=[*TASKS, "demo"])
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default="tiny", help="preset (tiny, base: new weights), or a save_pretrained folder / Hub id")
+    g.add_argument("--config-overrides", default=None, help="JSON merged into the preset, e.g. "
+                   "'{\"text_config\": {\"num_hidden_layers\": 4, \"fusion_layer\": 2}}'")
+    g.add_argument("--vision-model", default=None, help="Swin checkpoint (with --text-model: official initialisation)")
+    g.add_argument("--text-model", default=None, help="BERT checkpoint (e.g. bert-base-uncased)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer path / Hub id, or 'synthetic'")
+    g.add_argument("--image-size", type=int, default=None)
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", default=None, help="X-VLM dataset folder or Hub id (default: synthetic)")
+    g.add_argument("--train-split", default="train")
+    g.add_argument("--eval-split", default="validation")
+    g.add_argument("--max-train-examples", type=int, default=None)
+    g.add_argument("--num-workers", type=int, default=0)
+    g = parser.add_argument_group("recipe (default: official values of the task)")
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--lr-mult", type=float, default=None, help="lr multiplier of newly initialised layers")
+    g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--warmup", type=float, default=None, help="steps (>= 1) or fraction of the total (< 1)")
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--batch-size", type=int, default=None, help="per process")
+    g.add_argument("--max-grad-norm", type=float, default=None, help="0 disables clipping")
+    g.add_argument("--grad-accum", type=int, default=1)
+    g = parser.add_argument_group("pre-training")
+    _bool_flag(g, "regions", True, "region batches with box losses (--no-regions: image-text objectives only)")
+    g.add_argument("--iter-perc", type=float, default=None, help="probability of a region step per iteration")
+    g.add_argument("--region-batch-texts", type=int, default=None)
+    g.add_argument("--region-max-images", type=int, default=None)
+    g.add_argument("--max-regions", type=int, default=5)
+    g = parser.add_argument_group("augmentation")
+    _bool_flag(g, "randaugment", True, "official RandAugment(2, 7) (box-safe operations for boxes)")
+    _bool_flag(g, "careful-hflip", True, "do not flip images whose texts mention left/right")
+    g.add_argument("--crop-scale-min", type=float, default=None, help="RandomResizedCrop scale (pretrain 0.2, "
+                   "retrieval 0.5; 1 = plain resize)")
+    _bool_flag(g, "grounding-crop", True, "box-aware random crop for grounding")
+    g = parser.add_argument_group("system")
+    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="default: the accelerate config")
+    _bool_flag(g, "gradient-checkpointing", False, "activation checkpointing of the text/fusion layers")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--cpu", action="store_true", help="force the CPU")
+    g = parser.add_argument_group("evaluation, logging, checkpoints")
+    g.add_argument("--output-dir", default=None, help="default: xvlm-output/<task>")
+    g.add_argument("--eval-every", type=int, default=None, help="evaluate on --eval-split every N steps")
+    _bool_flag(g, "eval-at-end", True, "evaluate after training")
+    g.add_argument("--eval-max-examples", type=int, default=None)
+    g.add_argument("--k-test", type=int, default=16)
+    g.add_argument("--eval-batch-size", type=int, default=64)
+    g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (and at the end)")
+    g.add_argument("--save-total-limit", type=int, default=2)
+    g.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="resume from <output-dir>/checkpoints/latest, or from the given checkpoint folder")
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--log-with", nargs="*", default=[], help="accelerate trackers (tensorboard, wandb, ...)")
+    g.add_argument("--project-name", default="xvlm")
+    _bool_flag(g, "progress", True, "progress bar")
+    _bool_flag(g, "save-final", True, "save the final model and processor (save_pretrained) in --output-dir")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = vars(args).copy()
+    values["config_overrides"] = json.loads(values["config_overrides"]) if values.get("config_overrides") else {}
+    values["output_dir"] = values["output_dir"] or os.path.join("xvlm-output", values["task"])
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in values.items() if k in names})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] == "demo":
+        from .main_job import main as demo_main
+
+        return demo_main(argv[1:] if argv else [])
+    args = build_parser().parse_args(argv)
+    summary = train(config_from_args(args))
+    if summary["eval"]:
+        print(json.dumps(summary["eval"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
