@@ -208,7 +208,7 @@ class XVLMGroundingTrainCollator:
         for r in rows:
             text = r["text"] if "text" in r else r["caption"]
             image, entries = self.sampler(r["image"], None, [{"bbox": list(r["bbox"]), "caption": text}])
-            if not entries:  # degenerate box: keep the whole image and an un-augmented target
+            if not entries:  # the sampler drops boxes with no area left inside the image
                 raise ValueError(f"grounding row with an empty box: {r.get('bbox')!r}")
             if self.randaugment is not None:
                 image = self.randaugment(image, self.rng)
