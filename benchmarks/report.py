@@ -61,7 +61,7 @@ def render_main_table(data: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, case in data["cases"].items():
-        if key.startswith("retrieval_eval"):
+        if key.startswith(("retrieval_eval", "attention_kernels")):
             continue
         info = case.get("case", {})
         title = f"{info.get('title', key)} (`{key}`)"
@@ -175,6 +175,28 @@ def _ranking_cell(agreement: dict[str, Any]) -> str:
     return "no"
 
 
+PRECISION_NAMES = {"fp32": "fp32", "bf16": "bf16", "bf16-rerank": "fp32 encoders, bf16 re-ranking"}
+
+
+def _top1_cell(agreement: dict[str, Any]) -> str:
+    share = agreement.get("top1_agreement")
+    if share is None:
+        return "n/a"
+    cell = f"{share * 100:.1f}%"
+    moved = agreement.get("top1_flips_with_other_candidates", 0)
+    if share < 1 and moved:
+        cell += f" ({moved} of {agreement.get('top1_flips')} flips: other ITC candidates)"
+    return cell
+
+
+def _r1_cell(agreement: dict[str, Any]) -> str:
+    r1, reference = agreement.get("r1"), agreement.get("r1_reference")
+    if not r1:
+        return "n/a"
+    text = f"{r1[0]:.1f} / {r1[1]:.1f}"
+    return text if r1 == reference else f"{text} (official {reference[0]:.1f} / {reference[1]:.1f})"
+
+
 def render_retrieval_tables(data: dict[str, Any]) -> str:
     blocks = []
     for key, case in data["cases"].items():
@@ -186,6 +208,10 @@ def render_retrieval_tables(data: dict[str, Any]) -> str:
             reason = case.get("skipped") or case.get("error") or "not run"
             blocks.append(f"n/a: {_short(reason, 200)}\n")
             continue
+        training = info.get("training")
+        if training:
+            blocks.append(f"Gallery model: `{training.get('recipe')}` ({training.get('train_s', 0):.0f} s, final "
+                          f"ITM loss {training.get('last_losses', {}).get('loss_itm', float('nan')):.3f}).\n")
         encode = case["retrieval"].get("encode", {})
         if encode:
             blocks.append(
@@ -200,49 +226,63 @@ def render_retrieval_tables(data: dict[str, Any]) -> str:
             blocks.append(f"{k_name} (official protocol: {official_pairs:,} fusion passes)\n")
             blocks.append(
                 "| protocol | precision | attention | runs | encode s | re-rank s | total s | re-rank CPU s "
-                "| pairs fused | CPU-time speed-up vs official fp32 sdpa: re-rank / total | speed-up vs "
-                "official (same precision, attention), total | speed-up vs official fp32 sdpa: re-rank / total "
-                "| rankings = official fp32 | max \\|Δscore\\| vs official fp32 (common candidates) "
-                "| top-1 = official fp32 "
-                "| peak extra MiB (re-rank) |"
+                "| pairs fused (re-scored in fp32) | speed-up vs official fp32: re-rank / total "
+                "| CPU-time speed-up: re-rank / total | rankings = official fp32 | top-1 = official fp32 "
+                "| R@1 text / image | peak extra MiB (re-rank) |"
             )
-            blocks.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            blocks.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
             base = per_k.get("official/fp32/sdpa")
             for name, row in per_k.items():
                 if name.startswith("_"):
                     continue
                 variant = row["variant"]
-                same = per_k.get(f"official/{variant['precision']}/{variant['attn']}")
                 agreement = row.get("agreement_vs_official_fp32_sdpa", {})
                 pairs = row.get("pairs_scored") or official_pairs
+                refined = row.get("pairs_refined")
+                pairs_cell = f"{pairs:,}" + (f" ({refined:,})" if refined is not None else "")
                 spread = ""
                 if row.get("rerank_max_s") and row["rerank_s"] and row.get("runs", 1) > 1:
                     rel = (row["rerank_max_s"] - row["rerank_min_s"]) / row["rerank_s"]
                     spread = f" (±{rel * 50:.0f}%)" if rel >= 0.15 else ""
-                speed_same = f"{same['total_s'] / row['total_s']:.2f}x" if same else "n/a"
-                speed_base = (
-                    f"{base['rerank_s'] / row['rerank_s']:.2f}x / {base['total_s'] / row['total_s']:.2f}x"
-                    if base else "n/a"
-                )
-                peak = row.get("peak_extra_mib")
+                speed = (f"{base['rerank_s'] / row['rerank_s']:.2f}x / {base['total_s'] / row['total_s']:.2f}x"
+                         if base else "n/a")
                 cpu = row.get("rerank_cpu_s")
                 cpu_speed = (
                     f"{base['rerank_cpu_s'] / cpu:.2f}x / {base['total_cpu_s'] / row['total_cpu_s']:.2f}x"
                     if base and cpu and base.get("rerank_cpu_s") else "n/a"
                 )
+                peak = row.get("peak_extra_mib")
                 blocks.append(
-                    f"| {variant['protocol']} | {variant['precision']} | {variant['attn']} | {row.get('runs')} | "
-                    f"{row['encode_s']:.2f} | "
+                    f"| {variant['protocol']} | {PRECISION_NAMES.get(variant['precision'], variant['precision'])} | "
+                    f"{variant['attn']} | {row.get('runs')} | {row['encode_s']:.2f} | "
                     f"{row['rerank_s']:.2f}{spread} | {row['total_s']:.2f} | "
-                    f"{'n/a' if cpu is None else f'{cpu:.2f}'} | {pairs:,} | {cpu_speed} | {speed_same} | "
-                    f"{speed_base} | "
-                    f"{_ranking_cell(agreement)} | "
-                    f"{agreement.get('max_abs_score_diff_common_candidates', float('nan')):.2e} | "
-                    f"{agreement.get('top1_agreement', float('nan')) * 100:.1f}% | "
+                    f"{'n/a' if cpu is None else f'{cpu:.2f}'} | {pairs_cell} | {speed} | {cpu_speed} | "
+                    f"{_ranking_cell(agreement)} | {_top1_cell(agreement)} | {_r1_cell(agreement)} | "
                     f"{'n/a' if peak is None else f'{peak:,.0f}'} |"
                 )
             blocks.append("")
     return "\n".join(blocks)
+
+
+def render_kernel_table(data: dict[str, Any]) -> str:
+    case = data.get("cases", {}).get("attention_kernels")
+    if not case or "kernels" not in case:
+        reason = (case or {}).get("error") or (case or {}).get("skipped") or "not run"
+        return f"n/a: {_short(reason, 200)}"
+    lines = [
+        f"Median of {case.get('calls_per_median')} calls, {case.get('torch_threads')} threads. Training = forward + "
+        "backward (text and fusion with attention dropout 0.1 unless marked, Swin with a relative-position bias "
+        "that needs a gradient).",
+        "",
+        "| call | precision | mode | eager ms | torch SDPA ms | torch SDPA / eager | X-VLM `sdpa` runs |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in case["kernels"]:
+        lines.append(
+            f"| {row['shape']} | {row['precision']} | {row['mode']} | {row['eager_ms']:.2f} | "
+            f"{row['torch_sdpa_ms']:.2f} | {row['torch_sdpa_ms'] / row['eager_ms']:.2f} | {row['xvlm_sdpa_picks']} |"
+        )
+    return "\n".join(lines)
 
 
 def _speedup(slow: dict | None, fast: dict | None, key: str = "median_s") -> float | None:
@@ -321,7 +361,8 @@ def render_summary(data: dict[str, Any]) -> str:
                 continue
             official = per_k.get("official/fp32/sdpa")
             parts = []
-            for name in ("fast/fp32/sdpa", "fast-cls/fp32/sdpa", "fast/bf16/sdpa", "fast-cls/bf16/sdpa"):
+            for name in ("fast/fp32/sdpa", "fast-cls/fp32/sdpa", "fast/bf16/sdpa", "fast+top1/bf16/sdpa",
+                         "fast+top1/bf16-rerank/sdpa"):
                 row = per_k.get(name)
                 if not row or not official:
                     continue
@@ -335,8 +376,8 @@ def render_summary(data: dict[str, Any]) -> str:
                 else:
                     cosine = min(agreement.get("itc_image_cosine_min", 1), agreement.get("itc_text_cosine_min", 1))
                     equal = (
-                        f"top-1 = fp32 official for {agreement.get('top1_agreement', float('nan')) * 100:.1f}% of "
-                        f"queries, ITC cosine >= {cosine:.5f}"
+                        f"top-1 = fp32 official for {_top1_cell(agreement)} of queries, R@1 {_r1_cell(agreement)}, "
+                        f"ITC cosine >= {cosine:.5f}"
                     )
                 cpu = _speedup(official, row, "rerank_cpu_s")
                 parts.append(
@@ -412,6 +453,10 @@ def render_tables(data: dict[str, Any]) -> str:
         "### 6. Retrieval evaluation, official protocol vs fast path",
         "",
         render_retrieval_tables(data),
+        "",
+        "### Attention kernels",
+        "",
+        render_kernel_table(data),
     ]
     return "\n".join(header)
 

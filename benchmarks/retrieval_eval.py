@@ -14,10 +14,18 @@ re-ranking, the two official score matrices. Protocols:
 - `official`: `modeling_xvlm.retrieval.official_protocol_scores`, the official loops (per image, then per text, k
   pairs each, the image repeated k times, no sharing);
 - `fast`: `rank_gallery` defaults, as `XVLMForRetrieval.rank` (each pair once, image keys/values once per image
-  and layer, batches across images, text padding trimmed per batch);
-- `fast-cls`: `rank_gallery(..., fusion="cls")` (also one token in the last fusion layer, text-only part of the
-  first fusion layer once per text);
-- `fast-no-trim`: the fast path without trimming the padding (an ablation).
+  and layer, batches across images, text padding trimmed per batch, the last fusion layer on [CLS] only);
+- `fast-cls`: `rank_gallery(..., fusion="cls")` (also the text-only part of the first fusion layer once per text);
+- `fast-no-trim`: the fast path without trimming the padding (an ablation);
+- `fast+top1`: `fast`, then `refine_top1` (near ties re-scored in fp32; bf16 only).
+
+Precisions: `fp32`; `bf16` (encoders and re-ranking under bf16 autocast); `bf16-rerank` (fp32 encoders, so the
+ITC candidates are fp32's, and a bf16 re-ranking).
+
+A third gallery is real: the tiny X-VLM trained for retrieval on the synthetic dataset (`xvlm-train retrieval`
+recipe, 1,500 steps, about 100 s on 2 cores, cached in `benchmarks/.cache/`), evaluated on its test split (200
+images, 600 captions). Random weights give near-equal ITM logits, where any rounding reorders candidates; the
+trained model's scores are what a user's are, so its gallery is where bf16 is judged ("the same top-1").
 
 Encoding is the same code in every protocol, so it is timed separately (per precision and attention, twice, the
 median kept) and added to each re-ranking time for the end-to-end column.
@@ -25,8 +33,10 @@ median kept) and added to each re-ranking time for the end-to-end column.
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -78,16 +88,35 @@ def encode(model, pixels, ids, mask, cpu: list | None = None):
     return images, texts, time.perf_counter() - start
 
 
-def rerank(model, protocol: str, images, texts, k: int, batch_size: int) -> dict[str, Any]:
-    """Re-ranking of an encoded gallery: timings and the two official score matrices."""
+def encode_precision(precision: str) -> str:
+    """Precision of the encoders for a benchmark precision name (`bf16-rerank` encodes in fp32)."""
+    return "fp32" if precision == "bf16-rerank" else precision
+
+
+def rerank(model, protocol: str, precision: str, images, texts, k: int, batch_size: int,
+           sources: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+    """Re-ranking of an encoded gallery (under bf16 autocast unless `precision` is fp32): timings and the two
+    official score matrices. `sources` (pixels, ids, mask) are re-encoded in fp32 by `fast+top1` on bf16
+    encodings; on fp32 encodings (`bf16-rerank`) it reuses them."""
     retrieval = _retrieval_api()
     start, cpu_start = time.perf_counter(), time.process_time()
-    if protocol == "official":
-        scores_i2t, scores_t2i = retrieval.official_protocol_scores(model, images, texts, k=k)
-        pairs = None
-    else:
-        options = {"fast": {}, "fast-no-trim": {"trim_padding": False}, "fast-cls": {"fusion": "cls"}}[protocol]
-        output = retrieval.rank_gallery(model, images, texts, k=k, batch_size=batch_size, **options)
+    refined = None
+    with Variant("sdpa", "fp32" if precision == "fp32" else "bf16").autocast():
+        if protocol == "official":
+            scores_i2t, scores_t2i = retrieval.official_protocol_scores(model, images, texts, k=k)
+            pairs = None
+        else:
+            options = {"fast": {}, "fast+top1": {}, "fast-no-trim": {"trim_padding": False},
+                       "fast-cls": {"fusion": "cls"}}[protocol]
+            output = retrieval.rank_gallery(model, images, texts, k=k, batch_size=batch_size, **options)
+    if protocol != "official":
+        if protocol == "fast+top1":
+            if encode_precision(precision) == "fp32":
+                output = retrieval.refine_top1(model, output, images, texts, batch_size=batch_size)
+            else:
+                pixels, ids, mask = sources
+                output = retrieval.refine_top1(model, output, pixels, ids, mask, batch_size=batch_size)
+            refined = output.num_pairs_refined
         scores_i2t, scores_t2i = retrieval.score_matrices(output)
         pairs = output.num_pairs_scored
     return {
@@ -98,13 +127,15 @@ def rerank(model, protocol: str, images, texts, k: int, batch_size: int) -> dict
         "image_features": images.features.float(),
         "text_features": texts.features.float(),
         "pairs_scored": pairs,
+        "pairs_refined": refined,
     }
 
 
-def run_protocol(model, protocol: str, pixels, ids, mask, k: int, batch_size: int) -> dict[str, Any]:
+def run_protocol(model, protocol: str, precision: str, pixels, ids, mask, k: int, batch_size: int) -> dict[str, Any]:
     """One end-to-end evaluation (encode + re-rank)."""
-    images, texts, encode_s = encode(model, pixels, ids, mask)
-    out = rerank(model, protocol, images, texts, k, batch_size)
+    with Variant("sdpa", encode_precision(precision)).autocast():
+        images, texts, encode_s = encode(model, pixels, ids, mask)
+    out = rerank(model, protocol, precision, images, texts, k, batch_size, (pixels, ids, mask))
     out.update(encode_s=encode_s, total_s=encode_s + out["rerank_s"])
     return out
 
@@ -159,6 +190,12 @@ def compare_runs(reference: dict[str, Any], other: dict[str, Any], k: int, txt2i
     scored = torch.cat([a_i2t[a_i2t != -100], a_t2i[a_t2i != -100]])
     metrics_a = retrieval.retrieval_metrics(a_i2t, a_t2i, txt2img, img2txt)
     metrics_b = retrieval.retrieval_metrics(b_i2t, b_t2i, txt2img, img2txt)
+    # top-1 flips whose query's candidate set differs from the reference's (the ITC top-k moved)
+    other_candidates = 0
+    for ref, oth in ((a_i2t, b_i2t), (a_t2i, b_t2i)):
+        flipped = top(ref, 1)[:, 0] != top(oth, 1)[:, 0]
+        moved = ((ref == -100) != (oth == -100)).any(dim=1)
+        other_candidates += int((flipped & moved).sum())
     return {
         "same_candidates": same_support,
         "max_abs_score_diff": diff,
@@ -169,10 +206,13 @@ def compare_runs(reference: dict[str, Any], other: dict[str, Any], k: int, txt2i
         "top1_flips": len(gaps) + unscored,
         "top1_flips_outside_reference_candidates": unscored,
         "top1_flip_max_reference_gap": max(gaps) if gaps else 0.0,
+        "top1_flips_with_other_candidates": other_candidates,
         "reference_score_std": float(scored.std()),
         "metrics_identical": metrics_a == metrics_b,
         "r_mean": metrics_b["r_mean"],
         "r_mean_reference": metrics_a["r_mean"],
+        "r1": [metrics_b["txt_r1"], metrics_b["img_r1"]],
+        "r1_reference": [metrics_a["txt_r1"], metrics_a["img_r1"]],
         "itc_image_cosine_min": cosine_min(reference["image_features"], other["image_features"]),
         "itc_text_cosine_min": cosine_min(reference["text_features"], other["text_features"]),
     }
@@ -228,7 +268,8 @@ class RetrievalEvalCase(Case):
             return [(p, prec, a, k, self.repeats or 1) for k in self.ks for (p, prec, a) in self._variants]
         if os.environ.get("XVLM_BENCH_LEAN"):  # `--lean`: one run of each protocol, sdpa only
             return [(p, prec, "sdpa", k, 1) for k in self.ks for (p, prec) in (
-                ("official", "fp32"), ("fast", "fp32"), ("fast-cls", "fp32"), ("fast", "bf16"), ("fast-cls", "bf16"),
+                ("official", "fp32"), ("fast", "fp32"), ("fast-cls", "fp32"), ("fast", "bf16"),
+                ("fast+top1", "bf16"), ("fast+top1", "bf16-rerank"),
                 *((("fast-no-trim", "fp32"),) if k <= 16 else ()))]
         plan = []
         for k in self.ks:
@@ -238,7 +279,8 @@ class RetrievalEvalCase(Case):
                 ("fast", "fp32", "sdpa", k, 2 if small_k else 1),
                 ("fast-cls", "fp32", "sdpa", k, 2 if small_k else 1),
                 ("fast", "bf16", "sdpa", k, 2 if small_k else 1),
-                ("fast-cls", "bf16", "sdpa", k, 1),
+                ("fast+top1", "bf16", "sdpa", k, 1),
+                ("fast+top1", "bf16-rerank", "sdpa", k, 1),
             ]
             if small_k:
                 plan += [
@@ -258,7 +300,7 @@ class RetrievalEvalCase(Case):
         encode_times: dict[tuple[str, str], list[float]] = {}
         encode_peaks: dict[tuple[str, str], float] = {}
         encode_cpu: dict[tuple[str, str], list[float]] = {}
-        combos = sorted({(prec, attn) for (_, prec, attn, _, _) in plan})
+        combos = sorted({(encode_precision(prec), attn) for (_, prec, attn, _, _) in plan})
         rounds = 1 if os.environ.get("XVLM_BENCH_LEAN") else self.encode_rounds
         for round_index in range(rounds):
             for precision, attn in combos:
@@ -294,12 +336,13 @@ class RetrievalEvalCase(Case):
                         continue
                     name = f"{protocol}/{precision}/{attn}"
                     self.set_attn(attn)
-                    images, texts = encodings[(precision, attn)]
+                    images, texts = encodings[(encode_precision(precision), attn)]
                     release_free_memory()
                     before = rss_mib()
                     reset_peak()
-                    with torch.no_grad(), Variant(attn, precision).autocast():
-                        out = rerank(self.model, protocol, images, texts, k, self.batch_size)
+                    with torch.no_grad():
+                        out = rerank(self.model, protocol, precision, images, texts, k, self.batch_size,
+                                     (pixels, ids, mask))
                     peak = peak_mib()
                     if before is not None and peak is not None:
                         peaks[name] = max(peaks.get(name, 0.0), peak - before)
@@ -311,23 +354,25 @@ class RetrievalEvalCase(Case):
             per_k: dict[str, Any] = {}
             for name, values in times.items():
                 protocol, precision, attn = name.split("/")
+                encoded_as = (encode_precision(precision), attn)
                 values = sorted(values)
                 median = values[len(values) // 2] if len(values) % 2 else (
                     values[len(values) // 2 - 1] + values[len(values) // 2]) / 2
                 row = {
                     "variant": {"protocol": protocol, "precision": precision, "attn": attn},
-                    "encode_s": encode_s[(precision, attn)],
+                    "encode_s": encode_s[encoded_as],
                     "rerank_s": median,
                     "rerank_min_s": values[0],
                     "rerank_max_s": values[-1],
                     "rerank_times_s": times[name],
                     "rerank_cpu_s": _median(cpu_times[name]),
                     "rerank_cpu_times_s": cpu_times[name],
-                    "total_cpu_s": _median(encode_cpu[(precision, attn)]) + _median(cpu_times[name]),
-                    "total_s": encode_s[(precision, attn)] + median,
+                    "total_cpu_s": _median(encode_cpu[encoded_as]) + _median(cpu_times[name]),
+                    "total_s": encode_s[encoded_as] + median,
                     "runs": len(values),
                     "peak_extra_mib": peaks.get(name),
                     "pairs_scored": first[name]["pairs_scored"],
+                    "pairs_refined": first[name]["pairs_refined"],
                     "agreement_vs_official_fp32_sdpa": compare_runs(reference, first[name], k, txt2img, img2txt),
                 }
                 same_official = f"official/{precision}/{attn}"
@@ -350,6 +395,76 @@ class RetrievalEvalCase(Case):
         return []
 
 
+TRAINED_STEPS = 1500
+CACHE = Path(__file__).resolve().parent / ".cache"
+
+
+def trained_gallery_model(log=print) -> tuple[str, dict[str, Any]]:
+    """The tiny X-VLM fine-tuned for retrieval on the synthetic dataset (trained once, then cached): the model
+    folder and its training summary."""
+    from modeling_xvlm.training.main_job import DEMO_SIZES
+    from modeling_xvlm.training.train import TrainConfig, train
+
+    folder = CACHE / f"retrieval-tiny-synthetic-{TRAINED_STEPS}"
+    summary_file = folder / "benchmark_training.json"
+    if summary_file.exists():
+        return str(folder), json.loads(summary_file.read_text())
+    log(f"    training the gallery model ({TRAINED_STEPS} steps, cached in {folder})")
+    start = time.perf_counter()
+    result = train(TrainConfig(
+        task="retrieval", model="tiny", config_overrides=json.loads(json.dumps(DEMO_SIZES["tiny"])),
+        tokenizer="synthetic", image_size=64, output_dir=str(folder), max_steps=TRAINED_STEPS, batch_size=64,
+        lr=1e-3, warmup=0.05, randaugment=False, crop_scale_min=1.0, seed=0, eval_at_end=False, cpu=True,
+        mixed_precision="no", progress=False, log_every=500, save_total_limit=1,
+    ))
+    summary = {"steps": TRAINED_STEPS, "train_s": time.perf_counter() - start, "last_losses": result["last_losses"],
+               "recipe": "xvlm-train retrieval --model tiny (demo size) --tokenizer synthetic --image-size 64 "
+                         f"--max-steps {TRAINED_STEPS} --batch-size 64 --lr 1e-3 --seed 0, from scratch"}
+    summary_file.write_text(json.dumps(summary, indent=1, default=str))
+    return str(folder), summary
+
+
+class TrainedRetrievalEvalCase(RetrievalEvalCase):
+    """Benchmark 6 on a trained model: the tiny X-VLM fine-tuned on the synthetic dataset, its test split."""
+
+    def __init__(self, ks: tuple[int, ...] = (16, 64), quick: bool = False):
+        super().__init__(200, 3, ks, "tiny", quick=quick, repeats=3, variants=[
+            ("official", "fp32", "sdpa"), ("fast", "fp32", "sdpa"), ("fast", "bf16", "sdpa"),
+            ("fast+top1", "bf16", "sdpa"), ("fast+top1", "bf16-rerank", "sdpa"),
+        ])
+        self.key = f"retrieval_eval_trained_tiny_test_k{'-'.join(map(str, ks))}"
+        self.title = (
+            "retrieval evaluation end to end, tiny X-VLM trained on the synthetic dataset (64 px), its test split: "
+            f"200 images x 600 captions, k = {', '.join(map(str, ks))}"
+        )
+
+    def build(self) -> None:
+        import modeling_xvlm
+        from modeling_xvlm.data import load_xvlm_dataset
+        from modeling_xvlm.processing import XVLMProcessor, load_image_rgb
+
+        folder, self.training = trained_gallery_model()
+        self.model = modeling_xvlm.XVLMForRetrieval.from_pretrained(folder).eval()
+        self.config = self.model.config
+        processor = XVLMProcessor.from_pretrained(folder)
+        rows = list(load_xvlm_dataset(None, "retrieval", "test"))
+        texts, txt2img, img2txt = [], [], []
+        for index, row in enumerate(rows):
+            img2txt.append(list(range(len(texts), len(texts) + len(row["captions"]))))
+            texts += row["captions"]
+            txt2img += [index] * len(row["captions"])
+        pixels = processor.image_processor([load_image_rgb(r["image"]) for r in rows], return_tensors="pt")
+        encoded = processor(text=texts, padding="max_length", max_length=40)
+        self.n_images, self.texts_per_image = len(rows), len(texts) / len(rows)
+        self.gallery = (pixels["pixel_values"], encoded["input_ids"], encoded["attention_mask"],
+                        torch.tensor(txt2img), img2txt)
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        out.update({"n_texts": 600, "model": "tiny, trained", "training": getattr(self, "training", None)})
+        return out
+
+
 def retrieval_cases(quick: bool = False) -> list[RetrievalEvalCase]:
     if quick:
         return [RetrievalEvalCase(12, 5, (4, 16), "tiny", quick=True, repeats=2)]
@@ -359,8 +474,9 @@ def retrieval_cases(quick: bool = False) -> list[RetrievalEvalCase]:
         RetrievalEvalCase(
             16, 5, (16,), "base", repeats=1,
             variants=[("official", "fp32", "sdpa"), ("fast", "fp32", "sdpa"), ("fast-cls", "fp32", "sdpa"),
-                      ("fast", "bf16", "sdpa")],
+                      ("fast", "bf16", "sdpa"), ("fast+top1", "bf16-rerank", "sdpa")],
         ),
+        TrainedRetrievalEvalCase(),
     ]
 
 
@@ -372,10 +488,12 @@ def worker_retrieval(case: RetrievalEvalCase, warmup: int, repeats: int, log) ->
     build_s = time.perf_counter() - start
     # warm-up: one tiny evaluation per precision/attention (first-call costs of the kernels)
     pixels, ids, mask, _, _ = case.gallery
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32", "bf16", "bf16-rerank"):
         for attn in ("sdpa", "eager"):
             case.set_attn(attn)
-            with torch.no_grad(), Variant(attn, precision).autocast():
-                for protocol in ("fast", "fast-cls", "official"):
-                    run_protocol(case.model, protocol, pixels[:4], ids[:8], mask[:8], 2, case.batch_size)
+            with torch.no_grad():
+                for protocol in ("fast", "fast-cls", "official", "fast+top1"):
+                    if protocol == "fast+top1" and precision == "fp32":
+                        continue
+                    run_protocol(case.model, protocol, precision, pixels[:4], ids[:8], mask[:8], 2, case.batch_size)
     return {"case": case.describe(), "build_s": build_s, "retrieval": case.measure(warmup, repeats, log)}

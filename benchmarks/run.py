@@ -34,11 +34,16 @@ def log(message: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _find_case(key: str, quick: bool):
+def every_case(quick: bool) -> list:
+    from .attention_kernels import AttentionKernelsCase
     from .cases import all_cases
     from .retrieval_eval import retrieval_cases
 
-    for case in all_cases(quick) + retrieval_cases(quick):
+    return all_cases(quick) + retrieval_cases(quick) + [AttentionKernelsCase(quick)]
+
+
+def _find_case(key: str, quick: bool):
+    for case in every_case(quick):
         if case.key == key:
             return case
     raise KeyError(f"Unknown benchmark {key!r}")
@@ -54,6 +59,8 @@ def worker_eager(key: str, quick: bool, warmup: int, repeats: int) -> dict[str, 
     reason = case.unavailable_reason()
     if reason:
         return {"case": case.describe(), "skipped": reason}
+    if hasattr(case, "worker"):
+        return case.worker(warmup, repeats, log)
     if hasattr(case, "measure"):
         from .retrieval_eval import worker_retrieval
 
@@ -245,10 +252,8 @@ def main(argv: list[str] | None = None) -> None:
         worker_main(args)
         return
 
-    from .cases import all_cases
     from .harness import machine_info
     from .report import write_report
-    from .retrieval_eval import retrieval_cases
 
     if args.combine:
         combined = combine_results([json.loads(path.read_text()) for path in args.combine])
@@ -258,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         log(f"wrote {output} and {args.doc or DOC}")
         return
 
-    cases = all_cases(args.quick) + retrieval_cases(args.quick)
+    cases = every_case(args.quick)
     if args.list:
         for case in cases:
             print(f"{case.key:40s} {case.number}. {case.title}")

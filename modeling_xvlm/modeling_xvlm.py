@@ -21,12 +21,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel, SwinModel
+from transformers import AttentionInterface, PreTrainedModel, SwinModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithCrossAttentions, BaseModelOutputWithPooling
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.swin.modeling_swin import SwinAttention
 from transformers.utils import ModelOutput
 
 from .configuration_xvlm import XVLMConfig, XVLMTextConfig
@@ -145,6 +146,50 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+def sdpa_where_it_pays_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`attn_implementation="sdpa"` of X-VLM's attention layers: torch's `scaled_dot_product_attention`, except for
+    the backward-carrying calls on the CPU where it does not pay, which run the same math in `eager_attention_forward`.
+
+    With autograd on the CPU, SDPA has a fused kernel only for calls without dropout and without a mask that
+    needs a gradient; otherwise it falls back to its math kernel (the eager matmuls, plus an fp32 upcast of bf16
+    inputs and a masked-row pass), and its fused backward is slow in bf16. Measured on X-VLM-base shapes
+    (`python -m benchmarks.run --only attention_kernels`, docs/benchmarks.md "Attention kernels"), such calls
+    are mostly 1.02-1.13x (fp32) and 1.2-2.3x (bf16) slower with SDPA, and with them the bf16 training step was
+    8% slower than eager; fp32 calls without dropout or mask gradient are faster with SDPA. So on the CPU a call
+    that needs gradients takes the eager kernel when it has dropout, a mask that needs a gradient (Swin's
+    relative-position bias) or non-fp32 inputs. Inference and other devices always take SDPA.
+    """
+    if (
+        query.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and (query.requires_grad or key.requires_grad or value.requires_grad)
+        and (
+            dropout > 0
+            or query.dtype != torch.float32
+            or (attention_mask is not None and attention_mask.requires_grad)
+        )
+    ):
+        return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+#: The attention functions of all X-VLM attention layers (text, fusion and Swin through `XVLMSwinAttention`):
+#: transformers' registry with "sdpa" overridden locally by
+#: `sdpa_where_it_pays_forward` (AttentionInterface's documented way for a model to override one function).
+XVLM_ATTENTION_FUNCTIONS = AttentionInterface()
+XVLM_ATTENTION_FUNCTIONS["sdpa"] = sdpa_where_it_pays_forward
+
+
 class XVLMSelfAttention(nn.Module):
     """Multi-head attention with BERT parameter names (`query`, `key`, `value`).
 
@@ -174,12 +219,15 @@ class XVLMSelfAttention(nn.Module):
         encoder_hidden_states: torch.Tensor | None = None,
         output_attentions: bool = False,
         encoder_index: torch.Tensor | None = None,
+        query_length: int | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        batch, length = hidden_states.shape[:2]
+        # query_length: only the first `query_length` positions are queried (keys/values still span every position)
+        query_states = hidden_states if query_length is None else hidden_states[:, :query_length]
+        batch, length = query_states.shape[:2]
         kv_states = encoder_hidden_states if self.is_cross_attention else hidden_states
         head_shape = (self.num_attention_heads, self.attention_head_size)
-        query = self.query(hidden_states).view(batch, length, *head_shape).transpose(1, 2)
+        query = self.query(query_states).view(batch, length, *head_shape).transpose(1, 2)
         kv_shape = (kv_states.shape[0], kv_states.shape[1], *head_shape)
         key = self.key(kv_states).view(kv_shape).transpose(1, 2)
         value = self.value(kv_states).view(kv_shape).transpose(1, 2)
@@ -188,7 +236,7 @@ class XVLMSelfAttention(nn.Module):
             key, value = key[encoder_index], value[encoder_index]
 
         implementation = "eager" if output_attentions else self.config._attn_implementation
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        attention_interface: Callable = XVLM_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         attn_output, attn_weights = attention_interface(
             self,
             query,
@@ -230,11 +278,13 @@ class XVLMAttentionBlock(nn.Module):
         encoder_hidden_states: torch.Tensor | None = None,
         output_attentions: bool = False,
         encoder_index: torch.Tensor | None = None,
+        query_length: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         context, weights = self.self(
-            hidden_states, attention_mask, encoder_hidden_states, output_attentions, encoder_index
+            hidden_states, attention_mask, encoder_hidden_states, output_attentions, encoder_index, query_length
         )
-        return self.output(context, hidden_states), weights
+        residual = hidden_states if query_length is None else hidden_states[:, :query_length]
+        return self.output(context, residual), weights
 
 
 class XVLMIntermediate(nn.Module):
@@ -279,8 +329,12 @@ class XVLMLayer(GradientCheckpointingLayer):
         encoder_attention_mask: torch.Tensor | None = None,
         encoder_index: torch.Tensor | None = None,
         output_attentions: bool = False,
+        query_length: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        hidden_states, self_weights = self.attention(hidden_states, attention_mask, None, output_attentions)
+        # query_length: compute only the first `query_length` output positions (the [CLS] row for ITM / boxes)
+        hidden_states, self_weights = self.attention(
+            hidden_states, attention_mask, None, output_attentions, query_length=query_length
+        )
         cross_weights = None
         if self.has_cross_attention:
             if encoder_hidden_states is None:
@@ -309,6 +363,7 @@ class XVLMEncoder(nn.Module):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         encoder_index: torch.Tensor | None = None,
+        cls_only: bool = False,
     ) -> BaseModelOutputWithCrossAttentions:
         all_hidden = (hidden_states,) if output_hidden_states else None
         all_self = () if output_attentions else None
@@ -322,6 +377,7 @@ class XVLMEncoder(nn.Module):
                 encoder_attention_mask,
                 encoder_index,
                 output_attentions=output_attentions,
+                query_length=1 if cls_only and index == layers[-1] else None,
             )
             if output_hidden_states:
                 all_hidden = all_hidden + (hidden_states,)
@@ -352,6 +408,13 @@ class XVLMPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _no_split_modules = ["XVLMLayer", "SwinStage"]
     _keys_to_ignore_on_load_unexpected = [r"position_ids$"]
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers guesses this by searching the module source for `ALL_ATTENTION_FUNCTIONS.get_interface(`; the
+        # text/fusion layers dispatch through `XVLM_ATTENTION_FUNCTIONS` (an `AttentionInterface` with a local "sdpa")
+        # and Swin through transformers' registry, so switching at run time is supported.
+        return True
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -472,12 +535,14 @@ class XVLMTextModel(XVLMPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         image_index: torch.Tensor | None = None,
+        cls_only: bool = False,
     ) -> BaseModelOutputWithCrossAttentions:
         """Run the fusion layers on text states `(batch, L, hidden)` cross-attending to image tokens
         `(batch, 1 + P, encoder_width)` (key mask `image_attention_mask` `(batch, 1 + P)`, default all ones).
 
         With `image_index` `(batch,)`, `image_embeds` holds `n` distinct image sequences `(n, 1 + P, width)` and
         text row b attends to `image_embeds[image_index[b]]`; each image's keys/values are computed once per layer.
+        With `cls_only`, the last layer computes the [CLS] row only: `last_hidden_state` is `(batch, 1, hidden)`.
         """
         output_attentions, output_hidden_states = self._output_flags(output_attentions, output_hidden_states)
         if text_embeds.dim() != 3 or image_embeds.dim() != 3:
@@ -520,6 +585,7 @@ class XVLMTextModel(XVLMPreTrainedModel):
             output_attentions,
             output_hidden_states,
             image_index,
+            cls_only,
         )
 
 
@@ -540,6 +606,47 @@ def _check_image_mask(mask: torch.Tensor | None, expected: tuple[int, int]) -> t
 # ----------------------------------------------------------------------------------------------------------------
 # The base model
 # ----------------------------------------------------------------------------------------------------------------
+
+
+class XVLMSwinAttention(SwinAttention):
+    """transformers' `SwinAttention` (same parameters, inputs and outputs) whose attention call goes through
+    `XVLM_ATTENTION_FUNCTIONS`, so that the vision tower's "sdpa" also uses the kernel that pays on the CPU
+    (`sdpa_where_it_pays_forward`: in CPU training the relative-position bias needs a gradient, and SDPA's math
+    fallback made a bf16 training step 8% slower than eager). Installed by `use_xvlm_swin_attention`."""
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # hidden_states: (batch * windows, tokens, channels); attention_mask: shift mask (windows, tokens, tokens)
+        rows, tokens = hidden_states.shape[:2]
+        shape = (rows, tokens, self.num_attention_heads, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        mask = self.relative_position_bias()  # (1, heads, tokens, tokens)
+        if attention_mask is not None:
+            windows = attention_mask.shape[0]  # window w of image b is row b * windows + w
+            mask = mask + attention_mask.unsqueeze(1).repeat(rows // windows, 1, 1, 1)
+        interface = XVLM_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        output, weights = interface(
+            self,
+            query,
+            key,
+            value,
+            mask,
+            scaling=self.scaling,
+            dropout=self.attention_dropout if self.training else 0.0,
+            **kwargs,
+        )
+        return self.o_proj(output.reshape(rows, tokens, -1).contiguous()), weights
+
+
+def use_xvlm_swin_attention(swin: SwinModel) -> None:
+    """Make every `SwinAttention` of `swin` an `XVLMSwinAttention` in place (a subclass with the same state: no
+    parameter, buffer or checkpoint key changes)."""
+    for module in swin.modules():
+        if type(module) is SwinAttention:
+            module.__class__ = XVLMSwinAttention
 
 
 def shrink_swin_windows(swin: SwinModel, vision_config: Any) -> None:
@@ -576,6 +683,7 @@ class XVLMModel(XVLMPreTrainedModel):
         super().__init__(config)
         self.vision_model = SwinModel(config.vision_config, add_pooling_layer=False)
         shrink_swin_windows(self.vision_model, config.vision_config)
+        use_xvlm_swin_attention(self.vision_model)
         self.text_model = XVLMTextModel(config.text_config)
         if add_projections:
             self.vision_proj = nn.Linear(config.vision_width, config.projection_dim)
@@ -754,6 +862,7 @@ class XVLMModel(XVLMPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool = False,
         image_index: torch.Tensor | None = None,
+        cls_only: bool = False,
     ) -> torch.Tensor | BaseModelOutputWithCrossAttentions:
         """Fusion encoder: text states `(B, L, hidden)` cross-attend to image/region sequences `(B, 1 + P, width)`.
 
@@ -761,6 +870,8 @@ class XVLMModel(XVLMPreTrainedModel):
         `image_index` `(B,)`, `image_embeds` are `n` distinct images and text b uses `image_embeds[image_index[b]]`
         (image keys/values computed once per image). Returns the fused states `(B, L, hidden)`; with
         `return_dict=True` the full `BaseModelOutputWithCrossAttentions` (hidden states, attentions on request).
+        With `cls_only=True` the last fusion layer computes only the [CLS] row, all an ITM or box head reads (its
+        keys/values still span every token), and the states are `(B, 1, hidden)`: the same [CLS] with less work.
         """
         output = self.text_model.fuse(
             text_embeds,
@@ -770,6 +881,7 @@ class XVLMModel(XVLMPreTrainedModel):
             output_attentions,
             output_hidden_states,
             image_index=image_index,
+            cls_only=cls_only,
         )
         return output if return_dict else output.last_hidden_state
 
@@ -1235,7 +1347,7 @@ class XVLMForRetrieval(_XVLMHeadMixin, XVLMPreTrainedModel):
         if text_embeds is None:
             text_embeds = self.xvlm.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         fused = self.xvlm.fuse(
-            text_embeds, attention_mask, image_embeds, image_attention_mask, image_index=image_index
+            text_embeds, attention_mask, image_embeds, image_attention_mask, image_index=image_index, cls_only=True
         )
         return self.itm_head(fused[:, 0])[:, 1]
 
@@ -1247,6 +1359,9 @@ class XVLMForRetrieval(_XVLMHeadMixin, XVLMPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         k: int = 16,
         batch_size: int = 64,
+        precision: str = "fp32",
+        encode_precision: str | None = None,
+        top1_margin: float | None = None,
     ):
         """Rank a gallery of images for every text and texts for every image (official `Retrieval.py` protocol).
 
@@ -1255,15 +1370,42 @@ class XVLMForRetrieval(_XVLMHeadMixin, XVLMPreTrainedModel):
         once each with the ITM head, in fusion batches of `batch_size` pairs. Candidates are returned sorted by
         their ITM logit.
 
+        Precision (docs/benchmarks.md): `precision` is that of the ITM re-ranking, `encode_precision` (default:
+        `precision`) that of the image and text encoders; "fp32" or "bf16" (autocast on the model's device). With
+        a bf16 re-ranking, near ties are re-scored in fp32 (`modeling_xvlm.retrieval.refine_top1`: candidates
+        within `top1_margin` ITM logits of a query's best, default 0.1, growing when the measured bf16 error needs
+        it; 0 turns it off), so each query keeps the fp32 top-1 among its candidates. With fp32 encoders
+        (`precision="bf16", encode_precision="fp32"`) the candidates are fp32's too, so the top-1 is exactly the
+        fp32 ranking's; with bf16 encoders (about 3x faster encoding on CPUs with bf16 instructions) the ITC
+        candidates come from bf16 features and can differ at the k-th position, which can change a top-1.
+
         Returns:
             `modeling_xvlm.retrieval.RetrievalOutput` with `i2t_indices`/`i2t_scores` `(n_images, k)`,
             `t2i_indices`/`t2i_scores` `(n_texts, k)` and `similarity` `(n_images, n_texts)`.
         """
-        from .retrieval import encode_images, encode_texts, rank_gallery
+        from .retrieval import encode_images, encode_texts, rank_gallery, refine_top1
 
-        images = encode_images(self, pixel_values, batch_size)
-        texts = encode_texts(self, input_ids, attention_mask, batch_size)
-        return rank_gallery(self, images, texts, k=k, batch_size=batch_size)
+        encode_precision = precision if encode_precision is None else encode_precision
+        for name, value in (("precision", precision), ("encode_precision", encode_precision)):
+            if value not in ("fp32", "bf16"):
+                raise ValueError(f"{name} must be 'fp32' or 'bf16', got {value!r}.")
+        if top1_margin is not None and precision == "fp32":
+            raise ValueError("top1_margin only applies to precision='bf16' (fp32 rankings need no refinement).")
+        device_type = self.device.type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=encode_precision == "bf16"):
+            images = encode_images(self, pixel_values, batch_size)
+            texts = encode_texts(self, input_ids, attention_mask, batch_size)
+        if precision == "fp32" and encode_precision == "bf16":
+            images, texts = images.float(), texts.float()
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            output = rank_gallery(self, images, texts, k=k, batch_size=batch_size)
+        margin = 0.1 if top1_margin is None else top1_margin
+        if precision == "bf16" and margin > 0:
+            if encode_precision == "fp32":  # the fp32 encodings are at hand: no re-encoding
+                output = refine_top1(self, output, images, texts, margin=margin, batch_size=batch_size)
+            else:
+                output = refine_top1(self, output, pixel_values, input_ids, attention_mask, margin, batch_size)
+        return output
 
     @torch.no_grad()
     def retrieval_score_matrices(
@@ -1273,12 +1415,19 @@ class XVLMForRetrieval(_XVLMHeadMixin, XVLMPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         k: int = 16,
         batch_size: int = 64,
+        precision: str = "fp32",
+        encode_precision: str | None = None,
+        top1_margin: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Official evaluation matrices `(scores_i2t (n_images, n_texts), scores_t2i (n_texts, n_images))`: -100
-        everywhere except the top-`k` ITC candidates, which hold their raw ITM logit (for `retrieval_metrics`)."""
+        everywhere except the top-`k` ITC candidates, which hold their raw ITM logit (for `retrieval_metrics`).
+        `precision`, `encode_precision` and `top1_margin` as in `rank`."""
         from .retrieval import score_matrices
 
-        return score_matrices(self.rank(pixel_values, input_ids, attention_mask, k=k, batch_size=batch_size))
+        return score_matrices(
+            self.rank(pixel_values, input_ids, attention_mask, k=k, batch_size=batch_size, precision=precision,
+                      encode_precision=encode_precision, top1_margin=top1_margin)
+        )
 
 
 def _check_grounding_boxes(labels: torch.Tensor, batch: int, name: str = "labels") -> torch.Tensor:

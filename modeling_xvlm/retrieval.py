@@ -24,10 +24,14 @@ This module imports only torch, numpy and (for `fusion="cls"`) the model's own m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+import logging
+from collections.abc import Callable
+from typing import Any, Union
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "EncodedImages",
@@ -37,8 +41,12 @@ __all__ = [
     "effective_lengths",
     "encode_texts",
     "fused_cls_states",
+    "itc_similarity",
     "official_protocol_scores",
+    "ImageSource",
+    "TextSource",
     "rank_gallery",
+    "refine_top1",
     "retrieval_metrics",
     "score_matrices",
     "score_pairs",
@@ -52,6 +60,9 @@ class EncodedImages:
     sequences: torch.Tensor
     features: torch.Tensor
 
+    def float(self) -> EncodedImages:
+        return EncodedImages(self.sequences.float(), self.features.float())
+
 
 @dataclass
 class EncodedTexts:
@@ -61,6 +72,9 @@ class EncodedTexts:
     states: torch.Tensor
     attention_mask: torch.Tensor
     features: torch.Tensor
+
+    def float(self) -> EncodedTexts:
+        return EncodedTexts(self.states.float(), self.attention_mask, self.features.float())
 
 
 @dataclass
@@ -74,6 +88,8 @@ class RetrievalOutput:
         t2i_scores: `(n_texts, k)` their raw ITM logits.
         similarity: `(n_images, n_texts)` ITC cosine similarities of all pairs (no temperature).
         num_pairs_scored: number of distinct (image, text) pairs that went through the fusion encoder.
+        num_pairs_refined: pairs re-scored in fp32 by `refine_top1` (0 when not refined).
+        top1_margin: the margin `refine_top1` used in the end (`None` when not refined).
     """
 
     i2t_indices: torch.Tensor
@@ -82,6 +98,8 @@ class RetrievalOutput:
     t2i_scores: torch.Tensor
     similarity: torch.Tensor
     num_pairs_scored: int = 0
+    num_pairs_refined: int = 0
+    top1_margin: float | None = None
 
 
 def _batches(n: int, batch_size: int):
@@ -121,6 +139,13 @@ def effective_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
     """`(n,)`: one past the last attended position of each row (at least 1); later positions are padding."""
     positions = torch.arange(1, attention_mask.shape[1] + 1, device=attention_mask.device)
     return (attention_mask.ne(0).long() * positions).amax(dim=1).clamp(min=1)
+
+
+def itc_similarity(images: EncodedImages, texts: EncodedTexts) -> torch.Tensor:
+    """`(n_images, n_texts)` ITC cosine similarities (no temperature), in fp32 even under autocast: a bf16 matmul
+    would reorder near-equal candidates at the k-th position of the top-k, for a negligible saving."""
+    with torch.autocast(images.features.device.type, enabled=False):
+        return images.features.float() @ texts.features.float().t()
 
 
 @torch.no_grad()
@@ -200,7 +225,7 @@ def rank_gallery(
     `official_protocol_scores` (fp32: equal to float rounding, identical rankings)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}.")
-    similarity = images.features @ texts.features.t()
+    similarity = itc_similarity(images, texts)
     n_images, n_texts = similarity.shape
     k_i2t, k_t2i = min(k, n_texts), min(k, n_images)
     i2t_candidates = similarity.topk(k_i2t, dim=1).indices  # (n_images, k_i2t) text ids
@@ -240,6 +265,162 @@ def rank_gallery(
     )
 
 
+#: Images for `refine_top1`: fp32 `EncodedImages` of the gallery, its pixel values `(n_images, 3, H, W)`, or a
+#: function that returns the pixel values of the gallery images at the given indices (e.g. loading them on demand).
+ImageSource = Union[EncodedImages, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+#: Texts for `refine_top1`: fp32 `EncodedTexts` of the gallery, or its `input_ids` `(n_texts, L)`.
+TextSource = Union[EncodedTexts, torch.Tensor]
+
+
+def _near_top_pairs(indices: torch.Tensor, scores: torch.Tensor, margin: float, i2t: bool, n_texts: int) -> torch.Tensor:
+    """Pair ids of the candidates within `margin` of their query's best score, for queries with >= 2 of them."""
+    near = scores >= scores[:, :1] - margin
+    near &= near.sum(dim=1, keepdim=True) >= 2
+    rows = torch.arange(scores.shape[0], device=scores.device)[:, None].expand_as(indices)
+    ids = rows * n_texts + indices if i2t else indices * n_texts + rows
+    return ids[near]
+
+
+def _fp32_images(model: Any, images: ImageSource, index: torch.Tensor, batch_size: int) -> EncodedImages:
+    if isinstance(images, EncodedImages):
+        index = index.to(images.sequences.device)
+        return EncodedImages(images.sequences[index], images.features[index]).float()
+    parameter = next(model.parameters())
+    pixels = images[index.to(images.device)] if isinstance(images, torch.Tensor) else images(index)
+    return encode_images(model, pixels.to(parameter.device, parameter.dtype), batch_size)
+
+
+def _fp32_texts(model: Any, texts: TextSource, attention_mask: torch.Tensor | None, index: torch.Tensor,
+                batch_size: int) -> EncodedTexts:
+    if isinstance(texts, EncodedTexts):
+        index = index.to(texts.states.device)
+        return EncodedTexts(texts.states[index], texts.attention_mask[index], texts.features[index]).float()
+    device = next(model.parameters()).device
+    index = index.to(texts.device)
+    mask = torch.ones_like(texts) if attention_mask is None else attention_mask
+    return encode_texts(model, texts[index].to(device), mask[index].to(device), batch_size)
+
+
+def _gallery_size(source: Any) -> int | None:
+    if isinstance(source, EncodedImages):
+        return source.sequences.shape[0]
+    if isinstance(source, EncodedTexts):
+        return source.states.shape[0]
+    return source.shape[0] if isinstance(source, torch.Tensor) else None
+
+
+@torch.no_grad()
+def refine_top1(
+    model: Any,
+    ranking: RetrievalOutput,
+    images: ImageSource,
+    texts: TextSource,
+    attention_mask: torch.Tensor | None = None,
+    margin: float = 0.1,
+    batch_size: int = 64,
+    max_rounds: int = 4,
+) -> RetrievalOutput:
+    """Give a ranking re-ranked in low precision (bf16 autocast) the top-1 of fp32, by re-scoring near ties in fp32.
+
+    For every query (image in i2t, text in t2i) whose candidates within `margin` of its best ITM logit number two
+    or more, those candidates are re-scored in fp32 (autocast off); every re-scored pair takes its fp32 logit in
+    both directions and the rows are re-sorted. If each low-precision logit is within `margin / 2` of its fp32
+    value, the fp32 best candidate of a query is always among the re-scored ones, so the top-1 equals the fp32
+    top-1 among the query's candidates. The margin checks itself: when a re-scored pair shows a larger error, the
+    margin grows to 2.5 x that error and the new near ties are re-scored (at most `max_rounds` rounds).
+
+    The candidates themselves (the ITC top-k) are not changed: with fp32 encodings (`images`/`texts` given as
+    `EncodedImages`/`EncodedTexts`, and the ranking computed from them) they are fp32's and the top-1 is the fp32
+    pipeline's; with bf16 encodings they come from bf16 ITC similarities and can differ at the k-th candidate.
+
+    Args:
+        model: the `XVLMForRetrieval` that produced `ranking` (via `rank_gallery`).
+        ranking: the low-precision `RetrievalOutput`.
+        images: fp32 `EncodedImages` of the gallery, or pixel values `(n_images, 3, H, W)`, or a function
+            `indices -> pixel values` (re-encoded in fp32 where needed).
+        texts: fp32 `EncodedTexts` of the gallery, or `input_ids` `(n_texts, L)` with `attention_mask`.
+        margin: initial margin in ITM logits (0.1: about 2x the largest bf16 error measured on a trained model).
+
+    Returns:
+        A new `RetrievalOutput` with the re-sorted candidates, `num_pairs_refined` and the final `top1_margin`.
+    """
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}.")
+    n_images, n_texts = ranking.similarity.shape
+    if _gallery_size(texts) is not None and _gallery_size(texts) != n_texts:
+        raise ValueError(f"texts has {_gallery_size(texts)} texts but the ranking has {n_texts}.")
+    if _gallery_size(images) is not None and _gallery_size(images) != n_images:
+        raise ValueError(f"images has {_gallery_size(images)} images but the ranking has {n_images}.")
+    device = ranking.i2t_scores.device
+    parameter = next(model.parameters())
+    image_rows = torch.arange(n_images, device=device)[:, None]
+    text_rows = torch.arange(n_texts, device=device)[:, None]
+    # the low-precision score of every candidate pair, by pair id
+    low_ids = torch.cat([(image_rows * n_texts + ranking.i2t_indices).flatten(),
+                         (ranking.t2i_indices * n_texts + text_rows).flatten()])
+    low_scores = torch.cat([ranking.i2t_scores.flatten(), ranking.t2i_scores.flatten()])
+    low_ids, first = torch.unique(low_ids, return_inverse=True)
+    low_scores = low_scores.new_empty(low_ids.shape).scatter_(0, first, low_scores)
+
+    exact_ids = torch.empty(0, dtype=torch.long, device=device)
+    exact_scores = torch.empty(0, dtype=torch.float32, device=device)
+    verified = False
+    for _ in range(max(max_rounds, 1)):
+        wanted = torch.unique(torch.cat([
+            _near_top_pairs(ranking.i2t_indices, ranking.i2t_scores, margin, True, n_texts),
+            _near_top_pairs(ranking.t2i_indices, ranking.t2i_scores, margin, False, n_texts),
+        ]))
+        new_ids = wanted[~torch.isin(wanted, exact_ids)]
+        if new_ids.numel() == 0:
+            verified = True
+            break
+        image_ids = torch.unique(torch.div(new_ids, n_texts, rounding_mode="floor"))
+        text_ids = torch.unique(new_ids % n_texts)
+        with torch.autocast(parameter.device.type, enabled=False):
+            scores = score_pairs(
+                model,
+                _fp32_images(model, images, image_ids, batch_size),
+                _fp32_texts(model, texts, attention_mask, text_ids, batch_size),
+                torch.searchsorted(image_ids, torch.div(new_ids, n_texts, rounding_mode="floor")).to(parameter.device),
+                torch.searchsorted(text_ids, new_ids % n_texts).to(parameter.device),
+                batch_size,
+            ).to(device)
+        exact_ids, order = torch.cat([exact_ids, new_ids]).sort()
+        exact_scores = torch.cat([exact_scores, scores])[order]
+        error = float((scores - low_scores[torch.searchsorted(low_ids, new_ids)]).abs().max())
+        if 2 * error <= margin:
+            verified = True
+            break
+        margin = 2.5 * error
+    if not verified:
+        logger.warning(
+            "refine_top1: the low-precision ITM error still exceeded margin / 2 after %d rounds (margin now %.3g); "
+            "the top-1 may differ from fp32. Pass a larger margin or max_rounds.", max_rounds, margin
+        )
+
+    def apply(indices: torch.Tensor, scores: torch.Tensor, i2t: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = image_rows if i2t else text_rows
+        ids = rows * n_texts + indices if i2t else indices * n_texts + rows
+        position = torch.searchsorted(exact_ids, ids).clamp(max=max(exact_ids.numel() - 1, 0))
+        known = exact_ids[position] == ids if exact_ids.numel() else torch.zeros_like(ids, dtype=torch.bool)
+        scores = torch.where(known, exact_scores[position] if exact_ids.numel() else scores, scores)
+        order = scores.argsort(dim=1, descending=True, stable=True)
+        return indices.gather(1, order), scores.gather(1, order)
+
+    i2t_indices, i2t_scores = apply(ranking.i2t_indices, ranking.i2t_scores, True)
+    t2i_indices, t2i_scores = apply(ranking.t2i_indices, ranking.t2i_scores, False)
+    return RetrievalOutput(
+        i2t_indices=i2t_indices,
+        i2t_scores=i2t_scores,
+        t2i_indices=t2i_indices,
+        t2i_scores=t2i_scores,
+        similarity=ranking.similarity,
+        num_pairs_scored=ranking.num_pairs_scored,
+        num_pairs_refined=int(exact_ids.numel()),
+        top1_margin=margin,
+    )
+
+
 @torch.no_grad()
 def official_protocol_scores(
     model: Any, images: EncodedImages, texts: EncodedTexts, k: int = 16, fill_value: float = -100.0
@@ -257,7 +438,7 @@ def official_protocol_scores(
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}.")
-    sims = images.features @ texts.features.t()
+    sims = itc_similarity(images, texts)
     n_images, n_texts = sims.shape
     device = sims.device
     scores_i2t = torch.full((n_images, n_texts), fill_value, dtype=torch.float32, device=device)
@@ -296,11 +477,9 @@ def _split_heads(module: Any, states: torch.Tensor, projection: Any) -> torch.Te
 
 
 def _attend(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any) -> torch.Tensor:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from .modeling_xvlm import XVLM_ATTENTION_FUNCTIONS, eager_attention_forward
 
-    from .modeling_xvlm import eager_attention_forward
-
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention_forward)
+    interface = XVLM_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention_forward)
     out, _ = interface(module, query, key, value, mask, scaling=module.scaling, dropout=0.0)
     return out.reshape(query.shape[0], query.shape[2], -1)
 
@@ -343,27 +522,7 @@ def fused_cls_states(
     for layer in layers[1:-1]:
         hidden = layer(hidden, pair_self_mask, image_seqs, None, image_index)[0]
     # last fusion layer: the [CLS] row only (keys/values of the self-attention still span every text token)
-    attention = last.attention.self
-    cls = hidden[:, :1]
-    context = _attend(
-        attention,
-        _split_heads(attention, cls, attention.query),
-        _split_heads(attention, hidden, attention.key),
-        _split_heads(attention, hidden, attention.value),
-        pair_self_mask,
-    )
-    cls = last.attention.output(context, cls)
-    cross = last.crossattention.self
-    context = _attend(
-        cross,
-        _split_heads(cross, cls, cross.query),
-        _split_heads(cross, image_seqs, cross.key)[image_index],
-        _split_heads(cross, image_seqs, cross.value)[image_index],
-        None,
-    )
-    cls = last.crossattention.output(context, cls)
-    cls = last.output(last.intermediate(cls), cls)
-    return cls[:, 0]
+    return last(hidden, pair_self_mask, image_seqs, None, image_index, query_length=1)[0][:, 0]
 
 
 def score_matrices(output: RetrievalOutput, fill_value: float = -100.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -135,3 +135,35 @@ def test_xvlm_eval_cli(tmp_path, capsys):
         assert 0 <= metrics[key] <= 100 and metrics["split"] == "test"
     printed = capsys.readouterr().out
     assert "R@1" in printed and "Acc@0.5" in printed and "chance" in printed
+
+
+def test_evaluate_retrieval_bf16_keeps_fp32_top1(tmp_path):
+    """bf16 re-ranking on fp32 encoders gives the fp32 R@1 (near ties re-scored in fp32); full bf16 runs too."""
+    from modeling_xvlm import XVLMConfig, XVLMForRetrieval
+    from modeling_xvlm.data import SyntheticConfig, load_xvlm_dataset, write_synthetic_dataset
+
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, SyntheticConfig(num_train=4, num_validation=4, num_test=12), overwrite=True)
+    rows = load_xvlm_dataset(str(data), "retrieval", "test")
+    processor = _processor()
+    torch.manual_seed(0)
+    model = XVLMForRetrieval(XVLMConfig.from_preset("tiny", text_config={"vocab_size": len(processor.tokenizer)}))
+    with torch.no_grad():
+        model.itm_head[-1].weight.mul_(50.0)  # spread the random ITM logits
+    fp32 = ev.evaluate_retrieval(model, processor, rows, k_test=4)
+    mixed = ev.evaluate_retrieval(model, processor, rows, k_test=4, precision="bf16", encode_precision="fp32")
+    full = ev.evaluate_retrieval(model, processor, rows, k_test=4, precision="bf16")
+    assert fp32["precision"] == "fp32" and fp32["pairs_refined_fp32"] == 0
+    assert (mixed["precision"], mixed["encode_precision"]) == ("bf16", "fp32") and mixed["pairs_refined_fp32"] > 0
+    assert (mixed["txt_r1"], mixed["img_r1"]) == (fp32["txt_r1"], fp32["img_r1"])
+    assert mixed["itc_r_mean"] == fp32["itc_r_mean"]
+    assert full["encode_precision"] == "bf16" and 0 <= full["r_mean"] <= 100
+    with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16', got 'fp16'"):
+        ev.evaluate_retrieval(model, processor, rows, precision="fp16")
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    out = tmp_path / "bf16.json"
+    assert ev.main(["retrieval", "--model", str(tmp_path / "model"), "--dataset", str(data), "--k-test", "4",
+                    "--precision", "bf16", "--encode-precision", "fp32", "--output", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert (saved["txt_r1"], saved["img_r1"]) == (fp32["txt_r1"], fp32["img_r1"])

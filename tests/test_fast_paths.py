@@ -264,3 +264,170 @@ def test_bf16_ranking_candidates_and_scores_close(retrieval_model, encoded):
     torch.testing.assert_close(fast[1], reference[1], atol=0.05 * scale, rtol=0)
     assert _cosine_min(images16.features.float(), images.features) >= 0.999
     assert _cosine_min(texts16.features.float(), texts.features) >= 0.999
+
+
+# -- fuse(..., cls_only=True) -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layers", [(2, 1), (4, 2), (5, 2)])  # 1, 2, 3 fusion layers
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_fuse_cls_only_equals_full_fusion(layers, implementation):
+    """`cls_only` computes the last fusion layer on the [CLS] row only: the same [CLS] as the full fusion."""
+    torch.manual_seed(0)
+    config = XVLMConfig.from_preset("tiny", text_config={"num_hidden_layers": layers[0], "fusion_layer": layers[1]})
+    model = _with_attn(XVLMModel(config).eval(), implementation)
+    generator = torch.Generator().manual_seed(1)
+    text = torch.randn(4, 7, config.text_config.hidden_size, generator=generator)
+    mask = torch.ones(4, 7, dtype=torch.long)
+    mask[2, 3:] = 0
+    images = torch.randn(2, 1 + config.num_patches, config.vision_width, generator=generator)
+    image_mask = torch.ones(4, 1 + config.num_patches, dtype=torch.long)
+    image_mask[1, 5:] = 0  # a region's box mask
+    index = torch.tensor([0, 1, 1, 0])
+    with torch.no_grad():
+        full = model.fuse(text, mask, images[index], image_mask)
+        cls = model.fuse(text, mask, images[index], image_mask, cls_only=True)
+        shared = model.fuse(text, mask, images, image_mask, image_index=index, cls_only=True, return_dict=True)
+    assert full.shape == (4, 7, config.text_config.hidden_size)
+    assert cls.shape == (4, 1, config.text_config.hidden_size)
+    torch.testing.assert_close(cls[:, 0], full[:, 0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(shared.last_hidden_state, cls, atol=ATOL, rtol=0)
+
+
+def test_fuse_cls_only_attention_shapes():
+    config = XVLMConfig.from_preset("tiny", text_config={"num_hidden_layers": 4, "fusion_layer": 2})
+    model = XVLMModel(config).eval()
+    text = torch.randn(3, 6, config.text_config.hidden_size)
+    images = torch.randn(3, 1 + config.num_patches, config.vision_width)
+    with torch.no_grad():
+        out = model.fuse(text, None, images, cls_only=True, output_attentions=True, return_dict=True)
+    heads = config.text_config.num_attention_heads
+    assert len(out.attentions) == 2
+    assert out.attentions[0].shape == (3, heads, 6, 6)
+    assert out.attentions[-1].shape == (3, heads, 1, 6)  # the last layer queries the [CLS] row only
+    assert out.cross_attentions[-1].shape == (3, heads, 1, 1 + config.num_patches)
+    torch.testing.assert_close(out.attentions[-1].sum(-1), torch.ones(3, heads, 1))
+
+
+# -- bf16 ranking with the fp32 top-1 (refine_top1) -------------------------------------------------------------
+
+
+def _bf16_ranking(model, pixels, ids, mask, k):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        images = R.encode_images(model, pixels)
+        texts = R.encode_texts(model, ids, mask)
+        return R.rank_gallery(model, images, texts, k=k)
+
+
+def _fp32_top1_of_candidates(model, ranking, encoded_fp32):
+    """The fp32 best of each query among the candidates the (bf16) ranking re-ranked."""
+    images, texts = encoded_fp32
+    n_texts = texts.states.shape[0]
+    best = []
+    for indices, i2t in ((ranking.i2t_indices, True), (ranking.t2i_indices, False)):
+        rows = torch.arange(indices.shape[0])[:, None].expand_as(indices)
+        image_idx, text_idx = (rows, indices) if i2t else (indices, rows)
+        scores = R.score_pairs(model, images, texts, image_idx.flatten(), text_idx.flatten()).view(indices.shape)
+        best.append(indices.gather(1, scores.argmax(dim=1, keepdim=True))[:, 0])
+        assert n_texts == texts.states.shape[0]
+    return best
+
+
+@pytest.mark.parametrize("margin", [1e-6, 0.1, 1e3])
+def test_refine_top1_gives_the_fp32_top1(retrieval_model, encoded, margin):
+    images, texts, _, _, (pixels, ids, mask) = encoded
+    ranking = _bf16_ranking(retrieval_model, pixels, ids, mask, k=5)
+    refined = R.refine_top1(retrieval_model, ranking, pixels, ids, mask, margin=margin)
+    best_i2t, best_t2i = _fp32_top1_of_candidates(retrieval_model, ranking, (images, texts))
+    assert torch.equal(refined.i2t_indices[:, 0], best_i2t)
+    assert torch.equal(refined.t2i_indices[:, 0], best_t2i)
+    # the candidates are the bf16 ones, only reordered
+    assert torch.equal(refined.i2t_indices.sort(dim=1).values, ranking.i2t_indices.sort(dim=1).values)
+    assert torch.equal(refined.t2i_indices.sort(dim=1).values, ranking.t2i_indices.sort(dim=1).values)
+    assert refined.top1_margin >= margin and refined.num_pairs_refined > 0
+    if margin == 1e3:  # every candidate re-scored: the whole rows are fp32 rankings of the bf16 candidates
+        n = ranking.i2t_indices.shape[0]
+        rows = torch.arange(n)[:, None].expand_as(refined.i2t_indices)
+        expected = R.score_pairs(retrieval_model, images, texts, rows.flatten(), refined.i2t_indices.flatten())
+        torch.testing.assert_close(refined.i2t_scores.flatten(), expected, atol=ATOL, rtol=0)
+        assert refined.num_pairs_refined == ranking.num_pairs_scored
+
+
+def test_refine_top1_margin_grows_with_the_measured_error(retrieval_model, encoded):
+    """Started far below the bf16 error, the margin grows to >= 2x the largest error it measured."""
+    images, texts, _, _, (pixels, ids, mask) = encoded
+    ranking = _bf16_ranking(retrieval_model, pixels, ids, mask, k=5)
+    refined = R.refine_top1(retrieval_model, ranking, pixels, ids, mask, margin=1e-6)
+    fp32 = R.rank_gallery(retrieval_model, images, texts, k=5)
+    error = (fp32.i2t_scores.sort(dim=1).values - ranking.i2t_scores.sort(dim=1).values).abs()
+    assert float(error.max()) > 1e-6  # bf16 really differs here
+    assert refined.top1_margin > 1e-6
+
+
+def test_refine_top1_accepts_an_image_loader(retrieval_model, encoded):
+    _, _, _, _, (pixels, ids, mask) = encoded
+    ranking = _bf16_ranking(retrieval_model, pixels, ids, mask, k=4)
+    calls = []
+
+    def load(indices: torch.Tensor) -> torch.Tensor:
+        calls.append(indices.tolist())
+        return pixels[indices]
+
+    from_tensor = R.refine_top1(retrieval_model, ranking, pixels, ids, mask, margin=0.5)
+    from_loader = R.refine_top1(retrieval_model, ranking, load, ids, mask, margin=0.5)
+    assert calls and all(sorted(set(c)) == c for c in calls)  # each image loaded once per round, in order
+    assert torch.equal(from_loader.i2t_indices, from_tensor.i2t_indices)
+    torch.testing.assert_close(from_loader.t2i_scores, from_tensor.t2i_scores, atol=0, rtol=0)
+
+
+def test_refine_top1_rejects_mismatched_inputs(retrieval_model, encoded):
+    _, _, _, _, (pixels, ids, mask) = encoded
+    ranking = _bf16_ranking(retrieval_model, pixels, ids, mask, k=2)
+    with pytest.raises(ValueError, match="texts has 20 texts but the ranking has 21"):
+        R.refine_top1(retrieval_model, ranking, pixels, ids[:20], mask[:20])
+    with pytest.raises(ValueError, match="images has 6 images but the ranking has 7"):
+        R.refine_top1(retrieval_model, ranking, pixels[:6], ids, mask)
+    with pytest.raises(ValueError, match="margin must be >= 0"):
+        R.refine_top1(retrieval_model, ranking, pixels, ids, mask, margin=-1)
+
+
+def test_rank_bf16_keeps_the_fp32_top1(retrieval_model, encoded):
+    images, texts, _, _, (pixels, ids, mask) = encoded
+    n_images = pixels.shape[0]
+    output = retrieval_model.rank(pixels, ids, mask, k=n_images, precision="bf16")
+    fp32 = retrieval_model.rank(pixels, ids, mask, k=n_images)
+    best_i2t, best_t2i = _fp32_top1_of_candidates(retrieval_model, output, (images, texts))
+    assert torch.equal(output.i2t_indices[:, 0], best_i2t)
+    assert torch.equal(output.t2i_indices[:, 0], best_t2i)
+    assert output.num_pairs_refined > 0 and output.top1_margin >= 0.1
+    # k = n_images: every text's candidates are all images in both precisions, so its top-1 is fp32's
+    assert torch.equal(output.t2i_indices[:, 0], fp32.t2i_indices[:, 0])
+    unrefined = retrieval_model.rank(pixels, ids, mask, k=5, precision="bf16", top1_margin=0)
+    assert unrefined.num_pairs_refined == 0 and unrefined.top1_margin is None
+    with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16'"):
+        retrieval_model.rank(pixels, ids, mask, precision="fp16")
+    with pytest.raises(ValueError, match="top1_margin only applies to precision='bf16'"):
+        retrieval_model.rank(pixels, ids, mask, top1_margin=0.1)
+
+
+def test_rank_bf16_reranking_on_fp32_encoders_keeps_the_fp32_top1_exactly(retrieval_model, encoded):
+    """fp32 encoders (fp32 ITC candidates) + bf16 re-ranking + fp32 refinement: the top-1 of every query equals the
+    fp32 ranking's, in both directions, for every k."""
+    _, _, txt2img, img2txt, (pixels, ids, mask) = encoded
+    for k in (2, 5):
+        fp32 = retrieval_model.rank(pixels, ids, mask, k=k)
+        mixed = retrieval_model.rank(pixels, ids, mask, k=k, precision="bf16", encode_precision="fp32")
+        assert torch.equal(mixed.i2t_indices.sort(dim=1).values, fp32.i2t_indices.sort(dim=1).values)
+        assert torch.equal(mixed.t2i_indices.sort(dim=1).values, fp32.t2i_indices.sort(dim=1).values)
+        assert torch.equal(mixed.i2t_indices[:, 0], fp32.i2t_indices[:, 0])
+        assert torch.equal(mixed.t2i_indices[:, 0], fp32.t2i_indices[:, 0])
+        torch.testing.assert_close(mixed.similarity, fp32.similarity, atol=0, rtol=0)
+        ours, reference = R.score_matrices(mixed), R.score_matrices(fp32)
+        for name in ("txt_r1", "img_r1"):
+            assert R.retrieval_metrics(*ours, txt2img, img2txt)[name] == R.retrieval_metrics(
+                *reference, txt2img, img2txt)[name]
+    # bf16-encoded ranking with an fp32 re-ranking: the encodings are upcast, scores stay finite and close
+    upcast = retrieval_model.rank(pixels, ids, mask, k=3, encode_precision="bf16")
+    assert torch.isfinite(upcast.i2t_scores).all() and upcast.num_pairs_refined == 0
+    with pytest.raises(ValueError, match="encode_precision must be 'fp32' or 'bf16'"):
+        retrieval_model.rank(pixels, ids, mask, encode_precision="int8")

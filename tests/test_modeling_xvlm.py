@@ -105,6 +105,95 @@ def test_eager_and_sdpa_agree(tiny_config, tiny_inputs):
     assert (fe - fs).abs().max() <= 1e-5
 
 
+def test_set_attn_implementation_switches_every_tower(tiny_config):
+    model = XVLMModel(tiny_config)
+    for implementation in ("eager", "sdpa"):
+        model.set_attn_implementation(implementation)
+        assert model.text_model.encoder.layer[-1].crossattention.self.config._attn_implementation == implementation
+        swin_attention = model.vision_model.encoder.layers[0].blocks[0].attention
+        assert swin_attention.config._attn_implementation == implementation
+
+
+def _dispatch_recorder(monkeypatch):
+    """Record which kernel `sdpa_where_it_pays_forward` picks (the originals still run)."""
+    import modeling_xvlm.modeling_xvlm as module
+
+    calls = []
+    for name in ("eager_attention_forward", "sdpa_attention_forward"):
+        original = getattr(module, name)
+
+        def record(*args, _name=name, _original=original, **kwargs):
+            calls.append(_name.split("_")[0])
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, record)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "grad, dropout, dtype, mask_grad, expected",
+    [
+        (False, 0.0, torch.float32, False, "sdpa"),  # inference: SDPA
+        (False, 0.0, torch.bfloat16, False, "sdpa"),
+        (True, 0.0, torch.float32, False, "sdpa"),  # fp32 training without dropout: the fused kernel pays
+        (True, 0.1, torch.float32, False, "eager"),  # dropout: SDPA would fall back to its math kernel
+        (True, 0.0, torch.float32, True, "eager"),  # a mask that needs a gradient (Swin's position bias)
+        (True, 0.0, torch.bfloat16, False, "eager"),  # bf16 backward
+    ],
+)
+def test_sdpa_where_it_pays_dispatch(monkeypatch, grad, dropout, dtype, mask_grad, expected):
+    from modeling_xvlm.modeling_xvlm import sdpa_where_it_pays_forward
+
+    calls = _dispatch_recorder(monkeypatch)
+    module = torch.nn.Module()
+    module.is_causal = False
+    module.train(grad)
+    q, k, v = (torch.randn(2, 3, 5, 4, dtype=dtype, requires_grad=grad) for _ in range(3))
+    mask = torch.zeros(1, 3, 5, 5, dtype=dtype, requires_grad=mask_grad)
+    with torch.set_grad_enabled(grad):
+        out, _ = sdpa_where_it_pays_forward(module, q, k, v, mask, scaling=0.5, dropout=dropout)
+    assert calls == [expected]
+    assert out.shape == (2, 5, 3, 4)
+    if dropout == 0:
+        reference = F.softmax((q.float() @ k.float().transpose(-1, -2)) * 0.5, dim=-1) @ v.float()
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out.float(), reference.transpose(1, 2), atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_xvlm_swin_attention_equals_transformers_swin(tiny_inputs, implementation):
+    """`XVLMSwinAttention` only changes the kernel dispatch: outputs and gradients equal transformers' Swin."""
+    import copy
+
+    from transformers.models.swin.modeling_swin import SwinAttention
+
+    from modeling_xvlm.modeling_xvlm import XVLMSwinAttention
+
+    torch.manual_seed(0)
+    config = XVLMConfig.from_preset("tiny", vision_config={"depths": [2, 2]})  # blocks 2 and 4: shifted windows
+    ours = XVLMModel(config).vision_model
+    assert any(isinstance(m, XVLMSwinAttention) for m in ours.modules())
+    assert any(block.shift_size > 0 for stage in ours.encoder.layers for block in stage.blocks)
+    theirs = copy.deepcopy(ours)
+    for module in theirs.modules():
+        if isinstance(module, XVLMSwinAttention):
+            module.__class__ = SwinAttention
+    results = []
+    for swin in (ours, theirs):
+        swin.set_attn_implementation(implementation)
+        swin.train()
+        swin.zero_grad(set_to_none=True)
+        out = swin(tiny_inputs["pixel_values"]).last_hidden_state
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        results.append((out.detach(), {n: p.grad for n, p in swin.named_parameters() if p.grad is not None}))
+    (ours_out, ours_grads), (theirs_out, theirs_grads) = results
+    torch.testing.assert_close(ours_out, theirs_out, atol=1e-5, rtol=0)
+    assert ours_grads.keys() == theirs_grads.keys()
+    assert any("relative_position_bias_table" in name for name in ours_grads)
+    for name, grad in ours_grads.items():
+        torch.testing.assert_close(grad, theirs_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_padding_does_not_change_real_tokens(model, tiny_inputs):
     ids = tiny_inputs["input_ids"][:1, :5]
     mask = torch.ones(1, 5, dtype=torch.long)

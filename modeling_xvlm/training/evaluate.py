@@ -30,7 +30,14 @@ import torch
 
 from ..box_ops import inclusive_pixel_iou
 from ..processing import XVLMGroundingCollator, load_image_rgb
-from ..retrieval import EncodedImages, EncodedTexts, rank_gallery, retrieval_metrics, score_matrices
+from ..retrieval import (
+    EncodedImages,
+    EncodedTexts,
+    rank_gallery,
+    refine_top1,
+    retrieval_metrics,
+    score_matrices,
+)
 
 __all__ = [
     "evaluate_retrieval",
@@ -56,8 +63,11 @@ class _ITMScorer:
         self.xvlm = model.xvlm
 
     def itm_scores(self, image_embeds, text_embeds, attention_mask, image_index, **kwargs) -> torch.Tensor:
-        fused = self.xvlm.fuse(text_embeds, attention_mask, image_embeds, None, image_index=image_index)
+        fused = self.xvlm.fuse(text_embeds, attention_mask, image_embeds, None, image_index=image_index, cls_only=True)
         return self.model.itm_head(fused[:, 0])[:, 1]
+
+    def parameters(self):
+        return self.model.parameters()
 
 
 def _batched(seq: Sequence[Any], size: int):
@@ -83,6 +93,9 @@ def evaluate_retrieval(
     batch_size: int = 64,
     max_images: int | None = None,
     device: torch.device | str | None = None,
+    precision: str = "fp32",
+    encode_precision: str | None = None,
+    top1_margin: float = 0.1,
 ) -> dict[str, Any]:
     """Official retrieval evaluation of ``model`` on a ``retrieval``-schema dataset (rows ``image`` + ``captions``).
 
@@ -93,15 +106,38 @@ def evaluate_retrieval(
         k_test: ITC candidates re-ranked by ITM in each direction (official 256 COCO, 128 Flickr).
         batch_size: images / texts / fused pairs per forward.
         max_images: evaluate on the first ``max_images`` images only.
+        precision: of the ITM re-ranking, ``"fp32"`` (official numbers) or ``"bf16"`` (autocast; near ties are
+            then re-scored in fp32 by :func:`modeling_xvlm.retrieval.refine_top1`, so every query keeps the fp32
+            top-1 among its candidates; R@5/R@10 may move).
+        encode_precision: of the image and text encoders (default: ``precision``). With ``"fp32"`` the ITC
+            candidates, and with a bf16 re-ranking the top-1, are exactly fp32's (``XVLMForRetrieval.rank``).
+        top1_margin: the initial margin of that refinement (ITM logits; 0 turns it off).
 
     Returns:
         ``itm_eval`` metrics (``txt_r1 ... r_mean``, percent) plus ``itc_*`` (the same metrics of the ITC ranking
-        alone), ``chance`` (R@1 of a random ranking), ``num_images``, ``num_texts``, ``k_test``, ``seconds``.
+        alone), ``chance`` (R@1 of a random ranking), ``num_images``, ``num_texts``, ``k_test``, ``precision``,
+        ``pairs_refined_fp32`` (pairs re-scored in fp32; 0 in fp32) and ``seconds``.
     """
+    encode_precision = precision if encode_precision is None else encode_precision
+    for name, value in (("precision", precision), ("encode_precision", encode_precision)):
+        if value not in ("fp32", "bf16"):
+            raise ValueError(f"{name} must be 'fp32' or 'bf16', got {value!r}.")
     start = time.perf_counter()
     was_training = model.training
     model.eval()
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    metrics = _evaluate_retrieval(model, processor, dataset, k_test, batch_size, max_images, device, precision,
+                                  encode_precision, top1_margin if precision == "bf16" else 0.0)
+    metrics.update(precision=precision, encode_precision=encode_precision, seconds=time.perf_counter() - start)
+    model.train(was_training)
+    return metrics
+
+
+def _evaluate_retrieval(model, processor, dataset, k_test, batch_size, max_images, device, precision,
+                        encode_precision, top1_margin):
+    def autocast(name: str):
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=name == "bf16")
+
     n = len(dataset) if max_images is None else min(len(dataset), max_images)
     texts: list[str] = []
     txt2img: list[int] = []
@@ -118,7 +154,8 @@ def evaluate_retrieval(
             texts.extend(captions)
             txt2img.extend([first + offset] * len(captions))
         pixel_values = ip([load_image_rgb(r["image"]) for r in rows], return_tensors="pt")["pixel_values"]
-        out = model.xvlm.get_image_features(pixel_values.to(device))
+        with autocast(encode_precision):
+            out = model.xvlm.get_image_features(pixel_values.to(device))
         sequences.append(out.last_hidden_state)
         features.append(out.pooler_output)
     images = EncodedImages(torch.cat(sequences), torch.cat(features))
@@ -126,19 +163,32 @@ def evaluate_retrieval(
     input_ids, attention_mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
     states, text_features = [], []
     for part in _batched(range(len(texts)), batch_size):
-        out = model.xvlm.get_text_features(input_ids[part.start : part.stop], attention_mask[part.start : part.stop])
+        with autocast(encode_precision):
+            out = model.xvlm.get_text_features(input_ids[part.start : part.stop], attention_mask[part.start : part.stop])
         states.append(out.last_hidden_state)
         text_features.append(out.pooler_output)
     encoded_texts = EncodedTexts(torch.cat(states), attention_mask, torch.cat(text_features))
+    if precision == "fp32" and encode_precision == "bf16":
+        images, encoded_texts = images.float(), encoded_texts.float()
     scorer = model if hasattr(model, "itm_scores") else _ITMScorer(model)
-    ranking = rank_gallery(scorer, images, encoded_texts, k=k_test, batch_size=batch_size)
+    with autocast(precision):
+        ranking = rank_gallery(scorer, images, encoded_texts, k=k_test, batch_size=batch_size)
+    if top1_margin > 0:
+
+        def load_images(indices: torch.Tensor) -> torch.Tensor:
+            rows = [load_image_rgb(dataset[int(i)]["image"]) for i in indices.tolist()]
+            return ip(rows, return_tensors="pt")["pixel_values"]
+
+        if encode_precision == "fp32":
+            ranking = refine_top1(scorer, ranking, images, encoded_texts, margin=top1_margin, batch_size=batch_size)
+        else:
+            ranking = refine_top1(scorer, ranking, load_images, input_ids, attention_mask, top1_margin, batch_size)
     scores_i2t, scores_t2i = score_matrices(ranking)
     metrics: dict[str, Any] = retrieval_metrics(scores_i2t, scores_t2i, txt2img, img2txt)
     itc = retrieval_metrics(ranking.similarity, ranking.similarity.t(), txt2img, img2txt)
     metrics.update({f"itc_{k}": v for k, v in itc.items()})
     metrics["chance"] = retrieval_chance(img2txt, len(texts))
-    metrics.update(num_images=n, num_texts=len(texts), k_test=k_test, seconds=time.perf_counter() - start)
-    model.train(was_training)
+    metrics.update(num_images=n, num_texts=len(texts), k_test=k_test, pairs_refined_fp32=ranking.num_pairs_refined)
     return metrics
 
 
@@ -329,6 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-examples", type=int, default=None, help="images (retrieval) / expressions (grounding)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="retrieval: precision of the ITM re-ranking (bf16: autocast, near ties re-scored in "
+                        "fp32 so that each query keeps the fp32 top-1 among its candidates)")
+    parser.add_argument("--encode-precision", choices=["fp32", "bf16"], default=None,
+                        help="retrieval: precision of the image/text encoders (default: --precision); fp32 keeps "
+                        "the fp32 ITC candidates, so a bf16 re-ranking keeps the fp32 top-1 exactly")
     parser.add_argument("--output", default=None, help="JSON file for the metrics (default: print only)")
     return parser
 
@@ -344,7 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     processor = load_processor(args.model, args.tokenizer, model.config.image_size, model.config.patch_stride)
     dataset = load_xvlm_dataset(args.dataset, args.task, args.split)
     if args.task == "retrieval":
-        metrics = evaluate_retrieval(model, processor, dataset, args.k_test, args.batch_size, args.max_examples, device)
+        metrics = evaluate_retrieval(model, processor, dataset, args.k_test, args.batch_size, args.max_examples, device,
+                                     precision=args.precision, encode_precision=args.encode_precision)
         print(retrieval_table(metrics))
     else:
         metrics = evaluate_grounding(model, processor, dataset, args.batch_size, args.max_examples, device)
