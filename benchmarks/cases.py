@@ -234,7 +234,7 @@ class FusionCase(Case):
 class TrainRetrievalCase(Case):
     unit = "pairs"
     training = True
-    max_repeats = 3
+    max_repeats = 9  # about 3 s a step on 2 idle cores; more rounds to resolve differences of a few %
     needs = "XVLMForRetrieval"
 
     def __init__(self, batch: int = 4, image_size: int = 224, length: int = 30, quick: bool = False):

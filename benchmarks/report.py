@@ -405,8 +405,9 @@ def render_tables(data: dict[str, Any]) -> str:
         f"Command: `{data.get('command')}`; {settings.get('warmup')} warm-up + {settings.get('repeats')} timed rounds "
         "per variant (variants interleaved round by round), median reported; where the runs of a variant spread by "
         "15% or more, the fastest run follows as (best ...). Ratios are given for the medians and, in parentheses, "
-        "for the fastest runs (the runs least disturbed by other processes on the shared cores). "
-        f"Benchmarks 4-5 are capped at 3 timed rounds (the `runs` field of each result in the JSON). "
+        "for the fastest runs. "
+        "Benchmark 4 is capped at 9 timed rounds and benchmark 5 at 3 (the `runs` field of each result in the "
+        "JSON). "
         f"Total wall time {data.get('total_wall_s', 0) / 60:.1f} min.",
         "",
         *(
@@ -436,9 +437,8 @@ def render_tables(data: dict[str, Any]) -> str:
         "",
         "### Process CPU time per call (s, median over the timed runs, all threads)",
         "",
-        "CPU time counts only the time this process ran, so it is far less disturbed than wall time by other "
-        "processes on the shared cores; with one thread (`@1t` rows, `--threads 1`) it is the compute itself, with "
-        "two it also counts the threads' spin-waiting for each other.",
+        "CPU time counts only the time this process ran (all threads, including their spin-waiting for each "
+        "other); it is insensitive to other processes on the machine, wall time is not.",
         "",
         render_cpu_table(data),
         "",

@@ -395,47 +395,70 @@ class RetrievalEvalCase(Case):
         return []
 
 
-TRAINED_STEPS = 1500
 CACHE = Path(__file__).resolve().parent / ".cache"
 
+#: Trained galleries: model size overrides of the tiny preset (64 px, the synthetic dataset), steps, learning rate.
+#: "tiny" is the demo job's model (width 32: too small for bf16 to pay on a CPU); "wide" widens the text and
+#: fusion layers to 192 (3 heads of 64, 2 + 2 layers), where bf16 matmuls are faster than fp32 ones.
+TRAINED_GALLERIES: dict[str, dict[str, Any]] = {
+    "tiny": {"steps": 1500, "lr": 1e-3, "overrides": None, "description": "demo size (width 32)"},
+    "wide": {
+        "steps": 1000,
+        "lr": 1e-3,
+        "overrides": {
+            "vision_config": {"embed_dim": 32, "depths": [2, 2], "num_heads": [2, 4], "window_size": 4,
+                              "use_absolute_embeddings": True},
+            "text_config": {"hidden_size": 192, "num_hidden_layers": 4, "fusion_layer": 2, "num_attention_heads": 3,
+                            "intermediate_size": 768, "hidden_dropout_prob": 0.0,
+                            "attention_probs_dropout_prob": 0.0},
+            "projection_dim": 64,
+        },
+        "description": "text/fusion width 192, 2 + 2 layers, Swin 2 stages of width 32/64",
+    },
+}
 
-def trained_gallery_model(log=print) -> tuple[str, dict[str, Any]]:
-    """The tiny X-VLM fine-tuned for retrieval on the synthetic dataset (trained once, then cached): the model
-    folder and its training summary."""
+
+def trained_gallery_model(size: str = "tiny", log=print) -> tuple[str, dict[str, Any]]:
+    """An X-VLM fine-tuned for retrieval on the synthetic dataset from scratch (trained once, then cached in
+    `benchmarks/.cache/`): the model folder and its training summary."""
     from modeling_xvlm.training.main_job import DEMO_SIZES
     from modeling_xvlm.training.train import TrainConfig, train
 
-    folder = CACHE / f"retrieval-tiny-synthetic-{TRAINED_STEPS}"
+    spec = TRAINED_GALLERIES[size]
+    overrides = spec["overrides"] or DEMO_SIZES["tiny"]
+    folder = CACHE / f"retrieval-{size}-synthetic-{spec['steps']}"
     summary_file = folder / "benchmark_training.json"
     if summary_file.exists():
         return str(folder), json.loads(summary_file.read_text())
-    log(f"    training the gallery model ({TRAINED_STEPS} steps, cached in {folder})")
+    log(f"    training the {size} gallery model ({spec['steps']} steps, cached in {folder})")
     start = time.perf_counter()
     result = train(TrainConfig(
-        task="retrieval", model="tiny", config_overrides=json.loads(json.dumps(DEMO_SIZES["tiny"])),
-        tokenizer="synthetic", image_size=64, output_dir=str(folder), max_steps=TRAINED_STEPS, batch_size=64,
-        lr=1e-3, warmup=0.05, randaugment=False, crop_scale_min=1.0, seed=0, eval_at_end=False, cpu=True,
+        task="retrieval", model="tiny", config_overrides=json.loads(json.dumps(overrides)),
+        tokenizer="synthetic", image_size=64, output_dir=str(folder), max_steps=spec["steps"], batch_size=64,
+        lr=spec["lr"], warmup=0.05, randaugment=False, crop_scale_min=1.0, seed=0, eval_at_end=False, cpu=True,
         mixed_precision="no", progress=False, log_every=500, save_total_limit=1,
     ))
-    summary = {"steps": TRAINED_STEPS, "train_s": time.perf_counter() - start, "last_losses": result["last_losses"],
-               "recipe": "xvlm-train retrieval --model tiny (demo size) --tokenizer synthetic --image-size 64 "
-                         f"--max-steps {TRAINED_STEPS} --batch-size 64 --lr 1e-3 --seed 0, from scratch"}
+    summary = {"steps": spec["steps"], "train_s": time.perf_counter() - start, "last_losses": result["last_losses"],
+               "recipe": f"xvlm-train retrieval, tiny preset overridden to: {spec['description']}; synthetic "
+                         f"tokenizer, 64 px, {spec['steps']} steps of 64, lr {spec['lr']:g}, seed 0, from scratch"}
     summary_file.write_text(json.dumps(summary, indent=1, default=str))
     return str(folder), summary
 
 
 class TrainedRetrievalEvalCase(RetrievalEvalCase):
-    """Benchmark 6 on a trained model: the tiny X-VLM fine-tuned on the synthetic dataset, its test split."""
+    """Benchmark 6 on a trained model fine-tuned on the synthetic dataset, on its test split."""
 
-    def __init__(self, ks: tuple[int, ...] = (16, 64), quick: bool = False):
+    def __init__(self, size: str = "tiny", ks: tuple[int, ...] = (16, 64), quick: bool = False):
         super().__init__(200, 3, ks, "tiny", quick=quick, repeats=3, variants=[
             ("official", "fp32", "sdpa"), ("fast", "fp32", "sdpa"), ("fast", "bf16", "sdpa"),
             ("fast+top1", "bf16", "sdpa"), ("fast+top1", "bf16-rerank", "sdpa"),
         ])
-        self.key = f"retrieval_eval_trained_tiny_test_k{'-'.join(map(str, ks))}"
+        self.trained_size = size
+        self.key = f"retrieval_eval_trained_{size}_test_k{'-'.join(map(str, ks))}"
         self.title = (
-            "retrieval evaluation end to end, tiny X-VLM trained on the synthetic dataset (64 px), its test split: "
-            f"200 images x 600 captions, k = {', '.join(map(str, ks))}"
+            f"retrieval evaluation end to end, X-VLM trained on the synthetic dataset ({size}: "
+            f"{TRAINED_GALLERIES[size]['description']}, 64 px), its test split: 200 images x 600 captions, "
+            f"k = {', '.join(map(str, ks))}"
         )
 
     def build(self) -> None:
@@ -443,7 +466,7 @@ class TrainedRetrievalEvalCase(RetrievalEvalCase):
         from modeling_xvlm.data import load_xvlm_dataset
         from modeling_xvlm.processing import XVLMProcessor, load_image_rgb
 
-        folder, self.training = trained_gallery_model()
+        folder, self.training = trained_gallery_model(self.trained_size)
         self.model = modeling_xvlm.XVLMForRetrieval.from_pretrained(folder).eval()
         self.config = self.model.config
         processor = XVLMProcessor.from_pretrained(folder)
@@ -461,7 +484,8 @@ class TrainedRetrievalEvalCase(RetrievalEvalCase):
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()
-        out.update({"n_texts": 600, "model": "tiny, trained", "training": getattr(self, "training", None)})
+        out.update({"n_texts": 600, "model": f"{self.trained_size}, trained",
+                    "training": getattr(self, "training", None)})
         return out
 
 
@@ -476,7 +500,8 @@ def retrieval_cases(quick: bool = False) -> list[RetrievalEvalCase]:
             variants=[("official", "fp32", "sdpa"), ("fast", "fp32", "sdpa"), ("fast-cls", "fp32", "sdpa"),
                       ("fast", "bf16", "sdpa"), ("fast+top1", "bf16-rerank", "sdpa")],
         ),
-        TrainedRetrievalEvalCase(),
+        TrainedRetrievalEvalCase("tiny"),
+        TrainedRetrievalEvalCase("wide"),
     ]
 
 
