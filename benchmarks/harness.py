@@ -1,7 +1,8 @@
 """Timing and memory helpers shared by the benchmark cases.
 
 - Time: `time.perf_counter` around one call; the variants of a case are *interleaved* (round r runs every variant
-  once) so that load from other processes on the machine hits all variants alike; the reported value is the median
+  once, in an order shuffled from round to round) so that load from other processes on the machine, and the state
+  one call leaves to the next, hit all variants alike; the reported value is the median
   of the timed rounds after the warm-up rounds, with min/max kept to show the spread. The process CPU time of each
   call (`time.process_time`, all threads) is kept too: on a shared machine it is far less disturbed by other
   processes than the wall time.
@@ -18,6 +19,7 @@ import contextlib
 import gc
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -137,12 +139,21 @@ def measure_interleaved(
     repeats: int,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Timing]:
-    """Run every call `warmup + repeats` times, round-robin; time and memory from the last `repeats` rounds."""
+    """Run every call `warmup + repeats` times, round-robin; time and memory from the last `repeats` rounds.
+
+    The order of the calls within a round is shuffled (seeded) from round to round: a call's time can depend on
+    the call before it (allocator and cache state), and identical work measured 2-5% apart in a fixed order.
+    """
     timings = {name: Timing() for name in calls}
     can_reset = reset_peak()
+    order = list(calls)
+    shuffler = random.Random(0)
     for round_index in range(warmup + repeats):
         timed = round_index >= warmup
-        for name, call in calls.items():
+        if round_index:
+            shuffler.shuffle(order)
+        for name in order:
+            call = calls[name]
             gc.collect()
             release_free_memory()
             before = rss_mib()

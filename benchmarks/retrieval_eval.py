@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -330,7 +331,10 @@ class RetrievalEvalCase(Case):
             cpu_times: dict[str, list[float]] = {}
             peaks: dict[str, float] = {}
             first: dict[str, dict[str, Any]] = {}
+            shuffler = random.Random(k)
             for round_index in range(max(r[4] for r in runs)):
+                if round_index:  # the order within a round changes from round to round (as measure_interleaved)
+                    runs = shuffler.sample(runs, len(runs))
                 for protocol, precision, attn, _, count in runs:
                     if round_index >= count:
                         continue
