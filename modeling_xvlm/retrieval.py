@@ -13,9 +13,12 @@ Two implementations of the re-ranking give the same scores (fp32: to float round
 - `rank_gallery` (used by `XVLMForRetrieval.rank`), the fast path: a pair that is a candidate in both directions is
   fused once; each distinct image's cross-attention keys/values are computed once per fusion layer and batch
   (`fuse(..., image_index=...)`); batches mix pairs of many images; pairs are ordered by text length and each batch
-  is cut to its longest text (padding positions are masked keys, so they never change a score). `fusion="cls"`
-  additionally computes only what the score needs (one token in the last fusion layer, the text-only part of the
-  first fusion layer once per text).
+  is cut to its longest text (padding positions are masked keys, so they never change a score); the last fusion
+  layer computes only the [CLS] row the ITM head reads (`itm_scores` -> `fuse(..., cls_only=True)`).
+  `fusion="cls"` also runs the text-only part of the first fusion layer once per text.
+
+Low precision: `refine_top1` re-scores the near ties of a bf16 ranking in fp32, so that each query keeps the fp32
+top-1 among its candidates; `itc_similarity` keeps the candidate selection in fp32.
 
 This module imports only torch, numpy and (for `fusion="cls"`) the model's own modules; the model is any
 `XVLMForRetrieval`.
@@ -497,9 +500,9 @@ def fused_cls_states(
 
     Equals `xvlm.fuse(text_states[text_index], text_mask[text_index], image_seqs, image_index=image_index)[:, 0]`
     (fp32: to float rounding) with less work: the first fusion layer's self-attention block and cross-attention
-    queries depend on the text alone, so they run once per distinct text; in the last fusion layer only the [CLS]
-    row feeds the ITM head, so its queries, attention outputs and feed-forward run on one token per pair. Uses
-    the modules of `xvlm.text_model.encoder` directly (no attention weights, no dropout).
+    queries depend on the text alone, so they run once per distinct text; the last fusion layer runs on the [CLS]
+    row only (`query_length=1`, as `fuse(..., cls_only=True)`). Uses the modules of `xvlm.text_model.encoder`
+    directly (no attention weights, no dropout).
     """
     from .modeling_xvlm import expand_key_mask
 
