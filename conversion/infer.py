@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..configuration_xvlm import XVLM_BASE_VISION
 from .relative_position import window_from_table
 
 __all__ = ["ArchitectureInference", "infer_architecture", "text_prefix"]
@@ -35,16 +36,11 @@ _BLOCK = re.compile(r"^vision_encoder\.layers\.(\d+)\.blocks\.(\d+)\.")
 _STAGE = re.compile(r"^vision_encoder\.layers\.(\d+)\.")
 
 BASE_TEXT_HEAD_DIM = 64
+#: X-VLM-base's Swin fields that the weights do not determine (the architecture ones are inferred).
 DEFAULT_VISION: dict[str, Any] = {
-    "num_channels": 3,
-    "mlp_ratio": 4.0,
-    "qkv_bias": True,
-    "hidden_dropout_prob": 0.0,
-    "attention_probs_dropout_prob": 0.0,
-    "drop_path_rate": 0.1,
-    "hidden_act": "gelu",
-    "use_absolute_embeddings": False,
-    "layer_norm_eps": 1e-5,
+    name: value
+    for name, value in XVLM_BASE_VISION.items()
+    if name not in ("image_size", "patch_size", "embed_dim", "depths", "num_heads", "window_size")
 }
 DEFAULT_TEXT: dict[str, Any] = {
     "hidden_act": "gelu",

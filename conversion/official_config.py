@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..configuration_xvlm import BERT_TEXT_FIELDS
+
 __all__ = ["OfficialConfig", "read_official_config", "resolve_config_path"]
 
 
@@ -67,22 +69,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 VISION_KEYS = ("embed_dim", "depths", "num_heads", "window_size")
-TEXT_KEYS = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "fusion_layer",
-    "num_attention_heads",
-    "intermediate_size",
-    "hidden_act",
-    "hidden_dropout_prob",
-    "attention_probs_dropout_prob",
-    "max_position_embeddings",
-    "type_vocab_size",
-    "initializer_range",
-    "layer_norm_eps",
-    "pad_token_id",
-)
+TEXT_KEYS = (*BERT_TEXT_FIELDS, "fusion_layer")
 
 
 def parse_official_config(task_config: dict[str, Any], yaml_path: str | os.PathLike | None = None) -> OfficialConfig:

@@ -54,6 +54,24 @@ XVLM_TINY_TEXT: dict[str, Any] = {
     "max_position_embeddings": 64,
 }
 
+#: The `XVLMTextConfig` fields that are BERT's own (what a BERT config or the official text-config JSON can set);
+#: `fusion_layer` is X-VLM's.
+BERT_TEXT_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "layer_norm_eps",
+    "initializer_range",
+    "pad_token_id",
+)
+
 
 class XVLMTextConfig(PreTrainedConfig):
     r"""Configuration of the X-VLM text encoder and cross-modal fusion encoder (one BERT-style stack).

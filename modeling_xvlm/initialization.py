@@ -12,30 +12,14 @@ from typing import Any
 import torch
 from transformers import BertConfig, BertForMaskedLM, SwinConfig, SwinModel
 
-from .configuration_xvlm import XVLMConfig
+from .configuration_xvlm import BERT_TEXT_FIELDS, XVLMConfig
 
 logger = logging.getLogger(__name__)
-
-_BERT_TEXT_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "hidden_act",
-    "hidden_dropout_prob",
-    "attention_probs_dropout_prob",
-    "max_position_embeddings",
-    "type_vocab_size",
-    "layer_norm_eps",
-    "initializer_range",
-    "pad_token_id",
-)
 
 
 def text_config_from_bert(bert_config: BertConfig, fusion_layer: int | None = None) -> dict[str, Any]:
     """X-VLM text-config fields from a BERT config; fusion starts at half depth unless given (6 of 12)."""
-    fields = {name: getattr(bert_config, name) for name in _BERT_TEXT_FIELDS if hasattr(bert_config, name)}
+    fields = {name: getattr(bert_config, name) for name in BERT_TEXT_FIELDS if hasattr(bert_config, name)}
     fields["fusion_layer"] = bert_config.num_hidden_layers // 2 if fusion_layer is None else fusion_layer
     return fields
 

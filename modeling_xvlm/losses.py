@@ -92,13 +92,8 @@ class _AllGatherSumGrad(torch.autograd.Function):
         return grad[ctx.start : ctx.start + ctx.rows], None, None
 
 
-class _OfficialAllGather(torch.autograd.Function):
+class _OfficialAllGather(_AllGatherSumGrad):
     """The official `AllGather`: forward gathers, backward returns only the local slice (no sum over processes)."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor, rank: int, sizes: list[int]) -> torch.Tensor:  # type: ignore[override]
-        ctx.start, ctx.rows = sum(sizes[:rank]), sizes[rank]
-        return _all_gather_rows(tensor, sizes)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]

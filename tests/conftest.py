@@ -63,3 +63,13 @@ def tiny_inputs(tiny_config):
     attention_mask[1, 5:] = 0
     input_ids[1, 5:] = 0
     return {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is fastest, and avoids oversubscribing a shared CPU (modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

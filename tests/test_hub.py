@@ -35,13 +35,7 @@ from modeling_xvlm.processing import XVLMImageProcessor, XVLMImageProcessorPil, 
 PACKAGE_DIR = Path(modeling_xvlm.__file__).parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest, and avoids oversubscribing a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_processor(tokenizer, config) -> XVLMProcessor:

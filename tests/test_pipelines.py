@@ -23,13 +23,7 @@ from modeling_xvlm.processing import XVLMImageProcessorPil, XVLMProcessor
 LABELS = ["red", "blue circle", "dog", "a white cat"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest, and avoids oversubscribing a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def by_key(results: list[dict], key: str = "label") -> dict:

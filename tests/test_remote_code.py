@@ -28,13 +28,7 @@ TEXTS = ["a red circle on the left", "the blue square"]
 LABELS = ["red", "blue", "dog"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest, and avoids oversubscribing a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CHILD = r"""
 import importlib.abc, importlib.util, json, os, sys
