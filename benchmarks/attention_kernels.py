@@ -1,6 +1,6 @@
 """Attention kernels on X-VLM-base shapes: one attention call with the eager matmuls, with torch's
 `scaled_dot_product_attention` (transformers' `sdpa_attention_forward`) and with X-VLM's `"sdpa"`
-(`modeling_xvlm.modeling_xvlm.sdpa_where_it_pays_forward`, which picks one of the two per call).
+(`modeling_xvlm.attention.sdpa_where_it_pays_forward`, which picks one of the two per call).
 
 Inference: forward only, no autograd. Training: forward + backward with gradients for queries, keys and values;
 the text and fusion calls use BERT's attention dropout (0.1; one row without, as in dropout-free fine-tuning), the
@@ -70,7 +70,7 @@ class AttentionKernelsCase(Case):
     title = "attention kernels, one call on X-VLM-base shapes: eager vs torch SDPA vs X-VLM's sdpa"
 
     def worker(self, warmup: int, repeats: int, log) -> dict[str, Any]:
-        import modeling_xvlm.modeling_xvlm as modeling
+        import modeling_xvlm.attention as modeling
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         picked: list[str] = []

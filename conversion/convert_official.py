@@ -52,6 +52,8 @@ from typing import Any
 
 import torch
 
+import modeling_xvlm
+
 from .infer import ArchitectureInference, infer_architecture, text_prefix
 from .official_config import OfficialConfig, parse_official_config, read_official_config
 from .relative_position import interpolate_relative_position_bias_table, window_from_table
@@ -513,8 +515,6 @@ def build_config(
 
 def head_class(task: str) -> type:
     """The model class of a task (`XVLMForPretraining`, `XVLMForRetrieval` or `XVLMForGrounding`)."""
-    from .. import modeling_xvlm
-
     name = HEAD_CLASS_NAMES[task]
     cls = getattr(modeling_xvlm, name, None)
     if cls is None:

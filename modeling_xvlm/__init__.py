@@ -6,18 +6,11 @@
 from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, AutoModelForZeroShotImageClassification
 
 from .configuration_xvlm import XVLMConfig, XVLMTextConfig
-from .modeling_xvlm import (
-    XVLMForGrounding,
-    XVLMForGroundingOutput,
-    XVLMForPretraining,
-    XVLMForPretrainingOutput,
-    XVLMForRetrieval,
-    XVLMForRetrievalOutput,
-    XVLMModel,
-    XVLMOutput,
-    XVLMPreTrainedModel,
-    XVLMTextModel,
-)
+from .modeling_xvlm import XVLMModel, XVLMOutput, XVLMPreTrainedModel
+from .modeling_xvlm_grounding import XVLMForGrounding, XVLMForGroundingOutput
+from .modeling_xvlm_pretraining import XVLMForPretraining, XVLMForPretrainingOutput
+from .modeling_xvlm_retrieval import XVLMForRetrieval, XVLMForRetrievalOutput
+from .modeling_xvlm_text import XVLMTextLMHeadModel, XVLMTextModel
 from .retrieval import RetrievalOutput, retrieval_metrics
 
 AutoConfig.register("xvlm", XVLMConfig, exist_ok=True)
@@ -47,6 +40,7 @@ __all__ = [
     "XVLMOutput",
     "XVLMPreTrainedModel",
     "XVLMTextConfig",
+    "XVLMTextLMHeadModel",
     "XVLMTextModel",
     "retrieval_metrics",
 ]

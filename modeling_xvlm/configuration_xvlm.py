@@ -95,8 +95,13 @@ class XVLMTextConfig(PreTrainedConfig):
         initializer_range: std of the normal initialiser for new weights.
         layer_norm_eps: LayerNorm epsilon (1e-12 as BERT).
         pad_token_id: id of `[PAD]`.
-        encoder_width: width of the image tokens the fusion layers attend to (set from the vision config by
-            `XVLMConfig`).
+        encoder_width: key/value input width of the cross-attention: the image tokens for fusion (set from the
+            vision config by `XVLMConfig`), or the text width for a decoder reading question states (VQA).
+        is_decoder: causal self-attention in every layer (captioning and VQA answer decoders), with a KV cache.
+        use_cache: keep a KV cache when decoding (decoders only).
+        tie_cross_attention_pairs: cross-attention layers `fusion_layer + 2j` and `fusion_layer + 2j + 1` share one
+            key and one value projection (official NLVR2: the two images alternate across the fusion layers).
+        tie_word_embeddings: tie an LM head's decoder weight to the word embeddings (always, in X-VLM).
     """
 
     model_type = "xvlm_text_model"
@@ -117,6 +122,10 @@ class XVLMTextConfig(PreTrainedConfig):
     layer_norm_eps: float = 1e-12
     pad_token_id: int | None = 0
     encoder_width: int = 1024
+    is_decoder: bool = False
+    use_cache: bool = True
+    tie_cross_attention_pairs: bool = False
+    tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -130,6 +139,11 @@ class XVLMTextConfig(PreTrainedConfig):
                 f"text_config.fusion_layer ({self.fusion_layer}) must be in [0, num_hidden_layers="
                 f"{self.num_hidden_layers}): the fusion encoder needs at least one layer, so the number of fusion "
                 f"layers ({self.num_hidden_layers - self.fusion_layer}) cannot exceed the layer count."
+            )
+        if self.tie_cross_attention_pairs and (self.num_hidden_layers - self.fusion_layer) % 2:
+            raise ValueError(
+                "text_config.tie_cross_attention_pairs needs an even number of cross-attention layers, got "
+                f"{self.num_hidden_layers - self.fusion_layer}."
             )
 
     @property

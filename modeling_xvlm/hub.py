@@ -30,10 +30,17 @@ from transformers import (
 from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.utils import logging
 
-from . import modeling_xvlm as _modeling
+from .modeling_xvlm import XVLMModel
+from .modeling_xvlm_grounding import XVLMForGrounding
+from .modeling_xvlm_pretraining import XVLMForPretraining
+from .modeling_xvlm_retrieval import XVLMForRetrieval
 from .configuration_xvlm import XVLMConfig
 
 logger = logging.get_logger(__name__)
+
+MODEL_CLASSES: dict[str, type] = {
+    cls.__name__: cls for cls in (XVLMModel, XVLMForRetrieval, XVLMForGrounding, XVLMForPretraining)
+}
 
 # Model class name -> the transformers Auto class whose `from_pretrained` loads it, locally and as remote code.
 MODEL_AUTO_CLASSES: dict[str, str] = {
@@ -90,9 +97,9 @@ def register_auto_classes() -> dict[str, str]:
         return registered
     XVLMConfig.register_for_auto_class("AutoConfig")
     registered["XVLMConfig"] = "AutoConfig"
-    models_flat = _check_flat(_modeling.XVLMModel)
+    models_flat = _check_flat(XVLMModel)
     for class_name, auto_name in MODEL_AUTO_CLASSES.items():
-        model_class = getattr(_modeling, class_name, None)
+        model_class = MODEL_CLASSES.get(class_name)
         if model_class is None:  # a head that this version of the package does not define
             continue
         auto_class = _AUTO_MODEL_CLASSES[auto_name]
@@ -110,7 +117,7 @@ def register_auto_classes() -> dict[str, str]:
             model_class.register_for_auto_class(auto_name)
             registered[class_name] = auto_name
     for class_name, auto_name in REMOTE_ONLY_AUTO_CLASSES.items():
-        model_class = getattr(_modeling, class_name, None)
+        model_class = MODEL_CLASSES.get(class_name)
         if model_class is not None and models_flat:
             model_class.register_for_auto_class(auto_name)
             registered[class_name] = auto_name
@@ -454,7 +461,7 @@ def _register_all() -> None:
     register_auto_classes()
     from .pipelines import register_pipelines
 
-    register_pipelines(grounding_model_class=getattr(_modeling, "XVLMForGrounding", None))
+    register_pipelines(grounding_model_class=XVLMForGrounding)
 
 
 _register_all()

@@ -470,23 +470,6 @@ def official_protocol_scores(
     return scores_i2t, scores_t2i
 
 
-# -- fusion reduced to what the ITM score needs ------------------------------------------------------------------
-
-
-def _split_heads(module: Any, states: torch.Tensor, projection: Any) -> torch.Tensor:
-    batch, length = states.shape[:2]
-    shape = (batch, length, module.num_attention_heads, module.attention_head_size)
-    return projection(states).view(shape).transpose(1, 2)
-
-
-def _attend(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any) -> torch.Tensor:
-    from .modeling_xvlm import XVLM_ATTENTION_FUNCTIONS, eager_attention_forward
-
-    interface = XVLM_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention_forward)
-    out, _ = interface(module, query, key, value, mask, scaling=module.scaling, dropout=0.0)
-    return out.reshape(query.shape[0], query.shape[2], -1)
-
-
 @torch.no_grad()
 def fused_cls_states(
     xvlm: Any,
@@ -496,36 +479,9 @@ def fused_cls_states(
     image_seqs: torch.Tensor,
     image_index: torch.Tensor,
 ) -> torch.Tensor:
-    """Fused [CLS] `(P, hidden)` of the pairs `(text_index[p], image_index[p])`, inference only.
-
-    Equals `xvlm.fuse(text_states[text_index], text_mask[text_index], image_seqs, image_index=image_index)[:, 0]`
-    (fp32: to float rounding) with less work: the first fusion layer's self-attention block and cross-attention
-    queries depend on the text alone, so they run once per distinct text; the last fusion layer runs on the [CLS]
-    row only (`query_length=1`, as `fuse(..., cls_only=True)`). Uses the modules of `xvlm.text_model.encoder`
-    directly (no attention weights, no dropout).
-    """
-    from .modeling_xvlm import expand_key_mask
-
-    config = xvlm.text_model.config
-    layers = [xvlm.text_model.encoder.layer[i] for i in range(config.fusion_layer, config.num_hidden_layers)]
-    first, last = layers[0], layers[-1]
-    text_self_mask = expand_key_mask(text_mask, text_states.dtype)
-    pair_self_mask = None if text_self_mask is None else text_self_mask[text_index]
-    # first fusion layer: self-attention and cross-attention queries once per distinct text
-    hidden_text, _ = first.attention(text_states, text_self_mask)
-    cross = first.crossattention.self
-    rows = slice(0, 1) if len(layers) == 1 else slice(None)
-    query = _split_heads(cross, hidden_text, cross.query)[text_index][:, :, rows]
-    keys = _split_heads(cross, image_seqs, cross.key)[image_index]
-    values = _split_heads(cross, image_seqs, cross.value)[image_index]
-    hidden = first.crossattention.output(_attend(cross, query, keys, values, None), hidden_text[text_index][:, rows])
-    hidden = first.output(first.intermediate(hidden), hidden)
-    if len(layers) == 1:
-        return hidden[:, 0]
-    for layer in layers[1:-1]:
-        hidden = layer(hidden, pair_self_mask, image_seqs, None, image_index)[0]
-    # last fusion layer: the [CLS] row only (keys/values of the self-attention still span every text token)
-    return last(hidden, pair_self_mask, image_seqs, None, image_index, query_length=1)[0][:, 0]
+    """Fused [CLS] `(P, hidden)` of the pairs `(text_index[p], image_index[p])`, inference only
+    (`XVLMTextModel.fuse_pairs`: per-text work of the first fusion layer done once per distinct text)."""
+    return xvlm.text_model.fuse_pairs(text_states, text_mask, text_index, image_seqs, image_index)
 
 
 def score_matrices(output: RetrievalOutput, fill_value: float = -100.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -616,7 +616,7 @@ def test_parity_pretraining_forward_losses():
         r_l1, r_giou = ref.bbox_losses(r_box, target, is_image)
         out = model(
             pixel_values=images, input_ids=ids, attention_mask=atts, image_index=image_index, region_masks=region_atts,
-            mlm_input_ids=mlm_ids, mlm_labels=mlm_labels, target_boxes=target, is_image=is_image, return_loss=True,
+            mlm_input_ids=mlm_ids, mlm_labels=mlm_labels, labels=target, is_image=is_image, return_loss=True,
         )
     valid = masked_ids.reshape(-1) != -100
     diffs = {

@@ -116,7 +116,7 @@ def test_set_attn_implementation_switches_every_tower(tiny_config):
 
 def _dispatch_recorder(monkeypatch):
     """Record which kernel `sdpa_where_it_pays_forward` picks (the originals still run)."""
-    import modeling_xvlm.modeling_xvlm as module
+    import modeling_xvlm.attention as module
 
     calls = []
     for name in ("eager_attention_forward", "sdpa_attention_forward"):
@@ -142,7 +142,7 @@ def _dispatch_recorder(monkeypatch):
     ],
 )
 def test_sdpa_where_it_pays_dispatch(monkeypatch, grad, dropout, dtype, mask_grad, expected):
-    from modeling_xvlm.modeling_xvlm import sdpa_where_it_pays_forward
+    from modeling_xvlm.attention import sdpa_where_it_pays_forward
 
     calls = _dispatch_recorder(monkeypatch)
     module = torch.nn.Module()
