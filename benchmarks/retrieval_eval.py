@@ -12,10 +12,9 @@ Each run is end to end: encode every image and text once, ITC similarities, top-
 re-ranking, the two official score matrices. Protocols:
 
 - `official`: `modeling_xvlm.retrieval.official_protocol_scores`, the official loops (per image, then per text, k
-  pairs each, the image repeated k times, no sharing);
+  pairs each, the image repeated k times, no sharing, full fusion; scored by `itm_scores` as every protocol);
 - `fast`: `rank_gallery` defaults, as `XVLMForRetrieval.rank` (each pair once, image keys/values once per image
   and layer, batches across images, text padding trimmed per batch, the last fusion layer on [CLS] only);
-- `fast-cls`: `rank_gallery(..., fusion="cls")` (also the text-only part of the first fusion layer once per text);
 - `fast-no-trim`: the fast path without trimming the padding (an ablation);
 - `fast+top1`: `fast`, then `refine_top1` (near ties re-scored in fp32; bf16 only).
 
@@ -42,7 +41,7 @@ from typing import Any
 
 import torch
 
-from modeling_xvlm import XVLMConfig
+from modeling_xvlm import XVLMConfig, retrieval
 
 from .cases import SEED, Case, heads_available, make_pixels, make_text
 from .harness import Variant, cosine_min, peak_mib, release_free_memory, reset_peak, rss_mib
@@ -73,14 +72,7 @@ def make_gallery(n_images: int, texts_per_image: int, image_size: int, vocab: in
     return pixels, ids, mask, txt2img, img2txt
 
 
-def _retrieval_api():
-    from modeling_xvlm import retrieval
-
-    return retrieval
-
-
 def encode(model, pixels, ids, mask, cpu: list | None = None):
-    retrieval = _retrieval_api()
     start, cpu_start = time.perf_counter(), time.process_time()
     images = retrieval.encode_images(model, pixels, batch_size=32)
     texts = retrieval.encode_texts(model, ids, mask, batch_size=128)
@@ -99,7 +91,6 @@ def rerank(model, protocol: str, precision: str, images, texts, k: int, batch_si
     """Re-ranking of an encoded gallery (under bf16 autocast unless `precision` is fp32): timings and the two
     official score matrices. `sources` (pixels, ids, mask) are re-encoded in fp32 by `fast+top1` on bf16
     encodings; on fp32 encodings (`bf16-rerank`) it reuses them."""
-    retrieval = _retrieval_api()
     start, cpu_start = time.perf_counter(), time.process_time()
     refined = None
     with Variant("sdpa", "fp32" if precision == "fp32" else "bf16").autocast():
@@ -107,8 +98,7 @@ def rerank(model, protocol: str, precision: str, images, texts, k: int, batch_si
             scores_i2t, scores_t2i = retrieval.official_protocol_scores(model, images, texts, k=k)
             pairs = None
         else:
-            options = {"fast": {}, "fast+top1": {}, "fast-no-trim": {"trim_padding": False},
-                       "fast-cls": {"fusion": "cls"}}[protocol]
+            options = {"fast": {}, "fast+top1": {}, "fast-no-trim": {"trim_padding": False}}[protocol]
             output = retrieval.rank_gallery(model, images, texts, k=k, batch_size=batch_size, **options)
     if protocol != "official":
         if protocol == "fast+top1":
@@ -149,7 +139,6 @@ def _median(values: list[float]) -> float:
 
 def compare_runs(reference: dict[str, Any], other: dict[str, Any], k: int, txt2img, img2txt) -> dict[str, Any]:
     """Score-matrix and ranking agreement of `other` with `reference` (fp32 official)."""
-    retrieval = _retrieval_api()
     a_i2t, a_t2i = reference["scores_i2t"], reference["scores_t2i"]
     b_i2t, b_t2i = other["scores_i2t"], other["scores_t2i"]
     same_support = bool(torch.equal(a_i2t == -100, b_i2t == -100) and torch.equal(a_t2i == -100, b_t2i == -100))
@@ -269,7 +258,7 @@ class RetrievalEvalCase(Case):
             return [(p, prec, a, k, self.repeats or 1) for k in self.ks for (p, prec, a) in self._variants]
         if os.environ.get("XVLM_BENCH_LEAN"):  # `--lean`: one run of each protocol, sdpa only
             return [(p, prec, "sdpa", k, 1) for k in self.ks for (p, prec) in (
-                ("official", "fp32"), ("fast", "fp32"), ("fast-cls", "fp32"), ("fast", "bf16"),
+                ("official", "fp32"), ("fast", "fp32"), ("fast", "bf16"),
                 ("fast+top1", "bf16"), ("fast+top1", "bf16-rerank"),
                 *((("fast-no-trim", "fp32"),) if k <= 16 else ()))]
         plan = []
@@ -278,7 +267,6 @@ class RetrievalEvalCase(Case):
             plan += [
                 ("official", "fp32", "sdpa", k, 1),  # minutes per run: one run
                 ("fast", "fp32", "sdpa", k, 2 if small_k else 1),
-                ("fast-cls", "fp32", "sdpa", k, 2 if small_k else 1),
                 ("fast", "bf16", "sdpa", k, 2 if small_k else 1),
                 ("fast+top1", "bf16", "sdpa", k, 1),
                 ("fast+top1", "bf16-rerank", "sdpa", k, 1),
@@ -501,8 +489,8 @@ def retrieval_cases(quick: bool = False) -> list[RetrievalEvalCase]:
         RetrievalEvalCase(100, 3, (64,), "small", encode_rounds=1),
         RetrievalEvalCase(
             16, 5, (16,), "base", repeats=1,
-            variants=[("official", "fp32", "sdpa"), ("fast", "fp32", "sdpa"), ("fast-cls", "fp32", "sdpa"),
-                      ("fast", "bf16", "sdpa"), ("fast+top1", "bf16-rerank", "sdpa")],
+            variants=[("official", "fp32", "sdpa"), ("fast", "fp32", "sdpa"), ("fast", "bf16", "sdpa"),
+                      ("fast+top1", "bf16-rerank", "sdpa")],
         ),
         TrainedRetrievalEvalCase("tiny"),
         TrainedRetrievalEvalCase("wide"),
@@ -521,7 +509,7 @@ def worker_retrieval(case: RetrievalEvalCase, warmup: int, repeats: int, log) ->
         for attn in ("sdpa", "eager"):
             case.set_attn(attn)
             with torch.no_grad():
-                for protocol in ("fast", "fast-cls", "official", "fast+top1"):
+                for protocol in ("fast", "official", "fast+top1"):
                     if protocol == "fast+top1" and precision == "fp32":
                         continue
                     run_protocol(case.model, protocol, precision, pixels[:4], ids[:8], mask[:8], 2, case.batch_size)

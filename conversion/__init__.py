@@ -10,6 +10,8 @@ Command line: ``xvlm-convert`` / ``python -m modeling_xvlm.conversion`` (see ``d
 
 from .convert_official import (
     HEAD_CLASS_NAMES,
+    NEW_HEADS,
+    NLVR2_TASKS,
     TASKS,
     ConversionError,
     ConversionResult,
@@ -36,6 +38,8 @@ __all__ = [
     "ConversionError",
     "ConversionResult",
     "HEAD_CLASS_NAMES",
+    "NEW_HEADS",
+    "NLVR2_TASKS",
     "OfficialConfig",
     "TASKS",
     "UnsafeCheckpointError",

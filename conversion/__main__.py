@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .convert_official import TASKS, ConversionError, convert_checkpoint
+from .convert_official import HEAD_CLASS_NAMES, TASKS, ConversionError, convert_checkpoint
 from .safe_load import UnsafeCheckpointError
 
 
@@ -27,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--task",
         choices=TASKS,
         default=None,
-        help="target model: pretrain (XVLMForPretraining), retrieval (XVLMForRetrieval) or grounding "
-        "(XVLMForGrounding, box head); default: detected from the keys",
+        help="target model (the task table modeling_xvlm.tasks.TASKS): "
+        + ", ".join(f"{task} ({HEAD_CLASS_NAMES[task]})" for task in TASKS)
+        + "; default: detected from the keys",
     )
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument(

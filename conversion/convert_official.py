@@ -10,8 +10,22 @@ Pipeline (`convert_checkpoint`):
    drops with the reason. Any key it cannot place raises `ConversionError` naming the keys.
 4. `load_into_model` checks the result against the model's own state dict (missing, unexpected and mis-shaped keys
    are errors) and loads it. This also works on the meta device, for shape-only checks of base-size checkpoints.
-5. The folder gets `config.json` + `model.safetensors` (`save_pretrained`), the processor files when a tokenizer
-   folder is given, and a model card; it is then re-read with `from_pretrained` and compared tensor by tensor.
+5. The folder gets `config.json` + `model.safetensors` + the flat code files (`save_pretrained`), the processor
+   files when a tokenizer folder is given, and a model card (`modeling_xvlm.create_model_card`); it is then re-read
+   with `from_pretrained` and compared tensor by tensor.
+
+The tasks (`pretrain`, `retrieval`, `grounding`, `nlvr2`, `nlvr2-pretrain`) and their head classes come from the
+package's task table, `modeling_xvlm.tasks.TASKS`; this module only adds which official heads each task's checkpoint
+carries (`TASK_HEADS`) and which heads a conversion from another official model initialises anew (`NEW_HEADS`).
+
+NLVR2 (`nlvr2`: official `model_nlvr.py`; `nlvr2-pretrain`: the text-assignment pre-training, `model_nlvr_pretrain.py`)
+checkpoints have a text stack of `f` text layers and `2 (L - f)` fusion layers whose pairs `(f + 2k, f + 2k + 1)`
+share one cross-attention key/value (official `share_cross_attention`): both names are in the state dict, the
+converter checks that they are equal and stores the tensor once under layer `f + 2k` (the converted model ties the
+pair, `text_config.tie_cross_attention_pairs`). From a *pre-training* checkpoint, both tasks do what the official
+NLVR2 loader does (`load_nlvr_pretrain=False`): pre-trained fusion layer `N` goes to layers `f + 2 (N - f)` and
+`f + 2 (N - f) + 1`, and the new head (`cls_head`, resp. `ta_head`) keeps its fresh initialisation
+(`ConversionResult.new`). A `nlvr2-pretrain` checkpoint converts for `nlvr2` as with `load_nlvr_pretrain=True`.
 
 Key mapping (official key after the prefix -> in-memory name; `P` = `text_encoder.bert.` for pre-training and
 `text_encoder.` for fine-tuned checkpoints):
@@ -32,16 +46,19 @@ Key mapping (official key after the prefix -> in-memory name; `P` = `text_encode
 | `itm_head.{0,1,3}.*`, `bbox_head.{0,1,3}.*` | same names on the head model |
 | `text_encoder.cls.predictions.transform.*` | `mlm_head.transform.*` |
 | `text_encoder.cls.predictions.bias` | `mlm_head.decoder.bias` |
+| `cls_head.{0,1,3}.*` (NLVR2), `ta_head.*`, `vision_proj.*` (TA pre-training) | same names on the head model |
 
 Dropped on purpose: `relative_position_index` and `attn_mask` buffers (recomputed from the window),
 `embeddings.position_ids` (a non-persistent buffer here), `cls.predictions.decoder.weight` (tied to the word
 embeddings; checked equal) and `cls.predictions.decoder.bias` (alias of `cls.predictions.bias`; checked equal), and
-the heads the requested task does not have (e.g. the MLM and box heads of a pre-training checkpoint converted for
-retrieval: the official fine-tuning loader ignores them the same way).
+the second name of each tied NLVR2 cross-attention key/value (checked equal), and the heads the requested task does
+not have (e.g. the MLM and box heads of a pre-training checkpoint converted for retrieval: the official fine-tuning
+loader ignores them the same way).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import re
@@ -51,8 +68,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import BertTokenizer
 
-import modeling_xvlm
+from modeling_xvlm import XVLMImageProcessorPil, XVLMProcessor, create_model_card
+from modeling_xvlm.configuration_xvlm import XVLMConfig
+from modeling_xvlm.modeling_xvlm_nlvr import nlvr2_config
+from modeling_xvlm.tasks import TASKS as MODEL_TASKS
 
 from .infer import ArchitectureInference, infer_architecture, text_prefix
 from .official_config import OfficialConfig, parse_official_config, read_official_config
@@ -63,6 +84,8 @@ __all__ = [
     "ConversionError",
     "ConversionResult",
     "HEAD_CLASS_NAMES",
+    "NEW_HEADS",
+    "NLVR2_TASKS",
     "TASKS",
     "build_config",
     "convert_checkpoint",
@@ -73,28 +96,38 @@ __all__ = [
     "write_model_card",
 ]
 
-TASKS = ("pretrain", "retrieval", "grounding")
-HEAD_CLASS_NAMES = {
-    "pretrain": "XVLMForPretraining",
-    "retrieval": "XVLMForRetrieval",
-    "grounding": "XVLMForGrounding",
-}
-# Official heads each task's model has (the official model classes: model_pretrain / model_retrieval / model_bbox).
+#: Task names accepted by `xvlm-convert --task` (the rows of `modeling_xvlm.tasks.TASKS`).
+TASKS = tuple(MODEL_TASKS)
+#: Task -> head class name, read from the task table.
+HEAD_CLASS_NAMES = {name: row.model_class.__name__ for name, row in MODEL_TASKS.items()}
+# Official heads each task's model has (the official model classes: model_pretrain / model_retrieval / model_bbox /
+# model_nlvr / model_nlvr_pretrain). `proj` = vision_proj + text_proj + temp of the ITC space; `vision_proj` = the TA
+# model's image projection alone.
 TASK_HEADS = {
     "pretrain": {"proj", "itm", "bbox", "mlm"},
     "retrieval": {"proj", "itm"},
     "grounding": {"bbox"},
+    "nlvr2": {"cls"},
+    "nlvr2-pretrain": {"vision_proj", "ta"},
 }
-PIPELINE_TAGS = {
-    "pretrain": "zero-shot-image-classification",
-    "retrieval": "zero-shot-image-classification",
-    "grounding": "zero-shot-object-detection",
+assert set(TASK_HEADS) == set(TASKS), "every task of modeling_xvlm.tasks needs its official heads here"
+#: Tasks whose text stack is the NLVR2 one (doubled fusion layers, tied key/value pairs).
+NLVR2_TASKS = ("nlvr2", "nlvr2-pretrain")
+#: (target task, official source model) -> heads the official loader initialises anew; any other pair of different
+#: models is refused when a head is missing. From `pretrain` the fusion layers are duplicated.
+NEW_HEADS = {
+    ("nlvr2", "pretrain"): {"cls"},
+    ("nlvr2", "nlvr2-pretrain"): {"cls"},
+    ("nlvr2-pretrain", "pretrain"): {"ta"},
 }
 
 BASE = "xvlm."
 VISION_TARGET = BASE + "vision_model."
 TEXT_TARGET = BASE + "text_model."
 MLM_TARGET = "mlm_head."
+VISION_SOURCE = "vision_encoder."
+MLM_SOURCE = "text_encoder.cls."
+PRETRAIN_TEXT_PREFIX = "text_encoder.bert."
 
 
 class ConversionError(ValueError):
@@ -106,10 +139,11 @@ class ConversionResult:
     """Everything a conversion produced and decided."""
 
     state_dict: dict[str, torch.Tensor]
-    config: Any  # XVLMConfig
+    config: XVLMConfig | None
     task: str
     mapping: dict[str, list[str]] = field(default_factory=dict)  # official key -> converted key(s)
     dropped: dict[str, str] = field(default_factory=dict)  # official key -> reason
+    new: dict[str, str] = field(default_factory=dict)  # model parameter prefix left freshly initialised -> reason
     interpolated: dict[str, tuple[int, int]] = field(default_factory=dict)  # official key -> (window from, to)
     inference: ArchitectureInference | None = None
     source: str | None = None
@@ -127,6 +161,8 @@ class ConversionResult:
             reasons.setdefault(reason, []).append(key)
         for reason, keys in reasons.items():
             lines.append(f"dropped {len(keys)} x {reason}: e.g. {keys[0]}")
+        for prefix, reason in self.new.items():
+            lines.append(f"new: {prefix}* - {reason}")
         if self.interpolated:
             (src, dst) = next(iter(self.interpolated.values()))
             lines.append(f"relative position tables resized window {src} -> {dst}: {len(self.interpolated)} tables")
@@ -140,9 +176,14 @@ class ConversionResult:
 
 
 def detect_task(state_dict: Mapping[str, Any]) -> str:
-    """Guess the official model class of a state dict: pre-training (has `text_encoder.bert.` / the MLM head),
-    grounding (box head without ITM head) or retrieval (ITM head)."""
+    """Guess the official model class of a state dict: NLVR2 (`cls_head`), TA pre-training for NLVR2 (`ta_head`),
+    pre-training (has `text_encoder.bert.` / the MLM head), grounding (box head without ITM head) or retrieval
+    (ITM head)."""
     keys = list(state_dict)
+    if any(k.startswith("cls_head.") for k in keys):
+        return "nlvr2"
+    if any(k.startswith("ta_head.") for k in keys):
+        return "nlvr2-pretrain"
     if any(k.startswith(("text_encoder.bert.", "text_encoder.cls.")) for k in keys):
         return "pretrain"
     has_itm = any(k.startswith("itm_head.") for k in keys)
@@ -152,7 +193,8 @@ def detect_task(state_dict: Mapping[str, Any]) -> str:
     if has_itm:
         return "retrieval"
     raise ConversionError(
-        "Cannot tell which official model this checkpoint comes from (no itm_head, bbox_head or MLM head): pass "
+        "Cannot tell which official model this checkpoint comes from (no itm_head, bbox_head, cls_head, ta_head or "
+        "MLM head): pass "
         "--task explicitly."
     )
 
@@ -181,13 +223,20 @@ _TEXT_LAYER = re.compile(
 _TEXT_EMBEDDINGS = re.compile(
     r"^embeddings\.(word_embeddings|position_embeddings|token_type_embeddings|LayerNorm)\.(weight|bias)$"
 )
-_HEAD = re.compile(r"^(itm_head|bbox_head)\.(0|1|3)\.(weight|bias)$")
+_HEAD = re.compile(r"^(itm_head|bbox_head|cls_head)\.(0|1|3)\.(weight|bias)$|^(ta_head)\.(weight|bias)$")
 _PROJ = re.compile(r"^(vision_proj|text_proj)\.(weight|bias)$")
+_LAYER_INDEX = re.compile(r"^encoder\.layer\.(\d+)\.(.*)$")
+_TIED_CROSS = re.compile(r"^crossattention\.self\.(key|value)\.(weight|bias)$")
+_HEAD_NAMES = {"itm_head": "itm", "bbox_head": "bbox", "cls_head": "cls", "ta_head": "ta"}
 
 REASON_BUFFER = "Swin buffer (relative_position_index / attn_mask), recomputed from the window size"
 REASON_POSITION_IDS = "position_ids buffer (arange), non-persistent in the converted model"
 REASON_TIED_DECODER = "MLM decoder weight: tied alias of the word embeddings (checked equal)"
 REASON_TIED_BIAS = "MLM decoder bias: alias of cls.predictions.bias (checked equal)"
+REASON_TIED_CROSS = (
+    "NLVR2 cross-attention key/value of layer f+2k+1: the same Parameter as layer f+2k (official "
+    "share_cross_attention; checked equal, stored once)"
+)
 
 
 def _reason_unused(head: str, task: str) -> str:
@@ -213,6 +262,252 @@ def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return tuple(a.shape) == tuple(b.shape) and bool(torch.equal(a, b))
 
 
+_MLM_TRANSFORM = re.compile(r"^predictions\.transform\.(dense|LayerNorm)\.(weight|bias)$")
+_MLM_ALIASES = ("predictions.bias", "predictions.decoder.weight", "predictions.decoder.bias")
+# Official keys each head of a task model needs (`TASK_HEADS`).
+_REQUIRED_KEYS = {
+    "proj": ["vision_proj.weight", "vision_proj.bias", "text_proj.weight", "text_proj.bias", "temp"],
+    "itm": [f"itm_head.{i}.{p}" for i in (0, 1, 3) for p in ("weight", "bias")],
+    "bbox": [f"bbox_head.{i}.{p}" for i in (0, 1, 3) for p in ("weight", "bias")],
+    "mlm": [MLM_SOURCE + "predictions.bias"]
+    + [f"{MLM_SOURCE}predictions.transform.{m}.{p}" for m in ("dense", "LayerNorm") for p in ("weight", "bias")],
+    "cls": [f"cls_head.{i}.{p}" for i in (0, 1, 3) for p in ("weight", "bias")],
+    "ta": ["ta_head.weight", "ta_head.bias"],
+    "vision_proj": ["vision_proj.weight", "vision_proj.bias"],
+}
+# Model parameter names of the heads a conversion may initialise anew (`NEW_HEADS`).
+_NEW_HEAD_PREFIX = {"cls": "cls_head.", "ta": "ta_head."}
+
+
+def _fusion_layer(official: Mapping[str, Any], prefix: str) -> int | None:
+    """The first text layer with cross-attention (`None` if there is none)."""
+    layers = [
+        int(m.group(1))
+        for k in official
+        if k.startswith(prefix) and (m := _LAYER_INDEX.match(k[len(prefix) :])) and m.group(2).startswith("crossattention.")
+    ]
+    return min(layers) if layers else None
+
+
+def _source_problem(task: str, source: str) -> str:
+    """Why the `task` model cannot start from an official `source` model ("" if it can)."""
+    try:
+        _check_source(task, source)
+    except ConversionError as error:
+        return str(error)
+    return ""
+
+
+def _check_source(task: str, source: str) -> None:
+    """Refuse official models the task cannot start from (the NLVR2 stack differs from all others)."""
+    if task in NLVR2_TASKS and source not in (*NLVR2_TASKS, "pretrain"):
+        raise ConversionError(
+            f"The {task} model starts from an official NLVR2, TA pre-training or pre-training checkpoint "
+            f"(text_encoder.bert.*), not from a {source} checkpoint: the official NLVR2 loader duplicates the "
+            "pre-trained fusion layers of text_encoder.bert.* only."
+        )
+    if source in NLVR2_TASKS and task not in NLVR2_TASKS:
+        raise ConversionError(
+            f"This is an official {source} checkpoint (doubled fusion layers with tied key/value pairs); it converts "
+            f"with --task {' or --task '.join(NLVR2_TASKS)}, not --task {task}."
+        )
+
+
+class _KeyMapper:
+    """One `convert_state_dict` run: the official dict, the task, and the `ConversionResult` being filled."""
+
+    def __init__(self, official: Mapping[str, torch.Tensor], task: str, target_window: int | None) -> None:
+        self.official = official
+        self.task = task
+        self.source = _safe_detect(official)
+        self.heads = TASK_HEADS[task]
+        self.target_window = target_window
+        self.text_prefix = text_prefix(official)
+        self.result = ConversionResult(state_dict={}, config=None, task=task)
+        # NLVR2 stacks: the source's own (tied pairs to de-alias) or a pre-training stack to duplicate.
+        self.fusion = _fusion_layer(official, self.text_prefix)
+        self.tied_source = self.source in NLVR2_TASKS
+        self.duplicate = task in NLVR2_TASKS and not self.tied_source
+        self.differing_aliases: list[str] = []
+
+    def put(self, source: str, target: str, tensor: torch.Tensor) -> None:
+        if target in self.result.state_dict:
+            raise ConversionError(f"Two official keys map to {target!r} (the second is {source!r}).")
+        self.result.state_dict[target] = tensor
+        self.result.mapping.setdefault(source, []).append(target)
+
+    def drop(self, source: str, reason: str) -> None:
+        self.result.dropped[source] = reason
+
+    def map(self, key: str, tensor: torch.Tensor) -> bool:
+        """Map or drop one official key; `False`: the key is unknown."""
+        if key.startswith(VISION_SOURCE):
+            return _map_vision_key(self, key, tensor)
+        if key.startswith(self.text_prefix) and not key.startswith(MLM_SOURCE):
+            return _map_text_key(self, key, tensor)
+        if key.startswith(MLM_SOURCE) and self.text_prefix == PRETRAIN_TEXT_PREFIX:
+            return _map_mlm_key(self, key, tensor)
+        if _PROJ.match(key) or key == "temp":
+            return _map_projection_key(self, key, tensor)
+        if _HEAD.match(key) and (key.startswith(("itm_head.", "bbox_head.")) or self.task in NLVR2_TASKS):
+            return _map_head_key(self, key, tensor)
+        return False
+
+
+def _map_vision_key(mapper: _KeyMapper, key: str, tensor: torch.Tensor) -> bool:
+    """Swin: drop recomputed buffers, split the fused qkv, rename the rest (resizing position tables)."""
+    rest = key[len(VISION_SOURCE) :]
+    if _VISION_BUFFERS.match(rest):
+        mapper.drop(key, REASON_BUFFER)
+        return True
+    match = _QKV.match(rest)
+    if match:
+        stage, block, kind = match.groups()
+        base = f"{VISION_TARGET}encoder.layers.{stage}.blocks.{block}.attention."
+        for name, part in zip(("q_proj", "k_proj", "v_proj"), _split_qkv(tensor, key)):
+            mapper.put(key, f"{base}{name}.{kind}", part)
+        return True
+    for pattern, replacement in _VISION_RULES:
+        if pattern.match(rest):
+            if rest.endswith("relative_position_bias_table"):
+                tensor = _resize_position_table(mapper, key, tensor)
+            mapper.put(key, VISION_TARGET + pattern.sub(replacement, rest), tensor)
+            return True
+    return False
+
+
+def _resize_position_table(mapper: _KeyMapper, key: str, table: torch.Tensor) -> torch.Tensor:
+    if mapper.target_window is None:
+        return table
+    source_window = window_from_table(table.shape[0])
+    if source_window == mapper.target_window:
+        return table
+    table = interpolate_relative_position_bias_table(table, mapper.target_window)
+    mapper.result.interpolated[key] = (source_window, mapper.target_window)
+    return table
+
+
+def _map_text_key(mapper: _KeyMapper, key: str, tensor: torch.Tensor) -> bool:
+    """BERT embeddings and layers (text and fusion) keep their names under `xvlm.text_model.`; NLVR2 stacks are
+    de-aliased (`_tied_alias`) or built from a pre-training stack (`_nlvr2_layers`)."""
+    rest = key[len(mapper.text_prefix) :]
+    if rest == "embeddings.position_ids":
+        mapper.drop(key, REASON_POSITION_IDS)
+        return True
+    if _TEXT_EMBEDDINGS.match(rest):
+        mapper.put(key, TEXT_TARGET + rest, tensor)
+        return True
+    if not _TEXT_LAYER.match(rest):
+        return False
+    layer, tail = _LAYER_INDEX.match(rest).groups()
+    layer = int(layer)
+    if mapper.tied_source and _tied_alias(mapper, key, layer, tail, tensor):
+        return True
+    for index, target in enumerate(_nlvr2_layers(mapper, layer, tail) if mapper.duplicate else [layer]):
+        copy_ = tensor if index == 0 or tensor.device.type == "meta" else tensor.clone()  # own storage per layer
+        mapper.put(key, f"{TEXT_TARGET}encoder.layer.{target}.{tail}", copy_)
+    return True
+
+
+def _tied_alias(mapper: _KeyMapper, key: str, layer: int, tail: str, tensor: torch.Tensor) -> bool:
+    """An NLVR2 checkpoint's layer `f + 2k + 1` cross-attention key/value: the same tensor as layer `f + 2k`'s
+    (checked; a difference is collected and reported by `convert_state_dict`); dropped, stored once."""
+    if mapper.fusion is None or layer < mapper.fusion or (layer - mapper.fusion) % 2 == 0 or not _TIED_CROSS.match(tail):
+        return False
+    partner = f"{mapper.text_prefix}encoder.layer.{layer - 1}.{tail}"
+    if partner not in mapper.official or not _equal(tensor, mapper.official[partner]):
+        mapper.differing_aliases.append(f"{key} != {partner}")
+    mapper.drop(key, REASON_TIED_CROSS)
+    return True
+
+
+def _nlvr2_layers(mapper: _KeyMapper, layer: int, tail: str) -> list[int]:
+    """Official NLVR2 loader (`load_nlvr_pretrain=False`): text layer `N < f` keeps its index, fusion layer `N` goes
+    to `f + 2 (N - f)` and `f + 2 (N - f) + 1`; the tied key/value pair is one tensor, stored once (under the first)."""
+    fusion = mapper.fusion
+    if layer < fusion:
+        return [layer]
+    first = fusion + 2 * (layer - fusion)
+    return [first] if _TIED_CROSS.match(tail) else [first, first + 1]
+
+
+def _map_mlm_key(mapper: _KeyMapper, key: str, tensor: torch.Tensor) -> bool:
+    """The MLM head of a pre-training checkpoint; its tied decoder tensors are checked and dropped."""
+    rest = key[len(MLM_SOURCE) :]
+    if rest not in _MLM_ALIASES and not _MLM_TRANSFORM.match(rest):
+        return False
+    if "mlm" not in mapper.heads:
+        mapper.drop(key, _reason_unused("MLM head (text_encoder.cls)", mapper.task))
+    elif rest == "predictions.decoder.weight":
+        word_key = mapper.text_prefix + "embeddings.word_embeddings.weight"
+        if word_key not in mapper.official or not _equal(tensor, mapper.official[word_key]):
+            raise ConversionError(
+                f"{key} is not equal to {word_key}: the official MLM decoder is tied to the word embeddings, "
+                "so this checkpoint is not an official X-VLM pre-training checkpoint."
+            )
+        mapper.drop(key, REASON_TIED_DECODER)
+    elif rest == "predictions.decoder.bias":
+        bias_key = MLM_SOURCE + "predictions.bias"
+        if bias_key not in mapper.official or not _equal(tensor, mapper.official[bias_key]):
+            raise ConversionError(f"{key} is not equal to {bias_key} (they are the same tensor officially).")
+        mapper.drop(key, REASON_TIED_BIAS)
+    elif rest == "predictions.bias":
+        mapper.put(key, MLM_TARGET + "decoder.bias", tensor)
+    else:
+        mapper.put(key, MLM_TARGET + rest[len("predictions.") :], tensor)
+    return True
+
+
+def _map_projection_key(mapper: _KeyMapper, key: str, tensor: torch.Tensor) -> bool:
+    if "proj" in mapper.heads:
+        mapper.put(key, BASE + key, tensor)
+    elif "vision_proj" in mapper.heads and key.startswith("vision_proj."):
+        mapper.put(key, key, tensor)  # the TA head's own image projection (no text_proj / temp there)
+    else:
+        mapper.drop(key, _reason_unused("ITC projection / temperature", mapper.task))
+    return True
+
+
+def _map_head_key(mapper: _KeyMapper, key: str, tensor: torch.Tensor) -> bool:
+    name = key.split(".", 1)[0]
+    if _HEAD_NAMES[name] in mapper.heads:
+        mapper.put(key, key, tensor)
+    else:
+        mapper.drop(key, _reason_unused(name, mapper.task))
+    return True
+
+
+def _check_all_known(unknown: list[str], hint: str = "") -> None:
+    if unknown:
+        raise ConversionError(
+            f"{len(unknown)} official key(s) are neither mapped nor known to be safe to drop: {sorted(unknown)}. "
+            "Supported checkpoints: official X-VLM (Swin) pre-training, retrieval, box-grounding, NLVR2 and NLVR2 "
+            "text-assignment models." + (f" {hint}" if hint else "")
+        )
+
+
+def _check_task_heads_present(official: Mapping[str, torch.Tensor], task: str) -> set[str]:
+    """Raise for missing official head keys, except the heads `NEW_HEADS` initialises anew (returned)."""
+    source = _safe_detect(official)
+    new = set(NEW_HEADS.get((task, source), ()))
+    missing = [k for head in sorted(TASK_HEADS[task] - new) for k in _REQUIRED_KEYS[head] if k not in official]
+    if missing:
+        raise ConversionError(
+            f"The {task} model needs official keys this checkpoint does not have: {missing}. Convert it with the "
+            f"task it was trained for (detected: {source})."
+        )
+    return new
+
+
+def _check_aliases(mapper: _KeyMapper) -> None:
+    if mapper.differing_aliases:
+        raise ConversionError(
+            f"{len(mapper.differing_aliases)} NLVR2 cross-attention key/value tensor(s) differ from their tied partner "
+            "(officially one Parameter per pair of fusion layers, share_cross_attention), so the pair cannot be "
+            f"stored once: {mapper.differing_aliases}."
+        )
+
+
 def convert_state_dict(
     official: Mapping[str, torch.Tensor],
     task: str,
@@ -222,7 +517,7 @@ def convert_state_dict(
 
     Args:
         official: the official state dict (`checkpoint['model']`).
-        task: `"pretrain"`, `"retrieval"` or `"grounding"`.
+        task: `"pretrain"`, `"retrieval"`, `"grounding"`, `"nlvr2"` or `"nlvr2-pretrain"`.
         target_window: Swin window of the converted model; tables of another size are resized with the official
             algorithm. `None` keeps every table as it is.
 
@@ -235,110 +530,24 @@ def convert_state_dict(
     """
     if task not in TASKS:
         raise ConversionError(f"Unknown task {task!r}; choose one of {TASKS}.")
-    heads = TASK_HEADS[task]
-    tprefix = text_prefix(official)
-    is_pretrain_source = tprefix == "text_encoder.bert."
-    result = ConversionResult(state_dict={}, config=None, task=task)
-    unknown: list[str] = []
-
-    def put(source: str, target: str, tensor: torch.Tensor) -> None:
-        if target in result.state_dict:
-            raise ConversionError(f"Two official keys map to {target!r} (the second is {source!r}).")
-        result.state_dict[target] = tensor
-        result.mapping.setdefault(source, []).append(target)
-
-    word_key = tprefix + "embeddings.word_embeddings.weight"
-    for key, tensor in official.items():
-        if key.startswith("vision_encoder."):
-            rest = key[len("vision_encoder.") :]
-            if _VISION_BUFFERS.match(rest):
-                result.dropped[key] = REASON_BUFFER
-                continue
-            match = _QKV.match(rest)
-            if match:
-                stage, block, kind = match.groups()
-                base = f"{VISION_TARGET}encoder.layers.{stage}.blocks.{block}.attention."
-                for name, part in zip(("q_proj", "k_proj", "v_proj"), _split_qkv(tensor, key)):
-                    put(key, f"{base}{name}.{kind}", part)
-                continue
-            for pattern, replacement in _VISION_RULES:
-                if pattern.match(rest):
-                    target = VISION_TARGET + pattern.sub(replacement, rest)
-                    if rest.endswith("relative_position_bias_table") and target_window is not None:
-                        source_window = window_from_table(tensor.shape[0])
-                        if source_window != target_window:
-                            tensor = interpolate_relative_position_bias_table(tensor, target_window)
-                            result.interpolated[key] = (source_window, target_window)
-                    put(key, target, tensor)
-                    break
-            else:
-                unknown.append(key)
-        elif key.startswith(tprefix) and not key.startswith("text_encoder.cls."):
-            rest = key[len(tprefix) :]
-            if rest == "embeddings.position_ids":
-                result.dropped[key] = REASON_POSITION_IDS
-            elif _TEXT_EMBEDDINGS.match(rest) or _TEXT_LAYER.match(rest):
-                put(key, TEXT_TARGET + rest, tensor)
-            else:
-                unknown.append(key)
-        elif key.startswith("text_encoder.cls.") and is_pretrain_source:
-            rest = key[len("text_encoder.cls.") :]
-            known = rest in ("predictions.bias", "predictions.decoder.weight", "predictions.decoder.bias") or (
-                re.match(r"^predictions\.transform\.(dense|LayerNorm)\.(weight|bias)$", rest) is not None
-            )
-            if not known:
-                unknown.append(key)
-            elif "mlm" not in heads:
-                result.dropped[key] = _reason_unused("MLM head (text_encoder.cls)", task)
-            elif rest == "predictions.decoder.weight":
-                if word_key not in official or not _equal(tensor, official[word_key]):
-                    raise ConversionError(
-                        f"{key} is not equal to {word_key}: the official MLM decoder is tied to the word embeddings, "
-                        "so this checkpoint is not an official X-VLM pre-training checkpoint."
-                    )
-                result.dropped[key] = REASON_TIED_DECODER
-            elif rest == "predictions.decoder.bias":
-                bias_key = "text_encoder.cls.predictions.bias"
-                if bias_key not in official or not _equal(tensor, official[bias_key]):
-                    raise ConversionError(f"{key} is not equal to {bias_key} (they are the same tensor officially).")
-                result.dropped[key] = REASON_TIED_BIAS
-            elif rest == "predictions.bias":
-                put(key, MLM_TARGET + "decoder.bias", tensor)
-            else:
-                put(key, MLM_TARGET + rest[len("predictions.") :], tensor)
-        elif _PROJ.match(key) or key == "temp":
-            if "proj" in heads:
-                put(key, BASE + key, tensor)
-            else:
-                result.dropped[key] = _reason_unused("ITC projection / temperature", task)
-        elif _HEAD.match(key):
-            head = "itm" if key.startswith("itm_head.") else "bbox"
-            if head in heads:
-                put(key, key, tensor)
-            else:
-                result.dropped[key] = _reason_unused(f"{head}_head", task)
-        else:
-            unknown.append(key)
-
-    if unknown:
-        raise ConversionError(
-            f"{len(unknown)} official key(s) are neither mapped nor known to be safe to drop: {sorted(unknown)}. "
-            "Supported checkpoints: official X-VLM (Swin) pre-training, retrieval and box-grounding models."
+    mapper = _KeyMapper(official, task, target_window)
+    if (mapper.duplicate or mapper.tied_source) and mapper.fusion is None:
+        raise ConversionError("No text layer has crossattention: this is not an X-VLM fusion encoder.")
+    unknown = [key for key, tensor in official.items() if not mapper.map(key, tensor)]
+    _check_all_known(unknown, _source_problem(task, mapper.source))
+    _check_source(task, mapper.source)
+    _check_aliases(mapper)
+    for head in sorted(_check_task_heads_present(official, task)):
+        mapper.result.new[_NEW_HEAD_PREFIX[head]] = (
+            f"{_NEW_HEAD_PREFIX[head].rstrip('.')} not in the {mapper.source} checkpoint: newly initialised (as the "
+            f"official {task} loader does)"
         )
-    needed = {
-        "proj": ["vision_proj.weight", "vision_proj.bias", "text_proj.weight", "text_proj.bias", "temp"],
-        "itm": [f"itm_head.{i}.{p}" for i in (0, 1, 3) for p in ("weight", "bias")],
-        "bbox": [f"bbox_head.{i}.{p}" for i in (0, 1, 3) for p in ("weight", "bias")],
-        "mlm": ["text_encoder.cls.predictions.bias"]
-        + [f"text_encoder.cls.predictions.transform.{m}.{p}" for m in ("dense", "LayerNorm") for p in ("weight", "bias")],
-    }
-    missing = [k for head in sorted(heads) for k in needed[head] if k not in official]
-    if missing:
-        raise ConversionError(
-            f"The {task} model needs official keys this checkpoint does not have: {missing}. Convert it with the "
-            f"task it was trained for (detected: {_safe_detect(official)})."
+    if mapper.duplicate:
+        mapper.result.notes.append(
+            f"NLVR2 text stack: pre-trained fusion layer N -> layers {mapper.fusion} + 2(N - {mapper.fusion}) and +1 "
+            "(official NLVR2 loader); each pair shares its cross-attention key/value"
         )
-    return result
+    return mapper.result
 
 
 def _safe_detect(state_dict: Mapping[str, Any]) -> str:
@@ -389,73 +598,72 @@ def _official_from_checkpoint(embedded: Mapping[str, Any] | None, checkpoint_pat
     return config
 
 
-def build_config(
-    state_dict: Mapping[str, torch.Tensor],
-    official: OfficialConfig | None = None,
-    image_size: int | None = None,
-    window_size: int | None = None,
-    embedded: OfficialConfig | None = None,
-    log: Callable[[str], None] | None = None,
-) -> tuple[Any, ArchitectureInference]:
-    """Build the `XVLMConfig` of the converted model.
-
-    Precedence: explicit `image_size` / `window_size` > the official config (`--config`) > the weights > the
-    config stored in the checkpoint > X-VLM-base defaults. Values the weights determine must agree with the
-    official config (else `ConversionError`). The target window, unless given, is the config's; otherwise, when the
-    image size changes and the source followed the official convention (final feature map = one window, 7 at 224),
-    the new final feature-map size (12 at 384, 15 at 480); otherwise the source window.
-    """
-    from ..configuration_xvlm import XVLMConfig
-
-    inference = infer_architecture(state_dict)
-    vision, text, top = dict(inference.vision), dict(inference.text), dict(inference.top)
-    source_window = vision["window_size"]
-    source_image = vision["image_size"]
-    patch = vision["patch_size"]
-    stride = patch * 2 ** (len(vision["depths"]) - 1)
-
-    if embedded is not None:
-        for part, values in (("vision", embedded.vision), ("text", embedded.text), ("top", embedded.top)):
-            target = {"vision": vision, "text": text, "top": top}[part]
-            for name, value in values.items():
-                how = inference.provenance.get(f"{part}.{name}", "")
-                if name == "window_size" or how.startswith("inferred"):
-                    continue
-                target[name] = value
-                inference.provenance[f"{part}.{name}"] = "from the config stored in the checkpoint"
-        if "image_size" in embedded.vision and not inference.image_size_known:
-            source_image = vision["image_size"]
-
-    config_window = None
-    if official is not None:
-        for part, values, inferable in (
-            ("vision", official.vision, INFERABLE_VISION),
-            ("text", official.text, INFERABLE_TEXT),
-        ):
-            target = vision if part == "vision" else text
-            for name, value in values.items():
-                if name in inferable and target.get(name) != value:
-                    raise ConversionError(
-                        f"The official config sets {part}.{name} = {value!r} but the checkpoint weights have "
-                        f"{target.get(name)!r}: the config does not describe this checkpoint."
-                    )
-                if name == "window_size":
-                    config_window = int(value)
-                    continue
-                if name == "image_size":
-                    continue
-                target[name] = value
-                inference.provenance[f"{part}.{name}"] = "from --config"
-        for name, value in official.top.items():
-            if name == "projection_dim" and inference.provenance["top.projection_dim"].startswith("inferred"):
-                if value != top[name]:
-                    raise ConversionError(
-                        f"The official config sets embed_dim = {value} but the projections have {top[name]} outputs."
-                    )
+def _apply_embedded_config(
+    embedded: OfficialConfig, inference: ArchitectureInference, parts: dict[str, dict[str, Any]], source_image: int
+) -> int:
+    """Fill what the weights leave open from the config stored in the checkpoint; returns the source image size."""
+    for part, values in (("vision", embedded.vision), ("text", embedded.text), ("top", embedded.top)):
+        for name, value in values.items():
+            how = inference.provenance.get(f"{part}.{name}", "")
+            if name == "window_size" or how.startswith("inferred"):
                 continue
-            top[name] = value
-            inference.provenance[f"top.{name}"] = "from --config"
+            parts[part][name] = value
+            inference.provenance[f"{part}.{name}"] = "from the config stored in the checkpoint"
+    if "image_size" in embedded.vision and not inference.image_size_known:
+        source_image = parts["vision"]["image_size"]
+    return source_image
 
+
+def _apply_official_config(
+    official: OfficialConfig, inference: ArchitectureInference, parts: dict[str, dict[str, Any]]
+) -> int | None:
+    """Apply `--config` (it must agree with the weights); returns the window it sets, if any."""
+    config_window = None
+    for part, values, inferable in (
+        ("vision", official.vision, INFERABLE_VISION),
+        ("text", official.text, INFERABLE_TEXT),
+    ):
+        target = parts[part]
+        for name, value in values.items():
+            if part == "text" and name == "num_hidden_layers" and target.get("tie_cross_attention_pairs"):
+                # The official NLVR2 model doubles the fusion layers of the config_bert.json it reads.
+                fusion = int(values.get("fusion_layer", target["fusion_layer"]))
+                value = fusion + 2 * (int(value) - fusion)
+            if name in inferable and target.get(name) != value:
+                raise ConversionError(
+                    f"The official config sets {part}.{name} = {value!r} but the checkpoint weights have "
+                    f"{target.get(name)!r}: the config does not describe this checkpoint."
+                )
+            if name == "window_size":
+                config_window = int(value)
+                continue
+            if name == "image_size":
+                continue
+            target[name] = value
+            inference.provenance[f"{part}.{name}"] = "from --config"
+    top = parts["top"]
+    for name, value in official.top.items():
+        if name == "projection_dim" and inference.provenance["top.projection_dim"].startswith("inferred"):
+            if value != top[name]:
+                raise ConversionError(
+                    f"The official config sets embed_dim = {value} but the projections have {top[name]} outputs."
+                )
+            continue
+        top[name] = value
+        inference.provenance[f"top.{name}"] = "from --config"
+    return config_window
+
+
+def _target_geometry(
+    official: OfficialConfig | None,
+    image_size: int | None,
+    window_size: int | None,
+    config_window: int | None,
+    source_image: int,
+    source_window: int,
+    stride: int,
+) -> tuple[int, int]:
+    """(image size, Swin window) of the converted model; see `build_config` for the precedence."""
     target_image = image_size
     if target_image is None and official is not None and "image_size" in official.vision:
         target_image = int(official.vision["image_size"])
@@ -471,10 +679,21 @@ def build_config(
         target_window = target_image // stride
     else:
         target_window = source_window
+    return target_image, target_window
 
+
+def _check_target_geometry(
+    inference: ArchitectureInference,
+    depths: int,
+    patch: int,
+    target_image: int,
+    target_window: int,
+    source_image: int,
+    source_window: int,
+) -> None:
     # A stage whose resolution is below the window uses window = resolution (official Swin; the model does the
     # same, see `shrink_swin_windows`); other stages need resolution % window == 0 (official assert).
-    for stage in range(len(vision["depths"])):
+    for stage in range(depths):
         resolution = target_image // patch // 2**stage
         if resolution >= target_window and resolution % target_window:
             raise ConversionError(
@@ -490,6 +709,45 @@ def build_config(
                 "either. Convert it at its own image size and window."
             )
 
+
+def build_config(
+    state_dict: Mapping[str, torch.Tensor],
+    official: OfficialConfig | None = None,
+    image_size: int | None = None,
+    window_size: int | None = None,
+    embedded: OfficialConfig | None = None,
+    log: Callable[[str], None] | None = None,
+    task: str | None = None,
+) -> tuple[XVLMConfig, ArchitectureInference]:
+    """Build the `XVLMConfig` of the converted model.
+
+    `task` (`nlvr2` / `nlvr2-pretrain`) gives a pre-training stack the NLVR2 text stack (`nlvr2_config`: fusion
+    layers doubled, key/value pairs tied); an NLVR2 checkpoint's own stack is inferred as such from its keys.
+
+    Precedence: explicit `image_size` / `window_size` > the official config (`--config`) > the weights > the
+    config stored in the checkpoint > X-VLM-base defaults. Values the weights determine must agree with the
+    official config (else `ConversionError`). The target window, unless given, is the config's; otherwise, when the
+    image size changes and the source followed the official convention (final feature map = one window, 7 at 224),
+    the new final feature-map size (12 at 384, 15 at 480); otherwise the source window.
+    """
+    inference = infer_architecture(state_dict)
+    parts = {"vision": dict(inference.vision), "text": dict(inference.text), "top": dict(inference.top)}
+    vision, text, top = parts["vision"], parts["text"], parts["top"]
+    source_window = vision["window_size"]
+    source_image = vision["image_size"]
+    patch = vision["patch_size"]
+    stride = patch * 2 ** (len(vision["depths"]) - 1)
+
+    if embedded is not None:
+        source_image = _apply_embedded_config(embedded, inference, parts, source_image)
+    config_window = _apply_official_config(official, inference, parts) if official is not None else None
+    target_image, target_window = _target_geometry(
+        official, image_size, window_size, config_window, source_image, source_window, stride
+    )
+    _check_target_geometry(
+        inference, len(vision["depths"]), patch, target_image, target_window, source_image, source_window
+    )
+
     vision["image_size"] = target_image
     vision["window_size"] = target_window
     inference.provenance["vision.window_size"] += f"; target window {target_window}"
@@ -501,11 +759,29 @@ def build_config(
         projection_dim=int(top["projection_dim"]),
         temperature_init=float(top["temperature_init"]),
     )
+    if task in NLVR2_TASKS:
+        config = _nlvr2_target_config(config, inference, task)
     inference.vision, inference.text, inference.top = vision, text, top
     if log is not None:
         log("Architecture (value [where it came from]):\n" + inference.describe())
     inference.source_image, inference.source_window = source_image, source_window
     return config, inference
+
+
+def _nlvr2_target_config(config: XVLMConfig, inference: ArchitectureInference, task: str) -> XVLMConfig:
+    """The NLVR2 text stack for an NLVR2 task (a pre-training stack is doubled as the official loader does)."""
+    if not config.text_config.tie_cross_attention_pairs:
+        layers = config.text_config.num_hidden_layers
+        config = nlvr2_config(config)
+        inference.text["num_hidden_layers"] = config.text_config.num_hidden_layers
+        inference.text["tie_cross_attention_pairs"] = True
+        inference.provenance["text.num_hidden_layers"] += (
+            f"; {layers} pre-trained layers -> {config.text_config.num_hidden_layers} (fusion layers doubled, NLVR2)"
+        )
+        inference.provenance["text.tie_cross_attention_pairs"] = "NLVR2 stack (official share_cross_attention)"
+    if task == "nlvr2":
+        config.id2label, config.label2id = {0: "False", 1: "True"}, {"False": 0, "True": 1}  # official NLVR2 labels
+    return config
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -514,12 +790,11 @@ def build_config(
 
 
 def head_class(task: str) -> type:
-    """The model class of a task (`XVLMForPretraining`, `XVLMForRetrieval` or `XVLMForGrounding`)."""
-    name = HEAD_CLASS_NAMES[task]
-    cls = getattr(modeling_xvlm, name, None)
-    if cls is None:
-        raise ConversionError(f"modeling_xvlm has no {name}: the {task} head model is not available.")
-    return cls
+    """The model class of a task (`XVLMForPretraining`, `XVLMForRetrieval`, `XVLMForGrounding`,
+    `XVLMForImagesAndTextClassification` or `XVLMForTextAssignment`), read from `modeling_xvlm.tasks.TASKS`."""
+    if task not in MODEL_TASKS:
+        raise ConversionError(f"Unknown task {task!r}; choose one of {TASKS}.")
+    return MODEL_TASKS[task].model_class
 
 
 def _expected_keys(model: torch.nn.Module) -> tuple[dict[str, tuple[int, ...]], set[str]]:
@@ -535,6 +810,9 @@ def _expected_keys(model: torch.nn.Module) -> tuple[dict[str, tuple[int, ...]], 
 def load_into_model(result: ConversionResult, model: torch.nn.Module) -> None:
     """Check `result.state_dict` against `model` exactly and load it (`assign=True` on the meta device).
 
+    Weights under a prefix of `result.new` (a head the official loader initialises anew) keep the model's
+    initialisation.
+
     Raises:
         ConversionError: converted keys the model does not have (named with their official source keys), model
             weights no official key provides, or shape mismatches.
@@ -543,7 +821,9 @@ def load_into_model(result: ConversionResult, model: torch.nn.Module) -> None:
     converted = result.state_dict
     source_of = {t: s for s, targets in result.mapping.items() for t in targets}
     unexpected = sorted(set(converted) - set(expected))
-    missing = sorted(set(expected) - set(converted))
+    new_prefixes = tuple(result.new)
+    fresh = {k for k in set(expected) - set(converted) if new_prefixes and k.startswith(new_prefixes)}
+    missing = sorted(set(expected) - set(converted) - fresh)
     mismatched = sorted(
         f"{k} (official {source_of.get(k)}): {tuple(converted[k].shape)} vs model {expected[k]}"
         for k in set(converted) & set(expected)
@@ -566,7 +846,7 @@ def load_into_model(result: ConversionResult, model: torch.nn.Module) -> None:
         return  # shapes and names are all a meta model can check
     with torch.no_grad():
         outcome = model.load_state_dict(converted, strict=False)
-    left = set(outcome.missing_keys) - aliases
+    left = set(outcome.missing_keys) - aliases - fresh
     if left or outcome.unexpected_keys:
         raise ConversionError(f"load_state_dict disagreed: missing {sorted(left)}, unexpected {outcome.unexpected_keys}")
 
@@ -584,24 +864,10 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def write_model_card(output_dir: str | os.PathLike, result: ConversionResult, base_model: str | None = None) -> Any:
-    """Write `README.md` with YAML front matter (library, pipeline tag, base model, source file) and notes."""
-    from huggingface_hub import ModelCard, ModelCardData
-
+def _conversion_notes(result: ConversionResult) -> str:
+    """The model card's "Conversion" section: what was converted, resized and dropped."""
     config = result.config
-    vision = config.vision_config
-    text = config.text_config
-    source_name = os.path.basename(result.source) if result.source else "an official X-VLM state dict"
-    data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag=PIPELINE_TAGS[result.task],
-        license="bsd-3-clause",
-        tags=["xvlm", "x-vlm", "vision-language", result.task, "converted"],
-        base_model=base_model,
-        original_checkpoint=source_name,
-        original_checkpoint_sha256=result.source_sha256,
-        original_repository="https://github.com/zengyan-97/X-VLM",
-    )
+    vision, text = config.vision_config, config.text_config
     dropped: dict[str, int] = {}
     for reason in result.dropped.values():
         dropped[reason] = dropped.get(reason, 0) + 1
@@ -612,39 +878,58 @@ def write_model_card(output_dir: str | os.PathLike, result: ConversionResult, ba
         if result.interpolated
         else "No relative position table was resized (same window as the checkpoint)."
     )
-    content = f"""---
-{data.to_yaml()}
----
-
-# X-VLM ({result.task}) converted from `{source_name}`
-
-[X-VLM](https://arxiv.org/abs/2111.08276) (multi-grained vision-language pre-training) converted 1:1 from the
-official checkpoint `{source_name}` (sha256 `{result.source_sha256 or "n/a"}`) of
-[zengyan-97/X-VLM](https://github.com/zengyan-97/X-VLM) with `xvlm-convert --task {result.task}`.
-
-- Model class: `{HEAD_CLASS_NAMES[result.task]}` (package `modeling_xvlm`).
+    return f"""- Model class: `{HEAD_CLASS_NAMES[result.task]}` (package `modeling_xvlm`).
 - Vision: Swin, image size {config.image_size}, embed {vision.embed_dim}, depths {list(vision.depths)}, heads {list(vision.num_heads)}, window {vision.window_size}.
 - Text: {text.num_hidden_layers} layers ({text.fusion_layer} text + {text.num_hidden_layers - text.fusion_layer} fusion), width {text.hidden_size}, {text.num_attention_heads} heads; projection {config.projection_dim}.
 - {interpolation}
 - Official keys: {len(result.mapping)} mapped, {len(result.dropped)} dropped on purpose:
 {chr(10).join(f"  - {n} x {reason}" for reason, n in dropped.items()) or "  - none"}
+{chr(10).join(f"- Newly initialised: `{prefix}*` ({reason})." for prefix, reason in result.new.items())}
 
 Inputs follow the official preprocessing: square bicubic resize to {config.image_size}, CLIP mean/std, texts
 `[CLS] tokens` without `[SEP]` (use `XVLMProcessor`).
 
 With the same weights and inputs the converted model reproduces the official model in fp32 to within 1e-5
-(see `docs/conversion.md` of the package for the parity contract and how it is tested).
-"""
-    card = ModelCard(content)
+(see `docs/conversion.md` of the package for the parity contract and how it is tested)."""
+
+
+def write_model_card(
+    output_dir: str | os.PathLike,
+    result: ConversionResult,
+    base_model: str | None = None,
+    repo_id: str | None = None,
+) -> Any:
+    """Write `README.md` with `modeling_xvlm.create_model_card`: the task row's metadata (library, pipeline tag)
+    plus the base model, the source file and its sha256, and a "Conversion" section.
+
+    `repo_id` (default: the folder name) is used in the title and the usage snippets.
+    """
+    output_dir = os.fspath(output_dir)
+    source_name = os.path.basename(result.source) if result.source else "an official X-VLM state dict"
+    config = copy.deepcopy(result.config)
+    config.architectures = [HEAD_CLASS_NAMES[result.task]]  # selects the task row of the card
+    card = create_model_card(
+        repo_id or os.path.basename(os.path.normpath(os.path.abspath(output_dir))),
+        config,
+        base_model=base_model,
+        tags=["xvlm", result.task, "converted"],
+        description=(
+            f"X-VLM ({result.task}) converted 1:1 from the official checkpoint `{source_name}` (sha256 "
+            f"`{result.source_sha256 or 'n/a'}`) of [zengyan-97/X-VLM](https://github.com/zengyan-97/X-VLM) with "
+            f"`xvlm-convert --task {result.task}`. {MODEL_TASKS[result.task].summary}"
+        ),
+        sections=[("Conversion", _conversion_notes(result))],
+        metadata={
+            "original_checkpoint": source_name,
+            "original_checkpoint_sha256": result.source_sha256,
+            "original_repository": "https://github.com/zengyan-97/X-VLM",
+        },
+    )
     card.save(os.path.join(output_dir, "README.md"))
     return card
 
 
-def _save_processor(output_dir: str, tokenizer_dir: str, config: Any) -> Any:
-    from transformers import BertTokenizer
-
-    from ..processing import XVLMImageProcessorPil, XVLMProcessor
-
+def _save_processor(output_dir: str, tokenizer_dir: str, config: XVLMConfig) -> XVLMProcessor:
     vocab = Path(tokenizer_dir)
     if not vocab.is_dir() or not ((vocab / "vocab.txt").is_file() or (vocab / "tokenizer.json").is_file()):
         raise ConversionError(f"--tokenizer {tokenizer_dir!r} must be a folder with a BERT vocab.txt (or tokenizer.json).")
@@ -673,6 +958,75 @@ def _verify_saved(output_dir: str, model: torch.nn.Module, task: str) -> None:
             raise ConversionError(f"Reloaded tensor {key} differs from the converted one (max abs diff {diff}).")
 
 
+def _read_checkpoint(
+    checkpoint: str | os.PathLike | Mapping[str, Any],
+) -> tuple[Mapping[str, torch.Tensor], Any, str | None, str | None]:
+    """(state dict, the config stored in the checkpoint, source path, its sha256) of a path or a loaded dict."""
+    if isinstance(checkpoint, Mapping):
+        state_dict, embedded_raw = split_checkpoint(checkpoint)
+        return state_dict, embedded_raw, None, None
+    source = os.fspath(checkpoint)
+    loaded = load_official_checkpoint(source)
+    sha = _sha256(source)
+    state_dict, embedded_raw = split_checkpoint(loaded)
+    return state_dict, embedded_raw, source, sha
+
+
+def _read_task_config(config: str | os.PathLike | None) -> OfficialConfig | None:
+    if config is None:
+        return None
+    try:
+        return read_official_config(config)
+    except NotImplementedError as error:
+        raise ConversionError(str(error)) from None
+
+
+def _convert_weights(
+    state_dict: Mapping[str, torch.Tensor], task: str, model_config: XVLMConfig, inference: ArchitectureInference
+) -> ConversionResult:
+    """`convert_state_dict` for the geometry of `model_config`; the result carries the config and inference."""
+    target_window = model_config.vision_config.window_size
+    if target_window == inference.source_window and model_config.image_size == inference.source_image:
+        target_window = None  # same geometry: every table (shrunk stages included) keeps its size
+    result = convert_state_dict(state_dict, task, target_window=target_window)
+    result.config = model_config
+    result.inference = inference
+    return result
+
+
+def _build_model(result: ConversionResult) -> torch.nn.Module:
+    model = head_class(result.task)(result.config)
+    load_into_model(result, model)
+    return model.eval()
+
+
+def _write_folder(
+    output_dir: str,
+    model: torch.nn.Module,
+    result: ConversionResult,
+    tokenizer: str | os.PathLike | None,
+    push_to_hub: str | None,
+    base_model: str | None,
+    verify: bool,
+    say: Callable[[str], None],
+) -> None:
+    """Save model (+ code files), processor and model card; verify the reload; push if asked."""
+    os.makedirs(output_dir, exist_ok=True)
+    model.save_pretrained(output_dir)
+    processor = _save_processor(output_dir, os.fspath(tokenizer), result.config) if tokenizer else None
+    card = write_model_card(output_dir, result, base_model=base_model, repo_id=push_to_hub)
+    if verify:
+        _verify_saved(output_dir, model, result.task)
+        say(f"Verified: {output_dir} reloads with from_pretrained and every tensor is identical.")
+    say(f"Wrote {output_dir}")
+    if push_to_hub:
+        model.push_to_hub(push_to_hub)
+        if processor is not None:
+            processor.push_to_hub(push_to_hub)
+        card.push_to_hub(push_to_hub)
+        say(f"Pushed to https://huggingface.co/{push_to_hub}")
+
+
 def convert_checkpoint(
     checkpoint: str | os.PathLike | Mapping[str, Any],
     output_dir: str | os.PathLike | None = None,
@@ -693,7 +1047,8 @@ def convert_checkpoint(
             dict (`{'model': state_dict, ...}` or a state dict).
         output_dir: folder to write (`config.json`, `model.safetensors`, `README.md`, processor files); `None`
             only builds and returns the model.
-        task: `"pretrain"`, `"retrieval"` or `"grounding"`; `None` detects it from the keys.
+        task: `"pretrain"`, `"retrieval"`, `"grounding"`, `"nlvr2"` or `"nlvr2-pretrain"`; `None` detects it from
+            the keys.
         image_size: input size of the converted model (e.g. 384 for a 224 pre-training checkpoint fine-tuned at
             384); default: the checkpoint's.
         window_size: Swin window of the converted model (default: see `build_config`).
@@ -708,61 +1063,26 @@ def convert_checkpoint(
         `(model, result)`.
     """
     say = log or (lambda message: None)
-    source = None
-    sha = None
-    if isinstance(checkpoint, Mapping):
-        loaded = checkpoint
-    else:
-        source = os.fspath(checkpoint)
-        loaded = load_official_checkpoint(source)
-        sha = _sha256(source)
-    state_dict, embedded_raw = split_checkpoint(loaded)
+    state_dict, embedded_raw, source, sha = _read_checkpoint(checkpoint)
     if task is None:
         task = detect_task(state_dict)
         say(f"Detected task: {task}")
-    official = None
-    if config is not None:
-        try:
-            official = read_official_config(config)
-        except NotImplementedError as error:
-            raise ConversionError(str(error)) from None
+    if task not in TASKS:
+        raise ConversionError(f"Unknown task {task!r}; choose one of {TASKS}.")
+    official = _read_task_config(config)
     embedded = _official_from_checkpoint(embedded_raw, source) if official is None else None
     model_config, inference = build_config(
-        state_dict, official, image_size=image_size, window_size=window_size, embedded=embedded, log=say
+        state_dict, official, image_size=image_size, window_size=window_size, embedded=embedded, log=say, task=task
     )
-    target_window = model_config.vision_config.window_size
-    if target_window == inference.source_window and model_config.image_size == inference.source_image:
-        target_window = None  # same geometry: every table (shrunk stages included) keeps its size
-    result = convert_state_dict(state_dict, task, target_window=target_window)
-    result.config = model_config
-    result.inference = inference
-    result.source = source
-    result.source_sha256 = sha
+    result = _convert_weights(state_dict, task, model_config, inference)
+    result.source, result.source_sha256 = source, sha
     if task != _safe_detect(state_dict):
         result.notes.append(f"converted a {_safe_detect(state_dict)} checkpoint for the {task} task")
-
-    cls = head_class(task)
-    model = cls(model_config)
-    load_into_model(result, model)
-    model.eval()
+    model = _build_model(result)
     say(result.summary())
 
     if output_dir is not None:
-        output_dir = os.fspath(output_dir)
-        os.makedirs(output_dir, exist_ok=True)
-        model.save_pretrained(output_dir)
-        processor = _save_processor(output_dir, os.fspath(tokenizer), model_config) if tokenizer else None
-        card = write_model_card(output_dir, result, base_model=base_model)
-        if verify:
-            _verify_saved(output_dir, model, task)
-            say(f"Verified: {output_dir} reloads with from_pretrained and every tensor is identical.")
-        say(f"Wrote {output_dir}")
-        if push_to_hub:
-            model.push_to_hub(push_to_hub)
-            if processor is not None:
-                processor.push_to_hub(push_to_hub)
-            card.push_to_hub(push_to_hub)
-            say(f"Pushed to https://huggingface.co/{push_to_hub}")
+        _write_folder(os.fspath(output_dir), model, result, tokenizer, push_to_hub, base_model, verify, say)
     elif push_to_hub:
         raise ConversionError("push_to_hub needs an output_dir to write the folder first.")
     return model, result

@@ -7,7 +7,8 @@ What the weights determine:
   and the image size when a shifted-window mask buffer (`attn_mask` `[nW, w^2, w^2]`) or a stage whose window was
   shrunk to its resolution is present.
 - Text: vocabulary, width, positions and token types (embedding tables), layer count, fusion split (the first
-  layer with `crossattention`), intermediate size, cross-attention key/value width.
+  layer with `crossattention`), intermediate size, cross-attention key/value width, and the NLVR2 stack (tied
+  key/value pairs of fusion layers) of checkpoints with an NLVR2 (`cls_head`) or TA (`ta_head`) head.
 - The projection size (`vision_proj` / `text_proj`).
 
 What they cannot determine, and falls back to X-VLM-base unless an official config says otherwise: the number of
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..configuration_xvlm import XVLM_BASE_VISION
+from modeling_xvlm.configuration_xvlm import XVLM_BASE_VISION
 from .relative_position import window_from_table
 
 __all__ = ["ArchitectureInference", "infer_architecture", "text_prefix"]
@@ -217,10 +218,21 @@ def _infer_text(sd: Mapping[str, torch.Tensor], result: ArchitectureInference) -
     if sorted(cross) != list(range(fusion, count)):
         raise ValueError(
             f"Cross-attention appears in layers {sorted(cross)}; X-VLM has it in every layer from fusion_layer on. "
-            "(NLVR2 / VQA / captioning checkpoints are not supported by this converter.)"
+            "(VQA / captioning checkpoints are not supported by this converter.)"
         )
     result.set("text", "num_hidden_layers", count, "inferred (encoder.layer.* count)")
     result.set("text", "fusion_layer", fusion, "inferred (first layer with crossattention)")
+    if any(key.startswith(("cls_head.", "ta_head.")) for key in sd):
+        if (count - fusion) % 2:
+            raise ValueError(
+                f"An NLVR2 checkpoint (cls_head / ta_head) has pairs of fusion layers; this one has {count - fusion}."
+            )
+        result.set(
+            "text",
+            "tie_cross_attention_pairs",
+            True,
+            "inferred (NLVR2 checkpoint: cls_head / ta_head; fusion layer pairs share key/value)",
+        )
     result.set(
         "text",
         "intermediate_size",

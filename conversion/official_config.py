@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..configuration_xvlm import BERT_TEXT_FIELDS
+import yaml  # a dependency of transformers
+
+from modeling_xvlm.configuration_xvlm import BERT_TEXT_FIELDS
 
 __all__ = ["OfficialConfig", "read_official_config", "resolve_config_path"]
 
@@ -54,8 +56,6 @@ def resolve_config_path(name: str, yaml_path: str | os.PathLike | None) -> Path:
 
 
 def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    import yaml
-
     with open(path, encoding="utf-8") as handle:
         data = yaml.safe_load(handle)
     if not isinstance(data, dict):

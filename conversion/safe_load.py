@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 __all__ = ["UnsafeCheckpointError", "load_official_checkpoint", "split_checkpoint"]
 
@@ -53,8 +54,6 @@ def load_official_checkpoint(path: str | os.PathLike) -> Any:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Checkpoint file not found: {path!r}")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
         return load_file(path, device="cpu")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -87,7 +87,9 @@ def sdpa_where_it_pays_forward(
             or (attention_mask is not None and attention_mask.requires_grad)
         )
     ):
-        return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+        # No weights, as from SDPA: a returned weight tensor that needs a gradient but is never used breaks
+        # reentrant gradient checkpointing of the layers that return it (Swin's).
+        return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)[0], None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)
 

@@ -164,8 +164,8 @@ def elementwise_generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, 
       a finite value (0 for IoU and 0 for the enclosing term when both collapse to the same point) and gradients
       stay finite.
 
-    The official code instead zeroes the GIoU loss for the whole batch when any box is degenerate (official-xvlm
-    §2.5/§9 item 13); callers wanting that behaviour can check degeneracy themselves.
+    The official code instead zeroes the GIoU loss for the whole batch when any box is degenerate (official
+    `models/xvlm.py`, `get_bbox_loss`); callers wanting that behaviour can check degeneracy themselves.
 
     Args:
         boxes1: ``(N, 4)`` in ``xyxy`` (any leading shape ``(..., 4)`` works as well).

@@ -1,15 +1,19 @@
-"""Hugging Face Hub integration: Auto-class registration for remote code, and model cards.
+"""Hugging Face Hub integration: the one registration function, remote code, and model cards.
 
-Importing `modeling_xvlm` calls :func:`register_auto_classes`, which
+`import modeling_xvlm` calls :func:`register_xvlm` once. It reads the task table (`modeling_xvlm.tasks`) and
 
-- makes sure the X-VLM models are reachable through their transformers Auto classes in this interpreter
-  (`AutoModel` -> `XVLMModel`, `AutoModelForZeroShotImageClassification` -> `XVLMForRetrieval`,
-  `AutoModelForPreTraining` -> `XVLMForPretraining`; `XVLMForGrounding` has no task Auto class), and
-- calls `register_for_auto_class` on the config, the four model classes, both image processors and the processor,
-  so that `save_pretrained` / `push_to_hub` write an `auto_map` and copy the code files next to the weights. A saved
-  folder then loads with `trust_remote_code=True` where only transformers is installed (see docs/hub.md).
+- registers the configs with `AutoConfig` and each model class with the Auto class of its row (`AutoModel` ->
+  `XVLMModel`, `AutoModelForZeroShotImageClassification` -> `XVLMForRetrieval`, `AutoModelForPreTraining` ->
+  `XVLMForPretraining`; `XVLMForGrounding` has no task Auto class) through transformers' public `register` API,
+  keeping any mapping another module already made for `XVLMConfig` (nothing of transformers is replaced);
+- calls `register_for_auto_class` on the config, every model class (under its row's `remote_auto_class`), both
+  image processors and the processor, so that `save_pretrained` / `push_to_hub` write an `auto_map` and copy the
+  code files flat next to the weights. A saved folder then loads with `trust_remote_code=True` where only
+  transformers is installed (see docs/hub.md);
+- registers the X-VLM pipelines (`pipelines.register_pipelines`).
 
-:func:`create_model_card` builds a `huggingface_hub.ModelCard` (YAML metadata + README text) for a checkpoint.
+:func:`create_model_card` builds a `huggingface_hub.ModelCard` (YAML metadata + README text) for a checkpoint; the
+converter (`xvlm-convert`) writes its cards with it too.
 """
 
 from __future__ import annotations
@@ -20,51 +24,20 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import transformers
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForPreTraining,
-    AutoModelForZeroShotImageClassification,
-)
+from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.utils import logging
 
-from .modeling_xvlm import XVLMModel
-from .modeling_xvlm_grounding import XVLMForGrounding
-from .modeling_xvlm_pretraining import XVLMForPretraining
-from .modeling_xvlm_retrieval import XVLMForRetrieval
-from .configuration_xvlm import XVLMConfig
+from .configuration_xvlm import XVLMConfig, XVLMTextConfig
+from .modeling_xvlm_text import XVLMTextModel
+from .pipelines import register_pipelines
+from .processing import XVLMImageProcessor, XVLMImageProcessorPil, XVLMProcessor
+from .tasks import BASE_MODEL, TASKS, XVLMTask, all_rows, task_of
 
 logger = logging.get_logger(__name__)
-
-MODEL_CLASSES: dict[str, type] = {
-    cls.__name__: cls for cls in (XVLMModel, XVLMForRetrieval, XVLMForGrounding, XVLMForPretraining)
-}
-
-# Model class name -> the transformers Auto class whose `from_pretrained` loads it, locally and as remote code.
-MODEL_AUTO_CLASSES: dict[str, str] = {
-    "XVLMModel": "AutoModel",
-    "XVLMForRetrieval": "AutoModelForZeroShotImageClassification",
-    "XVLMForPretraining": "AutoModelForPreTraining",
-}
-# Heads without a fitting transformers task Auto class (grounding predicts one box per text, not per-query
-# detections): with remote code they load through `AutoModel`, the Hub convention for custom architectures.
-# Locally (package installed) load them with their own class, e.g. `XVLMForGrounding.from_pretrained(...)`.
-REMOTE_ONLY_AUTO_CLASSES: dict[str, str] = {"XVLMForGrounding": "AutoModel"}
-_AUTO_MODEL_CLASSES = {
-    "AutoModel": AutoModel,
-    "AutoModelForZeroShotImageClassification": AutoModelForZeroShotImageClassification,
-    "AutoModelForPreTraining": AutoModelForPreTraining,
-}
-
-# Architecture -> Hub `pipeline_tag` (a Hub task id; grounding is closest to text-conditioned detection).
-PIPELINE_TAGS: dict[str, str] = {
-    "XVLMModel": "zero-shot-image-classification",
-    "XVLMForRetrieval": "zero-shot-image-classification",
-    "XVLMForGrounding": "zero-shot-object-detection",
-    "XVLMForPretraining": "feature-extraction",
-}
 
 XVLM_CITATION = """@inproceedings{zeng2022multi,
   title     = {Multi-Grained Vision Language Pre-Training: Aligning Texts with Visual Concepts},
@@ -75,53 +48,75 @@ XVLM_CITATION = """@inproceedings{zeng2022multi,
 }"""
 
 
-def _mapped_class(auto_class: Any) -> type | None:
+def _register_config(config_class: type) -> None:
+    """`AutoConfig.register` unless the model type is already taken (by this class or another one: kept)."""
+    if config_class.model_type in CONFIG_MAPPING:
+        if CONFIG_MAPPING[config_class.model_type] is not config_class:
+            logger.warning("AutoConfig already maps %r to another class; kept.", config_class.model_type)
+        return
+    AutoConfig.register(config_class.model_type, config_class)
+
+
+def _register_local(auto_name: str, config_class: type, model_class: type) -> None:
+    """Map `config_class` to `model_class` in `auto_name` unless a mapping for `config_class` already exists there."""
+    auto_class = getattr(transformers, auto_name)
     try:
-        return auto_class._model_mapping[XVLMConfig]
+        auto_class._model_mapping[config_class]
     except KeyError:
-        return None
+        auto_class.register(config_class, model_class)
 
 
-def register_auto_classes() -> dict[str, str]:
-    """Register X-VLM with the Auto classes (local) and for remote code (`register_for_auto_class`).
+def _register_processors_local() -> None:
+    """`AutoImageProcessor` (both backends) and `AutoProcessor` for `XVLMConfig`, unless already mapped.
 
-    Safe to call several times. A local Auto mapping that another module already set for `XVLMConfig` is kept;
-    a model class is registered for remote code under the Auto class that loads it locally.
+    transformers picks the torchvision backend when torchvision is installed; `XVLMProcessor.from_pretrained`
+    defaults to the PIL backend (the official preprocessing to the pixel), and `AutoImageProcessor` takes
+    `backend="pil"` for the same."""
+    try:
+        AutoImageProcessor.register(
+            XVLMConfig, image_processor_classes={"pil": XVLMImageProcessorPil, "torchvision": XVLMImageProcessor}
+        )
+    except ValueError:  # already registered (by this function or by someone else): keep it
+        pass
+    try:
+        AutoProcessor.register(XVLMConfig, XVLMProcessor)
+    except ValueError:
+        pass
+
+
+def register_xvlm() -> dict[str, str]:
+    """Register X-VLM with transformers: Auto classes (local), remote code (`register_for_auto_class`), pipelines.
+
+    Safe to call several times. Only transformers' public registration APIs are used, and nothing that is
+    already registered (a config model type, an Auto mapping for an X-VLM config) is replaced. Classes whose module cannot be copied flat (see
+    :func:`ships_flat`) are not registered for remote code (a warning says so).
 
     Returns:
         `{class name: Auto class name}` of everything registered for remote code.
     """
+    _register_config(XVLMConfig)
+    _register_config(XVLMTextConfig)
+    _register_local("AutoModel", XVLMTextConfig, XVLMTextModel)
+    for row in all_rows():
+        if row.auto_class is not None:
+            _register_local(row.auto_class, XVLMConfig, row.model_class)
+    _register_processors_local()
+
     registered: dict[str, str] = {}
-    AutoConfig.register("xvlm", XVLMConfig, exist_ok=True)
-    if not _check_flat(XVLMConfig):
-        return registered
-    XVLMConfig.register_for_auto_class("AutoConfig")
-    registered["XVLMConfig"] = "AutoConfig"
-    models_flat = _check_flat(XVLMModel)
-    for class_name, auto_name in MODEL_AUTO_CLASSES.items():
-        model_class = MODEL_CLASSES.get(class_name)
-        if model_class is None:  # a head that this version of the package does not define
-            continue
-        auto_class = _AUTO_MODEL_CLASSES[auto_name]
-        current = _mapped_class(auto_class)
-        if current is None:
-            auto_class.register(XVLMConfig, model_class, exist_ok=True)
-        elif current is not model_class:
-            # Someone mapped this Auto class to another X-VLM class: use the first Auto class that maps to ours.
-            auto_name = next(
-                (name for name, auto in _AUTO_MODEL_CLASSES.items() if _mapped_class(auto) is model_class), None
-            )
-            if auto_name is None:
-                continue
-        if models_flat:
-            model_class.register_for_auto_class(auto_name)
-            registered[class_name] = auto_name
-    for class_name, auto_name in REMOTE_ONLY_AUTO_CLASSES.items():
-        model_class = MODEL_CLASSES.get(class_name)
-        if model_class is not None and models_flat:
-            model_class.register_for_auto_class(auto_name)
-            registered[class_name] = auto_name
-    registered.update(_register_processors())
+    remote = [(XVLMConfig, "AutoConfig")]
+    remote += [(row.model_class, row.remote_auto_class) for row in all_rows()]
+    remote += [
+        (XVLMImageProcessorPil, "AutoImageProcessor"),
+        (XVLMImageProcessor, "AutoImageProcessor"),
+        (XVLMProcessor, "AutoProcessor"),
+    ]
+    for cls, auto_name in remote:
+        # Registering a class whose module cannot be shipped would make its save_pretrained fail.
+        if _check_flat(cls):
+            cls.register_for_auto_class(auto_name)
+            registered[cls.__name__] = auto_name
+
+    register_pipelines(grounding_model_class=TASKS["grounding"].model_class)
     return registered
 
 
@@ -151,24 +146,6 @@ def _check_flat(cls: type) -> bool:
         cls.__name__,
     )
     return False
-
-
-def _register_processors() -> dict[str, str]:
-    try:
-        from .processing import XVLMImageProcessor, XVLMImageProcessorPil, XVLMProcessor
-    except ImportError:  # the processing sub-package is optional for the model code
-        return {}
-    registered = {}
-    for cls, auto_name in (
-        (XVLMImageProcessorPil, "AutoImageProcessor"),
-        (XVLMImageProcessor, "AutoImageProcessor"),
-        (XVLMProcessor, "AutoProcessor"),
-    ):
-        # Registering a class whose module cannot be shipped would make its save_pretrained fail.
-        if _check_flat(cls):
-            cls.register_for_auto_class(auto_name)
-            registered[cls.__name__] = auto_name
-    return registered
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -258,15 +235,19 @@ def _infer_task(metrics: Mapping[str, float]) -> str | None:
     return None
 
 
-def _architecture(model_or_config: Any) -> tuple[str, Any]:
+def _row_and_config(model_or_config: Any) -> tuple[XVLMTask, Any]:
+    """The task-table row (`BASE_MODEL` for unknown architectures) and the config of a model or a config."""
     if model_or_config is None:
-        return "XVLMModel", None
+        return BASE_MODEL, None
     config = getattr(model_or_config, "config", model_or_config)
     if hasattr(model_or_config, "config"):
         name = type(model_or_config).__name__
     else:
-        name = (getattr(config, "architectures", None) or ["XVLMModel"])[0]
-    return name, config
+        name = (getattr(config, "architectures", None) or [BASE_MODEL.model_class.__name__])[0]
+    try:
+        return task_of(name), config
+    except KeyError:
+        return BASE_MODEL, config
 
 
 def _describe_config(config: Any) -> str:
@@ -284,26 +265,6 @@ def _describe_config(config: Any) -> str:
     )
 
 
-_USAGE = {
-    "XVLMForRetrieval": """```python
-from transformers import pipeline
-
-classifier = pipeline("zero-shot-image-classification", model="{repo_id}", trust_remote_code=True)
-classifier("cat.jpg", candidate_labels=["a cat", "a dog"])
-
-# or, with the package installed (`import modeling_xvlm`), the retrieval pipeline over a small gallery:
-retriever = pipeline("image-text-retrieval", model="{repo_id}")
-retriever("a dog on a sofa", gallery=["1.jpg", "2.jpg", "3.jpg"], top_k=2)
-```""",
-    "XVLMForGrounding": """```python
-import modeling_xvlm  # registers the "visual-grounding" pipeline
-from transformers import pipeline
-
-grounder = pipeline("visual-grounding", model="{repo_id}")
-result = grounder("street.jpg", "the man on the left")
-result["box"], result["preview"].save("preview.png")
-```""",
-}
 _USAGE_DEFAULT = """```python
 from transformers import AutoModel, AutoProcessor
 
@@ -312,14 +273,56 @@ processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)
 inputs = processor(images=image, text=["a photo of a dog"])
 features = model.get_image_features(inputs["pixel_values"]).pooler_output
 ```"""
+_LIMITATIONS = (
+    "English captions only; inputs are squashed to a square image (no aspect-preserving crop); the model inherits "
+    "the biases of its web and COCO/Visual-Genome training data."
+)
 
-_INTENDED_USE = {
-    "XVLMForRetrieval": "Image-to-text and text-to-image retrieval (ITC candidates re-ranked by the ITM head) and "
-    "zero-shot image classification over free-text labels.",
-    "XVLMForGrounding": "Referring-expression grounding: one box per (image, expression) pair.",
-    "XVLMForPretraining": "Continued pre-training and fine-tuning of X-VLM (ITC, ITM, MLM and box losses).",
-    "XVLMModel": "Image, region and text features in a shared space (feature extraction, zero-shot classification).",
-}
+
+def _eval_results(records: list[dict], dataset_list: list[str]) -> list[EvalResult]:
+    results = []
+    for record in records:
+        task = record["task"] or _infer_task(record["metrics"]) or "retrieval"
+        task_type, task_name = _TASK_TYPES.get(task, (task, task.replace("-", " ").capitalize()))
+        dataset = record["dataset"] or (dataset_list[0] if dataset_list else "custom")
+        for metric, value in record["metrics"].items():
+            results.append(
+                EvalResult(
+                    task_type=task_type,
+                    task_name=task_name,
+                    dataset_type=dataset,
+                    dataset_name=dataset,
+                    dataset_split=record["split"],
+                    metric_type=metric,
+                    metric_name=_METRIC_NAMES.get(metric.split("/")[-1], metric),
+                    metric_value=value,
+                )
+            )
+    return results
+
+
+def _training_section(base_model: str | list[str] | None, dataset_list: list[str]) -> list[str]:
+    if not (base_model or dataset_list):
+        return []
+    lines = ["## Training", ""]
+    if base_model:
+        names = [base_model] if isinstance(base_model, str) else list(base_model)
+        lines.append(f"- base model: {', '.join(f'`{name}`' for name in names)}")
+    if dataset_list:
+        lines.append(f"- datasets: {', '.join(dataset_list)}")
+    return lines + [""]
+
+
+def _evaluation_section(results: list[EvalResult]) -> list[str]:
+    if not results:
+        return []
+    lines = ["## Evaluation", "", "| task | dataset | split | metric | value |", "|---|---|---|---|---|"]
+    for result in results:
+        lines.append(
+            f"| {result.task_name} | {result.dataset_name} | {result.dataset_split or ''} | "
+            f"{result.metric_name} | {result.metric_value:.2f} |"
+        )
+    return lines + [""]
 
 
 def create_model_card(
@@ -335,56 +338,41 @@ def create_model_card(
     description: str | None = None,
     intended_use: str | None = None,
     limitations: str | None = None,
+    sections: Sequence[tuple[str, str]] = (),
+    metadata: Mapping[str, Any] | None = None,
 ) -> ModelCard:
     """Build the model card (README.md with YAML metadata) of an X-VLM checkpoint.
 
     Args:
         repo_id: the Hub repository, e.g. `"org/xvlm-base-coco-retrieval"` (used in the title and the snippets).
-        model: the model or its config (the architecture, `pipeline_tag` and the size summary come from it).
+        model: the model or its config (the task-table row - `pipeline_tag`, intended use, usage snippet - and the
+            size summary come from it).
         base_model: the checkpoint this one was fine-tuned from (Hub id).
         datasets: training datasets (Hub ids or names).
         eval_results: an `xvlm-eval` JSON file / dict / list (see :func:`load_eval_results`); becomes the
             `model-index` metadata and a results table.
         license: SPDX-like license id of the weights.
         language: language(s) of the text encoder.
-        tags: extra tags (`x-vlm`, `vision-language` and the task tags are always added).
+        tags: extra tags (`x-vlm`, `vision-language`, `custom_code` and the pipeline tag are always added).
         description, intended_use, limitations: override the generated text of those sections.
+        sections: extra `(title, markdown)` sections, written after "Limitations" (the converter's provenance).
+        metadata: extra YAML metadata fields (e.g. `original_checkpoint`).
 
     Returns:
         A `huggingface_hub.ModelCard`: `card.save("folder/README.md")` or `card.push_to_hub(repo_id)`.
     """
-    architecture, config = _architecture(model)
-    pipeline_tag = PIPELINE_TAGS.get(architecture, "feature-extraction")
+    row, config = _row_and_config(model)
+    architecture = row.model_class.__name__
     records = load_eval_results(eval_results) if eval_results is not None else []
     dataset_list = [datasets] if isinstance(datasets, str) else list(datasets or [])
     model_name = repo_id.split("/")[-1]
-
-    hub_eval_results = []
-    for record in records:
-        task = record["task"] or _infer_task(record["metrics"]) or "retrieval"
-        task_type, task_name = _TASK_TYPES.get(task, (task, task.replace("-", " ").capitalize()))
-        dataset = record["dataset"] or (dataset_list[0] if dataset_list else "custom")
-        for metric, value in record["metrics"].items():
-            hub_eval_results.append(
-                EvalResult(
-                    task_type=task_type,
-                    task_name=task_name,
-                    dataset_type=dataset,
-                    dataset_name=dataset,
-                    dataset_split=record["split"],
-                    metric_type=metric,
-                    metric_name=_METRIC_NAMES.get(metric.split("/")[-1], metric),
-                    metric_value=value,
-                )
-            )
+    hub_eval_results = _eval_results(records, dataset_list)
     metric_keys = sorted({r.metric_type for r in hub_eval_results})
-    all_tags = ["x-vlm", "vision-language", "custom_code", *tags]
-    if pipeline_tag not in all_tags:
-        all_tags.append(pipeline_tag)
+    all_tags = ["x-vlm", "vision-language", "custom_code", *tags, *([row.pipeline_tag] if row.pipeline_tag else [])]
     card_data = ModelCardData(
         model_name=model_name,
         library_name="transformers",
-        pipeline_tag=pipeline_tag,
+        pipeline_tag=row.pipeline_tag,
         license=license,
         language=language,
         tags=list(dict.fromkeys(all_tags)),
@@ -392,76 +380,46 @@ def create_model_card(
         base_model=base_model,
         metrics=metric_keys or None,
         eval_results=hub_eval_results or None,
+        **dict(metadata or {}),
     )
 
     lines = [f"# {model_name}", ""]
     lines.append(
         description
         or (
-            f"An X-VLM `{architecture}` checkpoint. X-VLM (Zeng, Zhang and Li, ICML 2022) aligns texts with visual "
-            "concepts at several granularities - the whole image, regions and objects - with a Swin Transformer "
-            "image encoder, a BERT text encoder and a cross-modal fusion encoder."
+            f"An X-VLM `{architecture}` checkpoint. {row.summary} X-VLM (Zeng, Zhang and Li, ICML 2022) aligns "
+            "texts with visual concepts at several granularities - the whole image, regions and objects - with a "
+            "Swin Transformer image encoder, a BERT text encoder and a cross-modal fusion encoder."
         )
     )
     lines.append("")
     summary = _describe_config(config)
     if summary:
         lines += ["## Model", "", summary]
-    lines += ["## Intended use", "", intended_use or _INTENDED_USE.get(architecture, _INTENDED_USE["XVLMModel"]), ""]
-    lines += [
-        "## Limitations",
-        "",
-        limitations
-        or "English captions only; inputs are squashed to a square image (no aspect-preserving crop); the model "
-        "inherits the biases of its web and COCO/Visual-Genome training data.",
-        "",
-    ]
+    lines += ["## Intended use", "", intended_use or row.intended_use, ""]
+    lines += ["## Limitations", "", limitations or _LIMITATIONS, ""]
+    for title, text in sections:
+        lines += [f"## {title}", "", text, ""]
     lines += [
         "## How to use",
         "",
         "The repository ships its modelling code (`trust_remote_code=True`); with `pip install modeling-xvlm` and "
         "`import modeling_xvlm` no remote code is executed.",
         "",
-        _USAGE.get(architecture, _USAGE_DEFAULT).replace("{repo_id}", repo_id),
+        (row.usage or _USAGE_DEFAULT).replace("{repo_id}", repo_id),
         "",
     ]
-    if base_model or dataset_list:
-        lines += ["## Training", ""]
-        if base_model:
-            names = [base_model] if isinstance(base_model, str) else list(base_model)
-            lines.append(f"- base model: {', '.join(f'`{name}`' for name in names)}")
-        if dataset_list:
-            lines.append(f"- datasets: {', '.join(dataset_list)}")
-        lines.append("")
-    if records:
-        lines += ["## Evaluation", "", "| task | dataset | split | metric | value |", "|---|---|---|---|---|"]
-        for result in hub_eval_results:
-            lines.append(
-                f"| {result.task_name} | {result.dataset_name} | {result.dataset_split or ''} | "
-                f"{result.metric_name} | {result.metric_value:.2f} |"
-            )
-        lines.append("")
+    lines += _training_section(base_model, dataset_list)
+    lines += _evaluation_section(hub_eval_results)
     lines += ["## Citation", "", "```bibtex", XVLM_CITATION, "```", ""]
     content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)
     return ModelCard(content)
 
 
 __all__ = [
-    "MODEL_AUTO_CLASSES",
-    "PIPELINE_TAGS",
     "XVLM_CITATION",
     "create_model_card",
     "load_eval_results",
-    "register_auto_classes",
+    "register_xvlm",
     "ships_flat",
 ]
-
-
-def _register_all() -> None:
-    register_auto_classes()
-    from .pipelines import register_pipelines
-
-    register_pipelines(grounding_model_class=XVLMForGrounding)
-
-
-_register_all()

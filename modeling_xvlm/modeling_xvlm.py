@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel, SwinModel
+from transformers import SwinModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithCrossAttentions, BaseModelOutputWithPooling
 from transformers.models.swin.modeling_swin import SwinAttention
@@ -33,7 +33,7 @@ from .attention import XVLM_ATTENTION_FUNCTIONS, eager_attention_forward
 from .configuration_xvlm import XVLMConfig
 from .initialization import build_from_vision_text_pretrained
 from .losses import image_text_contrastive_loss, image_text_matching_loss, sample_hard_negatives
-from .modeling_xvlm_text import EncoderStates, XVLMTextEmbeddings, XVLMTextModel
+from .modeling_xvlm_text import EncoderStates, XVLMTextModel, XVLMTextPreTrainedModel
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -146,31 +146,20 @@ def shrink_swin_windows(swin: SwinModel, vision_config: Any) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class XVLMPreTrainedModel(PreTrainedModel):
+class XVLMPreTrainedModel(XVLMTextPreTrainedModel):
+    """Base class of `XVLMModel` and the heads: the text stack's (attention backends, initialisation of the text
+    embeddings) plus Swin and the ITC temperature."""
+
     config_class = XVLMConfig
     base_model_prefix = "xvlm"
     main_input_name = "pixel_values"
     input_modalities = ("image", "text")
-    supports_gradient_checkpointing = True
-    _supports_sdpa = True
-    _supports_attention_backend = True
     _no_split_modules = ["XVLMLayer", "SwinStage"]
-    _supports_flash_attn = False
-    _supports_flex_attn = False
-    _keys_to_ignore_on_load_unexpected = [r"position_ids$"]
-
-    @classmethod
-    def _can_set_attn_implementation(cls) -> bool:
-        # transformers guesses this by searching the module source for `ALL_ATTENTION_FUNCTIONS.get_interface(`; the
-        # text/fusion layers dispatch through `XVLM_ATTENTION_FUNCTIONS` (an `AttentionInterface` with a local "sdpa")
-        # and Swin through transformers' registry, so switching at run time is supported.
-        return True
+    _can_record_outputs = None  # recorded by the sub-models (text stack, Swin)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, XVLMTextEmbeddings):
-            init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
-        elif isinstance(module, XVLMModel) and module.temp is not None:
+        if isinstance(module, XVLMModel) and module.temp is not None:
             init.constant_(module.temp, self.config.temperature_init)
 
     def enable_input_require_grads(self) -> None:

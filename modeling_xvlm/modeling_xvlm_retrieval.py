@@ -23,7 +23,8 @@ from .modeling_xvlm import (
     slice_output,
     wants_loss,
 )
-from .retrieval import RetrievalOutput, encode_images, encode_texts, rank_gallery, refine_top1, score_matrices
+from . import retrieval
+from .retrieval import RetrievalOutput, retrieve, score_matrices
 
 
 @dataclass
@@ -206,7 +207,7 @@ class XVLMForRetrieval(XVLMHeadMixin, XVLMPreTrainedModel):
         image is then fused once for all its texts).
 
         Returns:
-            `(B,)` logits (no softmax; official `itm_head(cls)[:, 1]`).
+            `(B,)` logits (no softmax; official `itm_head(cls)[:, 1]`), by `modeling_xvlm.retrieval.itm_scores`.
         """
         if (pixel_values is None) == (image_embeds is None):
             raise ValueError("Pass exactly one of pixel_values or image_embeds.")
@@ -216,10 +217,7 @@ class XVLMForRetrieval(XVLMHeadMixin, XVLMPreTrainedModel):
             image_embeds = self.xvlm.encode_image(pixel_values).last_hidden_state
         if text_embeds is None:
             text_embeds = self.xvlm.encode_text(input_ids, attention_mask).last_hidden_state
-        fused = self.xvlm.fuse(
-            text_embeds, attention_mask, image_embeds, image_attention_mask, image_index=image_index, cls_only=True
-        )
-        return self.itm_head(fused[:, 0])[:, 1]
+        return retrieval.itm_scores(self, image_embeds, text_embeds, attention_mask, image_index, image_attention_mask)
 
     @torch.no_grad()
     def rank(
@@ -238,7 +236,7 @@ class XVLMForRetrieval(XVLMHeadMixin, XVLMPreTrainedModel):
         Every image and text is encoded once (in batches of `batch_size`); the ITC cosine similarity (no
         temperature) of all pairs picks the top `k` candidates in each direction; the union of those pairs is scored
         once each with the ITM head, in fusion batches of `batch_size` pairs. Candidates are returned sorted by
-        their ITM logit.
+        their ITM logit. This is `modeling_xvlm.retrieval.retrieve` (also behind `xvlm-eval` and the pipeline).
 
         Precision (docs/benchmarks.md): `precision` is that of the ITM re-ranking, `encode_precision` (default:
         `precision`) that of the image and text encoders; "fp32" or "bf16" (autocast on the model's device). With
@@ -253,27 +251,10 @@ class XVLMForRetrieval(XVLMHeadMixin, XVLMPreTrainedModel):
             `modeling_xvlm.retrieval.RetrievalOutput` with `i2t_indices`/`i2t_scores` `(n_images, k)`,
             `t2i_indices`/`t2i_scores` `(n_texts, k)` and `similarity` `(n_images, n_texts)`.
         """
-        encode_precision = precision if encode_precision is None else encode_precision
-        for name, value in (("precision", precision), ("encode_precision", encode_precision)):
-            if value not in ("fp32", "bf16"):
-                raise ValueError(f"{name} must be 'fp32' or 'bf16', got {value!r}.")
-        if top1_margin is not None and precision == "fp32":
-            raise ValueError("top1_margin only applies to precision='bf16' (fp32 rankings need no refinement).")
-        device_type = self.device.type
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=encode_precision == "bf16"):
-            images = encode_images(self, pixel_values, batch_size)
-            texts = encode_texts(self, input_ids, attention_mask, batch_size)
-        if precision == "fp32" and encode_precision == "bf16":
-            images, texts = images.float(), texts.float()
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            output = rank_gallery(self, images, texts, k=k, batch_size=batch_size)
-        margin = 0.1 if top1_margin is None else top1_margin
-        if precision == "bf16" and margin > 0:
-            if encode_precision == "fp32":  # the fp32 encodings are at hand: no re-encoding
-                output = refine_top1(self, output, images, texts, margin=margin, batch_size=batch_size)
-            else:
-                output = refine_top1(self, output, pixel_values, input_ids, attention_mask, margin, batch_size)
-        return output
+        return retrieve(
+            self, pixel_values, input_ids, attention_mask, k=k, batch_size=batch_size, precision=precision,
+            encode_precision=encode_precision, top1_margin=top1_margin,
+        )
 
     @torch.no_grad()
     def retrieval_score_matrices(

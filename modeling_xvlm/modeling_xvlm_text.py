@@ -7,8 +7,8 @@ configuration (`XVLMTextConfig`):
 - cross-attention in layers `[fusion_layer, num_hidden_layers)` with key/value width `encoder_width`: the vision
   width for fusion, the text width for a decoder that reads question states (official VQA decoder);
 - a KV cache through transformers' `Cache` classes (`DynamicCache` / `EncoderDecoderCache`) for generation;
-- a different encoder sequence per cross-attention layer (`encoder_hidden_states` given as a sequence; NLVR2
-  alternates two images) and key/value parameters tied across consecutive pairs of cross-attention layers
+- a different encoder sequence per cross-attention layer (`encoder_hidden_states` given as a sequence, read
+  cyclically; NLVR2 alternates two images) and key/value parameters tied across consecutive pairs of cross-attention layers
   (`tie_cross_attention_pairs`; declared ties, saved once and re-tied on load).
 
 `XVLMTextModel` runs the stack (official modes `'text'`, `'fusion'`, `'multi_modal'`); `XVLMTextLMHeadModel` adds
@@ -158,12 +158,13 @@ class XVLMSelfAttention(nn.Module):
         return attn_output.reshape(batch, length, -1).contiguous(), attn_weights
 
 
-class XVLMSelfOutput(nn.Module):
-    """Post-LN residual block after attention: dense -> dropout -> LayerNorm(x + input)."""
+class XVLMResidualOutput(nn.Module):
+    """Post-LN residual block: dense -> dropout -> LayerNorm(x + input) (BERT's `*.output` after attention, with
+    `in_features = hidden_size`, and after the feed-forward, with `in_features = intermediate_size`)."""
 
-    def __init__(self, config: XVLMTextConfig):
+    def __init__(self, config: XVLMTextConfig, in_features: int):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(in_features, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -177,7 +178,7 @@ class XVLMAttentionBlock(nn.Module):
     def __init__(self, config: XVLMTextConfig, layer_idx: int, is_cross_attention: bool = False):
         super().__init__()
         self.self = XVLMSelfAttention(config, layer_idx, is_cross_attention=is_cross_attention)
-        self.output = XVLMSelfOutput(config)
+        self.output = XVLMResidualOutput(config, config.hidden_size)
 
     def forward(
         self,
@@ -206,17 +207,6 @@ class XVLMIntermediate(nn.Module):
         return self.intermediate_act_fn(self.dense(hidden_states))
 
 
-class XVLMOutputBlock(nn.Module):
-    def __init__(self, config: XVLMTextConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
-
-
 class XVLMLayer(GradientCheckpointingLayer):
     """One BERT layer; layers from `fusion_layer` on add cross-attention to an encoder sequence."""
 
@@ -228,7 +218,7 @@ class XVLMLayer(GradientCheckpointingLayer):
         if self.has_cross_attention:
             self.crossattention = XVLMAttentionBlock(config, layer_idx, is_cross_attention=True)
         self.intermediate = XVLMIntermediate(config)
-        self.output = XVLMOutputBlock(config)
+        self.output = XVLMResidualOutput(config, config.intermediate_size)
 
     def forward(
         self,
@@ -303,16 +293,17 @@ class XVLMEncoder(nn.Module):
         encoder_hidden_states: EncoderStates | None,
         encoder_attention_mask: torch.Tensor | Sequence[torch.Tensor | None] | None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The encoder sequence and key mask of layer `index` (entry `index - fusion_layer` of per-layer lists)."""
+        """The encoder sequence and key mask of layer `index`: with sequences of them, entry
+        `(index - fusion_layer) % len(sequence)` (official `xbert.py`: NLVR2 passes `[image_0, image_1]`)."""
         if index < self.config.fusion_layer:
             return None, None
         slot = index - self.config.fusion_layer
         states = encoder_hidden_states
         if isinstance(states, (list, tuple)):
-            states = states[slot]
+            states = states[slot % len(states)]
         mask = encoder_attention_mask
         if isinstance(mask, (list, tuple)):
-            mask = mask[slot]
+            mask = mask[slot % len(mask)]
         return states, mask
 
 
@@ -363,7 +354,9 @@ class XVLMTextPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("text",)
     supports_gradient_checkpointing = True
-    _supports_sdpa = True
+    _supports_sdpa = True  # the attention backends X-VLM's layers implement: eager and sdpa
+    _supports_flash_attn = False
+    _supports_flex_attn = False
     _supports_attention_backend = True
     _no_split_modules = ["XVLMLayer"]
     _keys_to_ignore_on_load_unexpected = [r"position_ids$"]
@@ -393,6 +386,11 @@ class XVLMTextModel(XVLMTextPreTrainedModel):
         super().__init__(config)
         self.embeddings = XVLMTextEmbeddings(config)
         self.encoder = XVLMEncoder(config)
+        self._tied_weights_keys = {
+            f"encoder.layer.{target}.crossattention.self.{name}": f"encoder.layer.{source}.crossattention.self.{name}"
+            for source, target in cross_attention_pairs(config)
+            for name in ("key.weight", "key.bias", "value.weight", "value.bias")
+        }
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -402,15 +400,11 @@ class XVLMTextModel(XVLMTextPreTrainedModel):
         self.embeddings.word_embeddings = value
 
     def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict:
+        # The tied cross-attention pairs are part of the architecture (official NLVR2), whatever
+        # `tie_word_embeddings` says; transformers' save/load reads them from `_tied_weights_keys`.
         if all_submodels:
             return super().get_expanded_tied_weights_keys(all_submodels=True)
-        ties = {}
-        for source, target in cross_attention_pairs(self.config):
-            for name in ("key.weight", "key.bias", "value.weight", "value.bias"):
-                ties[f"encoder.layer.{target}.crossattention.self.{name}"] = (
-                    f"encoder.layer.{source}.crossattention.self.{name}"
-                )
-        return ties
+        return dict(self._tied_weights_keys)
 
     @capture_outputs
     def forward(
@@ -461,8 +455,9 @@ class XVLMTextModel(XVLMTextPreTrainedModel):
         """Run the fusion layers on text states `(batch, L, hidden)` cross-attending to image tokens
         `(batch, 1 + P, encoder_width)` (key mask `image_attention_mask` `(batch, 1 + P)`, default all ones).
 
-        `image_embeds` may also be a sequence with one tensor per fusion layer (NLVR2: the two images alternate),
-        with `image_attention_mask` a matching sequence. With `image_index` `(batch,)`, `image_embeds` holds `n`
+        `image_embeds` may also be a sequence of tensors: fusion layer `fusion_layer + j` reads entry
+        `j % len(image_embeds)` (NLVR2: `[image_0, image_1]` alternate), with `image_attention_mask` a matching
+        sequence. With `image_index` `(batch,)`, `image_embeds` holds `n`
         distinct image sequences `(n, 1 + P, width)` and text row b attends to `image_embeds[image_index[b]]`; each
         image's keys/values are computed once per layer. With `cls_only`, the last layer computes the [CLS] row
         only: `last_hidden_state` is `(batch, 1, hidden)`.
@@ -484,43 +479,6 @@ class XVLMTextModel(XVLMTextPreTrainedModel):
         )
         return BaseModelOutputWithCrossAttentions(last_hidden_state=hidden)
 
-    @torch.no_grad()
-    def fuse_pairs(
-        self,
-        text_states: torch.Tensor,
-        text_mask: torch.Tensor | None,
-        text_index: torch.Tensor,
-        image_embeds: torch.Tensor,
-        image_index: torch.Tensor,
-    ) -> torch.Tensor:
-        """Fused [CLS] `(P, hidden)` of the pairs `(text_index[p], image_index[p])` (inference only).
-
-        Equals `fuse(text_states[text_index], text_mask[text_index], image_embeds, image_index=image_index,
-        cls_only=True)[:, 0]` (fp32: to float rounding) with less work: the first fusion layer's self-attention
-        block and cross-attention queries depend on the text alone, so they run once per distinct text.
-        """
-        layers = [self.encoder.layer[i] for i in range(self.config.fusion_layer, self.config.num_hidden_layers)]
-        first, last = layers[0], layers[-1]
-        text_self_mask = expand_key_mask(text_mask, text_states.dtype)
-        pair_self_mask = None if text_self_mask is None else text_self_mask[text_index]
-        hidden_text, _ = first.attention(text_states, text_self_mask)
-        cross = first.crossattention.self
-        rows = slice(0, 1) if len(layers) == 1 else slice(None)
-        query = cross.split_heads(hidden_text, cross.query)[text_index][:, :, rows]
-        keys = cross.split_heads(image_embeds, cross.key)[image_index]
-        values = cross.split_heads(image_embeds, cross.value)[image_index]
-        interface = XVLM_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        context, _ = interface(cross, query, keys, values, None, scaling=cross.scaling, dropout=0.0)
-        context = context.reshape(query.shape[0], query.shape[2], -1)
-        hidden = first.crossattention.output(context, hidden_text[text_index][:, rows])
-        hidden = first.output(first.intermediate(hidden), hidden)
-        if len(layers) == 1:
-            return hidden[:, 0]
-        for layer in layers[1:-1]:
-            hidden = layer(hidden, pair_self_mask, image_embeds, None, image_index)
-        # last fusion layer: the [CLS] row only (keys/values of the self-attention still span every text token)
-        return last(hidden, pair_self_mask, image_embeds, None, image_index, query_length=1)[:, 0]
-
     # -- masks and checks ---------------------------------------------------------------------------------------
     def self_attention_mask(
         self, attention_mask: torch.Tensor | None, shape: tuple[int, int], past_length: int, dtype: torch.dtype,
@@ -539,7 +497,7 @@ class XVLMTextModel(XVLMTextPreTrainedModel):
                 raise ValueError("A KV cache needs a decoder (text_config.is_decoder=True).")
             return None
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if cache is None and use_cache and not (self.gradient_checkpointing and self.training):
+        if cache is None and use_cache and not (self.is_activation_checkpointing and self.training):
             self_cache = DynamicCache(config=self.config)
             cache = self_cache
             if encoder_hidden_states is not None:
@@ -571,9 +529,8 @@ class XVLMTextModel(XVLMTextPreTrainedModel):
         sequences: list[torch.Tensor],
         image_index: torch.Tensor | None,
     ) -> None:
-        n_cross = self.config.num_hidden_layers - self.config.fusion_layer
-        if len(sequences) not in (1, n_cross):
-            raise ValueError(f"Give one image sequence, or one per fusion layer ({n_cross}); got {len(sequences)}.")
+        if not sequences:
+            raise ValueError("fuse needs at least one image sequence.")
         if text_embeds.dim() != 3 or any(s.dim() != 3 for s in sequences):
             raise ValueError(
                 f"fuse expects text_embeds (batch, L, hidden) and image_embeds (batch, 1 + P, width); got "

@@ -1,23 +1,29 @@
 """transformers pipelines for X-VLM: zero-shot image classification, image-text retrieval and visual grounding.
 
-Importing `modeling_xvlm` registers them with `transformers.pipelines.PIPELINE_REGISTRY`:
-
 - ``"zero-shot-image-classification"``: :class:`XVLMZeroShotImageClassificationPipeline`, with `XVLMModel` or
-  `XVLMForRetrieval` (which can re-rank the labels with its ITM head);
+  `XVLMForRetrieval` (which can re-rank the labels with its ITM head), chosen with `pipeline_class=`;
 - ``"image-text-retrieval"``: :class:`XVLMImageTextRetrievalPipeline`, with `XVLMModel` or `XVLMForRetrieval`;
 - ``"visual-grounding"``: :class:`XVLMVisualGroundingPipeline`, with `XVLMForGrounding`.
+
+Importing `modeling_xvlm` registers the last two (new tasks) with `transformers.pipelines.PIPELINE_REGISTRY`.
 
 The zero-shot class subclasses transformers' `ZeroShotImageClassificationPipeline` and hands every non-X-VLM model
 (CLIP, SigLIP, ...) to it unchanged; for X-VLM it tokenises like the official code (`[CLS] tokens`, no [SEP],
 `pre_caption` cleaning, through `XVLMProcessor`) and can re-rank the best labels with the ITM head.
 
-All three batch with the standard `batch_size=` argument. This module imports only torch, numpy, PIL and transformers, so
-`pipe.save_pretrained(folder)` / `pipe.push_to_hub(repo)` can ship it as remote code (`custom_pipelines`).
+Registration adds the two new tasks and leaves transformers' own tasks alone: `"zero-shot-image-classification"`
+stays transformers' pipeline; pass `pipeline_class=XVLMZeroShotImageClassificationPipeline` for the X-VLM one. A
+pipeline saved with `save_pretrained` records its class (`custom_pipelines`), so
+`pipeline(task, model=folder, trust_remote_code=True)` loads it again.
+
+All three batch with the standard `batch_size=` argument. Encoding, ITM scores and ranking are those of
+`modeling_xvlm.retrieval` (`encode_images`, `encode_texts`, `itm_scores`, `retrieve`). This module imports only
+torch, numpy, PIL, transformers and its sibling `retrieval.py`, so `pipe.save_pretrained(folder)` /
+`pipe.push_to_hub(repo)` can ship it as remote code (`custom_pipelines`).
 """
 
 from __future__ import annotations
 
-import logging as _std_logging
 from typing import Any
 
 import numpy as np
@@ -32,6 +38,8 @@ from transformers.image_transforms import to_pil_image
 from transformers.image_utils import load_image
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.zero_shot_image_classification import ZeroShotImageClassificationPipeline
+
+from .retrieval import EncodedImages, EncodedTexts, encode_images, encode_texts, itm_scores, retrieve
 
 __all__ = [
     "XVLMImageTextRetrievalPipeline",
@@ -149,7 +157,8 @@ def _base(model: Any) -> Any:
 
 
 class XVLMZeroShotImageClassificationPipeline(_XVLMInputsMixin, ZeroShotImageClassificationPipeline):
-    """`pipeline("zero-shot-image-classification")` for X-VLM (any other model falls through to transformers).
+    """`pipeline("zero-shot-image-classification", model=..., pipeline_class=XVLMZeroShotImageClassificationPipeline)`
+    for X-VLM (any other model falls through to transformers).
 
     `classifier(image, candidate_labels=[...])` scores `hypothesis_template.format(label)` for every label by the
     ITC similarity (softmax of `logits_per_image`, as CLIP). With `rerank=True` (needs `XVLMForRetrieval`) the
@@ -215,27 +224,28 @@ class XVLMZeroShotImageClassificationPipeline(_XVLMInputsMixin, ZeroShotImageCla
             return super()._forward(model_inputs)
         metas = _unwrap(model_inputs["meta"])
         base = _base(self.model)
-        image = base.get_image_features(model_inputs["pixel_values"])
+        if rerank and getattr(self.model, "itm_head", None) is None:
+            raise ValueError(f"rerank=True needs an ITM head (XVLMForRetrieval), got {type(self.model).__name__}.")
+        image = encode_images(self.model, model_inputs["pixel_values"])
         # Every label text of the batch goes through the text encoder once.
         input_ids = _pad_cat([m["input_ids"] for m in metas], value=self.tokenizer.pad_token_id or 0)
         attention_mask = _pad_cat([m["attention_mask"] for m in metas], value=0)
-        text = base.get_text_features(input_ids, attention_mask)
-        if rerank and not hasattr(self.model, "itm_scores"):
-            raise ValueError(f"rerank=True needs an ITM head (XVLMForRetrieval), got {type(self.model).__name__}.")
+        text = encode_texts(self.model, input_ids, attention_mask)
         items, start = [], 0
         for b, meta in enumerate(metas):
             rows = slice(start, start + len(meta["labels"]))
             start = rows.stop
-            logits = image.pooler_output[b] @ text.pooler_output[rows].t() / base.temp
+            logits = image.features[b] @ text.features[rows].t() / base.temp
             item = {"labels": meta["labels"], "logits": logits, "itm_index": None, "itm_logits": None}
             if rerank:
                 k = len(meta["labels"]) if rerank_top_k is None else max(1, min(int(rerank_top_k), logits.numel()))
                 top = logits.topk(k).indices
                 item["itm_index"] = top
-                item["itm_logits"] = self.model.itm_scores(
-                    image_embeds=image.last_hidden_state[b : b + 1],
-                    text_embeds=text.last_hidden_state[rows][top],
-                    attention_mask=attention_mask[rows][top],
+                item["itm_logits"] = itm_scores(
+                    self.model,
+                    image.sequences[b : b + 1],
+                    text.states[rows][top],
+                    text.attention_mask[rows][top],
                     image_index=torch.zeros(k, dtype=torch.long, device=logits.device),
                 )
             items.append(item)
@@ -271,39 +281,24 @@ class XVLMZeroShotImageClassificationPipeline(_XVLMInputsMixin, ZeroShotImageCla
 
 
 class _Gallery:
-    """The gallery of one pipeline call, encoded once and shared by every batch of queries."""
+    """The gallery of one pipeline call, encoded once (`modeling_xvlm.retrieval`) and shared by every batch of
+    queries."""
 
     def __init__(self, kind: str, items: list[Any], batch_size: int):
         self.kind, self.items, self.batch_size = kind, list(items), batch_size
-        self.encoded: dict[str, torch.Tensor] | None = None
+        self.encoded: EncodedImages | EncodedTexts | None = None
 
-    def encode(self, pipe: XVLMImageTextRetrievalPipeline) -> dict[str, torch.Tensor]:
+    def encode(self, pipe: XVLMImageTextRetrievalPipeline) -> EncodedImages | EncodedTexts:
         if self.encoded is None:
-            base = _base(pipe.model)
-            feats, seqs, masks = [], [], []
-            for start in range(0, len(self.items), self.batch_size):
-                chunk = self.items[start : start + self.batch_size]
-                if self.kind == "images":
-                    pixel_values, _ = pipe._encode_images(chunk)
-                    out = base.get_image_features(pixel_values.to(pipe.device))
-                    masks.append(None)
-                else:
-                    input_ids, attention_mask = pipe._encode_texts(chunk)
-                    input_ids, attention_mask = input_ids.to(pipe.device), attention_mask.to(pipe.device)
-                    out = base.get_text_features(input_ids, attention_mask)
-                    masks.append(attention_mask)
-                feats.append(out.pooler_output)
-                seqs.append(out.last_hidden_state)
-            encoded = {"features": torch.cat(feats)}
+            _base(pipe.model)  # raises for a model without the ITC projections
             if self.kind == "images":
-                encoded["sequences"] = torch.cat(seqs)
+                def load(indices: torch.Tensor) -> torch.Tensor:
+                    return pipe._encode_images([self.items[i] for i in indices.tolist()])[0]
+
+                self.encoded = encode_images(pipe.model, load, self.batch_size, num_images=len(self.items))
             else:
-                length = max(s.shape[1] for s in seqs)
-                encoded["sequences"] = torch.cat(
-                    [torch.nn.functional.pad(s, (0, 0, 0, length - s.shape[1])) for s in seqs]
-                )
-                encoded["attention_mask"] = _pad_cat(masks, value=0)
-            self.encoded = encoded
+                input_ids, attention_mask = pipe._encode_texts(self.items)
+                self.encoded = encode_texts(pipe.model, input_ids, attention_mask, self.batch_size)
         return self.encoded
 
 
@@ -369,39 +364,21 @@ class XVLMImageTextRetrievalPipeline(_XVLMInputsMixin, Pipeline):
         return {"pixel_values": pixel_values, "meta": [{}]}
 
     def _forward(self, model_inputs, gallery: _Gallery = None, k_test: int = 16, rerank: bool = True):
-        base = _base(self.model)
         encoded = gallery.encode(self)
         metas = _unwrap(model_inputs["meta"])
-        use_itm = rerank and hasattr(self.model, "itm_scores")
-        if gallery.kind == "images":
+        use_itm = rerank and getattr(self.model, "itm_head", None) is not None
+        options = {"k": max(1, int(k_test)), "rerank": use_itm}
+        if gallery.kind == "images":  # text queries: images for each text
             input_ids = _pad_cat([m["input_ids"] for m in metas], value=self.tokenizer.pad_token_id or 0)
             attention_mask = _pad_cat([m["attention_mask"] for m in metas], value=0)
-            query = base.get_text_features(input_ids, attention_mask)
-        else:
-            query = base.get_image_features(model_inputs["pixel_values"])
-        similarity = query.pooler_output @ encoded["features"].t()  # cosine, no temperature (official)
-        k = max(1, min(int(k_test), similarity.shape[1]))
-        itc_scores, candidates = similarity.topk(k, dim=1)
-        results = []
-        for q in range(similarity.shape[0]):
-            scores = itc_scores[q]
-            if use_itm:
-                index = candidates[q]
-                if gallery.kind == "images":  # one text against k images
-                    scores = self.model.itm_scores(
-                        image_embeds=encoded["sequences"][index],
-                        text_embeds=query.last_hidden_state[q : q + 1].expand(k, -1, -1),
-                        attention_mask=attention_mask[q : q + 1].expand(k, -1),
-                    )
-                else:  # one image against k texts
-                    scores = self.model.itm_scores(
-                        image_embeds=query.last_hidden_state[q : q + 1],
-                        text_embeds=encoded["sequences"][index],
-                        attention_mask=encoded["attention_mask"][index],
-                        image_index=torch.zeros(k, dtype=torch.long, device=index.device),
-                    )
-            results.append({"index": candidates[q], "score": scores, "itc_score": itc_scores[q]})
-        return {"items": results}
+            ranking = retrieve(self.model, encoded, input_ids, attention_mask, directions="t2i", **options)
+            index, scores, similarity = ranking.t2i_indices, ranking.t2i_scores, ranking.similarity.t()
+        else:  # image queries: texts for each image
+            ranking = retrieve(self.model, model_inputs["pixel_values"], encoded, directions="i2t", **options)
+            index, scores, similarity = ranking.i2t_indices, ranking.i2t_scores, ranking.similarity
+        itc_scores = similarity.gather(1, index)  # cosine, no temperature (official)
+        return {"items": [{"index": index[q], "score": scores[q], "itc_score": itc_scores[q]}
+                          for q in range(index.shape[0])]}
 
     def postprocess(self, model_outputs, gallery: _Gallery = None, top_k: int = 5):
         item = _single(model_outputs["items"])
@@ -515,8 +492,10 @@ def register_pipelines(grounding_model_class: type | None = None) -> None:
     locally; a pipeline saved with `save_pretrained` records `AutoModel` instead, which loads the head through the
     checkpoint's remote code (`auto_map`).
 
-    `"zero-shot-image-classification"` keeps transformers' model classes and default model and only swaps in
-    :class:`XVLMZeroShotImageClassificationPipeline`, which behaves exactly like transformers' class for other models.
+    transformers' own tasks are left as they are (no task is overwritten, no logger silenced):
+    `"zero-shot-image-classification"` stays transformers' pipeline, and
+    :class:`XVLMZeroShotImageClassificationPipeline` is chosen with `pipeline_class=` (or recorded by its
+    `save_pretrained`, `custom_pipelines`).
     """
     tasks = PIPELINE_REGISTRY.supported_tasks
     if tasks.get("image-text-retrieval", {}).get("impl") is not XVLMImageTextRetrievalPipeline:
@@ -537,19 +516,13 @@ def register_pipelines(grounding_model_class: type | None = None) -> None:
         XVLMVisualGroundingPipeline._registered_impl = {
             "visual-grounding": {"impl": XVLMVisualGroundingPipeline, "pt": (AutoModel,), "type": "multimodal"}
         }
-    task = "zero-shot-image-classification"
-    current = PIPELINE_REGISTRY.supported_tasks[task]
-    if current["impl"] is not XVLMZeroShotImageClassificationPipeline:
-        logger = _std_logging.getLogger("transformers.pipelines.base")
-        level = logger.level
-        logger.setLevel(_std_logging.ERROR)  # "already registered. Overwriting" is the point here
-        try:
-            PIPELINE_REGISTRY.register_pipeline(
-                task,
-                pipeline_class=XVLMZeroShotImageClassificationPipeline,
-                pt_model=current.get("pt"),
-                default=current.get("default"),
-                type=current.get("type"),
-            )
-        finally:
-            logger.setLevel(level)
+
+
+# Not registered (the task is transformers'): what `save_pretrained` records, so that the saved folder loads it.
+XVLMZeroShotImageClassificationPipeline._registered_impl = {
+    "zero-shot-image-classification": {
+        "impl": XVLMZeroShotImageClassificationPipeline,
+        "pt": (AutoModelForZeroShotImageClassification,),
+        "type": "multimodal",
+    }
+}

@@ -5,23 +5,26 @@ re-rank the top `k` candidates of every image (texts) and of every text (images)
 "match". The official evaluation matrices hold -100 outside the top-k (`score_matrices`), and `retrieval_metrics`
 reproduces `itm_eval`.
 
-Two implementations of the re-ranking give the same scores (fp32: to float rounding, rankings identical; see
-`tests/test_fast_paths.py` and `docs/benchmarks.md`):
+One owner per step, used by `XVLMForRetrieval` (`itm_scores`, `rank`), `xvlm-eval` and the pipelines:
 
-- `official_protocol_scores`: the official loops, kept as the reference and the benchmark baseline: per image, its
-  top-k texts fused with the image repeated k times; then per text, its top-k images; nothing is shared.
-- `rank_gallery` (used by `XVLMForRetrieval.rank`), the fast path: a pair that is a candidate in both directions is
+- `itm_scores`: the ITM score of (text, image) pairs (`fuse(..., cls_only=True)` -> `itm_head(cls)[:, 1]`);
+- `encode_images` / `encode_texts`: gallery encoding, each item once, in batches;
+- `rank_gallery`: ranking of an encoded gallery, the fast path: a pair that is a candidate in both directions is
   fused once; each distinct image's cross-attention keys/values are computed once per fusion layer and batch
-  (`fuse(..., image_index=...)`); batches mix pairs of many images; pairs are ordered by text length and each batch
-  is cut to its longest text (padding positions are masked keys, so they never change a score); the last fusion
-  layer computes only the [CLS] row the ITM head reads (`itm_scores` -> `fuse(..., cls_only=True)`).
-  `fusion="cls"` also runs the text-only part of the first fusion layer once per text.
+  (`image_index`); batches mix pairs of many images; pairs are ordered by text length and each batch is cut to its
+  longest text (padding positions are masked keys, so they never change a score);
+- `retrieve`: the orchestration (encode, rank, and the precision handling: fp32 / bf16 autocast, `encode_precision`,
+  `refine_top1`).
+
+`official_protocol_scores` keeps the official loops (nothing shared, full fusion) as the benchmark baseline; it
+scores through `itm_scores` too. In fp32 both give the same scores to float rounding and identical rankings
+(`tests/test_fast_paths.py`, `docs/benchmarks.md`).
 
 Low precision: `refine_top1` re-scores the near ties of a bf16 ranking in fp32, so that each query keeps the fp32
 top-1 among its candidates; `itc_similarity` keeps the candidate selection in fp32.
 
-This module imports only torch, numpy and (for `fusion="cls"`) the model's own modules; the model is any
-`XVLMForRetrieval`.
+This module imports only torch and numpy (no head module); `model` is any model with `xvlm` (an `XVLMModel`; or
+the `XVLMModel` itself for the encoders) and, for ITM scores, `itm_head`.
 """
 
 from __future__ import annotations
@@ -39,21 +42,24 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "EncodedImages",
     "EncodedTexts",
-    "RetrievalOutput",
-    "encode_images",
-    "effective_lengths",
-    "encode_texts",
-    "fused_cls_states",
-    "itc_similarity",
-    "official_protocol_scores",
     "ImageSource",
+    "RetrievalOutput",
     "TextSource",
+    "effective_lengths",
+    "encode_images",
+    "encode_texts",
+    "itc_similarity",
+    "itm_scores",
+    "official_protocol_scores",
     "rank_gallery",
     "refine_top1",
     "retrieval_metrics",
+    "retrieve",
     "score_matrices",
     "score_pairs",
 ]
+
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -112,12 +118,66 @@ def _batches(n: int, batch_size: int):
         yield slice(start, min(start + batch_size, n))
 
 
+def _xvlm(model: Any) -> Any:
+    """The base model (`XVLMModel`) of a head, or the model itself."""
+    return getattr(model, "xvlm", model)
+
+
+def _parameter(model: Any) -> torch.Tensor:
+    return next(model.parameters())
+
+
+def _autocast(model: Any, precision: str):
+    return torch.autocast(_parameter(model).device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def itm_scores(
+    model: Any,
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    image_index: torch.LongTensor | None = None,
+    image_attention_mask: torch.Tensor | None = None,
+    cls_only: bool = True,
+) -> torch.Tensor:
+    """Raw ITM logit of class "match" `(B,)` (official `itm_head(fused_cls)[:, 1]`, no softmax): the one place that
+    scores (text, image) pairs.
+
+    `image_embeds` `(n, 1 + P, vision_width)` are encoded images, `text_embeds` `(B, L, hidden)` text-encoder states
+    with their `attention_mask`; text b is paired with image b, or with image `image_index[b]` (each image's keys and
+    values are then computed once for all its texts). `cls_only=False` runs the last fusion layer on every row (the
+    official code; same scores), `model` is any model with `xvlm` and `itm_head`.
+    """
+    fused = model.xvlm.fuse(
+        text_embeds, attention_mask, image_embeds, image_attention_mask, image_index=image_index, cls_only=cls_only
+    )
+    return model.itm_head(fused[:, 0])[:, 1]
+
+
 @torch.no_grad()
-def encode_images(model: Any, pixel_values: torch.Tensor, batch_size: int = 64) -> EncodedImages:
-    """Encode each image once, in batches: sequences and ITC features."""
+def encode_images(
+    model: Any,
+    images: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int = 64,
+    num_images: int | None = None,
+) -> EncodedImages:
+    """Encode each image once, in batches: sequences and ITC features (on the model's device).
+
+    `images`: pixel values `(n, 3, H, W)`, or a function `indices -> pixel values` (images loaded per batch) with
+    `num_images`."""
+    if isinstance(images, torch.Tensor):
+        num_images = images.shape[0]
+    elif num_images is None:
+        raise ValueError("num_images is needed when images is a function.")
+    parameter = _parameter(model)
+    dtype = parameter.dtype if parameter.dtype.is_floating_point else None
     sequences, features = [], []
-    for part in _batches(pixel_values.shape[0], batch_size):
-        out = model.xvlm.get_image_features(pixel_values[part])
+    for part in _batches(num_images, batch_size):
+        if isinstance(images, torch.Tensor):
+            pixels = images[part]
+        else:
+            pixels = images(torch.arange(part.start, part.stop))
+        out = _xvlm(model).get_image_features(pixels.to(parameter.device, dtype))
         sequences.append(out.last_hidden_state)
         features.append(out.pooler_output)
     return EncodedImages(torch.cat(sequences), torch.cat(features))
@@ -127,12 +187,13 @@ def encode_images(model: Any, pixel_values: torch.Tensor, batch_size: int = 64) 
 def encode_texts(
     model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, batch_size: int = 64
 ) -> EncodedTexts:
-    """Encode each text once, in batches: text-encoder states, masks and ITC features."""
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
+    """Encode each text once, in batches: text-encoder states, masks and ITC features (on the model's device)."""
+    device = _parameter(model).device
+    input_ids = input_ids.to(device)
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
     states, features = [], []
     for part in _batches(input_ids.shape[0], batch_size):
-        out = model.xvlm.get_text_features(input_ids[part], attention_mask[part])
+        out = _xvlm(model).get_text_features(input_ids[part], attention_mask[part])
         states.append(out.last_hidden_state)
         features.append(out.pooler_output)
     return EncodedTexts(torch.cat(states), attention_mask, torch.cat(features))
@@ -161,19 +222,15 @@ def score_pairs(
     batch_size: int = 64,
     trim_padding: bool = True,
     length_bucket: int = 8,
-    fusion: str = "fuse",
 ) -> torch.Tensor:
-    """Raw ITM logits `(n_pairs,)` (float32) of the pairs `(image_idx[p], text_idx[p])`, in fusion batches of
-    `batch_size` pairs.
+    """ITM logits `(n_pairs,)` (float32, `itm_scores`) of the pairs `(image_idx[p], text_idx[p])`, in fusion
+    batches of `batch_size` pairs.
 
     Within a batch each distinct image is fused once for all its texts (`image_index`: its keys/values are
     computed once per fusion layer). Pairs are processed ordered by image; with `trim_padding` (default) they are
     first grouped by text length (buckets of `length_bucket` tokens) and each batch is cut to its longest text,
-    which leaves every score unchanged (the cut positions are masked padding). `fusion="cls"` runs
-    `fused_cls_states` instead of `fuse` (same scores, less work; see there).
+    which leaves every score unchanged (the cut positions are masked padding).
     """
-    if fusion not in ("fuse", "cls"):
-        raise ValueError(f"fusion must be 'fuse' or 'cls', got {fusion!r}.")
     n_pairs = image_idx.shape[0]
     scores = torch.empty(n_pairs, dtype=torch.float32, device=images.sequences.device)
     if n_pairs == 0:
@@ -191,25 +248,17 @@ def score_pairs(
         img, txt = image_idx[rows], text_idx[rows]
         length = int(lengths[rows].max()) if lengths is not None else texts.states.shape[1]
         unique_images, local_image = torch.unique(img, return_inverse=True)
-        if fusion == "cls":
-            unique_texts, local_text = torch.unique(txt, return_inverse=True)
-            cls = fused_cls_states(
-                model.xvlm,
-                texts.states[unique_texts, :length],
-                texts.attention_mask[unique_texts, :length],
-                local_text,
-                images.sequences[unique_images],
-                local_image,
-            )
-            scores[rows] = model.itm_head(cls)[:, 1].float()
-        else:
-            scores[rows] = model.itm_scores(
-                image_embeds=images.sequences[unique_images],
-                text_embeds=texts.states[txt, :length],
-                attention_mask=texts.attention_mask[txt, :length],
-                image_index=local_image,
-            ).float()
+        scores[rows] = itm_scores(
+            model,
+            images.sequences[unique_images],
+            texts.states[txt, :length],
+            texts.attention_mask[txt, :length],
+            image_index=local_image,
+        ).float()
     return scores
+
+
+DIRECTIONS = ("both", "i2t", "t2i")
 
 
 @torch.no_grad()
@@ -220,19 +269,27 @@ def rank_gallery(
     k: int = 16,
     batch_size: int = 64,
     trim_padding: bool = True,
-    fusion: str = "fuse",
+    directions: str = "both",
+    rerank: bool = True,
 ) -> RetrievalOutput:
     """ITC top-`k` in both directions, then ITM re-ranking of the union of candidate pairs (each scored once).
 
-    `batch_size`, `trim_padding` and `fusion` go to `score_pairs`; every choice gives the scores of
-    `official_protocol_scores` (fp32: equal to float rounding, identical rankings)."""
+    `batch_size` and `trim_padding` go to `score_pairs`; every choice gives the scores of
+    `official_protocol_scores` (fp32: equal to float rounding, identical rankings). `directions="i2t"` (texts for
+    each image) or `"t2i"` (images for each text) ranks one direction only; the other's indices and scores are then
+    empty `(n, 0)`. `rerank=False` keeps the ITC order and scores (no ITM head needed)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}.")
+    if directions not in DIRECTIONS:
+        raise ValueError(f"directions must be one of {DIRECTIONS}, got {directions!r}.")
     similarity = itc_similarity(images, texts)
     n_images, n_texts = similarity.shape
-    k_i2t, k_t2i = min(k, n_texts), min(k, n_images)
-    i2t_candidates = similarity.topk(k_i2t, dim=1).indices  # (n_images, k_i2t) text ids
-    t2i_candidates = similarity.t().topk(k_t2i, dim=1).indices  # (n_texts, k_t2i) image ids
+    k_i2t = min(k, n_texts) if directions != "t2i" else 0
+    k_t2i = min(k, n_images) if directions != "i2t" else 0
+    i2t_sims, i2t_candidates = similarity.topk(k_i2t, dim=1)  # (n_images, k_i2t) text ids
+    t2i_sims, t2i_candidates = similarity.t().topk(k_t2i, dim=1)  # (n_texts, k_t2i) image ids
+    if not rerank:
+        return RetrievalOutput(i2t_candidates, i2t_sims, t2i_candidates, t2i_sims, similarity)
 
     # Pair id = image * n_texts + text; the union is deduplicated, so a pair in both directions is fused once.
     image_rows = torch.arange(n_images, device=similarity.device)
@@ -248,7 +305,6 @@ def rank_gallery(
         pair_ids % n_texts,
         batch_size,
         trim_padding=trim_padding,
-        fusion=fusion,
     )
 
     def lookup(ids: torch.Tensor) -> torch.Tensor:
@@ -288,9 +344,9 @@ def _fp32_images(model: Any, images: ImageSource, index: torch.Tensor, batch_siz
     if isinstance(images, EncodedImages):
         index = index.to(images.sequences.device)
         return EncodedImages(images.sequences[index], images.features[index]).float()
-    parameter = next(model.parameters())
-    pixels = images[index.to(images.device)] if isinstance(images, torch.Tensor) else images(index)
-    return encode_images(model, pixels.to(parameter.device, parameter.dtype), batch_size)
+    if isinstance(images, torch.Tensor):
+        return encode_images(model, images[index.to(images.device)], batch_size)
+    return encode_images(model, lambda rows: images(index[rows.to(index.device)]), batch_size, index.numel())
 
 
 def _fp32_texts(model: Any, texts: TextSource, attention_mask: torch.Tensor | None, index: torch.Tensor,
@@ -298,10 +354,9 @@ def _fp32_texts(model: Any, texts: TextSource, attention_mask: torch.Tensor | No
     if isinstance(texts, EncodedTexts):
         index = index.to(texts.states.device)
         return EncodedTexts(texts.states[index], texts.attention_mask[index], texts.features[index]).float()
-    device = next(model.parameters()).device
     index = index.to(texts.device)
-    mask = torch.ones_like(texts) if attention_mask is None else attention_mask
-    return encode_texts(model, texts[index].to(device), mask[index].to(device), batch_size)
+    mask = None if attention_mask is None else attention_mask.to(texts.device)[index]
+    return encode_texts(model, texts[index], mask, batch_size)
 
 
 def _gallery_size(source: Any) -> int | None:
@@ -425,6 +480,63 @@ def refine_top1(
 
 
 @torch.no_grad()
+def retrieve(
+    model: Any,
+    images: ImageSource,
+    texts: TextSource,
+    attention_mask: torch.Tensor | None = None,
+    k: int = 16,
+    batch_size: int = 64,
+    precision: str = "fp32",
+    encode_precision: str | None = None,
+    top1_margin: float | None = None,
+    num_images: int | None = None,
+    directions: str = "both",
+    rerank: bool = True,
+) -> RetrievalOutput:
+    """Rank a gallery (official `Retrieval.py` protocol): encode (what is not encoded yet), ITC top-`k`, ITM
+    re-ranking (`rank_gallery`); the orchestration behind `XVLMForRetrieval.rank`, `xvlm-eval` and the
+    image-text-retrieval pipeline.
+
+    Args:
+        images: `EncodedImages`, pixel values `(n, 3, H, W)`, or a function `indices -> pixel values` (with
+            `num_images`).
+        texts: `EncodedTexts`, or `input_ids` `(n, L)` with `attention_mask`.
+        batch_size: images / texts per encoder forward, and pairs per fusion batch.
+        precision: of the ITM re-ranking, "fp32" or "bf16" (autocast on the model's device). With bf16, near ties
+            are re-scored in fp32 (`refine_top1`, initial margin `top1_margin`, default 0.1; 0 turns it off), so
+            each query keeps the fp32 top-1 among its candidates.
+        encode_precision: of the image and text encoders (default: `precision`). fp32 encoders keep the fp32 ITC
+            candidates, so a bf16 re-ranking then keeps the fp32 top-1 exactly; bf16 encodings are upcast for an
+            fp32 re-ranking.
+        directions, rerank: as in `rank_gallery`.
+    """
+    encode_precision = precision if encode_precision is None else encode_precision
+    for name, value in (("precision", precision), ("encode_precision", encode_precision)):
+        if value not in PRECISIONS:
+            raise ValueError(f"{name} must be 'fp32' or 'bf16', got {value!r}.")
+    if top1_margin is not None and precision == "fp32":
+        raise ValueError("top1_margin only applies to precision='bf16' (fp32 rankings need no refinement).")
+    with _autocast(model, encode_precision):
+        encoded_images = images if isinstance(images, EncodedImages) else encode_images(
+            model, images, batch_size, num_images)
+        encoded_texts = texts if isinstance(texts, EncodedTexts) else encode_texts(
+            model, texts, attention_mask, batch_size)
+    if precision == "fp32":
+        encoded_images, encoded_texts = encoded_images.float(), encoded_texts.float()
+    with _autocast(model, precision):
+        output = rank_gallery(
+            model, encoded_images, encoded_texts, k=k, batch_size=batch_size, directions=directions, rerank=rerank
+        )
+    margin = 0.1 if top1_margin is None else top1_margin
+    if rerank and precision == "bf16" and margin > 0:
+        if encode_precision == "fp32":  # the fp32 encodings are at hand: no re-encoding
+            images, texts = encoded_images, encoded_texts
+        output = refine_top1(model, output, images, texts, attention_mask, margin, batch_size)
+    return output
+
+
+@torch.no_grad()
 def official_protocol_scores(
     model: Any, images: EncodedImages, texts: EncodedTexts, k: int = 16, fill_value: float = -100.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -433,7 +545,8 @@ def official_protocol_scores(
     For each image, its top-`k` texts by ITC similarity are fused in one batch with the image sequence repeated `k`
     times (image mask all ones); then for each text, its top-`k` images, with the text repeated `k` times. No pair
     is shared between the loops and every pair recomputes the image keys/values, on the texts as padded by the
-    caller (the official evaluation pads to 40 tokens). Scores are the raw ITM logit of class "match".
+    caller (the official evaluation pads to 40 tokens), and the fusion runs on every row (`itm_scores(...,
+    cls_only=False)`, as the official code). Scores are the raw ITM logit of class "match".
 
     Returns:
         `(scores_i2t (n_images, n_texts), scores_t2i (n_texts, n_images))`, float32, `fill_value` outside the
@@ -450,8 +563,10 @@ def official_protocol_scores(
         topk_idx = sims[i].topk(k_i2t, dim=0).indices
         encoder_output = images.sequences[i].repeat(k_i2t, 1, 1)
         encoder_att = torch.ones(encoder_output.shape[:-1], dtype=torch.long, device=device)
-        fused = model.xvlm.fuse(texts.states[topk_idx], texts.attention_mask[topk_idx], encoder_output, encoder_att)
-        scores_i2t[i, topk_idx] = model.itm_head(fused[:, 0])[:, 1].float()
+        scores_i2t[i, topk_idx] = itm_scores(
+            model, encoder_output, texts.states[topk_idx], texts.attention_mask[topk_idx],
+            image_attention_mask=encoder_att, cls_only=False,
+        ).float()
 
     sims_t = sims.t()
     scores_t2i = torch.full((n_texts, n_images), fill_value, dtype=torch.float32, device=device)
@@ -460,28 +575,11 @@ def official_protocol_scores(
         topk_idx = sims_t[t].topk(k_t2i, dim=0).indices
         encoder_output = images.sequences[topk_idx]
         encoder_att = torch.ones(encoder_output.shape[:-1], dtype=torch.long, device=device)
-        fused = model.xvlm.fuse(
-            texts.states[t].repeat(k_t2i, 1, 1),
-            texts.attention_mask[t].repeat(k_t2i, 1),
-            encoder_output,
-            encoder_att,
-        )
-        scores_t2i[t, topk_idx] = model.itm_head(fused[:, 0])[:, 1].float()
+        scores_t2i[t, topk_idx] = itm_scores(
+            model, encoder_output, texts.states[t].repeat(k_t2i, 1, 1), texts.attention_mask[t].repeat(k_t2i, 1),
+            image_attention_mask=encoder_att, cls_only=False,
+        ).float()
     return scores_i2t, scores_t2i
-
-
-@torch.no_grad()
-def fused_cls_states(
-    xvlm: Any,
-    text_states: torch.Tensor,
-    text_mask: torch.Tensor,
-    text_index: torch.Tensor,
-    image_seqs: torch.Tensor,
-    image_index: torch.Tensor,
-) -> torch.Tensor:
-    """Fused [CLS] `(P, hidden)` of the pairs `(text_index[p], image_index[p])`, inference only
-    (`XVLMTextModel.fuse_pairs`: per-text work of the first fusion layer done once per distinct text)."""
-    return xvlm.text_model.fuse_pairs(text_states, text_mask, text_index, image_seqs, image_index)
 
 
 def score_matrices(output: RetrievalOutput, fill_value: float = -100.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ Conventions:
 * The model sees the image squashed (aspect ratio not kept) to ``(H_in, W_in)``; boxes are scaled by
   ``(W_in / W, H_in / H)`` and the targets are normalised ``(cx, cy, w, h)`` w.r.t. the model input
   (``[0.5, 0.5, 1, 1]`` = the whole image), as the grounding / pre-training bbox heads predict.
-* Region masks follow the official ``get_image_attns`` (official-xvlm.md §4.5) for any input size and grid.
+* Region masks follow the official ``get_image_attns`` (``dataset/pretrain_dataset.py``) for any input size and grid.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""X-VLM image processors (official-xvlm.md §4.1, §9 item 22).
+"""X-VLM image processors (official `dataset/__init__.py`: torchvision 0.8 bicubic on PIL images).
 
 Evaluation-time X-VLM preprocessing: squash the image to a square ``size`` (aspect ratio not kept, no crop) with
 bicubic resampling, rescale by 1/255 and normalise with the CLIP mean/std (for every backbone, Swin included).

@@ -223,7 +223,8 @@ class XVLMProcessor(ProcessorMixin):
         Returns:
             ``BatchFeature`` with ``pixel_values`` ``(N_images, 3, H, W)``; ``input_ids`` / ``attention_mask``
             ``(N_texts, L)``; ``image_index`` ``(N_texts,)`` when texts are not one per image or boxes are given;
-            with boxes, ``region_masks`` ``(N_texts, 1 + P)`` and ``target_boxes`` ``(N_texts, 4)``.
+            with boxes, ``region_masks`` ``(N_texts, 1 + P)`` and ``labels`` ``(N_texts, 4)``: the target boxes,
+            normalised ``(cx, cy, w, h)`` (the box targets of ``XVLMForGrounding`` and ``XVLMForPretraining``).
         """
         if images is None and text is None:
             raise ValueError("give at least one of images and text")
@@ -289,7 +290,7 @@ class XVLMProcessor(ProcessorMixin):
                 box_list, [sizes[i] for i in index], box_format=box_format, names=names
             )
             data["region_masks"] = masks
-            data["target_boxes"] = targets
+            data["labels"] = targets
         if index is not None and (nested or box_list is not None or len(index) != n_images or
                                   index != list(range(n_images))):
             data["image_index"] = index
@@ -328,7 +329,7 @@ class XVLMProcessor(ProcessorMixin):
         for key, value in data.items():
             if key in ("input_ids", "attention_mask", "image_index", "region_masks"):
                 value = torch.as_tensor(value, dtype=torch.long) if _rectangular(value) else value
-            elif key == "target_boxes":
+            elif key == "labels":
                 value = torch.as_tensor(value, dtype=torch.float32)
             if return_tensors in ("np", "numpy") and isinstance(value, torch.Tensor):
                 value = value.numpy()

@@ -1,4 +1,4 @@
-"""Text cleaning as in the official X-VLM ``dataset/utils.py`` (official-xvlm.md §4.2)."""
+"""Text cleaning as in the official X-VLM ``dataset/utils.py``."""
 
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
 """Official-format X-VLM state dicts (exact key names and shapes, official-xvlm.md §3) for tests.
 
-`official_key_shapes(arch, task)` enumerates the keys of the official `model_pretrain.XVLM`, `model_retrieval.XVLM`
-or `model_bbox.XVLM` state dict; `official_state_dict(...)` fills them with random values (buffers computed as the
-official modules do, tied MLM tensors shared) or with meta tensors (base size without allocating 800 MB).
+`official_key_shapes(arch, task)` enumerates the keys of the official `model_pretrain.XVLM`, `model_retrieval.XVLM`,
+`model_bbox.XVLM`, `model_nlvr.XVLM` ("nlvr2") or `model_nlvr_pretrain.XVLM` ("nlvr2-pretrain") state dict;
+`official_state_dict(...)` fills them with random values (buffers computed as the official modules do, tied MLM
+tensors and the NLVR2 cross-attention key/value pairs shared) or with meta tensors (base size without allocating
+800 MB). `official_nlvr2_loader(...)` is the official NLVR2 loader's renaming of a pre-training state dict.
 """
 
 from __future__ import annotations
@@ -109,7 +111,12 @@ def _swin_shapes(arch: OfficialArch) -> dict[str, tuple[tuple[int, ...], str]]:
     return out
 
 
-def _bert_shapes(arch: OfficialArch, prefix: str) -> dict[str, tuple[tuple[int, ...], str]]:
+def nlvr2_layers(arch: OfficialArch) -> int:
+    """The official NLVR2 text stack: `fusion + 2 * (layers - fusion)` layers."""
+    return arch.fusion + 2 * (arch.layers - arch.fusion)
+
+
+def _bert_shapes(arch: OfficialArch, prefix: str, layers: int | None = None) -> dict[str, tuple[tuple[int, ...], str]]:
     h = arch.hidden
     out: dict[str, tuple[tuple[int, ...], str]] = {
         prefix + "embeddings.position_ids": ((1, arch.max_position), "position_ids"),
@@ -119,7 +126,7 @@ def _bert_shapes(arch: OfficialArch, prefix: str) -> dict[str, tuple[tuple[int, 
         prefix + "embeddings.LayerNorm.weight": ((h,), "ln_weight"),
         prefix + "embeddings.LayerNorm.bias": ((h,), "bias"),
     }
-    for layer in range(arch.layers):
+    for layer in range(arch.layers if layers is None else layers):
         base = f"{prefix}encoder.layer.{layer}."
         blocks = ["attention"] + (["crossattention"] if layer >= arch.fusion else [])
         for block in blocks:
@@ -169,8 +176,21 @@ def official_key_shapes(arch: OfficialArch, task: str) -> dict[str, tuple[tuple[
                 "text_encoder.cls.predictions.decoder.bias": ((arch.vocab,), "tied_bias"),
             }
         )
+    elif task in ("nlvr2", "nlvr2-pretrain"):
+        out.update(_bert_shapes(arch, "text_encoder.", nlvr2_layers(arch)))
     else:
         out.update(_bert_shapes(arch, "text_encoder."))
+    if task == "nlvr2":
+        out.update(_mlp_shapes("cls_head", arch.hidden, 2))
+    if task == "nlvr2-pretrain":
+        out.update(
+            {
+                "vision_proj.weight": ((arch.proj, arch.vision_width), "param"),
+                "vision_proj.bias": ((arch.proj,), "bias"),
+                "ta_head.weight": ((3, arch.hidden), "param"),
+                "ta_head.bias": ((3,), "bias"),
+            }
+        )
     if task in ("pretrain", "retrieval"):
         out.update(
             {
@@ -226,7 +246,47 @@ def official_state_dict(arch: OfficialArch, task: str, device: str = "cpu", seed
         sd["text_encoder.cls.predictions.decoder.weight"] = sd["text_encoder.bert.embeddings.word_embeddings.weight"]
         sd["text_encoder.cls.predictions.decoder.bias"] = sd["text_encoder.cls.predictions.bias"]
         sd = {k: sd[k] for k in shapes}  # official key order
+    if task in ("nlvr2", "nlvr2-pretrain"):
+        for even, odd in shared_cross_attention_keys(arch):
+            sd[even] = sd[odd]  # official share_cross_attention: the even layer gets the odd layer's Parameter
     return sd
+
+
+def shared_cross_attention_keys(arch: OfficialArch, prefix: str = "text_encoder.") -> list[tuple[str, str]]:
+    """`(layer fusion+2k key, layer fusion+2k+1 key)` of every key/value weight and bias the official
+    `share_cross_attention` ties (24 pairs at base size)."""
+    pairs = []
+    for layer in range(arch.fusion, nlvr2_layers(arch), 2):
+        for name in ("key", "value"):
+            for kind in ("weight", "bias"):
+                tail = f"crossattention.self.{name}.{kind}"
+                pairs.append((f"{prefix}encoder.layer.{layer}.{tail}", f"{prefix}encoder.layer.{layer + 1}.{tail}"))
+    return pairs
+
+
+def official_nlvr2_loader(pretrain_sd: dict[str, torch.Tensor], fusion: int) -> dict[str, torch.Tensor]:
+    """The text-encoder part of the official NLVR2 loader with `load_nlvr_pretrain=False` (`model_nlvr.py`
+    `load_pretrained`; the same in `model_nlvr_pretrain.py`): every `text_encoder.` key containing `bert.` loses
+    `bert.`; the layer number is split index 3 of the new key; layers `>= fusion` go to `(N - fusion) * 2 + fusion`
+    and that `+ 1`; the other keys (vision, heads, `text_encoder.cls.*`) stay as they are."""
+    state = dict(pretrain_sd)
+    for key in list(state):
+        if "text_encoder." in key and "bert." in key:
+            new_key = key.replace("bert.", "")
+            if "layer." in new_key:
+                parts = new_key.split(".")
+                layer = int(parts[3])
+                if layer >= fusion:
+                    first = (layer - fusion) * 2 + fusion
+                    for target in (first, first + 1):
+                        parts[3] = str(target)
+                        state[".".join(parts)] = state[key]
+                else:
+                    state[new_key] = state[key]
+            else:
+                state[new_key] = state[key]
+            del state[key]
+    return state
 
 
 def official_task_files(tmp_path, arch: OfficialArch, name: str = "Tiny.yaml") -> str:

@@ -18,6 +18,12 @@ and computes in fp32, so it is a yardstick for both the converter and the model:
   head (transform dense -> GELU -> LN -> decoder tied to the word embeddings + bias) on gathered masked positions.
 - Losses: ITC (with or without `idx`), ITM with hard negatives (per-row `torch.multinomial`, image negatives first,
   exactly in the official order), MLM cross-entropy (ignore -100), box L1 + GIoU (DETR box ops, batch zeroing).
+- NLVR2 (`model_nlvr.py`, `NLVR.py`): both images through Swin as one batch `cat([image0, image1])`, split at B;
+  the whole 18-layer stack in multi_modal mode with a *list* of image sequences, fusion layer `l` reading entry
+  `(l - fusion_layer) % 2`; `cls_head` (build_mlp) on the final [CLS]; cross-entropy; argmax prediction.
+- Text assignment (`model_nlvr_pretrain.py`): ITC image features, softmax(sim / 0.07) with the diagonal zeroed, per
+  example `torch.rand(1) > 1/3` -> one `multinomial` negative and `torch.rand(1) > 0.5` for its side (labels 0 / 1),
+  else two `multinomial` negatives (label 2); `ta_head` (Linear) on the final [CLS]; cross-entropy.
 """
 
 from __future__ import annotations
@@ -231,17 +237,24 @@ def bert_layers(
     image_embeds: Tensor | None = None,
     image_atts: Tensor | None = None,
 ) -> Tensor:
+    """`image_embeds` / `image_atts` may be lists (official NLVR2): fusion layer `l` reads entry
+    `(l - fusion_layer) % len(image_embeds)` (xbert `BertLayer.forward`)."""
     p = text_prefix(sd) + "encoder.layer."
     self_mask = (1.0 - text_atts[:, None, None, :].to(x.dtype)) * -10000.0
-    cross_mask = None
+    images: list[Tensor] = []
+    cross_masks: list[Tensor] = []
     if image_embeds is not None:
+        images = list(image_embeds) if isinstance(image_embeds, (list, tuple)) else [image_embeds]
         if image_atts is None:
-            image_atts = torch.ones(image_embeds.shape[:2])
-        cross_mask = (1.0 - image_atts[:, None, None, :].to(x.dtype)) * -1e9
+            masks = [torch.ones(image.shape[:2]) for image in images]
+        else:
+            masks = list(image_atts) if isinstance(image_atts, (list, tuple)) else [image_atts]
+        cross_masks = [(1.0 - m[:, None, None, :].to(x.dtype)) * -1e9 for m in masks]
     for layer in layers:
         x = _bert_attention(sd, f"{p}{layer}.attention", x, x, self_mask, spec)
         if layer >= spec.fusion_layer:
-            x = _bert_attention(sd, f"{p}{layer}.crossattention", x, image_embeds, cross_mask, spec)
+            slot = (layer - spec.fusion_layer) % len(images)
+            x = _bert_attention(sd, f"{p}{layer}.crossattention", x, images[slot], cross_masks[slot], spec)
         hidden = F.gelu(_linear(sd, f"{p}{layer}.intermediate.dense", x))
         x = _layer_norm(sd, f"{p}{layer}.output.LayerNorm", _linear(sd, f"{p}{layer}.output.dense", hidden) + x, spec.eps)
     return x
@@ -409,3 +422,88 @@ def bbox_losses(pred: Tensor, target: Tensor, is_image: Tensor | None = None) ->
         l1 = l1 * (1 - is_image.view(-1, 1))
         giou = giou * (1 - is_image)
     return l1.sum() / num_boxes, giou.sum() / num_boxes
+
+
+# --------------------------------------------------------------------------------------------------------------
+# NLVR2 and its text-assignment pre-training
+# --------------------------------------------------------------------------------------------------------------
+
+
+def nlvr2_forward(
+    sd: StateDict,
+    image0: Tensor,
+    image1: Tensor,
+    input_ids: Tensor,
+    text_atts: Tensor,
+    spec: TextSpec,
+    image_res: int,
+    window: int,
+    targets: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Official `model_nlvr.XVLM.forward` (spec.num_layers = the 18-layer NLVR2 stack): image sequences of both
+    images, the fused [CLS], `cls_head` logits, the argmax prediction and, with `targets`, the loss."""
+    image_embeds = image_sequence(swin_patch_tokens(sd, torch.cat([image0, image1]), image_res, window))
+    image0_embeds, image1_embeds = torch.split(image_embeds, input_ids.shape[0])
+    atts = torch.ones(image_embeds.shape[:2], dtype=torch.long)
+    cls = multi_modal_mode(
+        sd, input_ids, text_atts, [image0_embeds, image1_embeds], [atts[: image0_embeds.shape[0]], atts[image0_embeds.shape[0] :]], spec
+    )[:, 0]
+    logits = mlp_head(sd, "cls_head", cls)
+    out = {"image0": image0_embeds, "image1": image1_embeds, "cls": cls, "logits": logits, "prediction": logits.argmax(1)}
+    if targets is not None:
+        out["loss"] = F.cross_entropy(logits, targets)
+    return out
+
+
+def ta_image_features(sd: StateDict, image_embeds: Tensor) -> Tensor:
+    """Official `get_features(image_embeds=...)`: `normalize(vision_proj(image_embeds[:, 0]))`."""
+    return F.normalize(_linear(sd, "vision_proj", image_embeds[:, 0]), dim=-1)
+
+
+def ta_sample(image_feat: Tensor) -> tuple[list[int], list[int], list[int]]:
+    """The official TA sampling, in its order of random draws: (left image rows, right image rows, labels)."""
+    with torch.no_grad():
+        weights = F.softmax(image_feat @ image_feat.t() / 0.07, dim=1)
+        weights.fill_diagonal_(0)
+    left, right, labels = [], [], []
+    for b in range(image_feat.shape[0]):
+        if torch.rand(1) > 1 / 3:
+            idx = torch.multinomial(weights[b], 1).item()
+            if torch.rand(1) > 0.5:
+                left.append(b)
+                right.append(idx)
+                labels.append(0)
+            else:
+                right.append(b)
+                left.append(idx)
+                labels.append(1)
+        else:
+            idx = torch.multinomial(weights[b], 2)
+            left.append(int(idx[0]))
+            right.append(int(idx[1]))
+            labels.append(2)
+    return left, right, labels
+
+
+def ta_forward(
+    sd: StateDict,
+    image: Tensor,
+    input_ids: Tensor,
+    text_atts: Tensor,
+    spec: TextSpec,
+    image_res: int,
+    window: int,
+    pairs: tuple[list[int], list[int], list[int]] | None = None,
+) -> dict[str, object]:
+    """Official `model_nlvr_pretrain.XVLM.forward`; `pairs` = fixed (left rows, right rows, labels), else sampled
+    with `ta_sample` (seed the global RNG before the call)."""
+    image_embeds = image_sequence(swin_patch_tokens(sd, image, image_res, window))
+    if pairs is None:
+        pairs = ta_sample(ta_image_features(sd, image_embeds))
+    left, right, labels = pairs
+    atts = torch.ones(image_embeds.shape[:2], dtype=torch.long)
+    inputs = [torch.stack([image_embeds[i] for i in left]), torch.stack([image_embeds[i] for i in right])]
+    cls = multi_modal_mode(sd, input_ids, text_atts, inputs, [atts, atts], spec)[:, 0]
+    logits = _linear(sd, "ta_head", cls)
+    target = torch.tensor(labels, dtype=torch.long)
+    return {"left": left, "right": right, "labels": target, "logits": logits, "loss": F.cross_entropy(logits, target)}

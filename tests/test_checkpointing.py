@@ -73,7 +73,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path):
         raise KeyboardInterrupt(where)
 
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(root, 4, model, optimizer, scheduler, {}, fault_hook=crash)
+        save_checkpoint(root, 4, model, optimizer, scheduler, {}, stage_hook=crash)
     assert latest_checkpoint(root).name == "step-00000002"  # the half-written step 4 is invisible
     assert [p.name for p in list_checkpoints(root)] == ["step-00000002"]
     save_checkpoint(root, 6, model, optimizer, scheduler, {}, total_limit=1)
@@ -92,15 +92,36 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return out
 
 
+# The run, in a subprocess; `fault` ("kill_after_step=N" / "kill_mid_save=N") SIGKILLs it through a training
+# callback defined here, in the test, not in the training loop.
+_RUNNER = """
+import os, signal, sys
+from modeling_xvlm.training.train import TrainingCallback, build_parser, config_from_args, train
+
+kind, _, at = (sys.argv[1] if sys.argv[1] != "-" else "none=-1").partition("=")
+at = int(at)
+
+
+class Kill(TrainingCallback):
+    def on_step_end(self, step):
+        if kind == "kill_after_step" and step == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_checkpoint_stage(self, step, stage):
+        if kind == "kill_mid_save" and step == at and stage == "mid_save":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+train(config_from_args(build_parser().parse_args(sys.argv[2:])), callbacks=[Kill()])
+"""
+
+
 def _run(tiny_dataset: Path, out: Path, fault: str | None = None, resume: bool = False) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("XVLM_TRAIN_FAULT", None)
-    if fault:
-        env["XVLM_TRAIN_FAULT"] = fault
     cmd = [
-        sys.executable, "-m", "modeling_xvlm.training.train", "pretrain", "--dataset", str(tiny_dataset),
+        sys.executable, "-c", _RUNNER, fault or "-", "pretrain", "--dataset", str(tiny_dataset),
         "--tokenizer", "synthetic", "--max-steps", "6", "--batch-size", "4", "--iter-perc", "0.5",
         "--region-max-images", "2", "--region-batch-texts", "6", "--save-every", "2", "--save-total-limit", "5",
         "--no-eval-at-end", "--no-save-final", "--no-progress", "--cpu", "--output-dir", str(out),

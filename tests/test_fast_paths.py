@@ -75,7 +75,8 @@ def _assert_same_evaluation(reference, other, k, txt2img, img2txt):
 
 
 def test_official_protocol_matches_pairwise_itm(retrieval_model, encoded):
-    """The baseline is the official loops: each re-ranked entry is the ITM logit of that single pair."""
+    """The baseline is the official loops: each re-ranked entry is the ITM logit of that single pair, computed here
+    independently (full fusion, then the ITM head) and through `itm_scores`."""
     images, texts, *_ = encoded
     k = 3
     scores_i2t, scores_t2i = R.official_protocol_scores(retrieval_model, images, texts, k=k)
@@ -92,6 +93,12 @@ def test_official_protocol_matches_pairwise_itm(retrieval_model, encoded):
                     attention_mask=texts.attention_mask[text : text + 1],
                 )
                 torch.testing.assert_close(matrix[row, col], expected[0].float(), atol=ATOL, rtol=0)
+                fused = retrieval_model.xvlm.fuse(
+                    texts.states[text : text + 1], texts.attention_mask[text : text + 1],
+                    images.sequences[image : image + 1],
+                )
+                independent = retrieval_model.itm_head(fused[:, 0])[0, 1]
+                torch.testing.assert_close(matrix[row, col], independent.float(), atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("k", [1, 4, 30])  # 30 > number of images and of texts: k is clipped per direction
@@ -108,14 +115,28 @@ def test_fast_ranking_equals_official_protocol(retrieval_model, encoded, k, batc
     assert output.num_pairs_scored == int(union.sum())
 
 
-@pytest.mark.parametrize(
-    "options", [{"trim_padding": False}, {"fusion": "cls"}, {"fusion": "cls", "trim_padding": False}]
-)
-def test_fast_ranking_options_agree(retrieval_model, encoded, options):
+def test_fast_ranking_without_trimming_agrees(retrieval_model, encoded):
     images, texts, txt2img, img2txt, _ = encoded
     reference = R.official_protocol_scores(retrieval_model, images, texts, k=4)
-    output = R.rank_gallery(retrieval_model, images, texts, k=4, batch_size=7, **options)
+    output = R.rank_gallery(retrieval_model, images, texts, k=4, batch_size=7, trim_padding=False)
     _assert_same_evaluation(reference, R.score_matrices(output), 4, txt2img, img2txt)
+
+
+def test_one_direction_ranking_equals_that_half_of_both(retrieval_model, encoded):
+    """`directions="i2t"` / `"t2i"` (the pipeline's one-way queries) rank exactly as the two-way ranking."""
+    images, texts, *_ = encoded
+    both = R.rank_gallery(retrieval_model, images, texts, k=4, batch_size=7)
+    i2t = R.rank_gallery(retrieval_model, images, texts, k=4, batch_size=7, directions="i2t")
+    t2i = R.rank_gallery(retrieval_model, images, texts, k=4, batch_size=7, directions="t2i")
+    assert torch.equal(i2t.i2t_indices, both.i2t_indices) and i2t.t2i_indices.shape == (texts.states.shape[0], 0)
+    assert torch.equal(t2i.t2i_indices, both.t2i_indices) and t2i.i2t_indices.shape == (images.sequences.shape[0], 0)
+    torch.testing.assert_close(i2t.i2t_scores, both.i2t_scores, atol=ATOL, rtol=0)
+    torch.testing.assert_close(t2i.t2i_scores, both.t2i_scores, atol=ATOL, rtol=0)
+    assert i2t.num_pairs_scored == images.sequences.shape[0] * 4
+    itc = R.rank_gallery(retrieval_model, images, texts, k=4, directions="t2i", rerank=False)
+    assert torch.equal(itc.t2i_indices, both.similarity.t().topk(4, dim=1).indices) and itc.num_pairs_scored == 0
+    with pytest.raises(ValueError, match="directions must be one of"):
+        R.rank_gallery(retrieval_model, images, texts, directions="up")
 
 
 def test_rank_end_to_end_equals_official(retrieval_model, encoded):
@@ -137,27 +158,6 @@ def test_trimmed_padding_does_not_change_scores(retrieval_model, encoded):
             retrieval_model, images, texts, image_idx, text_idx, batch_size=3, trim_padding=True, length_bucket=bucket
         )
         torch.testing.assert_close(trimmed, full, atol=ATOL, rtol=0)
-
-
-@pytest.mark.parametrize("layers", [(2, 1), (4, 2), (5, 2)])  # (num_hidden_layers, fusion_layer): 1, 2, 3 fusion layers
-@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
-def test_fused_cls_states_equal_fuse(layers, implementation):
-    torch.manual_seed(0)
-    config = XVLMConfig.from_preset("tiny", text_config={"num_hidden_layers": layers[0], "fusion_layer": layers[1]})
-    model = _with_attn(XVLMModel(config).eval(), implementation)
-    generator = torch.Generator().manual_seed(0)
-    hidden, width = config.text_config.hidden_size, config.vision_width
-    text = torch.randn(5, 9, hidden, generator=generator)
-    mask = torch.ones(5, 9, dtype=torch.long)
-    mask[1, 4:] = 0
-    mask[3, 2:] = 0
-    images = torch.randn(3, 1 + config.num_patches, width, generator=generator)
-    text_index = torch.tensor([0, 1, 1, 2, 3, 4, 4, 0])
-    image_index = torch.tensor([0, 0, 1, 2, 2, 1, 0, 2])
-    with torch.no_grad():
-        expected = model.fuse(text[text_index], mask[text_index], images, image_index=image_index)[:, 0]
-        cls = R.fused_cls_states(model, text, mask, text_index, images, image_index)
-    torch.testing.assert_close(cls, expected, atol=ATOL, rtol=0)
 
 
 def test_effective_lengths():

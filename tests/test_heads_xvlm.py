@@ -67,7 +67,7 @@ def test_retrieval_loss_parts_and_gradients():
 def test_retrieval_loss_weights_from_config():
     model = XVLMForRetrieval(_config(itc_loss_weight=0.5, itm_loss_weight=2.0)).train()
     ids, mask = _texts(3)
-    out = model(_images(3), ids, mask)
+    out = model(_images(3), ids, mask, image_ids=torch.arange(3))
     assert torch.allclose(out.loss, 0.5 * out.loss_itc + 2.0 * out.loss_itm)
 
 
@@ -103,8 +103,11 @@ def test_retrieval_inference_without_loss_is_per_sample_and_deterministic():
     with torch.no_grad():
         zs = model(pixels[:1], ids, mask)
     assert zs.logits_per_image.shape == (1, 3) and zs.itm_logits is None
-    # Training mode defaults to computing the loss (what Trainer needs).
-    assert model.train()(pixels, ids, mask).loss is not None
+    # The loss rule is the same in train and eval mode: a loss iff targets (image_ids) or return_loss=True.
+    assert model.train()(pixels, ids, mask).loss is None
+    assert model.eval()(pixels, ids, mask, image_ids=torch.tensor([0, 0, 1])).loss is not None
+    assert model.eval()(pixels, ids, mask, return_loss=True).loss is not None
+    assert model.train()(pixels, ids, mask, image_ids=torch.arange(3), return_loss=False).loss is None
 
 
 def test_retrieval_itm_scores_match_forward_and_shared_images():
@@ -121,7 +124,7 @@ def test_retrieval_itm_scores_match_forward_and_shared_images():
 def test_retrieval_return_dict_false():
     model = XVLMForRetrieval(_config()).train()
     ids, mask = _texts(2)
-    out = model(_images(2), ids, mask, return_dict=False)
+    out = model(_images(2), ids, mask, return_loss=True, return_dict=False)
     assert isinstance(out, tuple) and out[0].dim() == 0
 
 
@@ -198,7 +201,7 @@ def _region_batch(config: XVLMConfig) -> dict:
         "region_masks": region_masks,
         "mlm_input_ids": mlm_input_ids,
         "mlm_labels": mlm_labels,
-        "target_boxes": torch.tensor([[0.5, 0.5, 1.0, 1.0], [0.25, 0.19, 0.5, 0.375], [0.75, 0.5, 0.5, 0.5], [0.125, 0.81, 0.25, 0.375]]),
+        "labels": torch.tensor([[0.5, 0.5, 1.0, 1.0], [0.25, 0.19, 0.5, 0.375], [0.75, 0.5, 0.5, 0.5], [0.125, 0.81, 0.25, 0.375]]),
         "is_image": torch.tensor([1, 0, 0, 0]),
     }
 
@@ -225,7 +228,7 @@ def test_pretraining_mlm_loss_only_at_labelled_positions():
     batch = _region_batch(config)
     with torch.no_grad():
         out = model(**batch)
-        full = model(**{**batch, "mlm_labels": None, "target_boxes": None, "return_loss": False}).mlm_logits
+        full = model(**{**batch, "mlm_labels": None, "labels": None, "return_loss": False}).mlm_logits
     labels = batch["mlm_labels"]
     masked = labels != -100
     expected = torch.nn.functional.cross_entropy(full[masked], labels[masked])
@@ -240,9 +243,9 @@ def test_pretraining_box_losses_only_for_regions():
     with torch.no_grad():
         out = model(**batch)
         # Changing the target of the whole-image entry does not change the box losses.
-        other_targets = batch["target_boxes"].clone()
+        other_targets = batch["labels"].clone()
         other_targets[0] = torch.tensor([0.1, 0.1, 0.1, 0.1])
-        other = model(**{**batch, "target_boxes": other_targets})
+        other = model(**{**batch, "labels": other_targets})
         # A batch of whole-image entries only: box losses 0, not NaN.
         only_images = model(**{**batch, "is_image": torch.ones(4)})
     assert torch.allclose(out.loss_bbox_l1, other.loss_bbox_l1) and torch.allclose(out.loss_bbox_giou, other.loss_bbox_giou)

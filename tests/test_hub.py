@@ -29,8 +29,9 @@ from modeling_xvlm import (
     XVLMModel,
     create_model_card,
 )
-from modeling_xvlm.hub import MODEL_AUTO_CLASSES, REMOTE_ONLY_AUTO_CLASSES, load_eval_results, register_auto_classes
+from modeling_xvlm.hub import load_eval_results, register_xvlm
 from modeling_xvlm.processing import XVLMImageProcessor, XVLMImageProcessorPil, XVLMProcessor
+from modeling_xvlm.tasks import BASE_MODEL, TASKS, all_rows, task_of
 
 PACKAGE_DIR = Path(modeling_xvlm.__file__).parent
 
@@ -54,13 +55,35 @@ MODEL_CASES = [
 
 
 def test_registration_is_idempotent_and_complete() -> None:
-    first = register_auto_classes()
-    assert register_auto_classes() == first
+    first = register_xvlm()
+    assert register_xvlm() == first
     assert first["XVLMConfig"] == "AutoConfig"
-    for name, auto in {**MODEL_AUTO_CLASSES, **REMOTE_ONLY_AUTO_CLASSES}.items():
-        assert first[name] == auto
-        assert getattr(modeling_xvlm, name)._auto_class == auto
+    for row in all_rows():
+        name = row.model_class.__name__
+        assert first[name] == row.remote_auto_class
+        assert getattr(modeling_xvlm, name) is row.model_class
+        assert row.model_class._auto_class == row.remote_auto_class
     assert XVLMConfig._auto_class == "AutoConfig"
+    assert {XVLMProcessor.__name__, XVLMImageProcessorPil.__name__} <= first.keys()
+
+
+def test_task_table_matches_the_classes() -> None:
+    """The Auto classes of `MODEL_CASES` (what loads each class locally) are the task table's."""
+    for model_class, auto_class in MODEL_CASES:
+        row = task_of(model_class)
+        assert row.auto_class == (auto_class.__name__ if auto_class else None)
+    assert task_of(XVLMModel) is BASE_MODEL and task_of("XVLMForRetrieval") is TASKS["retrieval"]
+    assert set(TASKS) == {"pretrain", "retrieval", "grounding", "nlvr2", "nlvr2-pretrain"}
+    with pytest.raises(KeyError):
+        task_of("BertModel")
+
+
+def test_package_exports_processors() -> None:
+    from modeling_xvlm import XVLMImageProcessor as ImageProcessor, XVLMProcessor as Processor
+
+    assert ImageProcessor is XVLMImageProcessor and Processor is XVLMProcessor
+    for name in ("XVLMProcessor", "XVLMImageProcessor", "XVLMImageProcessorPil", "XVLMTextLMHeadModel"):
+        assert name in modeling_xvlm.__all__ and hasattr(modeling_xvlm, name)
 
 
 @pytest.mark.parametrize("model_class,auto_class", MODEL_CASES, ids=lambda c: getattr(c, "__name__", "direct"))
@@ -137,7 +160,9 @@ def test_saved_file_set_is_what_push_to_hub_uploads(tiny_tokenizer, tiny_config,
     processor.save_pretrained(tmp_path, push_to_hub=False)
     create_model_card("org/xvlm-tiny-retrieval", model).save(tmp_path / "README.md")
 
-    code = _sibling_closure(PACKAGE_DIR / "modeling_xvlm.py") | _sibling_closure(PACKAGE_DIR / "configuration_xvlm.py")
+    # The head's own module (modeling_xvlm_retrieval.py) and everything it imports from its siblings.
+    code = _sibling_closure(PACKAGE_DIR / "modeling_xvlm_retrieval.py")
+    code |= _sibling_closure(PACKAGE_DIR / "configuration_xvlm.py")
     processor_flat = XVLMProcessor._auto_class is not None
     if processor_flat:
         processing_dir = Path(modeling_xvlm.processing.__file__).parent
@@ -154,11 +179,18 @@ def test_saved_file_set_is_what_push_to_hub_uploads(tiny_tokenizer, tiny_config,
     }
     files = {p.name for p in tmp_path.iterdir()}
     assert files == expected
-    assert {"modeling_xvlm.py", "configuration_xvlm.py"} <= files
+    assert {
+        "modeling_xvlm_retrieval.py",
+        "modeling_xvlm.py",
+        "modeling_xvlm_text.py",
+        "attention.py",
+        "configuration_xvlm.py",
+        "retrieval.py",
+    } <= files
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_xvlm.XVLMConfig",
-        "AutoModelForZeroShotImageClassification": "modeling_xvlm.XVLMForRetrieval",
+        "AutoModelForZeroShotImageClassification": "modeling_xvlm_retrieval.XVLMForRetrieval",
     }
     assert config["architectures"] == ["XVLMForRetrieval"]
     if processor_flat:
@@ -171,7 +203,11 @@ def test_saved_file_set_is_what_push_to_hub_uploads(tiny_tokenizer, tiny_config,
 def test_grounding_checkpoint_auto_map(tiny_config, tmp_path) -> None:
     XVLMForGrounding(tiny_config).save_pretrained(tmp_path)
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
-    assert auto_map == {"AutoConfig": "configuration_xvlm.XVLMConfig", "AutoModel": "modeling_xvlm.XVLMForGrounding"}
+    assert auto_map == {
+        "AutoConfig": "configuration_xvlm.XVLMConfig",
+        "AutoModel": "modeling_xvlm_grounding.XVLMForGrounding",
+    }
+    assert {"modeling_xvlm_grounding.py", "modeling_xvlm.py", "box_ops.py"} <= set(os.listdir(tmp_path))
     # Locally the package's own classes win: AutoModel is the base model, the head loads with its class.
     assert type(AutoModel.from_pretrained(tmp_path)) is XVLMModel
     assert type(XVLMForGrounding.from_pretrained(tmp_path)) is XVLMForGrounding

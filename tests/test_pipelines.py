@@ -68,10 +68,20 @@ def images() -> list[Image.Image]:
     ]
 
 
+def zero_shot(**kwargs):
+    """The X-VLM zero-shot pipeline: transformers' task, our class (the task itself is not overwritten)."""
+    return pipeline("zero-shot-image-classification", pipeline_class=XVLMZeroShotImageClassificationPipeline, **kwargs)
+
+
 def test_tasks_are_registered() -> None:
+    import logging
+
     tasks = PIPELINE_REGISTRY.supported_tasks
-    assert tasks["zero-shot-image-classification"]["impl"] is XVLMZeroShotImageClassificationPipeline
-    assert tasks["zero-shot-image-classification"]["default"]  # transformers' default model is kept
+    # transformers' own task is left alone (not overwritten), and no logger is silenced
+    theirs = ZeroShotImageClassificationPipeline
+    assert tasks["zero-shot-image-classification"]["impl"] in (theirs, f"{theirs.__module__}.{theirs.__qualname__}")
+    assert tasks["zero-shot-image-classification"]["default"]
+    assert logging.getLogger("transformers.pipelines.base").level == logging.NOTSET
     assert tasks["image-text-retrieval"]["impl"] is XVLMImageTextRetrievalPipeline
     assert tasks["visual-grounding"]["impl"] is XVLMVisualGroundingPipeline
     assert tasks["visual-grounding"]["pt"] == (XVLMForGrounding,)
@@ -81,7 +91,7 @@ def test_tasks_are_registered() -> None:
 
 
 def test_zero_shot_scores_are_the_itc_softmax(retrieval_model, processor, images) -> None:
-    classifier = pipeline("zero-shot-image-classification", model=retrieval_model, processor=processor)
+    classifier = zero_shot(model=retrieval_model, processor=processor)
     assert isinstance(classifier, XVLMZeroShotImageClassificationPipeline)
     result = classifier(images[0], candidate_labels=LABELS, hypothesis_template="a photo of {}")
     inputs = processor(images=images[0], text=[f"a photo of {label}" for label in LABELS])
@@ -96,7 +106,7 @@ def test_zero_shot_scores_are_the_itc_softmax(retrieval_model, processor, images
 
 
 def test_zero_shot_batching_matches_single_calls(retrieval_model, processor, images) -> None:
-    classifier = pipeline("zero-shot-image-classification", model=retrieval_model, processor=processor)
+    classifier = zero_shot(model=retrieval_model, processor=processor)
     singles = [classifier(image, candidate_labels=LABELS) for image in images]
     batched = classifier(images, candidate_labels=LABELS, batch_size=2)
     assert len(batched) == len(images)
@@ -105,7 +115,7 @@ def test_zero_shot_batching_matches_single_calls(retrieval_model, processor, ima
 
 
 def test_zero_shot_itm_rerank(retrieval_model, processor, images) -> None:
-    classifier = pipeline("zero-shot-image-classification", model=retrieval_model, processor=processor)
+    classifier = zero_shot(model=retrieval_model, processor=processor)
     plain = classifier(images[1], candidate_labels=LABELS)
     result = classifier(images[1], candidate_labels=LABELS, rerank=True, rerank_top_k=3)
     reranked, rest = result[:3], result[3:]
@@ -123,7 +133,7 @@ def test_zero_shot_itm_rerank(retrieval_model, processor, images) -> None:
 
 
 def test_zero_shot_base_model_and_rerank_error(config, processor, images) -> None:
-    classifier = pipeline("zero-shot-image-classification", model=XVLMModel(config).eval(), processor=processor)
+    classifier = zero_shot(model=XVLMModel(config).eval(), processor=processor)
     assert len(classifier(images[0], candidate_labels=LABELS)) == len(LABELS)
     with pytest.raises(ValueError, match="ITM head"):
         classifier(images[0], candidate_labels=LABELS, rerank=True)
@@ -141,10 +151,11 @@ def test_zero_shot_leaves_other_models_to_transformers(tiny_tokenizer, images, t
     )
     clip = CLIPModel(clip_config).eval()
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    ours = pipeline("zero-shot-image-classification", model=clip, tokenizer=tiny_tokenizer,
-                    image_processor=image_processor)
+    ours = zero_shot(model=clip, tokenizer=tiny_tokenizer, image_processor=image_processor)
+    assert isinstance(ours, XVLMZeroShotImageClassificationPipeline)
     theirs = pipeline("zero-shot-image-classification", model=clip, tokenizer=tiny_tokenizer,
-                      image_processor=image_processor, pipeline_class=ZeroShotImageClassificationPipeline)
+                      image_processor=image_processor)
+    assert type(theirs) is ZeroShotImageClassificationPipeline  # the task is still transformers'
     assert ours(images[0], candidate_labels=LABELS) == theirs(images[0], candidate_labels=LABELS)
     ours.save_pretrained(tmp_path)
     assert "custom_pipelines" not in json.loads((tmp_path / "config.json").read_text())
@@ -154,12 +165,23 @@ def test_zero_shot_leaves_other_models_to_transformers(tiny_tokenizer, images, t
 def test_zero_shot_from_a_saved_folder(retrieval_model, processor, images, tmp_path) -> None:
     retrieval_model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
-    classifier = pipeline("zero-shot-image-classification", model=str(tmp_path))
+    classifier = zero_shot(model=str(tmp_path))
     assert type(classifier.model) is XVLMForRetrieval
     assert type(classifier.processor) is XVLMProcessor
-    direct = pipeline("zero-shot-image-classification", model=retrieval_model, processor=processor)
+    direct = zero_shot(model=retrieval_model, processor=processor)
     loaded, expected = classifier(images[0], candidate_labels=LABELS), direct(images[0], candidate_labels=LABELS)
     assert {r["label"]: r["score"] for r in loaded} == by_key(expected)
+
+
+def test_saved_zero_shot_pipeline_records_its_class(retrieval_model, processor, tmp_path) -> None:
+    """Without overwriting the task, a saved X-VLM zero-shot pipeline still names its class (custom_pipelines)."""
+    zero_shot(model=retrieval_model, processor=processor).save_pretrained(tmp_path)
+    custom = json.loads((tmp_path / "config.json").read_text())["custom_pipelines"]
+    entry = custom["zero-shot-image-classification"]
+    assert entry["impl"] == "pipelines.XVLMZeroShotImageClassificationPipeline"
+    assert entry["pt"] == ["AutoModelForZeroShotImageClassification"]
+    assert (tmp_path / "pipelines.py").is_file() and (tmp_path / "retrieval.py").is_file()
+    retrieval_model.config.custom_pipelines = {}  # the module-scoped model is shared with the other tests
 
 
 # ------------------------------------------------------------------------------------------ retrieval

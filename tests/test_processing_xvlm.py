@@ -11,18 +11,20 @@ from PIL import Image
 
 from modeling_xvlm.box_ops import box_convert
 from modeling_xvlm.processing import (
-    XVLMGroundingCollator,
     XVLMImageProcessorPil,
-    XVLMPretrainCollator,
     XVLMProcessor,
-    XVLMRegionSampler,
-    XVLMTextMasker,
-    mentions_left_right,
     pre_caption,
     pre_question,
     region_mask_from_box,
     region_masks_from_boxes,
     validate_and_clip_box,
+)
+from modeling_xvlm.training import (
+    XVLMGroundingCollator,
+    XVLMPretrainCollator,
+    XVLMRegionSampler,
+    XVLMTextMasker,
+    mentions_left_right,
 )
 
 
@@ -97,20 +99,20 @@ def test_processor_boxes_formats_round_trip(processor) -> None:
         boxes = box_convert(xywh, "xywh", fmt).tolist()
         outs[fmt] = processor(images=image, text=["a dog", "a cat"], boxes=boxes, box_format=fmt)
     for fmt in ("xyxy", "cxcywh"):
-        torch.testing.assert_close(outs[fmt]["target_boxes"], outs["xywh"]["target_boxes"], rtol=0, atol=0)
+        torch.testing.assert_close(outs[fmt]["labels"], outs["xywh"]["labels"], rtol=0, atol=0)
         assert torch.equal(outs[fmt]["region_masks"], outs["xywh"]["region_masks"])
     out = outs["xywh"]
     # normalised cxcywh: (x + w/2)/W, (y + h/2)/H, w/W, h/H
     expected = torch.tensor([[20 / 64, 21 / 48, 24 / 64, 18 / 48], [48 / 64, 36 / 48, 0.5, 0.5]])
-    torch.testing.assert_close(out["target_boxes"], expected)
+    torch.testing.assert_close(out["labels"], expected)
     # second box -> resized (32, 32, 32, 32) -> bottom-right patch only; first -> resized (8, 16, 24, 24): rows 0-1, col 0
     assert out["region_masks"].tolist() == [[1, 1, 0, 1, 0], [1, 0, 0, 0, 1]]
     assert out["image_index"].tolist() == [0, 0]
     # post-processing inverts the normalisation (xyxy and xywh, original pixels)
-    back = processor.post_process_grounding(out["target_boxes"], target_sizes=[(48, 64), (48, 64)], box_format="xywh")
+    back = processor.post_process_grounding(out["labels"], target_sizes=[(48, 64), (48, 64)], box_format="xywh")
     torch.testing.assert_close(torch.cat([b["boxes"] for b in back]), xywh.float())
     back_xyxy = processor.post_process_grounding(
-        {"pred_boxes": out["target_boxes"]}, target_sizes=torch.tensor([[48, 64], [48, 64]])
+        {"pred_boxes": out["labels"]}, target_sizes=torch.tensor([[48, 64], [48, 64]])
     )
     torch.testing.assert_close(torch.cat([b["boxes"] for b in back_xyxy]), box_convert(xywh, "xywh", "xyxy").float())
 
@@ -118,8 +120,8 @@ def test_processor_boxes_formats_round_trip(processor) -> None:
 def test_processor_clips_and_whole_image_entries(processor) -> None:
     out = processor(images=[img(), img(32, 32)], text=[["a dog", "the cat"], ["a man"]],
                     boxes=[[[-10, -10, 30, 30], None], [[0, 0, 32, 32]]])
-    torch.testing.assert_close(out["target_boxes"][0], torch.tensor([10 / 64, 10 / 48, 20 / 64, 20 / 48]))
-    torch.testing.assert_close(out["target_boxes"][1:], torch.tensor([[0.5, 0.5, 1.0, 1.0]] * 2))
+    torch.testing.assert_close(out["labels"][0], torch.tensor([10 / 64, 10 / 48, 20 / 64, 20 / 48]))
+    torch.testing.assert_close(out["labels"][1:], torch.tensor([[0.5, 0.5, 1.0, 1.0]] * 2))
     assert out["region_masks"][1].tolist() == [1] * 5 and out["region_masks"][2].tolist() == [1] * 5
     assert out["image_index"].tolist() == [0, 0, 1]
     assert out["pixel_values"].shape == (2, 3, 64, 64)
@@ -312,12 +314,12 @@ def test_pretrain_collator(processor) -> None:
     assert batch["image_index"].tolist() == [0, 1, 1, 1]
     assert batch["is_image"].tolist()[:2] == [1, 1] and sorted(batch["is_image"].tolist()[2:]) == [0, 0]
     assert batch["region_masks"].shape == (4, 5) and batch["region_masks"][:2].eq(1).all()
-    torch.testing.assert_close(batch["target_boxes"][:2], torch.tensor([[0.5, 0.5, 1.0, 1.0]] * 2))
+    torch.testing.assert_close(batch["labels"][:2], torch.tensor([[0.5, 0.5, 1.0, 1.0]] * 2))
     assert batch["mlm_labels"].shape == batch["input_ids"].shape == batch["mlm_input_ids"].shape
     masked = batch["mlm_labels"] != -100
     assert masked.sum(1).ge(1).all() and torch.equal(batch["mlm_labels"][masked], batch["input_ids"][masked])
     for key, dtype in [("input_ids", torch.long), ("mlm_labels", torch.long), ("is_image", torch.long),
-                       ("region_masks", torch.long), ("target_boxes", torch.float32), ("image_index", torch.long)]:
+                       ("region_masks", torch.long), ("labels", torch.float32), ("image_index", torch.long)]:
         assert batch[key].dtype == dtype, key
     padded = XVLMPretrainCollator(processor, max_texts=6, pad_with_duplicates=True, seed=0)(rows)
     assert padded["input_ids"].shape[0] == 6

@@ -18,10 +18,22 @@ import pytest
 import torch
 from PIL import Image
 from transformers import pipeline
+from transformers.dynamic_module_utils import get_relative_import_files
 
-from modeling_xvlm import XVLMConfig, XVLMForGrounding, XVLMForPretraining, XVLMForRetrieval, XVLMModel
+from modeling_xvlm import (
+    XVLMConfig,
+    XVLMForGrounding,
+    XVLMForImagesAndTextClassification,
+    XVLMForPretraining,
+    XVLMForRetrieval,
+    XVLMForTextAssignment,
+    XVLMModel,
+)
+from modeling_xvlm.modeling_xvlm_nlvr import nlvr2_config
 from modeling_xvlm.hub import ships_flat
+from modeling_xvlm.pipelines import XVLMZeroShotImageClassificationPipeline
 from modeling_xvlm.processing import XVLMImageProcessorPil, XVLMProcessor
+from modeling_xvlm.tasks import task_of
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["a red circle on the left", "the blue square"]
@@ -111,6 +123,20 @@ with torch.no_grad():
     remote(pretraining)
     same("XVLMForPretraining.xvlm", pretraining.eval().xvlm(**inputs).logits_per_image, expected["pretraining"])
 
+    # NLVR2 heads: (B, 2, 3, H, W) pairs; the TA head on fixed pairs
+    pair_values = torch.stack([inputs["pixel_values"], inputs["pixel_values"].flip(0)], dim=1)
+    text = {k: inputs[k] for k in ("input_ids", "attention_mask")}
+    nlvr2 = AutoModel.from_pretrained(os.path.join(root, "nlvr2"), trust_remote_code=True).eval()
+    assert type(nlvr2).__name__ == "XVLMForImagesAndTextClassification", type(nlvr2)
+    remote(nlvr2)
+    same("XVLMForImagesAndTextClassification.logits", nlvr2(pixel_values=pair_values, **text).logits,
+         expected["nlvr2"])
+    text_assignment = AutoModel.from_pretrained(os.path.join(root, "nlvr2_pretrain"), trust_remote_code=True).eval()
+    assert type(text_assignment).__name__ == "XVLMForTextAssignment", type(text_assignment)
+    remote(text_assignment)
+    same("XVLMForTextAssignment.logits", text_assignment(pixel_values=inputs["pixel_values"], **text,
+         pair_index=torch.tensor([[0, 1], [1, 0]])).logits, expected["nlvr2_pretrain"])
+
 image = Image.open(os.path.join(root, "image.png"))
 zero_shot = pipeline("zero-shot-image-classification", model=os.path.join(root, "zero_shot_pipeline"),
                      trust_remote_code=True)
@@ -155,6 +181,8 @@ def remote_folders(tmp_path_factory, tiny_tokenizer):
         "retrieval": XVLMForRetrieval(config),
         "grounding": XVLMForGrounding(config),
         "pretraining": XVLMForPretraining(config),
+        "nlvr2": XVLMForImagesAndTextClassification(nlvr2_config(config)),
+        "nlvr2_pretrain": XVLMForTextAssignment(nlvr2_config(config)),
     }
     with torch.no_grad():
         for name, model in models.items():
@@ -165,9 +193,18 @@ def remote_folders(tmp_path_factory, tiny_tokenizer):
         expected["retrieval_itc"], expected["retrieval_itm"] = out.logits_per_image, out.itm_logits
         expected["grounding"] = models["grounding"](**inputs).pred_boxes
         expected["pretraining"] = models["pretraining"].xvlm(**inputs).logits_per_image
+        pair_values = torch.stack([inputs["pixel_values"], inputs["pixel_values"].flip(0)], dim=1)
+        text = {k: inputs[k] for k in ("input_ids", "attention_mask")}
+        expected["nlvr2"] = models["nlvr2"](pixel_values=pair_values, **text).logits
+        expected["nlvr2_pretrain"] = models["nlvr2_pretrain"](
+            pixel_values=inputs["pixel_values"], **text, pair_index=torch.tensor([[0, 1], [1, 0]])
+        ).logits
     torch.save(expected, root / "expected.pt")
 
-    zero_shot = pipeline("zero-shot-image-classification", model=models["retrieval"], processor=processor)
+    zero_shot = pipeline(
+        "zero-shot-image-classification", model=models["retrieval"], processor=processor,
+        pipeline_class=XVLMZeroShotImageClassificationPipeline,
+    )
     zero_shot.save_pretrained(root / "zero_shot_pipeline")
     grounder = pipeline("visual-grounding", model=models["grounding"], processor=processor)
     grounder.save_pretrained(root / "grounding_pipeline")
@@ -195,6 +232,29 @@ def test_pipeline_folders_record_custom_pipelines(remote_folders) -> None:
         "type": "multimodal",
     }
     assert (root / "grounding_pipeline" / "pipelines.py").is_file()
+
+
+FOLDER_CLASSES = {
+    "base": XVLMModel,
+    "retrieval": XVLMForRetrieval,
+    "grounding": XVLMForGrounding,
+    "pretraining": XVLMForPretraining,
+    "nlvr2": XVLMForImagesAndTextClassification,
+    "nlvr2_pretrain": XVLMForTextAssignment,
+}
+
+
+@pytest.mark.parametrize("folder", sorted(FOLDER_CLASSES))
+def test_every_head_folder_carries_its_module_and_siblings_flat(remote_folders, folder) -> None:
+    """Each head lives in its own module; `auto_map` names it and every sibling it imports is copied flat."""
+    root, _ = remote_folders
+    cls = FOLDER_CLASSES[folder]
+    module_file = Path(sys.modules[cls.__module__].__file__)
+    auto_map = json.loads((root / folder / "config.json").read_text())["auto_map"]
+    assert auto_map[task_of(cls).remote_auto_class] == f"{module_file.stem}.{cls.__name__}"
+    needed = {module_file.name, "configuration_xvlm.py"}
+    needed |= {Path(f).name for f in get_relative_import_files(str(module_file))}
+    assert needed <= set(os.listdir(root / folder)), needed - set(os.listdir(root / folder))
 
 
 def test_fresh_interpreter_loads_everything_as_remote_code(remote_folders, tmp_path) -> None:
@@ -225,6 +285,8 @@ def test_fresh_interpreter_loads_everything_as_remote_code(remote_folders, tmp_p
         "XVLMForRetrieval.itm_logits",
         "XVLMForGrounding.pred_boxes",
         "XVLMForPretraining.xvlm",
+        "XVLMForImagesAndTextClassification.logits",
+        "XVLMForTextAssignment.logits",
         "pipeline.zero-shot",
         "pipeline.visual-grounding",
     }
@@ -241,7 +303,10 @@ def test_processor_ships_as_remote_code() -> None:
 
 
 def test_shipped_model_modules_import_only_siblings() -> None:
-    for cls in (XVLMConfig, XVLMModel, XVLMForRetrieval, XVLMForGrounding, XVLMForPretraining):
+    for cls in (
+        XVLMConfig, XVLMModel, XVLMForRetrieval, XVLMForGrounding, XVLMForPretraining,
+        XVLMForImagesAndTextClassification, XVLMForTextAssignment,
+    ):
         assert ships_flat(cls), cls
 
 

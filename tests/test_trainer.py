@@ -93,3 +93,22 @@ def test_trainer_grounding_steps(synthetic, tmp_path):
         boxes = reloaded(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
                          attention_mask=batch["attention_mask"]).pred_boxes
     assert boxes.shape == (1, 4) and bool(((boxes >= 0) & (boxes <= 1)).all())
+
+
+def test_trainer_evaluate_reports_eval_loss_for_retrieval_and_grounding(synthetic, tmp_path):
+    """One loss rule for every head: `Trainer.evaluate()` (eval mode) gets `eval_loss` from the collators' batches
+    as they are (retrieval: `image_ids` + `return_loss`; grounding: box `labels`)."""
+    from modeling_xvlm.data import retrieval_pairs
+    from modeling_xvlm.training import XVLMGroundingTrainCollator, XVLMRetrievalCollator
+
+    folder, processor, load = synthetic
+    pairs = retrieval_pairs(load(folder, "retrieval", "validation"))
+    args = _args(tmp_path, 1)
+    args.per_device_eval_batch_size = 4
+    for model, rows, collator in (
+        (XVLMForRetrieval(_config(processor)), pairs, XVLMRetrievalCollator(processor)),
+        (XVLMForGrounding(_config(processor)), load(folder, "grounding", "validation"),
+         XVLMGroundingTrainCollator(processor, crop=False, randaugment=False)),
+    ):
+        metrics = Trainer(model=model, args=args, eval_dataset=rows, data_collator=collator).evaluate()
+        assert metrics["eval_loss"] > 0 and metrics["eval_loss"] == metrics["eval_loss"], type(model).__name__

@@ -45,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--out", type=Path, required=True, help="output dataset folder")
     conv.add_argument("--image-root", type=Path, required=True, help="folder that image paths are relative to")
     conv.add_argument("--pretrain-text", nargs="+", default=[], metavar="PATH",
-                      help="image-text JSON-lines files or folders (§5: caption + binary|image_rpath)")
+                      help="image-text JSON-lines files or folders (official format: caption + binary|image_rpath)")
     conv.add_argument("--pretrain-regions", nargs="+", default=[], metavar="PATH",
-                      help="region JSON-lines files or folders (§5: elems [+ caption] + binary|image_rpath)")
+                      help="region JSON-lines files or folders (official format: elems [+ caption] + binary|image_rpath)")
     for split in ("train", "val", "test"):
         conv.add_argument(f"--retrieval-{split}", type=Path, default=None, metavar="JSON",
                           help=f"retrieval file, e.g. coco_{split}.json")

@@ -127,7 +127,7 @@ def retrieval_pairs(dataset: datasets.Dataset) -> datasets.Dataset:
     """Expand ``retrieval`` rows (one image, several captions) into image-text pairs, one row per caption.
 
     The result has ``image``, ``caption``, ``image_id`` and ``image_index`` (a contiguous index per image, the
-    official ``idx`` used for ITC multi-positives and ITM negative masking, §4.6). Images are not decoded or
+    official ``idx`` used for ITC multi-positives and ITM negative masking, official ``dataset/re_dataset.py``). Images are not decoded or
     re-encoded on the way.
     """
     if "captions" not in dataset.column_names:

@@ -3,16 +3,16 @@
 One dataset folder holds several *configurations* (subsets), each with its own ``datasets.Features``:
 
 ``pretrain``
-    Image-text and region/object pre-training data (official §4.3 and §4.5): ``image``, ``image_id``, ``width``,
+    Image-text and region/object pre-training data (official `ImageTextJsonDataset` and `RegionTextJsonDataset`): ``image``, ``image_id``, ``width``,
     ``height``, ``captions`` (the whole-image caption(s); an official ``caption: str`` becomes a one-element list, a
     region-only record has ``[]``), ``objects`` (a list of ``{bbox: [x, y, w, h] pixels, captions: [str], attributes:
     [str]}``, the official ``elems``) and ``group``.
 ``retrieval``
-    Image-text retrieval (official §4.6, ``coco_train/val/test.json``): one row per image with ``captions`` (every
+    Image-text retrieval (official ``dataset/re_dataset.py``, ``coco_train/val/test.json``): one row per image with ``captions`` (every
     caption of the image), ``image_id``, ``width``, ``height`` and ``group``. Training code samples one caption per
     image, or expands the rows into pairs with :func:`modeling_xvlm.data.loading.retrieval_pairs`.
 ``grounding``
-    Referring-expression grounding with boxes (official §4.6, RefCOCO+): one row per expression with ``text``,
+    Referring-expression grounding with boxes (official ``dataset/grounding_dataset.py``, RefCOCO+): one row per expression with ``text``,
     ``bbox`` (``[x, y, w, h]`` pixels of the referent), ``ref_id``, ``image_id``, ``width``, ``height``, ``group``.
 
 ``group`` is a free-form evaluation group (``""`` when unused): the RefCOCO+ split of a reference (``val``, ``testA``,

@@ -1,7 +1,8 @@
 """Training and evaluation of X-VLM: the official recipe, accelerate training loop, checkpoints, evaluation.
 
 * :mod:`.recipe` - AdamW groups (official no-decay substrings, lr multiplier), LambdaLR warm-up/decay, task recipes.
-* :mod:`.augment` / :mod:`.collators` / :mod:`.data` - official augmentations, task collators, step-indexed data.
+* :mod:`.augment` / :mod:`.collators` / :mod:`.region_collators` / :mod:`.masking` / :mod:`.data` - official
+  augmentations, task collators, pre-training and grounding batches, MLM masking, step-indexed data.
 * :mod:`.checkpointing` - atomic, exactly resumable checkpoints.
 * :mod:`.train` - ``xvlm-train`` (accelerate); :mod:`.evaluate` - ``xvlm-eval``; :mod:`.main_job` - the CPU demo.
 """
@@ -13,6 +14,8 @@ from .collators import (
     XVLMImageTextTransform,
     XVLMRetrievalCollator,
 )
+from .masking import XVLMTextMasker, mask_token_ids
+from .region_collators import XVLMGroundingCollator, XVLMPretrainCollator, XVLMRegionSampler, mentions_left_right
 from .evaluate import evaluate_grounding, evaluate_retrieval, grounding_accuracy
 from .recipe import (
     NO_DECAY_SUBSTRINGS,
@@ -32,9 +35,13 @@ __all__ = [
     "TASK_RECIPES",
     "TaskRecipe",
     "TrainConfig",
+    "XVLMGroundingCollator",
     "XVLMGroundingTrainCollator",
     "XVLMImageTextTransform",
+    "XVLMPretrainCollator",
+    "XVLMRegionSampler",
     "XVLMRetrievalCollator",
+    "XVLMTextMasker",
     "create_optimizer",
     "create_scheduler",
     "evaluate_grounding",
@@ -43,6 +50,8 @@ __all__ = [
     "grounding_accuracy",
     "latest_checkpoint",
     "linear_warmup_decay",
+    "mask_token_ids",
+    "mentions_left_right",
     "load_checkpoint",
     "parameter_groups",
     "save_checkpoint",

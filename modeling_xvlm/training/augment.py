@@ -1,4 +1,4 @@
-"""Official X-VLM training augmentations (official-xvlm.md §4.1), driven by an explicit ``random.Random``.
+"""Official X-VLM training augmentations (official `dataset/__init__.py`, `dataset/randaugment.py`), driven by an explicit ``random.Random``.
 
 Every function takes the RNG it draws from, so a batch is a pure function of its seed (this is what makes
 ``--resume`` exact, see :mod:`modeling_xvlm.training.data`).

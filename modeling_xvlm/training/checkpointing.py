@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import DistributedType
+from safetensors.torch import load_model, save_model
 
 __all__ = [
     "CHECKPOINT_PREFIX",
@@ -129,8 +131,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 def _uses_accelerate_state(accelerator: Any) -> bool:
-    from accelerate.utils import DistributedType
-
     return accelerator is not None and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
@@ -174,7 +174,7 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     accelerator: Any = None,
     total_limit: int | None = None,
-    fault_hook: Any = None,
+    stage_hook: Any = None,
 ) -> Path:
     """Write the checkpoint of ``step`` atomically and point ``latest`` at it (call on every process).
 
@@ -186,7 +186,8 @@ def save_checkpoint(
         trainer_state: JSON-serialisable counters and metadata (the data position lives here).
         accelerator: the ``accelerate.Accelerator`` (process ranks, unwrapping, FSDP/DeepSpeed state).
         total_limit: keep at most this many checkpoints (oldest removed after ``latest`` moves).
-        fault_hook: testing hook called with ``"mid_save"`` once some files are written.
+        stage_hook: called with the stage ``"mid_save"`` once the model and optimizer files are written
+            (the training loop's `TrainingCallback.on_checkpoint_stage`).
 
     Returns:
         The checkpoint folder.
@@ -212,8 +213,8 @@ def save_checkpoint(
             _save_model_weights(unwrapped, tmp / MODEL_FILE)
             if optimizer is not None:
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            if fault_hook is not None:
-                fault_hook("mid_save")
+            if stage_hook is not None:
+                stage_hook("mid_save")
             if scheduler is not None:
                 torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             scaler = getattr(accelerator, "scaler", None) if accelerator is not None else None
@@ -248,8 +249,6 @@ def save_checkpoint(
 
 
 def _save_model_weights(model: torch.nn.Module, path: Path) -> None:
-    from safetensors.torch import save_model
-
     save_model(model, str(path))
 
 
@@ -280,8 +279,6 @@ def load_checkpoint(
     if _uses_accelerate_state(accelerator):
         accelerator.load_state(str(path / "accelerate_state"))
     else:
-        from safetensors.torch import load_model
-
         unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
         load_model(unwrapped, str(path / MODEL_FILE), strict=True)
         if optimizer is not None:

@@ -1,7 +1,7 @@
 """Training collators for the fine-tuning tasks and the pre-training image-text stream.
 
-The processing package (``modeling_xvlm.processing``) builds pre-training batches (:class:`XVLMPretrainCollator`)
-and un-augmented grounding batches (:class:`XVLMGroundingCollator`); this module adds what training needs on top:
+``region_collators`` builds pre-training batches (:class:`XVLMPretrainCollator`) and un-augmented grounding batches
+(:class:`XVLMGroundingCollator`); this module adds what the fine-tuning tasks need on top:
 
 * :class:`XVLMRetrievalCollator` - image-caption pairs -> ``XVLMForRetrieval`` inputs (``image_ids`` for the
   official ITC multi-positives / ITM negative masking), with the official ``train_transform``
@@ -28,8 +28,9 @@ import PIL.Image
 import torch
 from transformers.feature_extraction_utils import BatchFeature
 
-from ..processing import XVLMRegionSampler, encode_texts, load_image_rgb, mentions_left_right
+from ..processing import encode_texts, load_image_rgb
 from .augment import RandomAugment, hflip, random_resized_crop
+from .region_collators import XVLMRegionSampler, mentions_left_right
 
 __all__ = [
     "XVLMImageTextTransform",
@@ -109,7 +110,7 @@ class XVLMImageTextTransform:
 
 
 class BoxSafeRegionSampler:
-    """:class:`~modeling_xvlm.processing.XVLMRegionSampler` followed by box-safe RandAugment (official
+    """:class:`~modeling_xvlm.training.region_collators.XVLMRegionSampler` followed by box-safe RandAugment (official
     ``box_transform``). Same call signature and attributes (``image_size``, ``rng``)."""
 
     def __init__(self, sampler: XVLMRegionSampler, randaugment: bool = True) -> None:
@@ -126,7 +127,8 @@ class BoxSafeRegionSampler:
 
 
 class XVLMRetrievalCollator:
-    """Image-caption pairs -> ``pixel_values``, ``input_ids``, ``attention_mask``, ``image_ids``.
+    """Image-caption pairs -> ``pixel_values``, ``input_ids``, ``attention_mask``, ``image_ids`` (the retrieval
+    targets) and ``return_loss=True``.
 
     Rows: ``{"image", "caption", "image_index"}`` (as :func:`modeling_xvlm.data.retrieval_pairs` returns; without
     ``image_index`` every row is its own image). ``image_ids`` is the contiguous per-image index, used by the
@@ -158,6 +160,9 @@ class XVLMRetrievalCollator:
                 "input_ids": ids,
                 "attention_mask": att,
                 "image_ids": torch.tensor(image_ids, dtype=torch.long),
+                # Trainer computes an evaluation loss only for batches that carry labels or `return_loss=True`
+                # (the retrieval targets, `image_ids`, have no "label" in their name).
+                "return_loss": True,
             }
         )
 
@@ -173,7 +178,7 @@ class XVLMGroundingTrainCollator:
 
     Args:
         processor: an ``XVLMProcessor`` (its image processor's size is the model input).
-        crop, hflip_prob, careful_hflip, left_right_test: see :class:`~modeling_xvlm.processing.XVLMRegionSampler`.
+        crop, hflip_prob, careful_hflip, left_right_test: see :class:`~modeling_xvlm.training.region_collators.XVLMRegionSampler`.
         randaugment: apply box-safe RandAugment (official True).
     """
 

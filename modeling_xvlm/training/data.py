@@ -50,7 +50,7 @@ def pretrain_image_text_row(row: dict) -> dict:
 
 def pretrain_region_row(row: dict) -> dict:
     """``pretrain`` schema row -> a region row for ``XVLMPretrainCollator``: ``{"image", "caption", "objects":
-    [{"bbox", "caption", "attributes"}]}`` (the whole-image caption takes one region slot, official §4.5)."""
+    [{"bbox", "caption", "attributes"}]}`` (the whole-image caption takes one region slot, official `RegionTextJsonDataset`)."""
     objects = [
         {"bbox": list(o["bbox"]), "caption": list(o.get("captions") or []) or None,
          "attributes": list(o.get("attributes") or [])}

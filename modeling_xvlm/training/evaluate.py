@@ -1,10 +1,10 @@
 """Evaluation with the official X-VLM protocols, and the ``xvlm-eval`` command.
 
-* Retrieval (official ``Retrieval.py::evaluation`` + ``itm_eval``, official-xvlm.md §6.1): every image and text is
+* Retrieval (official ``Retrieval.py::evaluation`` + ``itm_eval``, official `Retrieval.py`): every image and text is
   encoded once; the ITC cosine similarity picks the top ``k_test`` candidates in both directions; candidates are
   re-ranked by the raw ITM "match" logit; R@1/5/10 for text retrieval (``txt_r*``, an image's rank is the best rank
   of its ground-truth captions) and image retrieval (``img_r*``), their means and ``r_mean``.
-* Grounding (official ``Grounding_bbox.py``, §6.2): the predicted ``(cx, cy, w, h)`` is mapped back to pixels of the
+* Grounding (official ``Grounding_bbox.py``): the predicted ``(cx, cy, w, h)`` is mapped back to pixels of the
   original image and compared with the ground truth by the official inclusive-pixel IoU (``computeIoU``); a
   prediction is correct when IoU >= 0.5. Accuracy is reported overall and per ``group`` (RefCOCO+ ``val`` /
   ``testA`` / ``testB``, synthetic ``seen`` / ``heldout``).
@@ -27,17 +27,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from transformers import AutoTokenizer
 
 from ..box_ops import inclusive_pixel_iou
-from ..processing import XVLMGroundingCollator, load_image_rgb
-from ..retrieval import (
-    EncodedImages,
-    EncodedTexts,
-    rank_gallery,
-    refine_top1,
-    retrieval_metrics,
-    score_matrices,
-)
+from ..data import load_xvlm_dataset, synthetic_tokenizer
+from ..modeling_xvlm_grounding import XVLMForGrounding
+from ..modeling_xvlm_retrieval import XVLMForRetrieval
+from ..processing import XVLMImageProcessorPil, XVLMProcessor, load_image_rgb
+from ..retrieval import retrieval_metrics, retrieve, score_matrices
+from .region_collators import XVLMGroundingCollator
 
 __all__ = [
     "evaluate_retrieval",
@@ -54,27 +52,6 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class _ITMScorer:
-    """Gives any model with ``xvlm`` + ``itm_head`` (e.g. ``XVLMForPretraining``) the ``itm_scores`` method of
-    ``XVLMForRetrieval`` that :func:`modeling_xvlm.retrieval.rank_gallery` uses."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        self.xvlm = model.xvlm
-
-    def itm_scores(self, image_embeds, text_embeds, attention_mask, image_index, **kwargs) -> torch.Tensor:
-        fused = self.xvlm.fuse(text_embeds, attention_mask, image_embeds, None, image_index=image_index, cls_only=True)
-        return self.model.itm_head(fused[:, 0])[:, 1]
-
-    def parameters(self):
-        return self.model.parameters()
-
-
-def _batched(seq: Sequence[Any], size: int):
-    for start in range(0, len(seq), size):
-        yield seq[start : start + size]
-
-
 def retrieval_chance(img2txt: Sequence[Sequence[int]], n_texts: int) -> dict[str, float]:
     """R@1 of a random ranking: text retrieval ``mean(#gt / n_texts)``, image retrieval ``1 / n_images`` (%)."""
     n_images = len(img2txt)
@@ -82,6 +59,16 @@ def retrieval_chance(img2txt: Sequence[Sequence[int]], n_texts: int) -> dict[str
         "txt_r1": 100.0 * sum(min(len(g), n_texts) for g in img2txt) / (n_images * max(n_texts, 1)),
         "img_r1": 100.0 / max(n_images, 1),
     }
+
+
+def _captions(dataset: Any, n: int) -> list[Any]:
+    """The captions of the first `n` rows (``captions``, or ``caption``), without decoding a datasets' images."""
+    names = getattr(dataset, "column_names", None)
+    if names is not None:  # a `datasets.Dataset`: read the text column only
+        column = "captions" if "captions" in names else "caption"
+        return list(dataset.select_columns([column])[:n][column])
+    rows = (dataset[i] for i in range(n))
+    return [row["captions"] if "captions" in row else row["caption"] for row in rows]
 
 
 @torch.no_grad()
@@ -97,7 +84,8 @@ def evaluate_retrieval(
     encode_precision: str | None = None,
     top1_margin: float = 0.1,
 ) -> dict[str, Any]:
-    """Official retrieval evaluation of ``model`` on a ``retrieval``-schema dataset (rows ``image`` + ``captions``).
+    """Official retrieval evaluation of ``model`` on a ``retrieval``-schema dataset (rows ``image`` + ``captions``):
+    :func:`modeling_xvlm.retrieval.retrieve` (as ``XVLMForRetrieval.rank``) with the images loaded per batch.
 
     Args:
         model: ``XVLMForRetrieval`` (or any model with ``xvlm`` and ``itm_head``, e.g. ``XVLMForPretraining``).
@@ -106,6 +94,7 @@ def evaluate_retrieval(
         k_test: ITC candidates re-ranked by ITM in each direction (official 256 COCO, 128 Flickr).
         batch_size: images / texts / fused pairs per forward.
         max_images: evaluate on the first ``max_images`` images only.
+        device: the model's device (inputs go there; default: where the model is).
         precision: of the ITM re-ranking, ``"fp32"`` (official numbers) or ``"bf16"`` (autocast; near ties are
             then re-scored in fp32 by :func:`modeling_xvlm.retrieval.refine_top1`, so every query keeps the fp32
             top-1 among its candidates; R@5/R@10 may move).
@@ -118,77 +107,45 @@ def evaluate_retrieval(
         alone), ``chance`` (R@1 of a random ranking), ``num_images``, ``num_texts``, ``k_test``, ``precision``,
         ``pairs_refined_fp32`` (pairs re-scored in fp32; 0 in fp32) and ``seconds``.
     """
-    encode_precision = precision if encode_precision is None else encode_precision
-    for name, value in (("precision", precision), ("encode_precision", encode_precision)):
-        if value not in ("fp32", "bf16"):
-            raise ValueError(f"{name} must be 'fp32' or 'bf16', got {value!r}.")
     start = time.perf_counter()
     was_training = model.training
     model.eval()
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    metrics = _evaluate_retrieval(model, processor, dataset, k_test, batch_size, max_images, device, precision,
-                                  encode_precision, top1_margin if precision == "bf16" else 0.0)
-    metrics.update(precision=precision, encode_precision=encode_precision, seconds=time.perf_counter() - start)
-    model.train(was_training)
-    return metrics
-
-
-def _evaluate_retrieval(model, processor, dataset, k_test, batch_size, max_images, device, precision,
-                        encode_precision, top1_margin):
-    def autocast(name: str):
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=name == "bf16")
-
+    model_device = next(model.parameters()).device
+    wanted = torch.device(device) if device is not None else model_device
+    if wanted.type != model_device.type or wanted.index not in (None, model_device.index):
+        raise ValueError(f"device {wanted} is not the model's device {model_device}.")
     n = len(dataset) if max_images is None else min(len(dataset), max_images)
     texts: list[str] = []
     txt2img: list[int] = []
     img2txt: list[list[int]] = []
-    sequences, features = [], []
-    ip = processor.image_processor
-    for first in range(0, n, batch_size):
-        rows = [dataset[i] for i in range(first, min(first + batch_size, n))]
-        for offset, row in enumerate(rows):
-            captions = row["captions"] if "captions" in row else [row["caption"]]
-            if isinstance(captions, str):
-                captions = [captions]
-            img2txt.append(list(range(len(texts), len(texts) + len(captions))))
-            texts.extend(captions)
-            txt2img.extend([first + offset] * len(captions))
-        pixel_values = ip([load_image_rgb(r["image"]) for r in rows], return_tensors="pt")["pixel_values"]
-        with autocast(encode_precision):
-            out = model.xvlm.get_image_features(pixel_values.to(device))
-        sequences.append(out.last_hidden_state)
-        features.append(out.pooler_output)
-    images = EncodedImages(torch.cat(sequences), torch.cat(features))
+    for index, captions in enumerate(_captions(dataset, n)):
+        if isinstance(captions, str):
+            captions = [captions]
+        img2txt.append(list(range(len(texts), len(texts) + len(captions))))
+        texts.extend(captions)
+        txt2img.extend([index] * len(captions))
+
+    def load_images(indices: torch.Tensor) -> torch.Tensor:
+        rows = [load_image_rgb(dataset[int(i)]["image"]) for i in indices.tolist()]
+        return processor.image_processor(rows, return_tensors="pt")["pixel_values"]
+
     encoded = processor(text=texts, padding="longest")
-    input_ids, attention_mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
-    states, text_features = [], []
-    for part in _batched(range(len(texts)), batch_size):
-        with autocast(encode_precision):
-            out = model.xvlm.get_text_features(input_ids[part.start : part.stop], attention_mask[part.start : part.stop])
-        states.append(out.last_hidden_state)
-        text_features.append(out.pooler_output)
-    encoded_texts = EncodedTexts(torch.cat(states), attention_mask, torch.cat(text_features))
-    if precision == "fp32" and encode_precision == "bf16":
-        images, encoded_texts = images.float(), encoded_texts.float()
-    scorer = model if hasattr(model, "itm_scores") else _ITMScorer(model)
-    with autocast(precision):
-        ranking = rank_gallery(scorer, images, encoded_texts, k=k_test, batch_size=batch_size)
-    if top1_margin > 0:
-
-        def load_images(indices: torch.Tensor) -> torch.Tensor:
-            rows = [load_image_rgb(dataset[int(i)]["image"]) for i in indices.tolist()]
-            return ip(rows, return_tensors="pt")["pixel_values"]
-
-        if encode_precision == "fp32":
-            ranking = refine_top1(scorer, ranking, images, encoded_texts, margin=top1_margin, batch_size=batch_size)
-        else:
-            ranking = refine_top1(scorer, ranking, load_images, input_ids, attention_mask, top1_margin, batch_size)
+    try:
+        ranking = retrieve(
+            model, load_images, encoded["input_ids"], encoded["attention_mask"], k=k_test, batch_size=batch_size,
+            precision=precision, encode_precision=encode_precision,
+            top1_margin=top1_margin if precision == "bf16" else None, num_images=n,
+        )
+    finally:
+        model.train(was_training)
     scores_i2t, scores_t2i = score_matrices(ranking)
     metrics: dict[str, Any] = retrieval_metrics(scores_i2t, scores_t2i, txt2img, img2txt)
     itc = retrieval_metrics(ranking.similarity, ranking.similarity.t(), txt2img, img2txt)
     metrics.update({f"itc_{k}": v for k, v in itc.items()})
     metrics["chance"] = retrieval_chance(img2txt, len(texts))
     metrics.update(num_images=n, num_texts=len(texts), k_test=k_test, pairs_refined_fp32=ranking.num_pairs_refined)
+    metrics.update(precision=precision, encode_precision=precision if encode_precision is None else encode_precision,
+                   seconds=time.perf_counter() - start)
     return metrics
 
 
@@ -339,8 +296,6 @@ def grounding_table(metrics: dict[str, Any]) -> str:
 def load_processor(model_path: str, tokenizer: str | None = None, image_size: int | None = None, patch_size: int | None = None):
     """The ``XVLMProcessor`` saved next to a model, or one built from ``tokenizer`` (the synthetic tokenizer when
     ``tokenizer == "synthetic"``) and the model's input size."""
-    from ..processing import XVLMImageProcessorPil, XVLMProcessor
-
     if tokenizer is None:
         try:
             return XVLMProcessor.from_pretrained(model_path)
@@ -350,12 +305,8 @@ def load_processor(model_path: str, tokenizer: str | None = None, image_size: in
                 "'synthetic' for the synthetic dataset)"
             ) from None
     if tokenizer == "synthetic":
-        from ..data import synthetic_tokenizer
-
         tok = synthetic_tokenizer()
     else:
-        from transformers import AutoTokenizer
-
         tok = AutoTokenizer.from_pretrained(tokenizer)
     size = {"height": image_size, "width": image_size} if image_size else None
     kwargs = {"size": size} if size else {}
@@ -391,9 +342,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .. import XVLMForGrounding, XVLMForRetrieval
-    from ..data import load_xvlm_dataset
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cls = XVLMForRetrieval if args.task == "retrieval" else XVLMForGrounding
     model = cls.from_pretrained(args.model).to(device)

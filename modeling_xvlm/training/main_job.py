@@ -22,6 +22,14 @@ from typing import Any
 
 import torch
 
+from ..box_ops import inclusive_pixel_iou
+from ..data import load_xvlm_dataset
+from ..modeling_xvlm_grounding import XVLMForGrounding
+from ..modeling_xvlm_retrieval import XVLMForRetrieval
+from ..processing import XVLMProcessor
+from .evaluate import evaluate_grounding, evaluate_retrieval, format_table
+from .train import TrainConfig, train
+
 __all__ = ["DEMO_SIZES", "main", "run_demo"]
 
 #: Model sizes of the demo job (``--size``), as overrides of the ``tiny`` preset (64 px input, 8 x 8 patch grid).
@@ -64,8 +72,6 @@ def _decode(dataset: Any) -> list[dict[str, Any]]:
 
 def _random_object_chance(grounding_rows: Sequence[dict], pretrain_rows: Sequence[dict]) -> float:
     """Acc@0.5 (%) of answering with a uniformly random object of the image (its exact box)."""
-    from ..box_ops import inclusive_pixel_iou
-
     objects = {row["image_id"]: [o["bbox"] for o in row["objects"]] for row in pretrain_rows}
     total = 0.0
     for row in grounding_rows:
@@ -77,10 +83,6 @@ def _random_object_chance(grounding_rows: Sequence[dict], pretrain_rows: Sequenc
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    from ..data import load_xvlm_dataset
-    from .evaluate import evaluate_grounding, evaluate_retrieval, format_table
-    from .train import TrainConfig, train
-
     torch.set_num_threads(args.threads)
     started, cpu_started = time.perf_counter(), time.process_time()
     out = args.output_dir
@@ -155,9 +157,6 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     timings["grounding"] = time.perf_counter() - t0
 
     # 4. test-split evaluation
-    from .. import XVLMForGrounding, XVLMForRetrieval
-    from ..processing import XVLMProcessor
-
     t0 = time.perf_counter()
     processor = XVLMProcessor.from_pretrained(os.path.join(out, "retrieval"))
     retrieval_model = XVLMForRetrieval.from_pretrained(os.path.join(out, "retrieval"))

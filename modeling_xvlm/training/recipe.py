@@ -1,4 +1,4 @@
-"""The official X-VLM optimisation recipe (official-xvlm.md §7): AdamW parameter groups and the LambdaLR schedule.
+"""The official X-VLM optimisation recipe (official `configs/*.yaml`, `optim.py`, `scheduler.py`): AdamW parameter groups and the LambdaLR schedule.
 
 * :func:`parameter_groups` / :func:`create_optimizer`: AdamW ``betas=(0.9, 0.98)``, ``eps=1e-8``, weight decay 0.01,
   four groups (decay / no-decay x base lr / ``lr * lr_mult``). A parameter is "no-decay" when its name contains any
@@ -66,7 +66,7 @@ NEW_PARAMETER_PATTERNS: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class TaskRecipe:
-    """Official hyper-parameters of one task (official-xvlm.md §7.2).
+    """Official hyper-parameters of one task (official `configs/*.yaml`).
 
     ``warmup`` is a number of steps (int) or a fraction of the total steps (float < 1). ``max_grad_norm`` ``None``
     means no clipping (official fine-tuning). ``new_params_get_lr_mult``: whether ``lr_mult`` applies at all (the
@@ -220,7 +220,7 @@ def create_scheduler(
     optimizer: torch.optim.Optimizer, num_training_steps: int, warmup: float | int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """``LambdaLR`` with :func:`linear_warmup_decay`, stepped once per optimizer step (pre-training: once per
-    image-batch step; the extra region-batch step does not advance it, official §2.6)."""
+    image-batch step; the extra region-batch step does not advance it, official `Pretrain.py`)."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, linear_warmup_decay(resolve_warmup_steps(warmup, num_training_steps), num_training_steps)
     )

@@ -6,7 +6,6 @@ Tasks:
   optimizer step on a region batch (ITC + ITM + MLM on region inputs + box L1 + GIoU), official ``Pretrain.py``.
 * ``retrieval`` - ITC (multi-positive) + ITM fine-tuning of ``XVLMForRetrieval``.
 * ``grounding`` - box L1 + GIoU fine-tuning of ``XVLMForGrounding``.
-* ``demo`` (the default with no arguments) - the CPU demonstration job of :mod:`modeling_xvlm.training.main_job`.
 
 Models come from a preset (``--model tiny|base``, from scratch), a ``save_pretrained`` folder / Hub id
 (``--model path``), or Swin + BERT checkpoints (``--vision-model`` + ``--text-model``). Data come from a dataset
@@ -14,7 +13,12 @@ folder or Hub id in the X-VLM schema (``--dataset``; default: the synthetic data
 
 The official recipe (``modeling_xvlm.training.recipe``) is the default; every value can be overridden. Launch with
 ``accelerate launch [--num_processes N] -m modeling_xvlm.training.train ...`` (or ``accelerate launch
-$(which xvlm-train) ...``) for DDP / FSDP / DeepSpeed and mixed precision; see docs/training.md.
+$(which xvlm-train) ...``) for DDP / FSDP / DeepSpeed and mixed precision; see docs/training.md. The ``xvlm-train``
+command (``modeling_xvlm.training.cli``) also runs the CPU demo job (``xvlm-train demo``, the default).
+
+`train` is a few named steps: accelerator, model and processor, the task's data (`build_task_data`), optimiser and
+schedule, resume, then `_TrainingLoop` (optimizer steps, logging, evaluation, checkpoints). `TrainingCallback`s
+observe the loop (`on_step_end`, `on_checkpoint_stage`) without being part of it.
 """
 
 from __future__ import annotations
@@ -22,22 +26,54 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
+import contextlib
 import os
-import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
-from .recipe import create_optimizer, create_scheduler, get_recipe, new_parameter_names
+from ..configuration_xvlm import XVLMConfig
+from ..data import load_xvlm_dataset, retrieval_pairs, synthetic_tokenizer
+from ..initialization import build_from_vision_text_pretrained
+from ..processing import XVLMImageProcessorPil, XVLMProcessor
+from ..tasks import TASKS as TASK_TABLE
+from .checkpointing import latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
+from .collators import BoxSafeRegionSampler, XVLMGroundingTrainCollator, XVLMImageTextTransform, XVLMRetrievalCollator
+from .data import (
+    PretrainImageTextCollator,
+    StepBatchSampler,
+    derive_seed,
+    make_loader,
+    pretrain_image_text_row,
+    pretrain_region_row,
+)
+from .evaluate import evaluate_grounding, evaluate_retrieval
+from .masking import XVLMTextMasker
+from .recipe import TaskRecipe, create_optimizer, create_scheduler, get_recipe, new_parameter_names
+from .region_collators import XVLMPretrainCollator, XVLMRegionSampler
 
-__all__ = ["TrainConfig", "train", "build_parser", "main", "build_model", "build_processor"]
+__all__ = [
+    "TASKS",
+    "TrainConfig",
+    "TrainingCallback",
+    "build_model",
+    "build_parser",
+    "build_processor",
+    "build_task_data",
+    "main",
+    "train",
+]
 
+#: The tasks `xvlm-train` trains (rows of `modeling_xvlm.tasks.TASKS`).
 TASKS = ("pretrain", "retrieval", "grounding")
 LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "loss_mlm", "loss_bbox_l1", "loss_bbox_giou")
 
@@ -111,18 +147,8 @@ class TrainConfig:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _model_class(task: str):
-    from .. import XVLMForGrounding, XVLMForPretraining, XVLMForRetrieval
-
-    return {"pretrain": XVLMForPretraining, "retrieval": XVLMForRetrieval, "grounding": XVLMForGrounding}[task]
-
-
 def _load_tokenizer(cfg: TrainConfig):
-    from transformers import AutoTokenizer
-
     if cfg.tokenizer == "synthetic" or (cfg.tokenizer is None and cfg.text_model is None and cfg.dataset is None):
-        from ..data import synthetic_tokenizer
-
         return synthetic_tokenizer()
     name = cfg.tokenizer or cfg.text_model
     if name is None:
@@ -133,10 +159,8 @@ def _load_tokenizer(cfg: TrainConfig):
     return AutoTokenizer.from_pretrained(name)
 
 
-def build_processor(cfg: TrainConfig, image_size: int, patch_size: int):
+def build_processor(cfg: TrainConfig, image_size: int, patch_size: int) -> XVLMProcessor:
     """The processor saved with ``--model`` when there is one, else one from the tokenizer and the model size."""
-    from ..processing import XVLMImageProcessorPil, XVLMProcessor
-
     if cfg.model not in ("tiny", "base") and cfg.tokenizer is None:
         try:
             processor = XVLMProcessor.from_pretrained(cfg.model)
@@ -150,10 +174,7 @@ def build_processor(cfg: TrainConfig, image_size: int, patch_size: int):
 
 def build_model(cfg: TrainConfig, tokenizer_size: int | None = None):
     """The task's model from a preset (new weights), a ``save_pretrained`` folder / Hub id, or Swin + BERT."""
-    from .. import XVLMConfig
-    from ..initialization import build_from_vision_text_pretrained
-
-    cls = _model_class(cfg.task)
+    cls = TASK_TABLE[cfg.task].model_class
     if cfg.vision_model or cfg.text_model:
         if not (cfg.vision_model and cfg.text_model):
             raise SystemExit("--vision-model and --text-model go together (Swin + BERT initialisation)")
@@ -171,8 +192,6 @@ def build_model(cfg: TrainConfig, tokenizer_size: int | None = None):
 def _load_split(cfg: TrainConfig, config_name: str, split: str, data: dict | None):
     if data is not None and (config_name, split) in data:
         return data[(config_name, split)]
-    from ..data import load_xvlm_dataset
-
     return load_xvlm_dataset(cfg.dataset, config_name, split)
 
 
@@ -190,28 +209,89 @@ def retrieval_train_rows(dataset: Any) -> Any:
             for i, row in enumerate(dataset)
             for caption in row["captions"]
         ]
-    from ..data import retrieval_pairs
-
     return retrieval_pairs(dataset)
 
 
-class _Fault:
-    """Testing hook (env ``XVLM_TRAIN_FAULT``): ``kill_after_step=N`` or ``kill_mid_save=N`` SIGKILLs this process."""
+class TrainingCallback:
+    """Observer of the training loop; every method is a no-op by default.
 
-    def __init__(self, spec: str | None) -> None:
-        self.kind, self.step = None, -1
-        if spec:
-            kind, _, step = spec.partition("=")
-            self.kind, self.step = kind, int(step)
+    `on_step_end(step)` runs after optimizer step `step` (counted from 1) and its checkpoint, if any;
+    `on_checkpoint_stage(step, stage)` runs while the checkpoint of `step` is being written (stage `"mid_save"`:
+    the model and optimizer files are written, the checkpoint is not complete yet)."""
 
-    def after_step(self, step: int) -> None:
-        if self.kind == "kill_after_step" and step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
+    def on_step_end(self, step: int) -> None:
+        pass
 
-    def save_hook(self, step: int):
-        if self.kind == "kill_mid_save" and step == self.step:
-            return lambda where: os.kill(os.getpid(), signal.SIGKILL)
-        return None
+    def on_checkpoint_stage(self, step: int, stage: str) -> None:
+        pass
+
+
+def _batch_size_of(batch: dict[str, torch.Tensor]) -> int:
+    return int(batch["input_ids"].shape[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The task's data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskData:
+    """Training rows and how they become batches: image(-text) batches every step and, for pre-training, a region
+    batch with probability `iter_perc` per step."""
+
+    rows: Any
+    image_collator: Callable
+    image_adapter: Callable | None = None
+    region_collator: Callable | None = None
+    region_adapter: Callable | None = None
+    iter_perc: float = 0.0
+    region_images: int = 0
+
+
+def _pretrain_data(cfg: TrainConfig, processor: XVLMProcessor, size: int, extra: dict, data: dict | None) -> TaskData:
+    rows = _subset(_load_split(cfg, "pretrain", cfg.train_split, data), cfg.max_train_examples)
+    crop_min = 0.2 if cfg.crop_scale_min is None else cfg.crop_scale_min
+    image_collator = PretrainImageTextCollator(
+        XVLMPretrainCollator(processor, masker=XVLMTextMasker(processor.tokenizer)),
+        XVLMImageTextTransform(size, scale=(crop_min, 1.0), careful_hflip=cfg.careful_hflip,
+                               randaugment=cfg.randaugment),
+    )
+    region_collator = XVLMPretrainCollator(
+        processor,
+        masker=XVLMTextMasker(processor.tokenizer),
+        region_sampler=BoxSafeRegionSampler(
+            XVLMRegionSampler(image_size=size, max_regions=cfg.max_regions, careful_hflip=cfg.careful_hflip),
+            randaugment=cfg.randaugment,
+        ),
+        max_texts=cfg.region_batch_texts or extra["region_batch_texts"],
+    )
+    iter_perc = extra["iter_perc"] if cfg.iter_perc is None else cfg.iter_perc
+    return TaskData(
+        rows, image_collator, pretrain_image_text_row, region_collator, pretrain_region_row,
+        iter_perc=iter_perc if cfg.regions else 0.0,
+        region_images=cfg.region_max_images or extra["region_max_images"],
+    )
+
+
+def build_task_data(
+    cfg: TrainConfig, processor: XVLMProcessor, size: int, recipe: TaskRecipe, data: dict | None = None
+) -> TaskData:
+    """The training rows and collators of `cfg.task` (official training transforms)."""
+    if cfg.task == "pretrain":
+        return _pretrain_data(cfg, processor, size, recipe.extra, data)
+    if cfg.task == "retrieval":
+        rows = retrieval_train_rows(
+            _subset(_load_split(cfg, "retrieval", cfg.train_split, data), cfg.max_train_examples)
+        )
+        crop_min = 0.5 if cfg.crop_scale_min is None else cfg.crop_scale_min
+        transform = XVLMImageTextTransform(size, scale=(crop_min, 1.0), careful_hflip=cfg.careful_hflip,
+                                           randaugment=cfg.randaugment)
+        return TaskData(rows, XVLMRetrievalCollator(processor, transform))
+    rows = _subset(_load_split(cfg, "grounding", cfg.train_split, data), cfg.max_train_examples)
+    return TaskData(rows, XVLMGroundingTrainCollator(
+        processor, crop=cfg.grounding_crop, careful_hflip=cfg.careful_hflip, randaugment=cfg.randaugment
+    ))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -219,217 +299,94 @@ class _Fault:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _batch_size_of(batch: dict[str, torch.Tensor]) -> int:
-    return int(batch["input_ids"].shape[0])
-
-
-def train(cfg: TrainConfig, data: dict | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run one training task; returns a summary (steps, losses, evaluation metrics, timings, output folder).
-
-    Args:
-        cfg: the run configuration.
-        data: optional pre-loaded datasets ``{(config_name, split): rows}`` used instead of loading them.
-        log: where to print messages (default ``print`` on the main process).
-    """
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
-
-    from ..processing import XVLMPretrainCollator, XVLMRegionSampler, XVLMTextMasker
-    from .checkpointing import latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
-    from .collators import (
-        BoxSafeRegionSampler,
-        XVLMGroundingTrainCollator,
-        XVLMImageTextTransform,
-        XVLMRetrievalCollator,
-    )
-    from .data import (
-        PretrainImageTextCollator,
-        StepBatchSampler,
-        derive_seed,
-        make_loader,
-        pretrain_image_text_row,
-        pretrain_region_row,
-    )
-
-    if cfg.task not in TASKS:
-        raise ValueError(f"unknown task {cfg.task!r}; expected one of {TASKS}")
-    started = time.perf_counter()
+def _make_accelerator(cfg: TrainConfig) -> Accelerator:
     # Without GPUs, a multi-process launch (torchrun / `accelerate launch --multi_gpu --num_processes N`) is DDP over
     # gloo, which accelerate only selects with cpu=True.
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(
+    return Accelerator(
         mixed_precision=cfg.mixed_precision,
         cpu=cfg.cpu or (multi_process and not torch.cuda.is_available()),
         log_with=cfg.log_with or None,
         project_dir=cfg.output_dir,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.task == "pretrain")],
     )
-    is_main = accelerator.is_main_process
-    say = log or (lambda msg: print(msg, flush=True))
-    say = say if is_main else (lambda msg: None)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    fault = _Fault(os.environ.get("XVLM_TRAIN_FAULT"))
-    output_dir = Path(cfg.output_dir)
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    set_seed(cfg.seed)  # identical initialisation on every process
 
-    # -- model and processor ---------------------------------------------------------------------------------------
+
+def _model_and_processor(cfg: TrainConfig) -> tuple[Any, XVLMProcessor]:
     tokenizer_size = None
     if cfg.model in ("tiny", "base") and not cfg.vision_model:
         tokenizer_size = len(_load_tokenizer(cfg))
     model = build_model(cfg, tokenizer_size)
     processor = build_processor(cfg, model.config.image_size, model.config.patch_stride)
-    size = model.config.image_size
     if cfg.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
-    model.train()
+    return model.train(), processor
 
-    # -- recipe ----------------------------------------------------------------------------------------------------
-    recipe = get_recipe(
-        cfg.task,
-        lr=cfg.lr,
-        lr_mult=cfg.lr_mult,
-        weight_decay=cfg.weight_decay,
-        warmup=cfg.warmup,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
+
+@dataclass
+class _ResumePoint:
+    step: int = 0
+    region_micro: int = 0
+    history: list = field(default_factory=list)
+    rng_state: Any = None
+
+
+def _resume(cfg: TrainConfig, ckpt_root: Path, model, optimizer, scheduler, accelerator, say) -> _ResumePoint:
+    if not cfg.resume:
+        return _ResumePoint()
+    path = latest_checkpoint(ckpt_root) if cfg.resume in ("latest", "auto") else Path(cfg.resume)
+    if path is None:
+        say(f"no checkpoint in {ckpt_root}: starting from scratch")
+        return _ResumePoint()
+    state = load_checkpoint(path, model, optimizer, scheduler, accelerator, restore_rng=False)
+    say(f"resumed from {path} at step {int(state['step'])}")
+    return _ResumePoint(
+        int(state["step"]), int(state.get("region_micro_steps", 0)), list(state.get("eval_history", [])),
+        state["_rng"],
     )
-    max_grad_norm = recipe.max_grad_norm if cfg.max_grad_norm is None else (cfg.max_grad_norm or None)
-    extra = recipe.extra
-    batch_size = recipe.batch_size
-    accum = max(1, cfg.grad_accum)
+
+
+class _TrainingLoop:
+    """The optimizer steps of one run, with logging, evaluation and checkpoints."""
+
+    def __init__(self, cfg, accelerator, model, processor, optimizer, scheduler, recipe, task_data, total_steps,
+                 data, say, callbacks):
+        self.cfg, self.accelerator, self.model, self.processor = cfg, accelerator, model, processor
+        self.optimizer, self.scheduler, self.recipe, self.task_data = optimizer, scheduler, recipe, task_data
+        self.total_steps, self.data, self.say, self.callbacks = total_steps, data, say, list(callbacks)
+        self.accum = max(1, cfg.grad_accum)
+        self.max_grad_norm = recipe.max_grad_norm if cfg.max_grad_norm is None else (cfg.max_grad_norm or None)
+        self.world = accelerator.num_processes
+        self.ckpt_root = Path(cfg.output_dir) / "checkpoints"
+        self.eval_sets: dict[str, Any] = {}
+        self.region_micro, self.history, self.last_losses = 0, [], {}
+        self._reset_window()
 
     # -- data ------------------------------------------------------------------------------------------------------
-    if cfg.task == "pretrain":
-        train_rows = _subset(_load_split(cfg, "pretrain", cfg.train_split, data), cfg.max_train_examples)
-        masker = XVLMTextMasker(processor.tokenizer)
-        crop_min = 0.2 if cfg.crop_scale_min is None else cfg.crop_scale_min
-        image_collator = PretrainImageTextCollator(
-            XVLMPretrainCollator(processor, masker=masker),
-            XVLMImageTextTransform(size, scale=(crop_min, 1.0), careful_hflip=cfg.careful_hflip,
-                                   randaugment=cfg.randaugment),
+    def iterators(self, start: _ResumePoint) -> tuple[Iterator, Iterator | None]:
+        cfg, data, rank = self.cfg, self.task_data, self.accelerator.process_index
+        sampler = StepBatchSampler(
+            len(data.rows), self.recipe.batch_size, cfg.seed, "image", rank, self.world,
+            start_step=start.step * self.accum,
         )
-        region_texts = cfg.region_batch_texts or extra["region_batch_texts"]
-        region_images = cfg.region_max_images or extra["region_max_images"]
-        iter_perc = extra["iter_perc"] if cfg.iter_perc is None else cfg.iter_perc
-        region_collator = XVLMPretrainCollator(
-            processor,
-            masker=XVLMTextMasker(processor.tokenizer),
-            region_sampler=BoxSafeRegionSampler(
-                XVLMRegionSampler(image_size=size, max_regions=cfg.max_regions, careful_hflip=cfg.careful_hflip),
-                randaugment=cfg.randaugment,
-            ),
-            max_texts=region_texts,
-        )
-        image_adapter, region_adapter = pretrain_image_text_row, pretrain_region_row
-        if not cfg.regions:
-            iter_perc = 0.0
-    elif cfg.task == "retrieval":
-        train_rows = retrieval_train_rows(
-            _subset(_load_split(cfg, "retrieval", cfg.train_split, data), cfg.max_train_examples)
-        )
-        crop_min = 0.5 if cfg.crop_scale_min is None else cfg.crop_scale_min
-        image_collator = XVLMRetrievalCollator(
-            processor,
-            XVLMImageTextTransform(size, scale=(crop_min, 1.0), careful_hflip=cfg.careful_hflip,
-                                   randaugment=cfg.randaugment),
-        )
-        image_adapter = None
-        iter_perc = 0.0
-    else:
-        train_rows = _subset(_load_split(cfg, "grounding", cfg.train_split, data), cfg.max_train_examples)
-        image_collator = XVLMGroundingTrainCollator(
-            processor, crop=cfg.grounding_crop, careful_hflip=cfg.careful_hflip, randaugment=cfg.randaugment
-        )
-        image_adapter = None
-        iter_perc = 0.0
-
-    micro_per_epoch = len(train_rows) // (batch_size * world)
-    if micro_per_epoch < 1:
-        raise SystemExit(f"{len(train_rows)} training examples are fewer than one global batch ({batch_size} x {world})")
-    total_steps = cfg.max_steps or max(1, recipe.epochs * micro_per_epoch // accum)
-
-    # -- optimisation ----------------------------------------------------------------------------------------------
-    new_params = new_parameter_names(model, cfg.task) if recipe.new_params_get_lr_mult else set()
-    optimizer = create_optimizer(
-        model, recipe.lr, recipe.weight_decay, recipe.lr_mult, new_params, recipe.betas, recipe.eps
-    )
-    scheduler = create_scheduler(optimizer, total_steps, recipe.warmup)
-    model, optimizer = accelerator.prepare(model, optimizer)
-
-    # -- resume ----------------------------------------------------------------------------------------------------
-    ckpt_root = output_dir / "checkpoints"
-    start_step, region_micro, history = 0, 0, []
-    rng_state = None
-    if cfg.resume:
-        path = latest_checkpoint(ckpt_root) if cfg.resume in ("latest", "auto") else Path(cfg.resume)
-        if path is None:
-            say(f"no checkpoint in {ckpt_root}: starting from scratch")
-        else:
-            state = load_checkpoint(path, model, optimizer, scheduler, accelerator, restore_rng=False)
-            start_step, region_micro = int(state["step"]), int(state.get("region_micro_steps", 0))
-            history = list(state.get("eval_history", []))
-            rng_state = state["_rng"]
-            say(f"resumed from {path} at step {start_step}")
-
-    image_sampler = StepBatchSampler(
-        len(train_rows), batch_size, cfg.seed, "image", rank, world, start_step=start_step * accum
-    )
-    image_iter = iter(make_loader(train_rows, image_collator, image_sampler, image_adapter, cfg.num_workers))
-    region_iter = None
-    if cfg.task == "pretrain" and iter_perc > 0:
+        image_iter = iter(make_loader(data.rows, data.image_collator, sampler, data.image_adapter, cfg.num_workers))
+        if data.region_collator is None or data.iter_perc <= 0:
+            return image_iter, None
         region_sampler = StepBatchSampler(
-            len(train_rows), region_images, cfg.seed, "region", rank, world, start_step=region_micro
+            len(data.rows), data.region_images, cfg.seed, "region", rank, self.world, start_step=start.region_micro
         )
-        region_iter = iter(make_loader(train_rows, region_collator, region_sampler, region_adapter, cfg.num_workers))
+        loader = make_loader(data.rows, data.region_collator, region_sampler, data.region_adapter, cfg.num_workers)
+        return image_iter, iter(loader)
 
-    if cfg.log_with:
-        accelerator.init_trackers(cfg.project_name, config={k: str(v) for k, v in cfg.to_dict().items()})
-
-    # -- evaluation ------------------------------------------------------------------------------------------------
-    eval_sets: dict[str, Any] = {}
-
-    def evaluate_now(step: int) -> dict[str, Any]:
-        from .evaluate import evaluate_grounding, evaluate_retrieval
-
-        results: dict[str, Any] = {}
-        if is_main:
-            unwrapped = accelerator.unwrap_model(model)
-            kinds = {"pretrain": ["retrieval"] + (["grounding"] if cfg.regions else []),
-                     "retrieval": ["retrieval"], "grounding": ["grounding"]}[cfg.task]
-            for kind in kinds:
-                if kind not in eval_sets:
-                    try:
-                        eval_sets[kind] = _load_split(cfg, kind, cfg.eval_split, data)
-                    except (ValueError, FileNotFoundError) as error:
-                        say(f"no {kind!r} {cfg.eval_split!r} split to evaluate on ({error}); skipped")
-                        eval_sets[kind] = None
-                if eval_sets[kind] is None:
-                    continue
-                if kind == "retrieval":
-                    m = evaluate_retrieval(unwrapped, processor, eval_sets[kind], cfg.k_test, cfg.eval_batch_size,
-                                           cfg.eval_max_examples)
-                    results.update({f"eval/{k}": m[k] for k in ("txt_r1", "img_r1", "r_mean")})
-                else:
-                    m = evaluate_grounding(unwrapped, processor, eval_sets[kind], cfg.eval_batch_size,
-                                           cfg.eval_max_examples)
-                    results["eval/acc@0.5"] = m["acc@0.5"]
-            say(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in results.items()))
-            accelerator.log(results, step=step)
-        accelerator.wait_for_everyone()
-        return results
-
-    # -- one optimizer step ------------------------------------------------------------------------------------------
-    def optimizer_step(batches: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
+    # -- one optimizer step ----------------------------------------------------------------------------------------
+    def optimizer_step(self, batches: Sequence[dict[str, Any]]) -> dict[str, float]:
+        accelerator, model = self.accelerator, self.model
         sums: dict[str, float] = {}
         for k, batch in enumerate(batches):
-            batch = {key: value.to(accelerator.device) for key, value in batch.items()}
-            if cfg.task == "retrieval":
-                batch["return_loss"] = True
-            sync = k == len(batches) - 1
-            context = accelerator.no_sync(model) if not sync and world > 1 else _nullcontext()
+            batch = {key: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for key, v in batch.items()}
+            last = k == len(batches) - 1
+            context = accelerator.no_sync(model) if not last and self.world > 1 else contextlib.nullcontext()
             with context:
                 with accelerator.autocast():
                     out = model(**batch)
@@ -439,104 +396,197 @@ def train(cfg: TrainConfig, data: dict | None = None, log: Callable[[str], None]
                 value = getattr(out, key, None)
                 if value is not None:
                     sums[key] = sums.get(key, 0.0) + float(value.detach()) / len(batches)
-        if max_grad_norm is not None:
-            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if self.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(model.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         return sums
 
-    # -- loop --------------------------------------------------------------------------------------------------------
-    from tqdm.auto import tqdm
+    # -- logging ---------------------------------------------------------------------------------------------------
+    def _reset_window(self) -> None:
+        self.running: dict[str, float] = {}
+        self.running_n, self.examples, self.window_start = 0, 0, time.perf_counter()
 
-    bar = tqdm(total=total_steps, initial=start_step, disable=not (is_main and cfg.progress), desc=cfg.task,
-               dynamic_ncols=True, mininterval=1.0)
-    if rng_state is not None:
-        restore_rng_state(rng_state)  # last, so that nothing above consumes random numbers after it
-    running: dict[str, float] = {}
-    running_n = 0
-    examples = 0
-    window_start = time.perf_counter()
-    last_losses: dict[str, float] = {}
-    for step in range(start_step, total_steps):
-        if region_iter is not None:
-            coin = derive_seed(cfg.seed, "coin", step) / 2**63
-            if coin < iter_perc:  # identical on every process
-                parts = optimizer_step([next(region_iter) for _ in range(accum)])
-                region_micro += accum
-                for key, value in parts.items():
-                    running[f"region/{key}"] = running.get(f"region/{key}", 0.0) + value
-        batches = [next(image_iter) for _ in range(accum)]
-        examples += sum(_batch_size_of(b) for b in batches) * world
-        parts = optimizer_step(batches)
-        scheduler.step()
+    def _accumulate(self, parts: dict[str, float], prefix: str = "") -> None:
         for key, value in parts.items():
-            running[key] = running.get(key, 0.0) + value
-        running_n += 1
-        done = step + 1
-        if done % max(1, cfg.log_every) == 0 or done == total_steps:
-            elapsed = max(time.perf_counter() - window_start, 1e-9)
-            means = {k: v / running_n for k, v in running.items()}
-            reduced = accelerator.reduce(torch.tensor(list(means.values()), device=accelerator.device), "mean")
-            means = dict(zip(means, reduced.tolist()))
-            means["lr"] = scheduler.get_last_lr()[0]
-            means["examples_per_s"] = examples / elapsed
-            last_losses = means
-            accelerator.log({f"train/{k}": v for k, v in means.items()}, step=done)
-            bar.set_postfix({k.replace("loss_", "").replace("region/", "r_"): f"{v:.3g}" for k, v in means.items()
-                             if k != "lr"}, refresh=False)
-            if not cfg.progress:
-                say(f"{cfg.task} step {done}/{total_steps}: " + ", ".join(
-                    f"{k} {v:.4g}" for k, v in means.items()))
-            running, running_n, examples, window_start = {}, 0, 0, time.perf_counter()
-        bar.update(1)
-        if cfg.eval_every and done % cfg.eval_every == 0 and done != total_steps:
-            history.append({"step": done, **evaluate_now(done)})
-        if cfg.save_every and (done % cfg.save_every == 0 or done == total_steps):
-            save_checkpoint(
-                ckpt_root, done, model, optimizer, scheduler,
-                {"task": cfg.task, "region_micro_steps": region_micro, "total_steps": total_steps,
-                 "eval_history": history, "config": cfg.to_dict()},
-                accelerator, cfg.save_total_limit, fault_hook=fault.save_hook(done),
-            )
-        fault.after_step(done)
-    bar.close()
-    train_seconds = time.perf_counter() - started
+            self.running[prefix + key] = self.running.get(prefix + key, 0.0) + value
 
-    final_eval: dict[str, Any] = {}
-    if cfg.eval_at_end:
-        final_eval = evaluate_now(total_steps)
+    def log_window(self, done: int, bar) -> None:
+        elapsed = max(time.perf_counter() - self.window_start, 1e-9)
+        means = {k: v / self.running_n for k, v in self.running.items()}
+        device = self.accelerator.device
+        reduced = self.accelerator.reduce(torch.tensor(list(means.values()), device=device), "mean")
+        means = dict(zip(means, reduced.tolist()))
+        means["lr"] = self.scheduler.get_last_lr()[0]
+        means["examples_per_s"] = self.examples / elapsed
+        self.last_losses = means
+        self.accelerator.log({f"train/{k}": v for k, v in means.items()}, step=done)
+        bar.set_postfix({k.replace("loss_", "").replace("region/", "r_"): f"{v:.3g}" for k, v in means.items()
+                         if k != "lr"}, refresh=False)
+        if not self.cfg.progress:
+            self.say(f"{self.cfg.task} step {done}/{self.total_steps}: " + ", ".join(
+                f"{k} {v:.4g}" for k, v in means.items()))
+        self._reset_window()
+
+    # -- evaluation ------------------------------------------------------------------------------------------------
+    def evaluate(self, step: int) -> dict[str, Any]:
+        cfg, accelerator = self.cfg, self.accelerator
+        results: dict[str, Any] = {}
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(self.model)
+            kinds = {"pretrain": ["retrieval"] + (["grounding"] if cfg.regions else []),
+                     "retrieval": ["retrieval"], "grounding": ["grounding"]}[cfg.task]
+            for kind in kinds:
+                rows = self._eval_rows(kind)
+                if rows is None:
+                    continue
+                if kind == "retrieval":
+                    m = evaluate_retrieval(unwrapped, self.processor, rows, cfg.k_test, cfg.eval_batch_size,
+                                           cfg.eval_max_examples)
+                    results.update({f"eval/{k}": m[k] for k in ("txt_r1", "img_r1", "r_mean")})
+                else:
+                    m = evaluate_grounding(unwrapped, self.processor, rows, cfg.eval_batch_size,
+                                           cfg.eval_max_examples)
+                    results["eval/acc@0.5"] = m["acc@0.5"]
+            self.say(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in results.items()))
+            accelerator.log(results, step=step)
+        accelerator.wait_for_everyone()
+        return results
+
+    def _eval_rows(self, kind: str) -> Any:
+        if kind not in self.eval_sets:
+            try:
+                self.eval_sets[kind] = _load_split(self.cfg, kind, self.cfg.eval_split, self.data)
+            except (ValueError, FileNotFoundError) as error:
+                self.say(f"no {kind!r} {self.cfg.eval_split!r} split to evaluate on ({error}); skipped")
+                self.eval_sets[kind] = None
+        return self.eval_sets[kind]
+
+    # -- checkpoints -----------------------------------------------------------------------------------------------
+    def save(self, done: int) -> None:
+        def stage(where: str) -> None:
+            for callback in self.callbacks:
+                callback.on_checkpoint_stage(done, where)
+
+        save_checkpoint(
+            self.ckpt_root, done, self.model, self.optimizer, self.scheduler,
+            {"task": self.cfg.task, "region_micro_steps": self.region_micro, "total_steps": self.total_steps,
+             "eval_history": self.history, "config": self.cfg.to_dict()},
+            self.accelerator, self.cfg.save_total_limit, stage_hook=stage if self.callbacks else None,
+        )
+
+    # -- the loop --------------------------------------------------------------------------------------------------
+    def run(self, start: _ResumePoint) -> None:
+        cfg, accum = self.cfg, self.accum
+        self.region_micro, self.history = start.region_micro, list(start.history)
+        image_iter, region_iter = self.iterators(start)
+        if cfg.log_with:
+            self.accelerator.init_trackers(cfg.project_name, config={k: str(v) for k, v in cfg.to_dict().items()})
+        bar = tqdm(total=self.total_steps, initial=start.step,
+                   disable=not (self.accelerator.is_main_process and cfg.progress), desc=cfg.task,
+                   dynamic_ncols=True, mininterval=1.0)
+        if start.rng_state is not None:
+            restore_rng_state(start.rng_state)  # last, so that nothing above consumes random numbers after it
+        self._reset_window()
+        for step in range(start.step, self.total_steps):
+            if region_iter is not None and derive_seed(cfg.seed, "coin", step) / 2**63 < self.task_data.iter_perc:
+                # the same coin on every process
+                self._accumulate(self.optimizer_step([next(region_iter) for _ in range(accum)]), "region/")
+                self.region_micro += accum
+            batches = [next(image_iter) for _ in range(accum)]
+            self.examples += sum(_batch_size_of(b) for b in batches) * self.world
+            self._accumulate(self.optimizer_step(batches))
+            self.scheduler.step()
+            self.running_n += 1
+            self._end_of_step(step + 1, bar)
+        bar.close()
+
+    def _end_of_step(self, done: int, bar) -> None:
+        cfg = self.cfg
+        if done % max(1, cfg.log_every) == 0 or done == self.total_steps:
+            self.log_window(done, bar)
+        bar.update(1)
+        if cfg.eval_every and done % cfg.eval_every == 0 and done != self.total_steps:
+            self.history.append({"step": done, **self.evaluate(done)})
+        if cfg.save_every and (done % cfg.save_every == 0 or done == self.total_steps):
+            self.save(done)
+        for callback in self.callbacks:
+            callback.on_step_end(done)
+
+
+def _finish(cfg: TrainConfig, loop: _TrainingLoop, started: float) -> dict[str, Any]:
+    """Final evaluation, final save and the run summary (`train_results.json`)."""
+    accelerator, output_dir = loop.accelerator, Path(cfg.output_dir)
+    train_seconds = time.perf_counter() - started
+    final_eval = loop.evaluate(loop.total_steps) if cfg.eval_at_end else {}
     if cfg.save_final:
         accelerator.wait_for_everyone()
-        unwrapped = accelerator.unwrap_model(model)
-        state_dict = accelerator.get_state_dict(model)
-        if is_main:
+        unwrapped = accelerator.unwrap_model(loop.model)
+        state_dict = accelerator.get_state_dict(loop.model)
+        if accelerator.is_main_process:
             unwrapped.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
-            processor.save_pretrained(output_dir)
+            loop.processor.save_pretrained(output_dir)
     summary = {
         "task": cfg.task,
         "output_dir": str(output_dir),
-        "steps": total_steps,
-        "region_steps": region_micro // accum,
-        "world_size": world,
+        "steps": loop.total_steps,
+        "region_steps": loop.region_micro // loop.accum,
+        "world_size": loop.world,
         "train_seconds": train_seconds,
-        "last_losses": last_losses,
+        "last_losses": loop.last_losses,
         "eval": final_eval,
-        "eval_history": history,
-        "recipe": recipe.to_dict(),
+        "eval_history": loop.history,
+        "recipe": loop.recipe.to_dict(),
     }
-    if is_main:
+    if accelerator.is_main_process:
         with open(output_dir / "train_results.json", "w", encoding="utf-8") as handle:
             json.dump(summary, handle, indent=2, default=str)
     accelerator.end_training()
     return summary
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
+def train(
+    cfg: TrainConfig,
+    data: dict | None = None,
+    log: Callable[[str], None] | None = None,
+    callbacks: Sequence[TrainingCallback] = (),
+) -> dict[str, Any]:
+    """Run one training task; returns a summary (steps, losses, evaluation metrics, timings, output folder).
 
-    def __exit__(self, *exc):
-        return False
+    Args:
+        cfg: the run configuration.
+        data: optional pre-loaded datasets ``{(config_name, split): rows}`` used instead of loading them.
+        log: where to print messages (default ``print`` on the main process).
+        callbacks: `TrainingCallback`s observing the loop.
+    """
+    if cfg.task not in TASKS:
+        raise ValueError(f"unknown task {cfg.task!r}; expected one of {TASKS}")
+    started = time.perf_counter()
+    accelerator = _make_accelerator(cfg)
+    say = (log or (lambda msg: print(msg, flush=True))) if accelerator.is_main_process else (lambda msg: None)
+    if accelerator.is_main_process:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.seed)  # identical initialisation on every process
+    model, processor = _model_and_processor(cfg)
+    recipe = get_recipe(cfg.task, lr=cfg.lr, lr_mult=cfg.lr_mult, weight_decay=cfg.weight_decay, warmup=cfg.warmup,
+                        epochs=cfg.epochs, batch_size=cfg.batch_size)
+    task_data = build_task_data(cfg, processor, model.config.image_size, recipe, data)
+    micro_per_epoch = len(task_data.rows) // (recipe.batch_size * accelerator.num_processes)
+    if micro_per_epoch < 1:
+        raise SystemExit(f"{len(task_data.rows)} training examples are fewer than one global batch "
+                         f"({recipe.batch_size} x {accelerator.num_processes})")
+    total_steps = cfg.max_steps or max(1, recipe.epochs * micro_per_epoch // max(1, cfg.grad_accum))
+    new_params = new_parameter_names(model, cfg.task) if recipe.new_params_get_lr_mult else set()
+    optimizer = create_optimizer(
+        model, recipe.lr, recipe.weight_decay, recipe.lr_mult, new_params, recipe.betas, recipe.eps
+    )
+    scheduler = create_scheduler(optimizer, total_steps, recipe.warmup)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    start = _resume(cfg, Path(cfg.output_dir) / "checkpoints", model, optimizer, scheduler, accelerator, say)
+    loop = _TrainingLoop(cfg, accelerator, model, processor, optimizer, scheduler, recipe, task_data, total_steps,
+                         data, say, callbacks)
+    loop.run(start)
+    return _finish(cfg, loop, started)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -556,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
         "arguments: the CPU demo job (pre-train a tiny X-VLM on the synthetic dataset, fine-tune and evaluate it).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("task", nargs="?", default="demo", choices=[*TASKS, "demo"])
+    parser.add_argument("task", choices=TASKS)
     g = parser.add_argument_group("model")
     g.add_argument("--model", default="tiny", help="preset (tiny, base: new weights), or a save_pretrained folder / Hub id")
     g.add_argument("--config-overrides", default=None, help="JSON merged into the preset, e.g. "
@@ -627,11 +677,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Train one task (`xvlm-train <task> ...`; `modeling_xvlm.training.cli` adds the demo job)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] == "demo":
-        from .main_job import main as demo_main
-
-        return demo_main(argv[1:] if argv else [])
     args = build_parser().parse_args(argv)
     summary = train(config_from_args(args))
     if summary["eval"]:

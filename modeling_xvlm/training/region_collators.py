@@ -1,9 +1,10 @@
-"""Pre-training / grounding batch building (official-xvlm.md §4.3-§4.5).
+"""Batches of box and region data: pre-training and grounding (official `dataset/pretrain_dataset.py`,
+`dataset/grounding_dataset.py`).
 
 * :class:`XVLMRegionSampler` — the official region-data transform of ``RegionTextJsonDataset`` (anchor-box-aware
   random crop, horizontal flip, square resize, region sampling with ``max_regions`` / ``min_perc_in_image``).
 * :class:`XVLMPretrainCollator` — rows -> a pre-training batch (unique images, ``image_index``, region masks, MLM
-  inputs and labels, target boxes, ``is_image``).
+  inputs and labels, box ``labels``, ``is_image``).
 * :class:`XVLMGroundingCollator` — rows ``{"image", "text", "bbox"}`` -> ``XVLMForGrounding`` inputs.
 """
 
@@ -18,11 +19,12 @@ from typing import Any
 import PIL.Image
 import torch
 
+from transformers.feature_extraction_utils import BatchFeature
+
 from ..box_ops import box_convert
-from .boxes import normalize_boxes, region_masks_from_boxes, scale_boxes_to_input
-from .image_processing_xvlm import load_image_rgb
+from ..processing import encode_texts, load_image_rgb
+from ..processing.boxes import normalize_boxes, region_masks_from_boxes, scale_boxes_to_input
 from .masking import XVLMTextMasker
-from .processing_xvlm import encode_texts
 
 __all__ = ["XVLMRegionSampler", "XVLMPretrainCollator", "XVLMGroundingCollator", "mentions_left_right"]
 
@@ -201,7 +203,7 @@ class XVLMPretrainCollator:
 
     Output ``BatchFeature`` (``torch``): ``pixel_values`` (N_images, 3, H, W); ``input_ids``, ``attention_mask``,
     ``mlm_input_ids``, ``mlm_labels`` (N_texts, L); ``image_index``, ``is_image`` (N_texts,); ``region_masks``
-    (N_texts, 1 + P); ``target_boxes`` (N_texts, 4) normalised cxcywh.
+    (N_texts, 1 + P); ``labels`` (N_texts, 4) target boxes, normalised cxcywh.
 
     Args:
         processor: an :class:`XVLMProcessor` (image processor + tokenizer + text settings).
@@ -288,15 +290,13 @@ class XVLMPretrainCollator:
             targets[r] = normalize_boxes(scaled, input_size)[0]
             masks[r] = region_masks_from_boxes(box_convert(scaled, "xyxy", "xywh"), input_size, ip.patch_size)[0]
         mlm_input_ids, mlm_labels = self.masker(input_ids, attention_mask)
-        from transformers.feature_extraction_utils import BatchFeature
-
         return BatchFeature({
             "pixel_values": pixel_values,
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "image_index": torch.tensor([image_of[k] for k in keep], dtype=torch.long),
             "region_masks": masks,
-            "target_boxes": targets.float(),
+            "labels": targets.float(),
             "mlm_input_ids": mlm_input_ids,
             "mlm_labels": mlm_labels,
             "is_image": torch.tensor([entries[k][2] for k in keep], dtype=torch.long),
@@ -325,11 +325,9 @@ class XVLMGroundingCollator:
             "pixel_values": out["pixel_values"],
             "input_ids": out["input_ids"],
             "attention_mask": out["attention_mask"],
-            "labels": out["target_boxes"],
+            "labels": out["labels"],
         }
         if self.return_target_sizes:
             rgb_sizes = [(im.height, im.width) for im in map(load_image_rgb, images)]
             batch["target_sizes"] = torch.tensor(rgb_sizes, dtype=torch.long)
-        from transformers.feature_extraction_utils import BatchFeature
-
         return BatchFeature(batch)

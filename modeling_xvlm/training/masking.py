@@ -1,4 +1,4 @@
-"""Official X-VLM MLM masking (``TextMaskingGenerator``, official-xvlm.md §4.4) producing full-length labels."""
+"""Official X-VLM MLM masking (``TextMaskingGenerator`` of the official `dataset/pretrain_dataset.py`) producing full-length labels."""
 
 from __future__ import annotations
 
