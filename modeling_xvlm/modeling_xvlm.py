@@ -399,9 +399,7 @@ class XVLMModel(XVLMPreTrainedModel):
         With `return_loss=True` the images and texts must be aligned pairs (`n_images == n_texts`) and the
         symmetric ITC loss is returned.
         """
-        kwargs = model_kwargs(self, kwargs)
-        if pixel_values is None or input_ids is None:
-            raise ValueError("XVLMModel.forward needs both pixel_values and input_ids.")
+        kwargs = head_kwargs(self, kwargs, pixel_values, input_ids)
         image = self.get_image_features(pixel_values, return_dict=True, **kwargs)
         text = self.get_text_features(input_ids, attention_mask, return_dict=True, **kwargs)
         image_embeds, text_embeds = image.pooler_output, text.pooler_output
@@ -465,6 +463,14 @@ def model_kwargs(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise TypeError(f"{type(model).__name__}.forward() got unexpected keyword argument(s): {', '.join(unknown)}.")
     return _output_flags(kwargs)
+
+
+def head_kwargs(model: nn.Module, kwargs: dict[str, Any], pixel_values: Any, input_ids: Any) -> dict[str, Any]:
+    """`model_kwargs`, plus the check every head's `forward` starts with: images and texts are both given."""
+    kwargs = model_kwargs(model, kwargs)
+    if pixel_values is None or input_ids is None:
+        raise ValueError(f"{type(model).__name__}.forward needs pixel_values and input_ids.")
+    return kwargs
 
 
 def _output_flags(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from .modeling_xvlm import (
     XVLMModel,
     XVLMPreTrainedModel,
     build_mlp,
-    model_kwargs,
+    head_kwargs,
     nested_to_tuple,
     wants_loss,
 )
@@ -112,9 +112,7 @@ class XVLMForGrounding(XVLMHeadMixin, XVLMPreTrainedModel):
             `XVLMForGroundingOutput` with `pred_boxes` `(B, 4)` and, with the loss, `loss = l1 + giou` (weights
             `config.bbox_l1_loss_weight`, `config.bbox_giou_loss_weight`).
         """
-        kwargs = model_kwargs(self, kwargs)
-        if pixel_values is None or input_ids is None:
-            raise ValueError("XVLMForGrounding.forward needs pixel_values and input_ids.")
+        kwargs = head_kwargs(self, kwargs, pixel_values, input_ids)
         compute_loss = wants_loss(return_loss, labels)
         if compute_loss and labels is None:
             raise ValueError("XVLMForGrounding needs labels (target boxes) to compute a loss.")

@@ -23,7 +23,7 @@ from .modeling_xvlm import (
     XVLMModel,
     XVLMPreTrainedModel,
     build_mlp,
-    model_kwargs,
+    head_kwargs,
     nested_to_tuple,
     wants_loss,
 )
@@ -208,9 +208,7 @@ class XVLMForImagesAndTextClassification(
         Returns:
             `XVLMForImagesAndTextClassificationOutput` with `logits` `(B, num_labels)`.
         """
-        kwargs = model_kwargs(self, kwargs)
-        if pixel_values is None or input_ids is None:
-            raise ValueError("XVLMForImagesAndTextClassification.forward needs pixel_values and input_ids.")
+        kwargs = head_kwargs(self, kwargs, pixel_values, input_ids)
         compute_loss = wants_loss(return_loss, labels)
         if compute_loss and labels is None:
             raise ValueError("XVLMForImagesAndTextClassification needs labels to compute a loss.")
@@ -310,9 +308,7 @@ class XVLMForTextAssignment(_FromPretrainingMixin, _ImagePairMixin, XVLMHeadMixi
                 `sample_pairs` (the official training step).
             return_loss: `None` (default): a loss iff the pairs are sampled here or `labels` are given.
         """
-        kwargs = model_kwargs(self, kwargs)
-        if pixel_values is None or input_ids is None:
-            raise ValueError("XVLMForTextAssignment.forward needs pixel_values and input_ids.")
+        kwargs = head_kwargs(self, kwargs, pixel_values, input_ids)
         if pair_index is None and labels is not None:
             raise ValueError("labels of fixed pairs need their pair_index.")
         image_embeds = self.xvlm.encode_image(pixel_values, **kwargs).last_hidden_state

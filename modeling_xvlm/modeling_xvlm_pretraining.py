@@ -18,8 +18,8 @@ from .modeling_xvlm import (
     XVLMModel,
     XVLMPreTrainedModel,
     build_mlp,
+    head_kwargs,
     image_text_matching,
-    model_kwargs,
     nested_to_tuple,
     wants_loss,
 )
@@ -140,9 +140,7 @@ class XVLMForPretraining(XVLMHeadMixin, XVLMPreTrainedModel):
         `region_masks`), or its image; the box head reads the FULL image with an all-ones mask (official). In
         training the temperature is clamped in place to `config.temperature_clamp` (official [0.001, 0.5]).
         """
-        kwargs = model_kwargs(self, kwargs)
-        if pixel_values is None or input_ids is None:
-            raise ValueError("XVLMForPretraining.forward needs pixel_values and input_ids.")
+        kwargs = head_kwargs(self, kwargs, pixel_values, input_ids)
         compute_loss = wants_loss(return_loss, mlm_labels, labels)
         xvlm = self.xvlm
         if self.training:

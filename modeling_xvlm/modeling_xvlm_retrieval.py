@@ -17,8 +17,8 @@ from .modeling_xvlm import (
     XVLMModel,
     XVLMPreTrainedModel,
     build_mlp,
+    head_kwargs,
     image_text_matching,
-    model_kwargs,
     nested_to_tuple,
     slice_output,
     wants_loss,
@@ -104,9 +104,7 @@ class XVLMForRetrieval(XVLMHeadMixin, XVLMPreTrainedModel):
         Returns:
             `XVLMForRetrievalOutput`; `itm_logits` are those of the aligned pairs (when `n_images == n_texts`).
         """
-        kwargs = model_kwargs(self, kwargs)
-        if pixel_values is None or input_ids is None:
-            raise ValueError("XVLMForRetrieval.forward needs pixel_values and input_ids.")
+        kwargs = head_kwargs(self, kwargs, pixel_values, input_ids)
         xvlm = self.xvlm
         image = xvlm.get_image_features(pixel_values, return_dict=True, **kwargs)
         text = xvlm.get_text_features(input_ids, attention_mask, return_dict=True, **kwargs)
