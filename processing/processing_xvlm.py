@@ -13,10 +13,10 @@ from transformers import AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from .image_processing_xvlm import XVLMImageProcessor, XVLMImageProcessorPil, load_images_rgb
+from .image_processing_xvlm import XVLMImageProcessor, XVLMImageProcessorPil, load_image_rgb, load_images_rgb
 from .text import pre_caption, pre_question
 
-__all__ = ["XVLMProcessor", "encode_texts", "is_box"]
+__all__ = ["XVLMProcessor", "encode_texts", "is_box", "is_image_pairs"]
 
 TEXT_PREPROCESSING = ("caption", "question", None)
 
@@ -30,6 +30,40 @@ def is_box(x: Any) -> bool:
     if isinstance(x, Sequence) and not isinstance(x, str) and len(x) == 4:
         return all(isinstance(v, numbers.Number) for v in x)
     return False
+
+
+def is_image_pairs(images: Any) -> bool:
+    """True when ``images`` is a list of image groups (``[(left, right), ...]``, the NLVR2 input) rather than a flat
+    list of images: a non-empty list / tuple one of whose items is itself a list or tuple."""
+    return (
+        isinstance(images, (list, tuple))
+        and len(images) > 0
+        and any(isinstance(item, (list, tuple)) for item in images)
+    )
+
+
+def _check_pairs(images: Sequence[Any], text: Any, boxes: Any, image_index: Any) -> None:
+    """Validate the NLVR2 input: every item a pair of exactly two images, one sentence per pair."""
+    for i, pair in enumerate(images):
+        if not isinstance(pair, (list, tuple)):
+            raise ValueError(
+                f"images[{i}] is a single image but other items are pairs: give every item as a (left, right) "
+                "pair of images"
+            )
+        if len(pair) != 2:
+            raise ValueError(f"images[{i}] has {len(pair)} images: each pair must have exactly two (left, right)")
+        for j, image in enumerate(pair):
+            if isinstance(image, (list, tuple)):
+                raise ValueError(f"images[{i}][{j}] must be one image, got a {type(image).__name__}")
+    if boxes is not None or image_index is not None:
+        raise ValueError("boxes and image_index are not supported with image pairs")
+    if text is None:
+        return
+    texts = [text] if isinstance(text, str) else text
+    if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+        raise ValueError("with image pairs, text must be a list of sentences (one str per pair)")
+    if len(texts) != len(images):
+        raise ValueError(f"got {len(texts)} sentences for {len(images)} image pairs: give one sentence per pair")
 
 
 def _group(structure: Any, is_leaf, n_images: int, what: str) -> tuple[list[Any], list[int] | None, bool]:
@@ -208,7 +242,9 @@ class XVLMProcessor(ProcessorMixin):
         """Build model inputs.
 
         Args:
-            images: one image, a list of ``N_images`` images, or a 4-D batch (PIL / numpy / torch / paths).
+            images: one image, a list of ``N_images`` images, or a 4-D batch (PIL / numpy / torch / paths); or, for
+                NLVR2, a list of ``(left, right)`` pairs, one per sentence of ``text``: ``pixel_values`` is then
+                ``(N_pairs, 2, 3, H, W)`` (as ViLT's NLVR2 input).
             text: one text; a list with one text per image; a list of texts for a single image; or a list of
                 ``N_images`` lists (several texts per image).
             boxes: pixel boxes of the *original* images, mirroring ``text`` (one per text; ``None`` = whole image),
@@ -230,6 +266,9 @@ class XVLMProcessor(ProcessorMixin):
             raise ValueError("give at least one of images and text")
         if boxes is not None and images is None:
             raise ValueError("boxes need the images they refer to")
+        if is_image_pairs(images):
+            return self._call_pairs(images, text, boxes, image_index, return_tensors, padding, max_length,
+                                    truncation, add_sep, text_preprocessing, max_words, images_kwargs)
         data: dict[str, Any] = {}
         sizes: list[tuple[int, int]] = []
         n_images = 0
@@ -295,6 +334,30 @@ class XVLMProcessor(ProcessorMixin):
                                   index != list(range(n_images))):
             data["image_index"] = index
 
+        return self._to_batch(data, return_tensors)
+
+    def _call_pairs(self, images, text, boxes, image_index, return_tensors, padding, max_length, truncation, add_sep,
+                    text_preprocessing, max_words, images_kwargs) -> BatchFeature:
+        """``images=[(left, right), ...]``, ``text=[sentence, ...]`` -> ``pixel_values`` ``(B, 2, 3, H, W)``."""
+        _check_pairs(images, text, boxes, image_index)
+        flat = [image for pair in images for image in pair]  # left0, right0, left1, right1, ...
+        rgb = [load_image_rgb(image, f"images[{k // 2}][{k % 2}]") for k, image in enumerate(flat)]
+        pixel = self.image_processor(rgb, return_tensors="pt", **images_kwargs)["pixel_values"]
+        data: dict[str, Any] = {"pixel_values": pixel.view(len(images), 2, *pixel.shape[1:])}
+        if text is not None:
+            texts = [text] if isinstance(text, str) else list(text)
+            ids, att = encode_texts(
+                self.tokenizer,
+                texts,
+                max_length=self.max_length if max_length is None else max_length,
+                truncation=truncation,
+                padding=self.padding if padding is None else padding,
+                add_sep=self.add_sep if add_sep is None else add_sep,
+                text_preprocessing=self.text_preprocessing if text_preprocessing is False else text_preprocessing,
+                max_words=self.max_words if max_words is False else max_words,
+            )
+            data["input_ids"] = ids
+            data["attention_mask"] = att
         return self._to_batch(data, return_tensors)
 
     @staticmethod

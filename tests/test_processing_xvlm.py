@@ -334,3 +334,33 @@ def test_grounding_collator(processor) -> None:
     assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "labels", "target_sizes"}
     torch.testing.assert_close(batch["labels"], torch.tensor([[20 / 64, 21 / 48, 24 / 64, 18 / 48], [0.25, 0.25, 0.5, 0.5]]))
     assert batch["target_sizes"].tolist() == [[48, 64], [32, 32]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image pairs (NLVR2)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_processor_image_pairs_shape_and_order(processor) -> None:
+    left, right = img(48, 64), Image.new("RGB", (32, 40), (200, 100, 0))
+    out = processor(images=[(left, right), [right, left]], text=["a dog", "a cat"])
+    assert tuple(out["pixel_values"].shape) == (2, 2, 3, 64, 64)
+    assert tuple(out["input_ids"].shape[:1]) == (2,) and "image_index" not in out
+    single = processor(images=[left, right])["pixel_values"]
+    assert torch.equal(out["pixel_values"][0], single) and torch.equal(out["pixel_values"][1], single.flip(0))
+    # a single pair and a single sentence
+    assert tuple(processor(images=[(left, right)], text="a dog")["pixel_values"].shape) == (1, 2, 3, 64, 64)
+
+
+def test_processor_image_pairs_errors(processor) -> None:
+    a = img()
+    with pytest.raises(ValueError, match=r"images\[0\] has 1 images: each pair must have exactly two"):
+        processor(images=[(a,)], text=["a dog"])
+    with pytest.raises(ValueError, match=r"images\[1\] has 3 images"):
+        processor(images=[(a, a), (a, a, a)], text=["a dog", "a cat"])
+    with pytest.raises(ValueError, match="2 sentences for 1 image pairs"):
+        processor(images=[(a, a)], text=["a dog", "a cat"])
+    with pytest.raises(ValueError, match="one str per pair"):
+        processor(images=[(a, a)], text=[["a dog"]])
+    with pytest.raises(ValueError, match=r"images\[0\] is a single image"):
+        processor(images=[a, (a, a)], text=["a dog", "a cat"])

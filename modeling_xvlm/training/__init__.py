@@ -12,11 +12,14 @@ from .collators import (
     BoxSafeRegionSampler,
     XVLMGroundingTrainCollator,
     XVLMImageTextTransform,
+    XVLMNLVR2Collator,
     XVLMRetrievalCollator,
+    XVLMTextAssignmentCollator,
+    nlvr2_train_transform,
 )
 from .masking import XVLMTextMasker, mask_token_ids
 from .region_collators import XVLMGroundingCollator, XVLMPretrainCollator, XVLMRegionSampler, mentions_left_right
-from .evaluate import evaluate_grounding, evaluate_retrieval, grounding_accuracy
+from .evaluate import evaluate_grounding, evaluate_nlvr2, evaluate_retrieval, grounding_accuracy
 from .recipe import (
     NO_DECAY_SUBSTRINGS,
     TASK_RECIPES,
@@ -38,13 +41,16 @@ __all__ = [
     "XVLMGroundingCollator",
     "XVLMGroundingTrainCollator",
     "XVLMImageTextTransform",
+    "XVLMNLVR2Collator",
     "XVLMPretrainCollator",
     "XVLMRegionSampler",
     "XVLMRetrievalCollator",
+    "XVLMTextAssignmentCollator",
     "XVLMTextMasker",
     "create_optimizer",
     "create_scheduler",
     "evaluate_grounding",
+    "evaluate_nlvr2",
     "evaluate_retrieval",
     "get_recipe",
     "grounding_accuracy",
@@ -52,6 +58,7 @@ __all__ = [
     "linear_warmup_decay",
     "mask_token_ids",
     "mentions_left_right",
+    "nlvr2_train_transform",
     "load_checkpoint",
     "parameter_groups",
     "save_checkpoint",

@@ -9,6 +9,12 @@
 * :class:`XVLMGroundingTrainCollator` - referring expressions -> ``XVLMForGrounding`` inputs with the official
   ``grounding_bbox`` training transform (box-aware random crop keeping the box, flip unless the text says
   left/right, square resize, optional box-safe RandAugment).
+* :class:`XVLMNLVR2Collator` - NLVR2 rows (``left_image``, ``right_image``, ``sentence``, ``label``) ->
+  ``XVLMForImagesAndTextClassification`` inputs (``pixel_values`` ``(B, 2, 3, H, W)``), each image with the official
+  NLVR2 ``train_transform`` (the retrieval one, :func:`nlvr2_train_transform`), never flipped when the sentence
+  mentions left/right.
+* :class:`XVLMTextAssignmentCollator` - image-text rows -> ``XVLMForTextAssignment`` inputs (official
+  ``NLVR_pretrain.py``: the ``pretrain_transform`` images and the captions; the model draws the image pairs).
 * :class:`XVLMImageTextTransform` - the official ``pretrain_transform`` for pre-training image-text rows.
 * :class:`BoxSafeRegionSampler` - the processing region sampler followed by box-safe RandAugment (official
   ``box_transform``), for pre-training region batches.
@@ -36,7 +42,11 @@ __all__ = [
     "XVLMImageTextTransform",
     "XVLMRetrievalCollator",
     "XVLMGroundingTrainCollator",
+    "XVLMNLVR2Collator",
+    "XVLMTextAssignmentCollator",
     "BoxSafeRegionSampler",
+    "nlvr2_label",
+    "nlvr2_train_transform",
     "reseed",
     "pixel_values_from_pil",
 ]
@@ -94,14 +104,16 @@ class XVLMImageTextTransform:
         self.randaugment = RandomAugment() if randaugment else None
         self.rng = random.Random(seed)
 
-    def __call__(self, image: Any, texts: Sequence[str] = ()) -> PIL.Image.Image:
+    def __call__(self, image: Any, texts: Sequence[str] = (), allow_flip: bool = True) -> PIL.Image.Image:
+        """Augment one image; ``allow_flip=False`` never flips (the flip draw is still made, so the random stream
+        does not depend on it)."""
         rng = self.rng
         image = load_image_rgb(image)
         if self.scale[0] >= 1.0:
             image = image.resize((self.image_size, self.image_size), PIL.Image.Resampling.BICUBIC)
         else:
             image = random_resized_crop(image, self.image_size, rng, scale=self.scale)
-        if rng.random() < self.hflip_prob:
+        if rng.random() < self.hflip_prob and allow_flip:
             if not (self.careful_hflip and mentions_left_right(list(texts), self.left_right_test)):
                 image = hflip(image)
         if self.randaugment is not None:
@@ -228,6 +240,126 @@ class XVLMGroundingTrainCollator:
                 "input_ids": ids,
                 "attention_mask": att,
                 "labels": torch.tensor(boxes, dtype=torch.float32),
+            }
+        )
+
+
+def nlvr2_train_transform(
+    image_size: int, randaugment: bool = True, crop_scale_min: float = 0.5, left_right_test: str = "word"
+) -> XVLMImageTextTransform:
+    """The official NLVR2 training transform (``dataset/__init__.py``: ``nlvr`` uses ``train_transform``, the
+    retrieval one): RandomResizedCrop(image_size, scale=(0.5, 1)) (bicubic) -> horizontal flip (p = 0.5) ->
+    RandAugment(2, 7). Here the flip is skipped when the sentence mentions left/right (see
+    :class:`XVLMNLVR2Collator`); the evaluation transform is the processor's square bicubic resize."""
+    return XVLMImageTextTransform(
+        image_size, scale=(crop_scale_min, 1.0), careful_hflip=True, left_right_test=left_right_test,
+        randaugment=randaugment,
+    )
+
+
+def nlvr2_label(value: Any) -> int:
+    """An NLVR2 label as a class index: ``1`` / ``True`` / ``"True"`` -> 1, ``0`` / ``False`` / ``"False"`` -> 0."""
+    if isinstance(value, str):
+        if value.strip().lower() in ("true", "1"):
+            return 1
+        if value.strip().lower() in ("false", "0"):
+            return 0
+        raise ValueError(f"unsupported NLVR2 label {value!r}")
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    label = int(value)
+    if label not in (0, 1):
+        raise ValueError(f"unsupported NLVR2 label {value!r} (expected 0 or 1)")
+    return label
+
+
+class XVLMNLVR2Collator:
+    """NLVR2 rows ``{"left_image", "right_image", "sentence", "label"}`` -> ``pixel_values`` ``(B, 2, 3, H, W)``
+    (left, right), ``input_ids``, ``attention_mask`` (``[CLS] words``, ``pre_caption``-cleaned, no [SEP]) and
+    ``labels`` ``(B,)`` (1 = the sentence is true of the pair; rows without ``label`` give no ``labels``).
+
+    Each image is augmented on its own by ``transform`` (official ``nlvr_dataset`` applies ``train_transform`` to
+    image0 and image1 separately). A sentence that mentions left/right (``mentions_left_right``, ``left_right_test``)
+    never has its images flipped, whatever the transform's ``careful_hflip``: "the dog on the left" would be false of
+    a mirrored image. (The official transform flips regardless.)
+
+    Args:
+        processor: an ``XVLMProcessor``.
+        transform: an :class:`XVLMImageTextTransform` for training (:func:`nlvr2_train_transform`); ``None``: the
+            evaluation transform, the processor's square bicubic resize (official ``test_transform``).
+        left_right_test: ``"word"`` (default) or ``"substring"`` (the official test).
+    """
+
+    def __init__(self, processor, transform: XVLMImageTextTransform | None = None,
+                 left_right_test: str = "word") -> None:
+        self.processor = processor
+        self.transform = transform
+        self.left_right_test = left_right_test
+        self.rng = random.Random()
+
+    def __call__(self, rows: Sequence[dict]) -> BatchFeature:
+        images, sentences, labels = [], [], []
+        for k, r in enumerate(rows):
+            missing = [key for key in ("left_image", "right_image", "sentence") if key not in r]
+            if missing:
+                raise ValueError(f"NLVR2 row {k} has no {', '.join(missing)} (keys: {sorted(r)})")
+            sentence = r["sentence"]
+            pair = [r["left_image"], r["right_image"]]
+            if self.transform is not None:
+                allow_flip = not mentions_left_right([sentence], self.left_right_test)
+                pair = [self.transform(image, [sentence], allow_flip=allow_flip) for image in pair]
+            images.extend(pair)
+            sentences.append(sentence)
+            if "label" in r and r["label"] is not None:
+                labels.append(nlvr2_label(r["label"]))
+        if labels and len(labels) != len(rows):
+            raise ValueError("some NLVR2 rows have a label and others not")
+        pixel_values = pixel_values_from_pil(images, self.processor.image_processor)
+        ids, att = _encode(self.processor, sentences)
+        out = {
+            "pixel_values": pixel_values.view(len(rows), 2, *pixel_values.shape[1:]),
+            "input_ids": ids,
+            "attention_mask": att,
+        }
+        if labels:
+            out["labels"] = torch.tensor(labels, dtype=torch.long)
+        return BatchFeature(out)
+
+
+class XVLMTextAssignmentCollator:
+    """Image-text rows -> ``XVLMForTextAssignment`` inputs: ``pixel_values`` ``(B, 3, H, W)``, ``input_ids``,
+    ``attention_mask`` and ``return_loss=True`` (the model draws the image pairs and their labels itself, so a
+    batch has no ``labels``; ``return_loss`` makes ``Trainer`` report an evaluation loss).
+
+    Rows: ``{"image", "caption"}`` (a str, or a list from which one caption is drawn per batch) or the
+    ``pretrain`` schema ``{"image", "captions"}``. Official ``NLVR_pretrain.py``: image-text data with the
+    ``pretrain_transform`` (``XVLMImageTextTransform(scale=(0.2, 1))``); ``transform=None`` resizes only.
+    """
+
+    def __init__(self, processor, transform: XVLMImageTextTransform | None = None) -> None:
+        self.processor = processor
+        self.transform = transform
+        self.rng = random.Random()
+
+    def __call__(self, rows: Sequence[dict]) -> BatchFeature:
+        images, texts = [], []
+        for k, r in enumerate(rows):
+            captions = r["caption"] if "caption" in r else r.get("captions")
+            if not captions:
+                raise ValueError(f"text-assignment row {k} has no caption")
+            caption = captions if isinstance(captions, str) else self.rng.choice(list(captions))
+            image = r["image"]
+            if self.transform is not None:
+                image = self.transform(image, [caption])
+            images.append(image)
+            texts.append(caption)
+        ids, att = _encode(self.processor, texts)
+        return BatchFeature(
+            {
+                "pixel_values": pixel_values_from_pil(images, self.processor.image_processor),
+                "input_ids": ids,
+                "attention_mask": att,
+                "return_loss": True,
             }
         )
 

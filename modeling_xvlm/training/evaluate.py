@@ -8,11 +8,15 @@
   original image and compared with the ground truth by the official inclusive-pixel IoU (``computeIoU``); a
   prediction is correct when IoU >= 0.5. Accuracy is reported overall and per ``group`` (RefCOCO+ ``val`` /
   ``testA`` / ``testB``, synthetic ``seen`` / ``heldout``).
+* NLVR2 (official ``NLVR.py::evaluate``): evaluation transform (square bicubic resize) for both images, the
+  predicted class is the argmax of the 2-way logits, accuracy = mean of ``prediction == label`` over the split
+  (percent; the official per-batch accuracies are averaged weighted by batch size, which is the same number).
 
 Usage::
 
     xvlm-eval retrieval --model out/retrieval --split test --k-test 128 --output retrieval.json
     xvlm-eval grounding --model out/grounding --dataset my-refcoco-folder --split test
+    xvlm-eval nlvr2 --model out/nlvr2 --dataset my-nlvr2-folder --split test
 """
 
 from __future__ import annotations
@@ -32,14 +36,17 @@ from transformers import AutoTokenizer
 from ..box_ops import inclusive_pixel_iou
 from ..data import load_xvlm_dataset, synthetic_tokenizer
 from ..modeling_xvlm_grounding import XVLMForGrounding
+from ..modeling_xvlm_nlvr import XVLMForImagesAndTextClassification
 from ..modeling_xvlm_retrieval import XVLMForRetrieval
 from ..processing import XVLMImageProcessorPil, XVLMProcessor, load_image_rgb
 from ..retrieval import retrieval_metrics, retrieve, score_matrices
+from .collators import XVLMNLVR2Collator
 from .region_collators import XVLMGroundingCollator
 
 __all__ = [
     "evaluate_retrieval",
     "evaluate_grounding",
+    "evaluate_nlvr2",
     "grounding_accuracy",
     "retrieval_chance",
     "format_table",
@@ -245,6 +252,71 @@ def evaluate_grounding(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# NLVR2
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_nlvr2(
+    model: Any,
+    processor: Any,
+    dataset: Any,
+    batch_size: int = 64,
+    max_examples: int | None = None,
+    device: torch.device | str | None = None,
+    return_predictions: bool = False,
+) -> dict[str, Any]:
+    """Official NLVR2 evaluation (``NLVR.py::evaluate``) on rows ``left_image``, ``right_image``, ``sentence``,
+    ``label`` (1 = true): both images resized (official ``test_transform``), ``argmax`` of the logits, accuracy.
+
+    Args:
+        model: ``XVLMForImagesAndTextClassification``.
+        processor: ``XVLMProcessor``.
+        dataset: NLVR2 rows (a list of dicts or a ``datasets.Dataset``).
+        batch_size: examples per forward.
+        max_examples: evaluate on the first ``max_examples`` rows only.
+        device: the model's device (default: where the model is).
+        return_predictions: also return ``predictions`` (the predicted class of each row).
+
+    Returns:
+        ``accuracy`` (percent), ``num_examples``, ``majority_baseline`` (percent of the most frequent label),
+        ``seconds`` (and ``predictions``).
+    """
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    collator = XVLMNLVR2Collator(processor)
+    n = len(dataset) if max_examples is None else min(len(dataset), max_examples)
+    if n == 0:
+        raise ValueError("no NLVR2 rows to evaluate")
+    preds: list[int] = []
+    labels: list[int] = []
+    try:
+        for first in range(0, n, batch_size):
+            batch = collator([dataset[i] for i in range(first, min(first + batch_size, n))])
+            if "labels" not in batch:
+                raise ValueError("NLVR2 evaluation needs a label in every row")
+            labels.extend(batch.pop("labels").tolist())
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(**batch).logits
+            preds.extend(logits.argmax(dim=-1).tolist())
+    finally:
+        model.train(was_training)
+    correct = sum(int(p == y) for p, y in zip(preds, labels))
+    majority = max(labels.count(0), labels.count(1))
+    result: dict[str, Any] = {
+        "accuracy": 100.0 * correct / n,
+        "num_examples": n,
+        "majority_baseline": 100.0 * majority / n,
+        "seconds": time.perf_counter() - start,
+    }
+    if return_predictions:
+        result["predictions"] = preds
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Reporting
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -275,6 +347,11 @@ def retrieval_table(metrics: dict[str, Any]) -> str:
         f"{table}\nr_mean {metrics['r_mean']:.2f} ({metrics['num_images']} images, {metrics['num_texts']} texts, "
         f"k_test {metrics['k_test']})"
     )
+
+
+def nlvr2_table(metrics: dict[str, Any]) -> str:
+    rows = [["accuracy", metrics["accuracy"], metrics["majority_baseline"], metrics["num_examples"]]]
+    return format_table(rows, ["metric", "value (%)", "majority baseline (%)", "n"])
 
 
 def grounding_table(metrics: dict[str, Any]) -> str:
@@ -318,17 +395,19 @@ def load_processor(model_path: str, tokenizer: str | None = None, image_size: in
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xvlm-eval",
-        description="Evaluate an X-VLM model with the official retrieval / grounding protocols; prints a table and "
+        description="Evaluate an X-VLM model with the official retrieval / grounding / NLVR2 protocols; prints a "
+        "table and "
         "writes JSON.",
     )
-    parser.add_argument("task", choices=["retrieval", "grounding"])
+    parser.add_argument("task", choices=["retrieval", "grounding", "nlvr2"])
     parser.add_argument("--model", required=True, help="model folder or Hub id (save_pretrained format)")
     parser.add_argument("--dataset", default=None, help="dataset folder or Hub id (default: the synthetic dataset)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--tokenizer", default=None, help="only when the model folder has no processor")
     parser.add_argument("--k-test", type=int, default=128, help="retrieval: ITC candidates re-ranked by ITM")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-examples", type=int, default=None, help="images (retrieval) / expressions (grounding)")
+    parser.add_argument("--max-examples", type=int, default=None,
+                        help="images (retrieval) / expressions (grounding) / sentences (nlvr2)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="retrieval: precision of the ITM re-ranking (bf16: autocast, near ties re-scored in "
@@ -343,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cls = XVLMForRetrieval if args.task == "retrieval" else XVLMForGrounding
+    cls = {"retrieval": XVLMForRetrieval, "grounding": XVLMForGrounding,
+           "nlvr2": XVLMForImagesAndTextClassification}[args.task]
     model = cls.from_pretrained(args.model).to(device)
     processor = load_processor(args.model, args.tokenizer, model.config.image_size, model.config.patch_stride)
     dataset = load_xvlm_dataset(args.dataset, args.task, args.split)
@@ -351,6 +431,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics = evaluate_retrieval(model, processor, dataset, args.k_test, args.batch_size, args.max_examples, device,
                                      precision=args.precision, encode_precision=args.encode_precision)
         print(retrieval_table(metrics))
+    elif args.task == "nlvr2":
+        metrics = evaluate_nlvr2(model, processor, dataset, args.batch_size, args.max_examples, device)
+        print(nlvr2_table(metrics))
     else:
         metrics = evaluate_grounding(model, processor, dataset, args.batch_size, args.max_examples, device)
         print(grounding_table(metrics))

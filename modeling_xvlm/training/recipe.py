@@ -9,6 +9,22 @@
   optimizer step (official ``scheduler.py``).
 * :data:`TASK_RECIPES`: the official per-task values (learning rate, lr multiplier, warm-up, epochs, batch size,
   gradient clipping).
+
+Where each value comes from:
+
+* ``pretrain``: ``configs/Pretrain_XVLM_base_4m.yaml`` (+ ``Pretrain.py``).
+* ``retrieval``: ``configs/Retrieval_coco.yaml`` / ``configs/Retrieval_flickr.yaml``.
+* ``grounding``: ``configs/Grounding_bbox.yaml``.
+* ``nlvr2``: ``configs/NLVR.yaml``: ``optimizer: {opt: adamW, lr: 3e-5, weight_decay: 0.01, lr_mult: 2}``,
+  ``schedular: {sched: linear, epochs: 10, num_warmup_steps: 0.1}``, ``batch_size: 10`` (per GPU); the lr
+  multiplier applies to the new ``cls_head`` (``models/model_nlvr.py``: ``init_params = cls_head.*``); no gradient
+  clipping (``NLVR.py``).
+* ``nlvr2-pretrain`` (text assignment, ``NLVR_pretrain.py``): its config (``configs/NLVR_pretrain_O1.yaml``, the
+  default in ``run.py``) is *not* in the official release. ``NLVR_pretrain.py`` fixes the structure (image-text
+  batches of ``config['images']['batch_size']``, the linear schedule, clipping ``accelerator.CLIP_GRAD_NORM``,
+  ``init_params = ta_head.*`` in ``models/model_nlvr_pretrain.py``); the values are those of the released sibling
+  domain pre-training config ``configs/Grounding_bbox_pretrain_O1.yaml``: lr 3e-5, weight decay 0.01, lr_mult 2,
+  2 epochs, warm-up 0.1, clipping 1.0, batch 24 per GPU (its batch size). Override them when you know better.
 """
 
 from __future__ import annotations
@@ -25,6 +41,7 @@ from torch import nn
 __all__ = [
     "NO_DECAY_SUBSTRINGS",
     "NEW_PARAMETER_PATTERNS",
+    "HEAD_PARAMETER_PATTERNS",
     "TaskRecipe",
     "TASK_RECIPES",
     "get_recipe",
@@ -109,11 +126,25 @@ TASK_RECIPES: dict[str, TaskRecipe] = {
     "retrieval": TaskRecipe(lr=3e-5, epochs=10, warmup=0.1, batch_size=20, extra={"k_test": 256}),
     # Grounding_bbox.yaml.
     "grounding": TaskRecipe(lr=3e-5, epochs=10, warmup=0.1, batch_size=20),
+    # NLVR.yaml: adamW lr 3e-5, wd 0.01, lr_mult 2 (cls_head, model_nlvr.py init_params), linear, 10 epochs,
+    # warm-up 0.1, batch 10 per GPU; fp32, no clipping (NLVR.py).
+    "nlvr2": TaskRecipe(lr=3e-5, lr_mult=2.0, epochs=10, warmup=0.1, batch_size=10, new_params_get_lr_mult=True),
+    # NLVR_pretrain.py (its NLVR_pretrain_O1.yaml is not released): values of Grounding_bbox_pretrain_O1.yaml, the
+    # released sibling domain pre-training config: lr 3e-5, wd 0.01, lr_mult 2 (ta_head), 2 epochs, warm-up 0.1,
+    # CLIP_GRAD_NORM 1.0, batch 24 per GPU.
+    "nlvr2-pretrain": TaskRecipe(lr=3e-5, lr_mult=2.0, epochs=2, warmup=0.1, batch_size=24, max_grad_norm=1.0,
+                                 new_params_get_lr_mult=True),
+}
+
+#: The new head of each NLVR2 task (official ``init_params``): these parameters get ``lr * lr_mult``.
+HEAD_PARAMETER_PATTERNS: dict[str, tuple[str, ...]] = {
+    "nlvr2": (r"^cls_head\.",),
+    "nlvr2-pretrain": (r"^ta_head\.",),
 }
 
 
 def get_recipe(task: str, **overrides: Any) -> TaskRecipe:
-    """The official recipe of ``task`` (``pretrain``, ``retrieval``, ``grounding``) with ``overrides`` applied
+    """The official recipe of ``task`` (``pretrain``, ``retrieval``, ``grounding``, ``nlvr2``, ``nlvr2-pretrain``) with ``overrides`` applied
     (``None`` values are ignored, so CLI defaults of ``None`` keep the official value)."""
     if task not in TASK_RECIPES:
         raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASK_RECIPES)}")
@@ -128,13 +159,17 @@ def is_no_decay(name: str) -> bool:
 def new_parameter_names(model: nn.Module, task: str = "pretrain") -> set[str]:
     """Names of the parameters that get ``lr * lr_mult``.
 
-    Fine-tuning (``retrieval``, ``grounding``): none, as officially. Pre-training: ``model.newly_initialized_keys``
-    when the model was built from Swin + BERT checkpoints, otherwise the official new-layer set
-    (:data:`NEW_PARAMETER_PATTERNS`).
+    Fine-tuning (``retrieval``, ``grounding``): none, as officially. NLVR2 (``nlvr2``, ``nlvr2-pretrain``): the new
+    head only (:data:`HEAD_PARAMETER_PATTERNS`, official ``init_params``). Pre-training:
+    ``model.newly_initialized_keys`` when the model was built from Swin + BERT checkpoints, otherwise the official
+    new-layer set (:data:`NEW_PARAMETER_PATTERNS`).
     """
+    names = {n for n, _ in model.named_parameters()}
+    if task in HEAD_PARAMETER_PATTERNS:
+        patterns = [re.compile(p) for p in HEAD_PARAMETER_PATTERNS[task]]
+        return {n for n in names if any(p.search(n) for p in patterns)}
     if task != "pretrain":
         return set()
-    names = {n for n, _ in model.named_parameters()}
     given = getattr(model, "newly_initialized_keys", None)
     if given is not None:
         return names & set(given)

@@ -6,6 +6,14 @@ Tasks:
   optimizer step on a region batch (ITC + ITM + MLM on region inputs + box L1 + GIoU), official ``Pretrain.py``.
 * ``retrieval`` - ITC (multi-positive) + ITM fine-tuning of ``XVLMForRetrieval``.
 * ``grounding`` - box L1 + GIoU fine-tuning of ``XVLMForGrounding``.
+* ``nlvr2`` - cross-entropy fine-tuning of ``XVLMForImagesAndTextClassification`` on NLVR2 rows (official
+  ``NLVR.py``); evaluation: accuracy on the validation split.
+* ``nlvr2-pretrain`` - the official text-assignment domain pre-training (``XVLMForTextAssignment``,
+  ``NLVR_pretrain.py``) on the image-text rows of the ``pretrain`` config.
+
+For the NLVR2 tasks, ``--model tiny|base`` builds the NLVR2 text stack (``nlvr2_config``); a ``--model`` folder with
+the pre-training text stack (a pre-training / retrieval checkpoint) is loaded with ``from_pretraining`` (the
+official fusion-layer duplication), one with the NLVR2 stack (e.g. a text-assignment run) with ``from_pretrained``.
 
 Models come from a preset (``--model tiny|base``, from scratch), a ``save_pretrained`` folder / Hub id
 (``--model path``), or Swin + BERT checkpoints (``--vision-model`` + ``--text-model``). Data come from a dataset
@@ -47,7 +55,16 @@ from ..initialization import build_from_vision_text_pretrained
 from ..processing import XVLMImageProcessorPil, XVLMProcessor
 from ..tasks import TASKS as TASK_TABLE
 from .checkpointing import latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
-from .collators import BoxSafeRegionSampler, XVLMGroundingTrainCollator, XVLMImageTextTransform, XVLMRetrievalCollator
+from ..modeling_xvlm_nlvr import nlvr2_config
+from .collators import (
+    BoxSafeRegionSampler,
+    XVLMGroundingTrainCollator,
+    XVLMImageTextTransform,
+    XVLMNLVR2Collator,
+    XVLMRetrievalCollator,
+    XVLMTextAssignmentCollator,
+    nlvr2_train_transform,
+)
 from .data import (
     PretrainImageTextCollator,
     StepBatchSampler,
@@ -56,7 +73,7 @@ from .data import (
     pretrain_image_text_row,
     pretrain_region_row,
 )
-from .evaluate import evaluate_grounding, evaluate_retrieval
+from .evaluate import evaluate_grounding, evaluate_nlvr2, evaluate_retrieval
 from .masking import XVLMTextMasker
 from .recipe import TaskRecipe, create_optimizer, create_scheduler, get_recipe, new_parameter_names
 from .region_collators import XVLMPretrainCollator, XVLMRegionSampler
@@ -74,7 +91,9 @@ __all__ = [
 ]
 
 #: The tasks `xvlm-train` trains (rows of `modeling_xvlm.tasks.TASKS`).
-TASKS = ("pretrain", "retrieval", "grounding")
+TASKS = ("pretrain", "retrieval", "grounding", "nlvr2", "nlvr2-pretrain")
+#: The tasks whose model has the NLVR2 text stack (doubled fusion layers).
+NLVR2_TASKS = ("nlvr2", "nlvr2-pretrain")
 LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "loss_mlm", "loss_bbox_l1", "loss_bbox_giou")
 
 
@@ -175,6 +194,10 @@ def build_processor(cfg: TrainConfig, image_size: int, patch_size: int) -> XVLMP
 def build_model(cfg: TrainConfig, tokenizer_size: int | None = None):
     """The task's model from a preset (new weights), a ``save_pretrained`` folder / Hub id, or Swin + BERT."""
     cls = TASK_TABLE[cfg.task].model_class
+    nlvr2 = cfg.task in NLVR2_TASKS
+    if (cfg.vision_model or cfg.text_model) and nlvr2:
+        raise SystemExit(f"{cfg.task} starts from an X-VLM checkpoint (official NLVR.py / NLVR_pretrain.py): pass "
+                         "--model <pre-training folder or Hub id>, not --vision-model / --text-model")
     if cfg.vision_model or cfg.text_model:
         if not (cfg.vision_model and cfg.text_model):
             raise SystemExit("--vision-model and --text-model go together (Swin + BERT initialisation)")
@@ -185,7 +208,9 @@ def build_model(cfg: TrainConfig, tokenizer_size: int | None = None):
         if tokenizer_size is not None:
             overrides.setdefault("text_config", {}).setdefault("vocab_size", tokenizer_size)
         config = XVLMConfig.from_preset(cfg.model, image_size=cfg.image_size, **overrides)
-        return cls(config)
+        return cls(nlvr2_config(config) if nlvr2 else config)
+    if nlvr2 and not XVLMConfig.from_pretrained(cfg.model).text_config.tie_cross_attention_pairs:
+        return cls.from_pretraining(cfg.model)  # a pre-training text stack: the official fusion-layer duplication
     return cls.from_pretrained(cfg.model)
 
 
@@ -288,6 +313,17 @@ def build_task_data(
         transform = XVLMImageTextTransform(size, scale=(crop_min, 1.0), careful_hflip=cfg.careful_hflip,
                                            randaugment=cfg.randaugment)
         return TaskData(rows, XVLMRetrievalCollator(processor, transform))
+    if cfg.task == "nlvr2":
+        rows = _subset(_load_split(cfg, "nlvr2", cfg.train_split, data), cfg.max_train_examples)
+        crop_min = 0.5 if cfg.crop_scale_min is None else cfg.crop_scale_min
+        transform = nlvr2_train_transform(size, randaugment=cfg.randaugment, crop_scale_min=crop_min)
+        return TaskData(rows, XVLMNLVR2Collator(processor, transform))
+    if cfg.task == "nlvr2-pretrain":
+        rows = _subset(_load_split(cfg, "pretrain", cfg.train_split, data), cfg.max_train_examples)
+        crop_min = 0.2 if cfg.crop_scale_min is None else cfg.crop_scale_min  # official pretrain_transform
+        transform = XVLMImageTextTransform(size, scale=(crop_min, 1.0), careful_hflip=cfg.careful_hflip,
+                                           randaugment=cfg.randaugment)
+        return TaskData(rows, XVLMTextAssignmentCollator(processor, transform), pretrain_image_text_row)
     rows = _subset(_load_split(cfg, "grounding", cfg.train_split, data), cfg.max_train_examples)
     return TaskData(rows, XVLMGroundingTrainCollator(
         processor, crop=cfg.grounding_crop, careful_hflip=cfg.careful_hflip, randaugment=cfg.randaugment
@@ -308,7 +344,9 @@ def _make_accelerator(cfg: TrainConfig) -> Accelerator:
         cpu=cfg.cpu or (multi_process and not torch.cuda.is_available()),
         log_with=cfg.log_with or None,
         project_dir=cfg.output_dir,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.task == "pretrain")],
+        # pre-training: region/image-only heads; text assignment: vision_proj only samples the pairs (no gradient)
+        kwargs_handlers=[DistributedDataParallelKwargs(
+            find_unused_parameters=cfg.task in ("pretrain", "nlvr2-pretrain"))],
     )
 
 
@@ -435,7 +473,8 @@ class _TrainingLoop:
         if accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(self.model)
             kinds = {"pretrain": ["retrieval"] + (["grounding"] if cfg.regions else []),
-                     "retrieval": ["retrieval"], "grounding": ["grounding"]}[cfg.task]
+                     "retrieval": ["retrieval"], "grounding": ["grounding"], "nlvr2": ["nlvr2"],
+                     "nlvr2-pretrain": []}[cfg.task]
             for kind in kinds:
                 rows = self._eval_rows(kind)
                 if rows is None:
@@ -444,11 +483,15 @@ class _TrainingLoop:
                     m = evaluate_retrieval(unwrapped, self.processor, rows, cfg.k_test, cfg.eval_batch_size,
                                            cfg.eval_max_examples)
                     results.update({f"eval/{k}": m[k] for k in ("txt_r1", "img_r1", "r_mean")})
+                elif kind == "nlvr2":
+                    m = evaluate_nlvr2(unwrapped, self.processor, rows, cfg.eval_batch_size, cfg.eval_max_examples)
+                    results["eval/accuracy"] = m["accuracy"]
                 else:
                     m = evaluate_grounding(unwrapped, self.processor, rows, cfg.eval_batch_size,
                                            cfg.eval_max_examples)
                     results["eval/acc@0.5"] = m["acc@0.5"]
-            self.say(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in results.items()))
+            if results:
+                self.say(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in results.items()))
             accelerator.log(results, step=step)
         accelerator.wait_for_everyone()
         return results
@@ -602,13 +645,15 @@ def _bool_flag(parser: argparse.ArgumentParser, name: str, default: bool, help: 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xvlm-train",
-        description="Train X-VLM (pre-training, retrieval or grounding fine-tuning) with accelerate. Without "
+        description="Train X-VLM (pre-training; retrieval, grounding or NLVR2 fine-tuning; NLVR2 text-assignment "
+        "pre-training) with accelerate. Without "
         "arguments: the CPU demo job (pre-train a tiny X-VLM on the synthetic dataset, fine-tune and evaluate it).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("task", choices=TASKS)
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default="tiny", help="preset (tiny, base: new weights), or a save_pretrained folder / Hub id")
+    g.add_argument("--model", default="tiny", help="preset (tiny, base: new weights), or a save_pretrained folder / Hub "
+                   "id (NLVR2 tasks: a pre-training checkpoint is converted with from_pretraining)")
     g.add_argument("--config-overrides", default=None, help="JSON merged into the preset, e.g. "
                    "'{\"text_config\": {\"num_hidden_layers\": 4, \"fusion_layer\": 2}}'")
     g.add_argument("--vision-model", default=None, help="Swin checkpoint (with --text-model: official initialisation)")
@@ -640,8 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("augmentation")
     _bool_flag(g, "randaugment", True, "official RandAugment(2, 7) (box-safe operations for boxes)")
     _bool_flag(g, "careful-hflip", True, "do not flip images whose texts mention left/right")
-    g.add_argument("--crop-scale-min", type=float, default=None, help="RandomResizedCrop scale (pretrain 0.2, "
-                   "retrieval 0.5; 1 = plain resize)")
+    g.add_argument("--crop-scale-min", type=float, default=None, help="RandomResizedCrop scale (pretrain and "
+                   "nlvr2-pretrain 0.2, retrieval and nlvr2 0.5; 1 = plain resize)")
     _bool_flag(g, "grounding-crop", True, "box-aware random crop for grounding")
     g = parser.add_argument_group("system")
     g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
