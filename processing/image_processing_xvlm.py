@@ -283,7 +283,7 @@ class _XVLMImageProcessorMixin:
             names: names for error messages (default ``boxes[i]``).
 
         Returns:
-            ``target_boxes`` ``(N, 4)`` float32 normalised ``(cx, cy, w, h)`` w.r.t. the model input (``[0.5, 0.5,
+            ``labels`` ``(N, 4)`` float32 normalised ``(cx, cy, w, h)`` w.r.t. the model input (``[0.5, 0.5,
             1, 1]`` for ``None``), and ``region_masks`` ``(N, 1 + P)`` long (all ones for ``None``).
         """
         if len(boxes) != len(original_sizes):

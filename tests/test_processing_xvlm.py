@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 
 import numpy as np
 import pytest
@@ -213,7 +212,7 @@ def test_masking_statistics(tiny_tokenizer) -> None:
     masker = XVLMTextMasker(tiny_tokenizer, seed=0)
     words = ["dog", "cat", "man", "red", "blue", "run", "walk", "small", "big", "the"]
     rng = np.random.default_rng(0)
-    n_rows, length = 1500, 21  # [CLS] + 20 words -> n_pred = min(8, round(21 * 0.25)) = 5
+    n_rows = 1500  # rows of [CLS] + 20 words (length 21) -> n_pred = min(8, round(21 * 0.25)) = 5
     rows = [[tiny_tokenizer.cls_token_id] + tiny_tokenizer.convert_tokens_to_ids(list(rng.choice(words, 20)))
             for _ in range(n_rows)]
     ids = torch.tensor([r + [0, 0] for r in rows])  # two padding positions
