@@ -118,3 +118,17 @@ def test_unsupported_attention_backends_are_refused(tmp_path):
         assert model.config._attn_implementation == implementation
     with pytest.raises(ValueError, match="(?i)flex"):
         XVLMForRetrieval.from_pretrained(tmp_path, attn_implementation="flex_attention")
+
+
+def test_a_processor_batch_with_boxes_goes_straight_into_grounding_and_pretraining(tiny_tokenizer, rgb_image):
+    from modeling_xvlm import XVLMImageProcessorPil, XVLMProcessor
+
+    processor = XVLMProcessor(XVLMImageProcessorPil(size={"height": 64, "width": 64}, patch_size=8), tiny_tokenizer)
+    batch = processor(images=[rgb_image, rgb_image], text=[["a red circle", "the left square"], ["a dog"]],
+                      boxes=[[[4, 4, 20, 16], [30, 10, 16, 30]], [None]])
+    assert {"labels", "region_masks", "image_index"} <= set(batch)
+    config = XVLMConfig.from_preset("tiny", text_config={"vocab_size": len(tiny_tokenizer)})
+    grounding = XVLMForGrounding(config).eval()(**batch)
+    assert grounding.loss is not None and grounding.pred_boxes.shape == (3, 4)
+    pretraining = XVLMForPretraining(config).eval()(**batch)
+    assert pretraining.loss is not None and pretraining.loss_bbox_l1 is not None and pretraining.loss_itc is not None

@@ -158,3 +158,21 @@ def test_text_assignment_samples_the_official_pairs_and_scores_fixed_pairs():
     assert torch.allclose(fixed.logits, out.logits, atol=1e-5) and again.loss is None
     with pytest.raises(ValueError, match="pair_index"):
         model(images, batch["input_ids"], labels=out.labels)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing_trains_the_nlvr2_head(use_reentrant):
+    batch, labels = _batch(), torch.tensor([1, 0, 1])
+    torch.manual_seed(0)
+    reference = XVLMForImagesAndTextClassification(_config()).train()
+    checkpointed = XVLMForImagesAndTextClassification(_config()).train()
+    checkpointed.load_state_dict(reference.state_dict())
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    losses = []
+    for model in (reference, checkpointed):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        losses.append(loss.detach())
+    assert torch.allclose(losses[0], losses[1], atol=1e-6)
+    key = "xvlm.text_model.encoder.layer.1.crossattention.self.key.weight"  # tied with layer 2's: one gradient
+    assert torch.allclose(checkpointed.get_parameter(key).grad, reference.get_parameter(key).grad, atol=1e-5)
