@@ -65,7 +65,7 @@ def _records():
 
 
 def test_features_of_each_config():
-    assert CONFIG_NAMES == ("pretrain", "retrieval", "grounding")
+    assert CONFIG_NAMES == ("pretrain", "retrieval", "grounding", "nlvr2")
     common = {"image", "image_id", "width", "height", "group"}
     assert set(get_features("pretrain")) == common | {"captions", "objects"}
     assert set(get_features("retrieval")) == common | {"captions"}
@@ -73,6 +73,10 @@ def test_features_of_each_config():
     assert isinstance(get_features("grounding")["image"], datasets.Image)
     assert get_features("grounding")["bbox"].length == 4
     assert set(get_features("pretrain")["objects"].feature) == {"bbox", "captions", "attributes"}
+    nlvr2 = get_features("nlvr2")
+    assert list(nlvr2) == ["identifier", "left_image", "right_image", "sentence", "label"]
+    assert isinstance(nlvr2["left_image"], datasets.Image) and isinstance(nlvr2["right_image"], datasets.Image)
+    assert nlvr2["label"].dtype == "int64" and nlvr2["identifier"].dtype == "string"
     with pytest.raises(KeyError, match="retrieval"):
         get_features("vqa")
 
@@ -205,3 +209,49 @@ def test_regenerating_in_place_is_not_hidden_by_the_datasets_cache(tmp_path):
     with DatasetFolderWriter(out, overwrite=True) as writer:
         writer.add("retrieval", "test", {**records["retrieval"][0], "captions": ["another caption"]})
     assert load_xvlm_dataset(out, "retrieval", "test", cache_dir=cache)["captions"] == [["another caption"]]
+
+
+def _nlvr2_record(**overrides):
+    record = {"identifier": "dev-1-0-0", "left_image": _png(_image(5)), "right_image": _image(6, (24, 20)),
+              "sentence": "the left image has two dogs", "label": 1}
+    return {**record, **overrides}
+
+
+def test_nlvr2_records_are_validated_with_clear_errors(tmp_path):
+    assert validate_record(_nlvr2_record(), "nlvr2") == []
+    assert validate_record({"identifier": "x"}, "nlvr2") == [
+        "missing field 'left_image'", "missing field 'right_image'", "missing field 'sentence'", "missing field 'label'"
+    ]
+    problems = validate_record(_nlvr2_record(identifier="", sentence="  ", label="True", right_image=None), "nlvr2")
+    assert any(p.startswith("identifier must be a non-empty string") for p in problems)
+    assert any(p.startswith("sentence must be a non-empty string") for p in problems)
+    assert any("label must be the integer 1 (true) or 0 (false), got 'True'" in p for p in problems)
+    assert any("right_image is missing" in p for p in problems)
+    assert len(problems) == 4
+    for bad in (2, -1, True, 0.5):
+        assert validate_record(_nlvr2_record(label=bad), "nlvr2"), bad
+    with pytest.raises(ValueError, match="invalid 'nlvr2' record 'dev-1-0-0': label must be"):
+        DatasetFolderWriter(tmp_path / "a").add("nlvr2", "train", _nlvr2_record(label=3))
+
+
+def test_nlvr2_round_trip_and_schema_mismatch(tmp_path):
+    out = tmp_path / "ds"
+    with DatasetFolderWriter(out) as writer:
+        writer.add("nlvr2", "validation", _nlvr2_record())
+        writer.add("nlvr2", "validation", _nlvr2_record(identifier="dev-2-0-1", label=0, sentence="no dogs"))
+    assert writer.counts == {"nlvr2": {"validation": 2}}
+    card = (out / "README.md").read_text()
+    assert "config_name: nlvr2" in card and "`label`: Value('int64')" in card
+    rows = load_xvlm_dataset(out, "nlvr2", "validation", cache_dir=str(tmp_path / "hf"))
+    assert rows["label"] == [1, 0] and rows["identifier"] == ["dev-1-0-0", "dev-2-0-1"]
+    assert np.array_equal(np.asarray(rows[0]["left_image"]), np.asarray(_image(5)))
+    assert np.array_equal(np.asarray(rows[1]["right_image"]), np.asarray(_image(6, (24, 20))))
+
+    features = get_features("nlvr2")
+    features["label"] = datasets.Value("string")
+    del features["right_image"]
+    problems = feature_mismatches(features, "nlvr2")
+    assert problems == ["missing column 'right_image' (expected Image())",
+                        "column 'label' is Value('string'), expected Value('int64')"]
+    with pytest.raises(SchemaMismatchError, match="X-VLM 'nlvr2' schema"):
+        check_features(features, "nlvr2")

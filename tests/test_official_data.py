@@ -221,3 +221,89 @@ def test_refs_pickle_with_code_is_refused_and_not_executed(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
         load_refcoco_boxes(refs, tmp_path / "instances.json")
     assert not marker.exists()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# NLVR2 (official dataset/nlvr_dataset.py: {"images": [left, right], "sentence", "label": "True"|"False"})
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def nlvr2_official(tmp_path):
+    root = tmp_path / "nlvr2_images"
+    (root / "train").mkdir(parents=True)
+    (root / "dev").mkdir()
+    files = {f"train/{k}.png": _image_bytes(10 + k, (40 + k, 30), "PNG") for k in range(4)}
+    files["dev/a.jpg"] = _image_bytes(20, (32, 32), "JPEG")
+    files["dev/b.png"] = _image_bytes(21, (36, 28), "PNG")
+    for rel, data in files.items():
+        (root / rel).write_bytes(data)
+    (root / "dev/broken.png").write_bytes(b"not a png")
+    ann = tmp_path / "nlvr_ann"
+    ann.mkdir()
+    train = [
+        {"images": ["train/0.png", "train/1.png"], "sentence": "The left image has two dogs.", "label": "True"},
+        {"images": ["train/2.png", "train/3.png"], "sentence": "There are no cats.", "label": "False",
+         "identifier": "train-10-1-0"},
+        {"images": ["train/0.png", "train/missing.png"], "sentence": "lost", "label": "True"},
+        {"images": ["train/1.png"], "sentence": "one image only", "label": "True"},
+        {"images": ["train/1.png", "train/2.png"], "sentence": "bad label", "label": "maybe"},
+        {"images": ["train/3.png", "train/0.png"], "sentence": "", "label": "False"},
+    ]
+    dev = [
+        {"images": ["dev/a.jpg", "dev/b.png"], "sentence": "both images show a car", "label": "False"},
+        {"images": ["dev/broken.png", "dev/b.png"], "sentence": "corrupt left", "label": "True"},
+    ]
+    test = [{"images": ["dev/b.png", "dev/a.jpg"], "sentence": "a car", "label": "True"}]
+    for name, records in (("nlvr_train.json", train), ("nlvr_dev.json", dev), ("nlvr_test.json", test)):
+        (ann / name).write_text(json.dumps(records))
+    return {"root": root, "ann": ann, "files": files}
+
+
+def test_nlvr2_conversion_round_trip(nlvr2_official, tmp_path):
+    ann, files, out = nlvr2_official["ann"], nlvr2_official["files"], tmp_path / "nlvr2"
+    summary = convert_official(
+        out, tmp_path / "elsewhere", image_roots={"nlvr2": nlvr2_official["root"]},
+        nlvr2={"train": ann / "nlvr_train.json", "dev": ann / "nlvr_dev.json", "test": ann / "nlvr_test.json"},
+    )
+    assert summary.written == {"nlvr2": {"train": 2, "validation": 1, "test": 1}}
+    assert summary.skipped == {"nlvr2": {"train": 4, "validation": 1}}
+    assert summary.reasons == {"missing_image": 1, "invalid_record": 3, "corrupt_image": 1}
+    assert summary.missing_images == ["train/missing.png"]
+    assert summary.corrupt_images[0].startswith("dev/broken.png")
+    train = _rows(out, "nlvr2", "train", tmp_path)
+    assert [r["identifier"] for r in train] == ["nlvr_train-0", "train-10-1-0"]  # derived, else the record's
+    assert [r["sentence"] for r in train] == ["The left image has two dogs.", "There are no cats."]  # raw text
+    assert [r["label"] for r in train] == [1, 0]
+    for row, (left, right) in zip(train, [("train/0.png", "train/1.png"), ("train/2.png", "train/3.png")]):
+        for column, rel in (("left_image", left), ("right_image", right)):
+            expected = Image.open(io.BytesIO(files[rel]))
+            assert np.array_equal(np.asarray(row[column]), np.asarray(expected.convert("RGB")))
+    raw = load_xvlm_dataset(out, "nlvr2", "validation", cache_dir=str(tmp_path / "hf")).cast_column(
+        "left_image", datasets.Image(decode=False))
+    assert raw[0]["left_image"]["bytes"] == files["dev/a.jpg"]  # original bytes, JPEG stays JPEG
+    assert raw[0]["left_image"]["path"] == "dev/a.jpg"
+    assert _rows(out, "nlvr2", "test", tmp_path)[0]["label"] == 1
+    written = json.loads((out / "conversion_summary.json").read_text())
+    assert written["written"]["nlvr2"]["validation"] == 1 and written["num_skipped"] == 5
+    assert datasets.get_dataset_config_names(str(out)) == ["nlvr2"]
+
+
+def test_cli_convert_official_nlvr2(nlvr2_official, tmp_path, capsys):
+    ann, out = nlvr2_official["ann"], tmp_path / "cli-nlvr2"
+    status = xvlm_data([
+        "convert-official", "--out", str(out), "--image-root", str(nlvr2_official["root"]),
+        "--nlvr2-train", str(ann / "nlvr_train.json"), "--nlvr2-validation", str(ann / "nlvr_dev.json"),
+        "--nlvr2-test", str(ann / "nlvr_test.json"),
+    ])
+    printed = capsys.readouterr().out
+    assert status == 0
+    assert "nlvr2/train: 2 rows written, 4 skipped" in printed
+    assert "nlvr2/validation: 1 rows written, 1 skipped" in printed
+    assert len(_rows(out, "nlvr2", "validation", tmp_path)) == 1
+    # --nlvr2-image-root overrides --image-root
+    status = xvlm_data([
+        "convert-official", "--out", str(tmp_path / "cli2"), "--image-root", str(tmp_path),
+        "--nlvr2-image-root", str(nlvr2_official["root"]), "--nlvr2-test", str(ann / "nlvr_test.json"),
+    ])
+    assert status == 0 and "nlvr2/test: 1 rows written, 0 skipped" in capsys.readouterr().out

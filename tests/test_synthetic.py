@@ -19,6 +19,7 @@ from modeling_xvlm.data.synthetic import (
     SHAPES,
     SIZES,
     SyntheticConfig,
+    generate_nlvr2_pairs,
     generate_split,
     scene_records,
     synthetic_tokenizer,
@@ -26,7 +27,7 @@ from modeling_xvlm.data.synthetic import (
     write_synthetic_dataset,
 )
 
-SMALL = SyntheticConfig(seed=3, num_train=120, num_validation=40, num_test=110)
+SMALL = SyntheticConfig(seed=3, num_train=120, num_validation=40, num_test=110, num_nlvr2_train=200)
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +59,7 @@ def test_same_seed_gives_identical_files(tmp_path):
     write_synthetic_dataset(b, config)
     write_synthetic_dataset(c, dataclasses.replace(config, seed=config.seed + 1))
     files = sorted(p.relative_to(a) for p in a.rglob("*.parquet")) + [Path("README.md")]
-    assert len(files) == 10  # 3 configs x 3 splits + card
+    assert len(files) == 13  # 4 configs x 3 splits + card
     for rel in files:
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
     assert (a / "retrieval/train-00000-of-00001.parquet").read_bytes() != (
@@ -228,6 +229,7 @@ def test_tokenizer_covers_every_generated_word():
             rows = scene_records(scene)
             texts += rows["retrieval"]["captions"] + [r["text"] for r in rows["grounding"]]
             texts += [c for o in rows["pretrain"]["objects"] for c in o["captions"] + o["attributes"]]
+        texts += [p.sentence for p in generate_nlvr2_pairs(SMALL, split)]
     words = {w for t in texts for w in t.split()}
     assert words <= set(vocab)
     ids = tokenizer(texts)["input_ids"]
@@ -242,7 +244,7 @@ def test_tokenizer_covers_every_generated_word():
 
 
 def test_written_dataset_loads_with_every_config_and_split(written, tmp_path):
-    assert datasets.get_dataset_config_names(str(written)) == ["pretrain", "retrieval", "grounding"]
+    assert datasets.get_dataset_config_names(str(written)) == ["pretrain", "retrieval", "grounding", "nlvr2"]
     for config in ("pretrain", "retrieval", "grounding"):
         for split, n in (("train", 120), ("validation", 40), ("test", 110)):
             ds = load_xvlm_dataset(written, config, split, cache_dir=str(tmp_path / "hf"))
@@ -293,3 +295,123 @@ def test_generation_is_fast():
     elapsed = time.perf_counter() - start
     assert len(scenes) == 300
     assert elapsed < 6.0, f"{elapsed:.2f} s for 300 scenes"
+
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# NLVR2 pairs
+# --------------------------------------------------------------------------------------------------------------------
+
+_NUMBER = {"one": 1, "two": 2, "three": 3, "four": 4}
+_SINGULAR = {"circles": "circle", "squares": "square", "triangles": "triangle", "diamonds": "diamond"}
+
+
+def _noun(words: str):
+    """'red circles' / 'circle' / 'red shape' / 'shapes' -> (colour | None, shape | None)."""
+    *colour, last = words.split()
+    shape = _SINGULAR.get(last, last)
+    assert shape in SHAPES or shape in ("shape", "shapes"), words
+    assert len(colour) <= 1 and all(c in COLOURS for c in colour), words
+    return (colour[0] if colour else None), (shape if shape in SHAPES else None)
+
+
+def _count(objects, noun) -> int:
+    colour, shape = noun
+    return sum((colour is None or o.colour == colour) and (shape is None or o.shape == shape) for o in objects)
+
+
+def _truth(sentence: str, left, right) -> bool:
+    """The truth of a statement, worked out here from the scenes' objects (independently of the generator)."""
+    side = {"left": left.objects, "right": right.objects}
+    if m := re.fullmatch(r"the (left|right) image has (more|fewer) (.+) than the (left|right) image", sentence):
+        assert m[1] != m[4]
+        a, b = _count(side[m[1]], _noun(m[3])), _count(side[m[4]], _noun(m[3]))
+        return a > b if m[2] == "more" else a < b
+    if m := re.fullmatch(r"both images have the same number of (.+)", sentence):
+        return _count(left.objects, _noun(m[1])) == _count(right.objects, _noun(m[1]))
+    if m := re.fullmatch(r"(both images contain|exactly one image contains|neither image contains) a (.+)", sentence):
+        present = [_count(objects, _noun(m[2])) > 0 for objects in (left.objects, right.objects)]
+        return {"both images contain": all(present), "exactly one image contains": sum(present) == 1,
+                "neither image contains": not any(present)}[m[1]]
+    if m := re.fullmatch(r"the (left|right) image has exactly (one|two|three|four) (.+)", sentence):
+        return _count(side[m[1]], _noun(m[3])) == _NUMBER[m[2]]
+    if m := re.fullmatch(r"there are exactly (one|two|three|four) (.+) in total", sentence):
+        return _count(left.objects, _noun(m[2])) + _count(right.objects, _noun(m[2])) == _NUMBER[m[1]]
+    rel = r"(to the left of|to the right of|above|below)"
+    if m := re.fullmatch(rf"in the (left|right) image a (\w+ \w+) is {rel} a (\w+ \w+)", sentence):
+        a_noun, b_noun = _noun(m[2]), _noun(m[4])
+        objects = side[m[1]]
+        for i, a in enumerate(objects):
+            for j, b in enumerate(objects):
+                if i == j or (a.colour, a.shape) != a_noun or (b.colour, b.shape) != b_noun:
+                    continue
+                if {"to the left of": a.x + a.side <= b.x, "to the right of": a.x >= b.x + b.side,
+                        "above": a.y + a.side <= b.y, "below": a.y >= b.y + b.side}[m[3]]:
+                    return True
+        return False
+    raise AssertionError(f"unknown statement template: {sentence!r}")
+
+
+def test_nlvr2_statements_are_true_exactly_when_labelled():
+    kinds = set()
+    for split in ("train", "validation", "test"):
+        pairs = generate_nlvr2_pairs(SMALL, split)
+        assert len(pairs) == SMALL.num_nlvr2_pairs(split)
+        scene_ids = {s.image_id for s in generate_split(SMALL, split)}
+        for pair in pairs:
+            assert pair.left.image_id != pair.right.image_id
+            assert {pair.left.image_id, pair.right.image_id} <= scene_ids  # images of the same split
+            assert pair.label in (0, 1)
+            assert _truth(pair.sentence, pair.left, pair.right) == bool(pair.label), pair
+            kinds.add(pair.kind)
+    assert kinds == {"compare", "exists", "count", "spatial"}
+
+
+def test_nlvr2_labels_are_balanced():
+    config = dataclasses.replace(SMALL, num_nlvr2_train=501, num_nlvr2_validation=40, num_nlvr2_test=7)
+    for split in ("train", "validation", "test"):
+        labels = [p.label for p in generate_nlvr2_pairs(config, split)]
+        assert abs(2 * sum(labels) - len(labels)) <= 1, (split, sum(labels), len(labels))
+    pairs = generate_nlvr2_pairs(config, "train")
+    for kind in ("compare", "exists", "count"):  # no template is (almost) always true or always false
+        labels = [p.label for p in pairs if p.kind == kind]
+        assert 0.3 <= sum(labels) / len(labels) <= 0.7, kind
+    assert len({p.sentence for p in pairs}) > 250
+
+
+def test_nlvr2_pairs_are_deterministic():
+    def key(config, split):
+        return [(p.identifier, p.left.image_id, p.right.image_id, p.sentence, p.label)
+                for p in generate_nlvr2_pairs(config, split)]
+
+    assert key(SMALL, "train") == key(SMALL, "train")
+    assert key(SMALL, "train") != key(dataclasses.replace(SMALL, seed=SMALL.seed + 1), "train")
+    assert key(dataclasses.replace(SMALL, num_nlvr2_validation=5), "validation") == key(SMALL, "validation")[:5]
+    assert key(dataclasses.replace(SMALL, num_test=50, num_nlvr2_train=3), "validation") == key(SMALL, "validation")
+    with pytest.raises(ValueError, match="at least 2 images"):
+        SyntheticConfig(num_validation=1, num_nlvr2_validation=1)
+    assert SyntheticConfig(num_validation=1).num_nlvr2_pairs("validation") == 0
+    assert [SyntheticConfig().num_nlvr2_pairs(s) for s in ("train", "validation", "test")] == [3000, 150, 150]
+    assert SMALL.num_nlvr2_pairs("test") == 82
+
+
+def test_nlvr2_written_rows_match_the_pairs(written, tmp_path):
+    rows = load_xvlm_dataset(written, "nlvr2", "validation", cache_dir=str(tmp_path / "hf"))
+    pairs = generate_nlvr2_pairs(SMALL, "validation")
+    assert len(rows) == SMALL.num_nlvr2_pairs("validation") == len(pairs) == 30
+    assert rows["identifier"] == [p.identifier for p in pairs]
+    assert rows["sentence"] == [p.sentence for p in pairs] and rows["label"] == [p.label for p in pairs]
+    for row, pair in list(zip(rows, pairs))[:5]:
+        assert np.array_equal(np.asarray(row["left_image"]), np.asarray(pair.left.render()))
+        assert np.array_equal(np.asarray(row["right_image"]), np.asarray(pair.right.render()))
+    assert len(load_xvlm_dataset(written, "nlvr2", "train", cache_dir=str(tmp_path / "hf"))) == 200
+
+
+def test_cli_synthetic_nlvr2_sizes(tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert xvlm_data(["synthetic", "--out", str(out), "--num-train", "6", "--num-val", "4", "--num-test", "4",
+                      "--num-nlvr2-train", "9", "--num-nlvr2-val", "3", "--num-nlvr2-test", "0"]) == 0
+    capsys.readouterr()
+    assert len(_load(out, "nlvr2", "train", tmp_path)) == 9
+    assert len(_load(out, "nlvr2", "validation", tmp_path)) == 3
+    assert not list((out / "nlvr2").glob("test-*"))

@@ -1,6 +1,7 @@
 """Datasets for X-VLM in the Hugging Face Hub format (see docs/data.md).
 
-* :mod:`.schemas` - the ``datasets.Features`` of the ``pretrain``, ``retrieval`` and ``grounding`` configurations,
+* :mod:`.schemas` - the ``datasets.Features`` of the ``pretrain``, ``retrieval``, ``grounding`` and ``nlvr2``
+  configurations,
   validation helpers and the folder writer (Parquet shards + dataset card);
 * :mod:`.synthetic` - the deterministic synthetic-shapes generator, its vocabulary and tokenizer;
 * :mod:`.official` - the converter from the official X-VLM JSON files;
@@ -19,6 +20,7 @@ from .official import ConversionSummary, convert_official
 from .schemas import (
     CONFIG_NAMES,
     GROUNDING_FEATURES,
+    NLVR2_FEATURES,
     PRETRAIN_FEATURES,
     RETRIEVAL_FEATURES,
     SPLITS,
@@ -31,6 +33,7 @@ from .schemas import (
 )
 from .synthetic import (
     SyntheticConfig,
+    generate_nlvr2_pairs,
     generate_split,
     synthetic_tokenizer,
     synthetic_vocabulary,
@@ -43,6 +46,7 @@ __all__ = [
     "PRETRAIN_FEATURES",
     "RETRIEVAL_FEATURES",
     "GROUNDING_FEATURES",
+    "NLVR2_FEATURES",
     "SchemaMismatchError",
     "get_features",
     "feature_mismatches",
@@ -51,6 +55,7 @@ __all__ = [
     "DatasetFolderWriter",
     "SyntheticConfig",
     "generate_split",
+    "generate_nlvr2_pairs",
     "write_synthetic_dataset",
     "synthetic_vocabulary",
     "synthetic_tokenizer",

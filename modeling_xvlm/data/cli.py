@@ -6,6 +6,8 @@ Examples::
     xvlm-data synthetic                                       # the default cache folder used by load_xvlm_dataset()
     xvlm-data convert-official --out data/coco --image-root /data/images \\
         --retrieval-train coco_train.json --retrieval-val coco_val.json --retrieval-test coco_test.json
+    xvlm-data convert-official --out data/nlvr2 --image-root images/nlvr2 \\
+        --nlvr2-train nlvr_train.json --nlvr2-validation nlvr_dev.json --nlvr2-test nlvr_test.json
     xvlm-data info data/coco
 """
 
@@ -39,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fraction of test images with a held-out colour-shape combination (default 0.25)")
     syn.add_argument("--expressions-per-object", type=int, default=None,
                      help="referring expressions per object in train (default 1)")
+    syn.add_argument("--num-nlvr2-train", type=int, default=None,
+                     help="NLVR2 image pairs in train (default 3/4 of the train images)")
+    syn.add_argument("--num-nlvr2-validation", "--num-nlvr2-val", dest="num_nlvr2_validation", type=int,
+                     default=None, help="NLVR2 image pairs in validation (default 3/4 of its images)")
+    syn.add_argument("--num-nlvr2-test", type=int, default=None,
+                     help="NLVR2 image pairs in test (default 3/4 of its images)")
     syn.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
 
     conv = sub.add_parser("convert-official", help="convert official X-VLM JSON files + an image root")
@@ -54,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     for split in ("train", "val", "test"):
         conv.add_argument(f"--grounding-{split}", type=Path, default=None, metavar="JSON",
                           help=f"RefCOCO+ file, e.g. refcoco+_{split}.json")
+    for split, example in (("train", "train"), ("validation", "dev"), ("test", "test")):
+        conv.add_argument(f"--nlvr2-{split}", type=Path, default=None, metavar="JSON",
+                          help=f"NLVR2 file, e.g. nlvr_{example}.json")
     conv.add_argument("--refcoco-refs", type=Path, default=None, help="refs(unc).p (boxes of grounding records)")
     conv.add_argument("--refcoco-instances", type=Path, default=None, help="instances.json of RefCOCO+")
     for config in CONFIG_NAMES:
@@ -82,6 +93,8 @@ def _synthetic(args: argparse.Namespace) -> int:
         "num_test": args.num_test, "max_objects": args.max_objects,
         "test_heldout_fraction": args.test_heldout_fraction,
         "expressions_per_object_train": args.expressions_per_object,
+        "num_nlvr2_train": args.num_nlvr2_train, "num_nlvr2_validation": args.num_nlvr2_validation,
+        "num_nlvr2_test": args.num_nlvr2_test,
     }
     config = dataclasses.replace(SyntheticConfig(), **{k: v for k, v in overrides.items() if v is not None})
     if args.out is None:
@@ -103,6 +116,7 @@ def _convert(args: argparse.Namespace) -> int:
         pretrain_regions=args.pretrain_regions,
         retrieval={"train": args.retrieval_train, "val": args.retrieval_val, "test": args.retrieval_test},
         grounding={"train": args.grounding_train, "val": args.grounding_val, "test": args.grounding_test},
+        nlvr2={"train": args.nlvr2_train, "validation": args.nlvr2_validation, "test": args.nlvr2_test},
         refcoco_refs=args.refcoco_refs,
         refcoco_instances=args.refcoco_instances,
         image_roots={c: getattr(args, f"{c}_image_root") for c in CONFIG_NAMES},

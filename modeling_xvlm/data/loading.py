@@ -84,7 +84,7 @@ def load_xvlm_dataset(
         path_or_hub_id: a dataset folder written by ``xvlm-data`` (or any folder/Hub dataset with the same
             configurations). ``None`` uses the synthetic dataset of ``synthetic_config`` from the cache, generating
             it on first use (a few seconds).
-        config_name: ``"pretrain"``, ``"retrieval"`` or ``"grounding"``.
+        config_name: ``"pretrain"``, ``"retrieval"``, ``"grounding"`` or ``"nlvr2"``.
         split: ``"train"``, ``"validation"``, ``"test"`` (or any split / slice that ``datasets`` accepts); ``None``
             returns a ``DatasetDict`` of every split.
         synthetic_config: parameters of the default synthetic dataset.

@@ -8,11 +8,13 @@ Inputs (official formats, see docs/data.md):
 * retrieval lists: train ``[{"image", "caption": str, "image_id"}]`` (grouped into one row per image), val/test
   ``[{"image", "caption": [str]}]``;
 * RefCOCO+ lists ``[{"image", "text", "ref_id"}]`` whose boxes come from ``refs(unc).p`` + ``instances.json`` (or
-  records that carry ``bbox`` themselves, as the VLUE files do).
+  records that carry ``bbox`` themselves, as the VLUE files do);
+* NLVR2 lists ``[{"images": [left, right], "sentence", "label": "True" | "False", "identifier"?}]``
+  (``nlvr_train.json``, ``nlvr_dev.json`` -> ``validation``, ``nlvr_test.json`` = test-P).
 
-Output: the layout of :mod:`modeling_xvlm.data.schemas` (``pretrain``/``retrieval``/``grounding`` configs), images
-embedded with their original bytes. Missing or unreadable images, malformed records and unusable boxes are counted,
-skipped, and reported in :class:`ConversionSummary` (printed by the CLI and written to ``conversion_summary.json``).
+Output: the layout of :mod:`modeling_xvlm.data.schemas` (``pretrain``/``retrieval``/``grounding``/``nlvr2``
+configs), images embedded with their original bytes. Missing or unreadable images, malformed records and unusable
+boxes are counted, skipped, and reported in :class:`ConversionSummary` (printed by the CLI and written to ``conversion_summary.json``).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ __all__ = ["ConversionSummary", "convert_official", "load_refcoco_boxes", "SPLIT
 
 #: Official split names -> Hub split names.
 SPLIT_ALIASES = {"train": "train", "val": "validation", "valid": "validation", "validation": "validation",
-                 "test": "test"}
+                 "dev": "validation", "test": "test"}
 _SUMMARY_FILE = "conversion_summary.json"
 _MAX_EXAMPLES = 20
 
@@ -369,6 +371,51 @@ def _grounding_rows(
                "text": text, "bbox": box, "ref_id": ref_id, "group": group}
 
 
+def _nlvr2_label(value: Any) -> int:
+    """The official ``"True"`` / ``"False"`` (also booleans and 0/1) -> 1 / 0; anything else raises ValueError."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return int(value.strip().lower() == "true")
+    if isinstance(value, int) and value in (0, 1):
+        return value
+    raise ValueError(f"unsupported label {value!r} (expected \"True\" or \"False\")")
+
+
+def _nlvr2_rows(
+    path: str | os.PathLike, split: str, root: Path, reader: _ImageReader, summary: ConversionSummary,
+    max_records: int | None,
+) -> Iterator[dict[str, Any]]:
+    records = _load_json_list(path)[: max_records]
+    stem = Path(path).stem
+    for i, record in enumerate(records):
+        where = f"{Path(path).name}[{i}]"
+        try:
+            images, sentence = record["images"], record["sentence"]
+            if (not isinstance(images, (list, tuple)) or len(images) != 2
+                    or not all(isinstance(p, str) and p for p in images)):
+                raise ValueError("`images` must be a list of two image paths")
+            if not isinstance(sentence, str) or not sentence.strip():
+                raise ValueError("`sentence` must be a non-empty string")
+            label = _nlvr2_label(record["label"])
+            identifier = record.get("identifier")
+            identifier = str(identifier) if identifier not in (None, "") else f"{stem}-{i}"
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            summary.skip("nlvr2", split, "invalid_record", f"{where}: {error}")
+            continue
+        pair = []
+        for rel in images:
+            image = reader.read_path(_resolve(root, rel), rel)
+            if isinstance(image, str):
+                summary.skip("nlvr2", split, image, f"{where}: {rel}")
+                break
+            pair.append(image[0])
+        if len(pair) != 2:
+            continue
+        yield {"identifier": identifier, "left_image": pair[0], "right_image": pair[1], "sentence": sentence,
+               "label": label}
+
+
 def _split_name(name: str) -> str:
     if name not in SPLIT_ALIASES:
         raise ValueError(f"unknown split {name!r}; expected one of {sorted(SPLIT_ALIASES)}")
@@ -383,6 +430,7 @@ def convert_official(
     pretrain_regions: Iterable[str | os.PathLike] = (),
     retrieval: Mapping[str, str | os.PathLike] | None = None,
     grounding: Mapping[str, str | os.PathLike] | None = None,
+    nlvr2: Mapping[str, str | os.PathLike] | None = None,
     refcoco_refs: str | os.PathLike | None = None,
     refcoco_instances: str | os.PathLike | None = None,
     image_roots: Mapping[str, str | os.PathLike] | None = None,
@@ -403,10 +451,13 @@ def convert_official(
         pretrain_regions: region/object JSON-lines files or folders (``pretrain`` config, ``group="regions"``).
         retrieval: ``{"train": coco_train.json, "val": coco_val.json, "test": coco_test.json}`` (any subset).
         grounding: ``{"train": refcoco+_train.json, "val": ..., "test": ...}`` (any subset).
+        nlvr2: ``{"train": nlvr_train.json, "validation": nlvr_dev.json, "test": nlvr_test.json}`` (any subset;
+            ``dev``/``val`` are accepted for ``validation``). ``identifier`` is the record's, else
+            ``<file stem>-<index>``. Sentences are stored as given (``pre_caption`` is applied when collating).
         refcoco_refs, refcoco_instances: ``refs(unc).p`` and ``instances.json`` giving the boxes (and the
             ``val``/``testA``/``testB`` group) of grounding records that carry no ``bbox``.
-        image_roots: per-config roots (``{"pretrain": ..., "retrieval": ..., "grounding": ...}``) overriding
-            ``image_root``.
+        image_roots: per-config roots (``{"pretrain": ..., "retrieval": ..., "grounding": ..., "nlvr2": ...}``)
+            overriding ``image_root``.
         image_key: the image field of pre-training lines (default: ``binary`` if present, else ``image_rpath`` or
             ``image``); caption_key: their caption field (``caption``; ``desc`` for captioning data).
         verify_images: fully decode every image (catches truncated files; slower).
@@ -417,13 +468,15 @@ def convert_official(
     """
     retrieval = {_split_name(k): v for k, v in (retrieval or {}).items() if v}
     grounding = {_split_name(k): v for k, v in (grounding or {}).items() if v}
+    nlvr2 = {_split_name(k): v for k, v in (nlvr2 or {}).items() if v}
     pretrain_text, pretrain_regions = list(pretrain_text), list(pretrain_regions)
-    if not (pretrain_text or pretrain_regions or retrieval or grounding):
-        raise ValueError("nothing to convert: give pre-training, retrieval or grounding files")
-    for path in [*pretrain_text, *pretrain_regions, *retrieval.values(), *grounding.values()]:
+    if not (pretrain_text or pretrain_regions or retrieval or grounding or nlvr2):
+        raise ValueError("nothing to convert: give pre-training, retrieval, grounding or NLVR2 files")
+    for path in [*pretrain_text, *pretrain_regions, *retrieval.values(), *grounding.values(), *nlvr2.values()]:
         if not Path(path).exists():
             raise FileNotFoundError(f"input file not found: {path}")
-    roots = {name: Path((image_roots or {}).get(name) or image_root) for name in ("pretrain", "retrieval", "grounding")}
+    roots = {name: Path((image_roots or {}).get(name) or image_root)
+             for name in ("pretrain", "retrieval", "grounding", "nlvr2")}
     boxes = None
     if refcoco_refs or refcoco_instances:
         if not (refcoco_refs and refcoco_instances):
@@ -433,7 +486,7 @@ def convert_official(
     summary = ConversionSummary()
     reader = _ImageReader(summary, verify=verify_images)
     sources = ", ".join(Path(p).name for p in [*pretrain_text, *pretrain_regions, *retrieval.values(),
-                                                *grounding.values()])
+                                                *grounding.values(), *nlvr2.values()])
     writer = DatasetFolderWriter(
         out_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes, pretty_name=pretty_name,
         card_body=f"Converted with `xvlm-data convert-official` from the official X-VLM files: {sources}.",
@@ -450,6 +503,9 @@ def convert_official(
         for split, path in grounding.items():
             for row in _grounding_rows(path, split, roots["grounding"], reader, summary, boxes, max_records):
                 writer.add("grounding", split, row)
+        for split, path in nlvr2.items():
+            for row in _nlvr2_rows(path, split, roots["nlvr2"], reader, summary, max_records):
+                writer.add("nlvr2", split, row)
     summary.written = {c: dict(s) for c, s in writer.counts.items()}
     write_json(Path(out_dir) / _SUMMARY_FILE, summary.to_dict())
     return summary

@@ -15,6 +15,12 @@ One dataset folder holds several *configurations* (subsets), each with its own `
     Referring-expression grounding with boxes (official ``dataset/grounding_dataset.py``, RefCOCO+): one row per expression with ``text``,
     ``bbox`` (``[x, y, w, h]`` pixels of the referent), ``ref_id``, ``image_id``, ``width``, ``height``, ``group``.
 
+``nlvr2``
+    Natural Language for Visual Reasoning (official ``dataset/nlvr_dataset.py``, ``nlvr_train/dev/test.json``): one
+    row per (image pair, sentence) with ``identifier``, ``left_image``, ``right_image`` (the official ``images[0]`` /
+    ``images[1]``), ``sentence`` and ``label`` (``1``: the sentence is true of the pair, ``0``: false). It has no
+    ``image``/``image_id``/``width``/``height``/``group`` columns.
+
 ``group`` is a free-form evaluation group (``""`` when unused): the RefCOCO+ split of a reference (``val``, ``testA``,
 ``testB``), ``seen`` / ``heldout`` in the synthetic dataset, ``image_text`` / ``regions`` for pre-training sources.
 
@@ -50,6 +56,8 @@ __all__ = [
     "PRETRAIN_FEATURES",
     "RETRIEVAL_FEATURES",
     "GROUNDING_FEATURES",
+    "NLVR2_FEATURES",
+    "IMAGE_COLUMNS",
     "SchemaMismatchError",
     "get_features",
     "feature_mismatches",
@@ -108,10 +116,26 @@ GROUNDING_FEATURES = Features(
     }
 )
 
+NLVR2_FEATURES = Features(
+    {
+        "identifier": Value("string"),
+        "left_image": Image(),
+        "right_image": Image(),
+        "sentence": Value("string"),
+        "label": Value("int64"),
+    }
+)
+
 _FEATURES: dict[str, Features] = {
     "pretrain": PRETRAIN_FEATURES,
     "retrieval": RETRIEVAL_FEATURES,
     "grounding": GROUNDING_FEATURES,
+    "nlvr2": NLVR2_FEATURES,
+}
+
+#: The image columns of each configuration.
+IMAGE_COLUMNS: dict[str, tuple[str, ...]] = {
+    name: tuple(k for k, v in features.items() if isinstance(v, Image)) for name, features in _FEATURES.items()
 }
 
 #: The configuration (subset) names of an X-VLM dataset folder.
@@ -236,12 +260,15 @@ def validate_record(record: Mapping[str, Any], config_name: str) -> list[str]:
     """Check the *values* of one (not yet encoded) record of ``config_name``; return the problems found.
 
     Checks that every column is present, that texts are non-empty strings, and that boxes are ``[x, y, w, h]`` with a
-    positive size inside the ``width`` x ``height`` image.
+    positive size inside the ``width`` x ``height`` image. ``nlvr2`` rows: a non-empty ``identifier`` and
+    ``sentence``, both images given, ``label`` ``0`` or ``1`` (an ``int``, not a string or a bool).
     """
     features = get_features(config_name)
     problems = [f"missing field {name!r}" for name in features if name not in record]
     if problems:
         return problems
+    if config_name == "nlvr2":
+        return _nlvr2_problems(record)
     width, height = record["width"], record["height"]
     if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
         problems.append(f"width/height must be positive integers, got {width!r} x {height!r}")
@@ -273,6 +300,21 @@ def validate_record(record: Mapping[str, Any], config_name: str) -> list[str]:
         problems += _bbox_problems(record["bbox"], width, height, "bbox")
         if not isinstance(record["ref_id"], int):
             problems.append(f"ref_id must be an integer, got {record['ref_id']!r}")
+    return problems
+
+
+def _nlvr2_problems(record: Mapping[str, Any]) -> list[str]:
+    problems = []
+    if not isinstance(record["identifier"], str) or not record["identifier"]:
+        problems.append(f"identifier must be a non-empty string, got {record['identifier']!r}")
+    if not isinstance(record["sentence"], str) or not record["sentence"].strip():
+        problems.append(f"sentence must be a non-empty string, got {record['sentence']!r}")
+    label = record["label"]
+    if isinstance(label, bool) or not isinstance(label, int) or label not in (0, 1):
+        problems.append(f"label must be the integer 1 (true) or 0 (false), got {label!r}")
+    for name in ("left_image", "right_image"):
+        if record[name] is None:
+            problems.append(f"{name} is missing (None)")
     return problems
 
 
@@ -337,10 +379,11 @@ class _ShardedParquetWriter:
 
 
 def _approx_size(record: Mapping[str, Any]) -> int:
-    image = record.get("image")
     size = 256
-    if isinstance(image, Mapping) and isinstance(image.get("bytes"), (bytes, bytearray)):
-        size += len(image["bytes"])
+    for name in ("image", "left_image", "right_image"):
+        image = record.get(name)
+        if isinstance(image, Mapping) and isinstance(image.get("bytes"), (bytes, bytearray)):
+            size += len(image["bytes"])
     return size
 
 
@@ -395,9 +438,8 @@ class DatasetFolderWriter:
         if self.validate:
             problems = validate_record(record, config_name)
             if problems:
-                raise ValueError(
-                    f"invalid {config_name!r} record {record.get('image_id')!r}: " + "; ".join(problems)
-                )
+                name = record.get("image_id", record.get("identifier"))
+                raise ValueError(f"invalid {config_name!r} record {name!r}: " + "; ".join(problems))
         key = (config_name, split)
         if key not in self._writers:
             self._writers[key] = _ShardedParquetWriter(
@@ -406,8 +448,9 @@ class DatasetFolderWriter:
             )
         writer = self._writers[key]
         row = dict(record)
-        if isinstance(row["image"], (bytes, bytearray)):
-            row["image"] = {"bytes": bytes(row["image"]), "path": None}
+        for name in IMAGE_COLUMNS.get(config_name, ()):
+            if isinstance(row.get(name), (bytes, bytearray)):
+                row[name] = {"bytes": bytes(row[name]), "path": None}
         encoded = writer.features.encode_example({name: row[name] for name in writer.features})
         writer.add(encoded, _approx_size(encoded))
 
@@ -513,7 +556,8 @@ def write_dataset_card(
         + "\n".join(table)
         + "\n\n## Schema (X-VLM dataset layout, see `docs/data.md` of `modeling_xvlm`)\n\n"
         + _schema_markdown()
-        + "\n\nBoxes are `[x, y, w, h]` in pixels of the stored image (top-left corner and size).\n\n"
+        + "\n\nBoxes are `[x, y, w, h]` in pixels of the stored image (top-left corner and size). "
+        + "`nlvr2` `label`: 1 = the sentence is true of the (left, right) image pair, 0 = false.\n\n"
         + "## Usage\n\n```python\nimport datasets\n"
         + f'ds = datasets.load_dataset("path/or/hub-id", "{first}", split="train")\n```\n\n'
         + "Upload the folder as is (`huggingface-cli upload <user>/<name> . --repo-type dataset`) or push each\n"

@@ -11,6 +11,12 @@ shapes (4 shapes x 6 colours x 2 sizes). For every scene the generator produces
 * referring expressions that single out exactly one object (``"the red circle"``, ``"the circle on the left"``,
   ``"the leftmost shape"``, ``"the square above the green triangle"``...), each checked for a unique referent.
 
+The ``nlvr2`` configuration pairs two scenes of a split (``left_image``, ``right_image``) with a statement about
+them whose truth follows from the two scenes (:func:`generate_nlvr2_pairs`): comparisons ("the left image has more
+red shapes than the right image"), quantified existence ("both images contain a circle"), exact counts ("the right
+image has exactly two squares") and spatial relations inside one image ("in the left image a red circle is above a
+blue square"); half the statements of a split are true.
+
 Splits: ``train`` and ``validation`` only use the *seen* colour-shape combinations; ``test`` also holds scenes with
 some *held-out* combinations (``group == "heldout"``), never seen in training. In ``validation`` and ``test`` no two
 images have the same multiset of (colour, shape), so every caption identifies one image of the gallery.
@@ -48,6 +54,10 @@ __all__ = [
     "generate_scene",
     "generate_split",
     "scene_records",
+    "NLVR2Pair",
+    "NLVR2_KINDS",
+    "generate_nlvr2_pairs",
+    "nlvr2_record",
     "write_synthetic_dataset",
     "synthetic_vocabulary",
     "synthetic_tokenizer",
@@ -58,7 +68,7 @@ __all__ = [
 ]
 
 #: Bump when the output of the generator changes (it is part of the default cache folder name).
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 #: Colour name -> RGB (strong, well separated hues, readable on the dark background at 64 px).
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -110,6 +120,11 @@ class SyntheticConfig:
     duplicate_probability: float = 0.2
     #: Referring expressions per object in train (validation and test use one); each is a grounding row.
     expressions_per_object_train: int = 1
+    #: NLVR2 image pairs (``nlvr2`` config) per split; both images of a pair are scenes of that split. ``None``:
+    #: three quarters of the split's images (3000 / 150 / 150 by default, fewer for small configs).
+    num_nlvr2_train: int | None = None
+    num_nlvr2_validation: int | None = None
+    num_nlvr2_test: int | None = None
     version: int = GENERATOR_VERSION
 
     def __post_init__(self) -> None:
@@ -122,9 +137,22 @@ class SyntheticConfig:
             raise ValueError("image sizes below 64 px make the small shapes unreadable")
         if not 0.0 <= self.test_heldout_fraction <= 1.0:
             raise ValueError("test_heldout_fraction must be in [0, 1]")
+        for split in SPLITS:
+            if self.num_nlvr2_pairs(split) < 0:
+                raise ValueError(f"num_nlvr2_{split} must be >= 0")
+            if self.num_nlvr2_pairs(split) and self.num_images(split) < 2:
+                raise ValueError(f"NLVR2 pairs of {split!r} need at least 2 images of that split (num_{split})")
 
     def num_images(self, split: str) -> int:
         return {"train": self.num_train, "validation": self.num_validation, "test": self.num_test}[split]
+
+    def num_nlvr2_pairs(self, split: str) -> int:
+        """NLVR2 pairs of ``split``: the ``num_nlvr2_<split>`` field, or 3/4 of its images when that is ``None``."""
+        n = {"train": self.num_nlvr2_train, "validation": self.num_nlvr2_validation, "test": self.num_nlvr2_test}[split]
+        if n is None:
+            images = self.num_images(split)
+            return images * 3 // 4 if images >= 2 else 0
+        return n
 
     def cache_key(self) -> str:
         """A short, stable name for this configuration (used for the default cache folder)."""
@@ -523,11 +551,159 @@ def scene_records(scene: Scene) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# NLVR2 pairs
+# --------------------------------------------------------------------------------------------------------------------
+
+#: Statement kinds of the synthetic NLVR2 pairs and the probability of trying each.
+NLVR2_KINDS: dict[str, float] = {"compare": 0.3, "exists": 0.3, "count": 0.25, "spatial": 0.15}
+_PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "diamond": "diamonds"}
+_NLVR2_STREAM = 7
+_SIDES = ("left", "right")
+
+
+@dataclass(frozen=True)
+class NLVR2Pair:
+    """One synthetic NLVR2 example: two scenes of a split and a statement; ``label`` 1 iff it is true of them."""
+
+    identifier: str
+    left: Scene
+    right: Scene
+    sentence: str
+    label: int
+    kind: str
+
+
+def _plural(colour: str | None, shape: str | None) -> str:
+    return " ".join([w for w in (colour,) if w] + [_PLURALS[shape] if shape else "shapes"])
+
+
+def _count(objects: Sequence[SceneObject], colour: str | None, shape: str | None) -> int:
+    return sum(1 for o in objects if (colour is None or o.colour == colour) and (shape is None or o.shape == shape))
+
+
+def _pick_noun(rng: np.random.Generator, objects: Sequence[SceneObject], allow_all: bool) -> tuple:
+    """``(colour | None, shape | None)``, mostly taken from an object of the pair (so both truths are likely)."""
+    grains = ["colour_shape", "shape", "colour"] + (["all"] if allow_all else [])
+    grain = grains[int(rng.integers(len(grains)))]
+    if grain == "all":
+        return None, None
+    if rng.random() < 0.75:
+        o = objects[int(rng.integers(len(objects)))]
+        colour, shape = o.colour, o.shape
+    else:
+        colour, shape = list(COLOURS)[int(rng.integers(len(COLOURS)))], SHAPES[int(rng.integers(len(SHAPES)))]
+    return (colour if grain != "shape" else None), (shape if grain != "colour" else None)
+
+
+def _statement(kind: str, rng: np.random.Generator, left: Scene, right: Scene) -> tuple[str, bool]:
+    """Draw one statement of ``kind`` about the pair and return it with its truth value."""
+    scenes = {"left": left.objects, "right": right.objects}
+    union = list(left.objects) + list(right.objects)
+    if kind == "compare":
+        colour, shape = _pick_noun(rng, union, allow_all=True)
+        side = _SIDES[int(rng.integers(2))]
+        other = "right" if side == "left" else "left"
+        a, b = _count(scenes[side], colour, shape), _count(scenes[other], colour, shape)
+        how = ("more", "fewer", "same")[int(rng.integers(3))]
+        if how == "same":
+            return f"both images have the same number of {_plural(colour, shape)}", a == b
+        text = f"the {side} image has {how} {_plural(colour, shape)} than the {other} image"
+        return text, (a > b) if how == "more" else (a < b)
+    if kind == "exists":
+        colour, shape = _pick_noun(rng, union, allow_all=False)
+        present = [_count(scenes[s], colour, shape) > 0 for s in _SIDES]
+        noun = _noun(colour, shape)
+        quantifier = int(rng.integers(3))
+        if quantifier == 0:
+            return f"both images contain a {noun}", all(present)
+        if quantifier == 1:
+            return f"exactly one image contains a {noun}", sum(present) == 1
+        return f"neither image contains a {noun}", not any(present)
+    if kind == "count":
+        colour, shape = _pick_noun(rng, union, allow_all=True)
+        scope = ("left", "right", "total")[int(rng.integers(3))]
+        actual = (_count(union, colour, shape) if scope == "total" else _count(scenes[scope], colour, shape))
+        n = actual + int(rng.integers(-1, 2)) if rng.random() < 0.6 else int(rng.integers(1, 5))
+        n = min(max(n, 1), 4)
+        noun = _noun(colour, shape) if n == 1 else _plural(colour, shape)
+        if scope == "total":
+            return f"there are exactly {_NUMBERS[n]} {noun} in total", actual == n
+        return f"the {scope} image has exactly {_NUMBERS[n]} {noun}", actual == n
+    if kind == "spatial":
+        side = _SIDES[int(rng.integers(2))]
+        objects = scenes[side]
+        if len(objects) >= 2 and rng.random() < 0.8:  # two objects of that image: either truth is likely
+            first, second = (objects[int(k)] for k in rng.choice(len(objects), size=2, replace=False))
+        else:
+            first, second = (union[int(k)] for k in rng.integers(len(union), size=2))
+        rel = list(_RELATION_WORDS)[int(rng.integers(len(_RELATION_WORDS)))]
+        truth = any(
+            i != j and (a.colour, a.shape) == (first.colour, first.shape)
+            and (b.colour, b.shape) == (second.colour, second.shape) and relation(a, b, rel)
+            for i, a in enumerate(objects) for j, b in enumerate(objects)
+        )
+        return f"in the {side} image a {first.describe()} is {_RELATION_WORDS[rel]} a {second.describe()}", truth
+    raise ValueError(kind)
+
+
+def generate_nlvr2_pairs(
+    config: SyntheticConfig, split: str, scenes: Sequence[Scene] | None = None
+) -> list[NLVR2Pair]:
+    """The ``config.num_nlvr2_<split>`` NLVR2 pairs of ``split`` (deterministic in the seed and the split).
+
+    Each pair takes two different scenes of the split (``scenes``, default :func:`generate_split`) as the left and
+    right image; the labels come in shuffled blocks of one true and one false, so a split is balanced to within one
+    pair. A statement of a randomly chosen kind (:data:`NLVR2_KINDS`) is drawn until its truth value is the label.
+    """
+    n_pairs = config.num_nlvr2_pairs(split)
+    if n_pairs == 0:
+        return []
+    scenes = list(scenes) if scenes is not None else list(generate_split(config, split))
+    if len(scenes) < 2:
+        raise ValueError(f"NLVR2 pairs of {split!r} need at least 2 scenes, got {len(scenes)}")
+    rng = np.random.default_rng([config.seed, _SPLIT_STREAM[split], _NLVR2_STREAM])
+    kinds = list(NLVR2_KINDS)
+    weights = np.array([NLVR2_KINDS[k] for k in kinds])
+    weights = weights / weights.sum()
+    pairs: list[NLVR2Pair] = []
+    labels: list[int] = []
+    for index in range(n_pairs):
+        if not labels:
+            labels = [int(v) for v in rng.permutation(2)]
+        label = labels.pop()
+        i, j = (int(v) for v in rng.choice(len(scenes), size=2, replace=False))
+        for _attempt in range(1000):
+            kind = kinds[int(rng.choice(len(kinds), p=weights))]
+            sentence, truth = _statement(kind, rng, scenes[i], scenes[j])
+            if truth == bool(label):
+                break
+        else:  # pragma: no cover - every pair has true and false comparisons
+            raise RuntimeError(f"no statement with label {label} for pair {index} of {split!r}")
+        pairs.append(NLVR2Pair(f"{split}-{index:06d}", scenes[i], scenes[j], sentence, label, kind))
+    return pairs
+
+
+def nlvr2_record(pair: NLVR2Pair, images: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The ``nlvr2`` row of ``pair``; ``images`` maps ``image_id`` -> ``{"bytes", "path"}`` (rendered if absent)."""
+    images = images or {}
+
+    def image(scene: Scene) -> dict[str, Any]:
+        return images.get(scene.image_id) or {"bytes": scene.png_bytes(), "path": None}
+
+    return {"identifier": pair.identifier, "left_image": image(pair.left), "right_image": image(pair.right),
+            "sentence": pair.sentence, "label": pair.label}
+
+
 _CARD = """\
 Synthetic scenes for X-VLM (generated by `xvlm-data synthetic`, `modeling_xvlm.data.synthetic`, generator version
 {version}). Images of 1-4 coloured shapes (circle, square, triangle, diamond; red, green, blue, yellow, purple,
 white; small or large) on a noisy background. Whole-image captions name every object with a spatial relation; each
 object has a pixel box, captions and a size attribute; referring expressions single out one object.
+
+The `nlvr2` config pairs two scenes of a split with a statement about them ("the left image has more red shapes than
+the right image", "both images contain a circle", "the right image has exactly two squares", "in the left image a
+red circle is above a blue square"); `label` is 1 when it is true of the pair (half of each split).
 
 The test split also contains the held-out colour-shape combinations {heldout} (rows with `group == "heldout"`); train
 and validation never do. In validation and test no two images share the same set of coloured shapes.
@@ -543,7 +719,7 @@ def write_synthetic_dataset(
     overwrite: bool = False,
     splits: Sequence[str] = SPLITS,
 ) -> dict[str, Any]:
-    """Generate the synthetic dataset into ``out_dir`` (configs ``pretrain``, ``retrieval``, ``grounding``).
+    """Generate the synthetic dataset into ``out_dir`` (configs ``pretrain``, ``retrieval``, ``grounding``, ``nlvr2``).
 
     Returns a summary ``{"counts": {config: {split: rows}}, "seconds": ..., "config": {...}}``, also written to
     ``out_dir/xvlm_dataset_info.json`` (the last file written: its presence marks a complete dataset).
@@ -562,12 +738,17 @@ def write_synthetic_dataset(
     )
     with writer:
         for split in splits:
+            scenes, images = [], {}
             for scene in generate_split(config, split):
                 rows = scene_records(scene)
                 writer.add("pretrain", split, rows["pretrain"])
                 writer.add("retrieval", split, rows["retrieval"])
                 for row in rows["grounding"]:
                     writer.add("grounding", split, row)
+                scenes.append(scene)
+                images[scene.image_id] = rows["retrieval"]["image"]
+            for pair in generate_nlvr2_pairs(config, split, scenes):
+                writer.add("nlvr2", split, nlvr2_record(pair, images))
     summary = {
         "kind": "xvlm-synthetic",
         "config": params,
@@ -587,6 +768,11 @@ _FUNCTION_WORDS = (
     "a", "the", "and", "of", "to", "in", "on", "at", "from", "there", "is", "are", "single", "shape", "shapes",
     "left", "right", "top", "bottom", "middle", "above", "below", "leftmost", "rightmost", "highest", "lowest",
 )
+#: Words of the NLVR2 statements only (after the others in the vocabulary, so older token ids do not move).
+_NLVR2_WORDS = (
+    "image", "images", "has", "have", "more", "fewer", "than", "both", "same", "number", "contain", "contains",
+    "exactly", "neither", "total", "circles", "squares", "triangles", "diamonds",
+)
 
 
 def synthetic_vocabulary() -> list[str]:
@@ -595,6 +781,7 @@ def synthetic_vocabulary() -> list[str]:
     The order is fixed, so token ids are stable across versions of the generator that keep the same words.
     """
     words = list(_FUNCTION_WORDS) + list(_NUMBERS[1:]) + list(COLOURS) + list(SHAPES) + list(SIZES)
+    words += list(_NLVR2_WORDS)
     seen: set[str] = set()
     vocab = list(SPECIAL_TOKENS)
     for word in words:

@@ -82,11 +82,13 @@ def _random_object_chance(grounding_rows: Sequence[dict], pretrain_rows: Sequenc
     return 100.0 * total / max(len(grounding_rows), 1)
 
 
-def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    torch.set_num_threads(args.threads)
-    started, cpu_started = time.perf_counter(), time.process_time()
-    out = args.output_dir
-    say = lambda msg: print(msg, flush=True)  # noqa: E731
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _demo_data(args: argparse.Namespace) -> tuple[dict[tuple[str, str], Any], list[dict]]:
+    """The decoded splits `{(config, split): rows}` the demo trains and evaluates on, and the test scenes."""
+    started = time.perf_counter()
     data: dict[tuple[str, str], Any] = {}
     for config_name in ("pretrain", "retrieval", "grounding"):
         for split in ("train", "validation", "test"):
@@ -94,10 +96,15 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             data[(config_name, split)] = _decode(load_xvlm_dataset(args.dataset, config_name, split))
     test_pretrain = _decode(load_xvlm_dataset(args.dataset, "pretrain", "test"))
-    say(f"[demo] data ready in {time.perf_counter() - started:.1f}s: "
-        f"{len(data[('pretrain', 'train')])} pre-training images, {len(data[('retrieval', 'test')])} test images, "
-        f"{len(data[('grounding', 'test')])} test expressions")
+    _say(f"[demo] data ready in {time.perf_counter() - started:.1f}s: "
+         f"{len(data[('pretrain', 'train')])} pre-training images, {len(data[('retrieval', 'test')])} test images, "
+         f"{len(data[('grounding', 'test')])} test expressions")
+    return data, test_pretrain
 
+
+def _train_stages(args: argparse.Namespace, data: dict, timings: dict[str, float]) -> dict[str, Any]:
+    """Pre-training, then retrieval and grounding fine-tuning from it; returns the pre-training summary."""
+    out = args.output_dir
     common = dict(
         model="tiny",
         config_overrides=json.loads(json.dumps(DEMO_SIZES[args.size])),
@@ -111,81 +118,76 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         mixed_precision="no",
         k_test=args.k_test,
     )
-    pretrain_only = {"image_size": args.image_size, "tokenizer": args.tokenizer}
-    timings: dict[str, float] = {}
-
-    # 1. pre-training
     t0 = time.perf_counter()
     pre = train(
         TrainConfig(
-            task="pretrain",
-            output_dir=os.path.join(out, "pretrain"),
-            max_steps=args.pretrain_steps,
-            batch_size=args.batch_size,
-            lr=args.pretrain_lr,
-            warmup=0.05,
-            regions=not args.no_regions,
-            iter_perc=args.iter_perc,
-            region_max_images=args.region_images,
-            region_batch_texts=args.region_texts,
-            **pretrain_only,
-            **common,
+            task="pretrain", output_dir=os.path.join(out, "pretrain"), max_steps=args.pretrain_steps,
+            batch_size=args.batch_size, lr=args.pretrain_lr, warmup=0.05, regions=not args.no_regions,
+            iter_perc=args.iter_perc, region_max_images=args.region_images, region_batch_texts=args.region_texts,
+            image_size=args.image_size, tokenizer=args.tokenizer, **common,
         ),
         data=data,
     )
     timings["pretrain"] = time.perf_counter() - t0
-    pretrained = pre["output_dir"]
-    finetune = {**common, "model": pretrained, "config_overrides": {}}
-
-    # 2. retrieval fine-tuning
-    t0 = time.perf_counter()
-    train(
-        TrainConfig(task="retrieval", output_dir=os.path.join(out, "retrieval"), max_steps=args.retrieval_steps,
-                    batch_size=args.batch_size, lr=args.finetune_lr, warmup=0.1, **finetune),
-        data=data,
+    finetune = {**common, "model": pre["output_dir"], "config_overrides": {}}
+    stages = (
+        ("retrieval", args.retrieval_steps, args.finetune_lr, {}),
+        ("grounding", args.grounding_steps, args.grounding_lr, {"grounding_crop": args.grounding_crop}),
     )
-    timings["retrieval"] = time.perf_counter() - t0
+    for task, steps, lr, extra in stages:
+        t0 = time.perf_counter()
+        train(TrainConfig(task=task, output_dir=os.path.join(out, task), max_steps=steps, batch_size=args.batch_size,
+                          lr=lr, warmup=0.1, **extra, **finetune), data=data)
+        timings[task] = time.perf_counter() - t0
+    return pre
 
-    # 3. grounding fine-tuning
-    t0 = time.perf_counter()
-    train(
-        TrainConfig(task="grounding", output_dir=os.path.join(out, "grounding"), max_steps=args.grounding_steps,
-                    batch_size=args.batch_size, lr=args.grounding_lr, warmup=0.1, grounding_crop=args.grounding_crop,
-                    **finetune),
-        data=data,
-    )
-    timings["grounding"] = time.perf_counter() - t0
 
-    # 4. test-split evaluation
-    t0 = time.perf_counter()
+def _evaluate_stages(args: argparse.Namespace, data: dict, test_pretrain: list[dict]) -> tuple[dict, dict]:
+    """Test-split retrieval recalls and grounding accuracy (with the random-object chance level)."""
+    out = args.output_dir
     processor = XVLMProcessor.from_pretrained(os.path.join(out, "retrieval"))
     retrieval_model = XVLMForRetrieval.from_pretrained(os.path.join(out, "retrieval"))
     retrieval = evaluate_retrieval(retrieval_model, processor, data[("retrieval", "test")], k_test=args.k_test)
     grounding_model = XVLMForGrounding.from_pretrained(os.path.join(out, "grounding"))
     grounding = evaluate_grounding(grounding_model, processor, data[("grounding", "test")])
     grounding["chance"] = _random_object_chance(data[("grounding", "test")], test_pretrain)
-    timings["evaluation"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - started
-    timings["process_cpu"] = time.process_time() - cpu_started
+    return retrieval, grounding
 
+
+def _report(args: argparse.Namespace, retrieval: dict, grounding: dict, timings: dict[str, float]) -> None:
     rows = [
         ["retrieval text R@1 (image->text)", retrieval["txt_r1"], retrieval["chance"]["txt_r1"]],
         ["retrieval image R@1 (text->image)", retrieval["img_r1"], retrieval["chance"]["img_r1"]],
         ["grounding Acc@0.5", grounding["acc@0.5"], grounding["chance"]],
     ]
-    say("")
-    say(f"X-VLM demo ({'no region/box objectives' if args.no_regions else 'full multi-grained pre-training'}), "
-        f"test split: {retrieval['num_images']} images / {retrieval['num_texts']} captions, "
-        f"{grounding['num_examples']} expressions")
-    say(format_table(rows, ["metric", "model (%)", "chance (%)"]))
-    say(f"retrieval R@5/R@10: text {retrieval['txt_r5']:.1f}/{retrieval['txt_r10']:.1f}, image "
-        f"{retrieval['img_r5']:.1f}/{retrieval['img_r10']:.1f}; r_mean {retrieval['r_mean']:.1f}")
+    _say("")
+    _say(f"X-VLM demo ({'no region/box objectives' if args.no_regions else 'full multi-grained pre-training'}), "
+         f"test split: {retrieval['num_images']} images / {retrieval['num_texts']} captions, "
+         f"{grounding['num_examples']} expressions")
+    _say(format_table(rows, ["metric", "model (%)", "chance (%)"]))
+    _say(f"retrieval R@5/R@10: text {retrieval['txt_r5']:.1f}/{retrieval['txt_r10']:.1f}, image "
+         f"{retrieval['img_r5']:.1f}/{retrieval['img_r10']:.1f}; r_mean {retrieval['r_mean']:.1f}")
     groups = grounding.get("groups") or {}
     if groups:
-        say("grounding by group: " + ", ".join(f"{g} {m['acc@0.5']:.1f} (n={m['num_examples']})"
-                                               for g, m in groups.items()))
-    say(f"grounding prior baseline (always the mean box): {grounding['prior_baseline']:.1f}")
-    say("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+        _say("grounding by group: " + ", ".join(f"{g} {m['acc@0.5']:.1f} (n={m['num_examples']})"
+                                                for g, m in groups.items()))
+    _say(f"grounding prior baseline (always the mean box): {grounding['prior_baseline']:.1f}")
+    _say("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+
+
+def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """The demo job: data, pre-training + fine-tuning, test-split evaluation, report (`results.json`)."""
+    torch.set_num_threads(args.threads)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    data, test_pretrain = _demo_data(args)
+    timings: dict[str, float] = {}
+    pre = _train_stages(args, data, timings)
+    t0 = time.perf_counter()
+    retrieval, grounding = _evaluate_stages(args, data, test_pretrain)
+    timings["evaluation"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - started
+    timings["process_cpu"] = time.process_time() - cpu_started
+    _report(args, retrieval, grounding, timings)
     results = {
         "retrieval": retrieval,
         "grounding": grounding,
@@ -193,9 +195,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         "pretrain_last_losses": pre["last_losses"],
         "args": vars(args),
     }
+    out = args.output_dir
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=2, default=str)
-    say(f"models in {out}/{{pretrain,retrieval,grounding}}, metrics in {out}/results.json")
+    _say(f"models in {out}/{{pretrain,retrieval,grounding}}, metrics in {out}/results.json")
     return results
 
 
