@@ -268,3 +268,25 @@ def test_demo_job_smoke(synthetic_dir, tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert {"retrieval", "grounding", "timings_s"} <= set(results)
     XVLMForRetrieval.from_pretrained(out / "retrieval")
+
+
+def test_xvlm_train_dispatcher(monkeypatch, capsys):
+    """`xvlm-train` (setup.cfg entry point `modeling_xvlm.training.cli:main`): no arguments or `demo` run the demo
+    job, a task name runs `train.main`; `xvlm-train TASK --help` reaches the task parser."""
+    import configparser
+
+    from modeling_xvlm.training import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "demo_main", lambda argv: calls.append(("demo", list(argv))) or 0)
+    monkeypatch.setattr(cli, "train_main", lambda argv: calls.append(("train", list(argv))) or 0)
+    assert cli.main([]) == 0 and cli.main(["demo", "--no-regions"]) == 0 and cli.main(["nlvr2", "--cpu"]) == 0
+    assert calls == [("demo", []), ("demo", ["--no-regions"]), ("train", ["nlvr2", "--cpu"])]
+    assert cli.main(["--help"]) == 0 and "xvlm-train TASK" in capsys.readouterr().out
+    monkeypatch.undo()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["retrieval", "--help"])
+    assert exit_info.value.code == 0 and "--k-test" in capsys.readouterr().out
+    setup = configparser.ConfigParser()
+    setup.read(Path(__file__).resolve().parent.parent / "setup.cfg")
+    assert "xvlm-train = modeling_xvlm.training.cli:main" in setup["options.entry_points"]["console_scripts"]

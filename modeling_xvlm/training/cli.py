@@ -10,17 +10,18 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from . import main_job, train
+from .main_job import main as demo_main
+from .train import main as train_main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] == "demo":
-        return main_job.main(argv[1:])
+        return demo_main(argv[1:])
     if argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0
-    return train.main(argv)
+    return train_main(argv)
 
 
 if __name__ == "__main__":  # pragma: no cover
