@@ -457,20 +457,15 @@ class XVLMModel(XVLMPreTrainedModel):
 MODEL_KWARGS = ("output_attentions", "output_hidden_states", "num_items_in_batch")
 
 
-def model_kwargs(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The output flags among `kwargs` (to pass down); `TypeError` naming any argument `model` does not take."""
+def head_kwargs(model: nn.Module, kwargs: dict[str, Any], pixel_values: Any, input_ids: Any) -> dict[str, Any]:
+    """The check every `forward` starts with: images and texts are both given, and no argument is unknown
+    (`TypeError` naming it). Returns the output flags among `kwargs`, to pass down."""
     unknown = sorted(set(kwargs) - set(MODEL_KWARGS))
     if unknown:
         raise TypeError(f"{type(model).__name__}.forward() got unexpected keyword argument(s): {', '.join(unknown)}.")
-    return _output_flags(kwargs)
-
-
-def head_kwargs(model: nn.Module, kwargs: dict[str, Any], pixel_values: Any, input_ids: Any) -> dict[str, Any]:
-    """`model_kwargs`, plus the check every head's `forward` starts with: images and texts are both given."""
-    kwargs = model_kwargs(model, kwargs)
     if pixel_values is None or input_ids is None:
         raise ValueError(f"{type(model).__name__}.forward needs pixel_values and input_ids.")
-    return kwargs
+    return _output_flags(kwargs)
 
 
 def _output_flags(kwargs: dict[str, Any]) -> dict[str, Any]:
