@@ -3,6 +3,7 @@
     python -m modeling_xvlm.conversion --checkpoint model_state_step_199999.th --task pretrain --output xvlm-4m
     xvlm-convert --checkpoint checkpoint_best.pth --task retrieval --image-size 384 --output xvlm-coco \
         --tokenizer bert-base-uncased/ [--config configs/Retrieval_coco.yaml] [--push-to-hub user/xvlm-coco]
+    xvlm-convert --checkpoint vqa_model_state_epoch_9.th --output xvlm-vqa --tokenizer bert-base-uncased/
 
 See docs/conversion.md for what is inferred, the key mapping and the parity contract.
 """
@@ -46,7 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="official task YAML (e.g. configs/Retrieval_coco.yaml); its vision_config/text_config JSON paths are "
         "resolved relative to the YAML file or the working directory",
     )
-    parser.add_argument("--tokenizer", default=None, help="folder with a BERT vocab.txt; writes an XVLMProcessor")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="folder with a BERT vocab.txt; writes an XVLMProcessor (vqa: official question cleaning) and sets "
+        "text_config.bos_token_id / eos_token_id to its [CLS] / [SEP] ids",
+    )
     parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="push the result to this Hub repo")
     parser.add_argument("--base-model", default=None, help="Hub id recorded as base_model in the model card")
     parser.add_argument("--no-verify", action="store_true", help="skip re-reading the folder with from_pretrained")

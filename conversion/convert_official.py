@@ -14,7 +14,7 @@ Pipeline (`convert_checkpoint`):
    files when a tokenizer folder is given, and a model card (`modeling_xvlm.create_model_card`); it is then re-read
    with `from_pretrained` and compared tensor by tensor.
 
-The tasks (`pretrain`, `retrieval`, `grounding`, `nlvr2`, `nlvr2-pretrain`) and their head classes come from the
+The tasks (`pretrain`, `retrieval`, `grounding`, `vqa`, `nlvr2`, `nlvr2-pretrain`) and their head classes come from the
 package's task table, `modeling_xvlm.tasks.TASKS`; this module only adds which official heads each task's checkpoint
 carries (`TASK_HEADS`) and which heads a conversion from another official model initialises anew (`NEW_HEADS`).
 
@@ -26,6 +26,14 @@ pair, `text_config.tie_cross_attention_pairs`). From a *pre-training* checkpoint
 NLVR2 loader does (`load_nlvr_pretrain=False`): pre-trained fusion layer `N` goes to layers `f + 2 (N - f)` and
 `f + 2 (N - f) + 1`, and the new head (`cls_head`, resp. `ta_head`) keeps its fresh initialisation
 (`ConversionResult.new`). A `nlvr2-pretrain` checkpoint converts for `nlvr2` as with `load_nlvr_pretrain=True`.
+
+VQA (`vqa`: official `model_vqa.py`) checkpoints add an answer decoder (`text_decoder.bert.*`: every layer
+cross-attends to the question states, key/value width = the text width; `text_decoder.cls.*`: its LM head, the
+decoder weight tied to the decoder's word embeddings, checked and stored once) to the fine-tuned encoder. From a
+*pre-training* checkpoint, `vqa` does what the official VQA loader does, through the model's own
+`modeling_xvlm_vqa.decoder_init_state`: decoder layer `i` <- fusion layer `f + i`, embeddings and MLM head copied,
+the decoder's cross-attention key/value new when the text width differs from the vision width (`ConversionResult.new`).
+Captioning checkpoints (`text_decoder.*` without `text_encoder.*`) are refused.
 
 Key mapping (official key after the prefix -> in-memory name; `P` = `text_encoder.bert.` for pre-training and
 `text_encoder.` for fine-tuned checkpoints):
@@ -47,10 +55,13 @@ Key mapping (official key after the prefix -> in-memory name; `P` = `text_encode
 | `text_encoder.cls.predictions.transform.*` | `mlm_head.transform.*` |
 | `text_encoder.cls.predictions.bias` | `mlm_head.decoder.bias` |
 | `cls_head.{0,1,3}.*` (NLVR2), `ta_head.*`, `vision_proj.*` (TA pre-training) | same names on the head model |
+| `text_decoder.bert.{embeddings,encoder.layer.i}.*` (VQA) | `text_decoder.text_model.{embeddings,encoder.layer.i}.*` |
+| `text_decoder.cls.predictions.transform.*` / `.bias` (VQA) | `text_decoder.lm_head.transform.*` / `.decoder.bias` |
 
 Dropped on purpose: `relative_position_index` and `attn_mask` buffers (recomputed from the window),
 `embeddings.position_ids` (a non-persistent buffer here), `cls.predictions.decoder.weight` (tied to the word
-embeddings; checked equal) and `cls.predictions.decoder.bias` (alias of `cls.predictions.bias`; checked equal), and
+embeddings of its BERT; checked equal) and `cls.predictions.decoder.bias` (alias of `cls.predictions.bias`; checked
+equal), of the MLM head and of the VQA decoder's LM head alike, and
 the second name of each tied NLVR2 cross-attention key/value (checked equal), and the heads the requested task does
 not have (e.g. the MLM and box heads of a pre-training checkpoint converted for retrieval: the official fine-tuning
 loader ignores them the same way).
@@ -73,6 +84,7 @@ from transformers import BertTokenizer
 from modeling_xvlm import XVLMImageProcessorPil, XVLMProcessor, create_model_card
 from modeling_xvlm.configuration_xvlm import XVLMConfig
 from modeling_xvlm.modeling_xvlm_nlvr import nlvr2_config
+from modeling_xvlm.modeling_xvlm_vqa import decoder_init_state
 from modeling_xvlm.tasks import TASKS as MODEL_TASKS
 
 from .infer import ArchitectureInference, infer_architecture, text_prefix
@@ -86,6 +98,7 @@ __all__ = [
     "HEAD_CLASS_NAMES",
     "NEW_HEADS",
     "NLVR2_TASKS",
+    "SOURCE_HEADS",
     "TASKS",
     "build_config",
     "convert_checkpoint",
@@ -101,12 +114,13 @@ TASKS = tuple(MODEL_TASKS)
 #: Task -> head class name, read from the task table.
 HEAD_CLASS_NAMES = {name: row.model_class.__name__ for name, row in MODEL_TASKS.items()}
 # Official heads each task's model has (the official model classes: model_pretrain / model_retrieval / model_bbox /
-# model_nlvr / model_nlvr_pretrain). `proj` = vision_proj + text_proj + temp of the ITC space; `vision_proj` = the TA
-# model's image projection alone.
+# model_vqa / model_nlvr / model_nlvr_pretrain). `proj` = vision_proj + text_proj + temp of the ITC space;
+# `vision_proj` = the TA model's image projection alone; `decoder` = the VQA answer decoder (text_decoder.*).
 TASK_HEADS = {
     "pretrain": {"proj", "itm", "bbox", "mlm"},
     "retrieval": {"proj", "itm"},
     "grounding": {"bbox"},
+    "vqa": {"decoder"},
     "nlvr2": {"cls"},
     "nlvr2-pretrain": {"vision_proj", "ta"},
 }
@@ -119,7 +133,12 @@ NEW_HEADS = {
     ("nlvr2", "pretrain"): {"cls"},
     ("nlvr2", "nlvr2-pretrain"): {"cls"},
     ("nlvr2-pretrain", "pretrain"): {"ta"},
+    ("vqa", "pretrain"): {"decoder"},
 }
+#: (target task, official source model) -> official heads of the source a new head is built from: the official VQA
+#: loader builds the answer decoder from the fusion layers and the MLM head (only its cross-attention key/value stay
+#: new, see `_decoder_from_pretraining`).
+SOURCE_HEADS = {("vqa", "pretrain"): {"mlm"}}
 
 BASE = "xvlm."
 VISION_TARGET = BASE + "vision_model."
@@ -128,6 +147,14 @@ MLM_TARGET = "mlm_head."
 VISION_SOURCE = "vision_encoder."
 MLM_SOURCE = "text_encoder.cls."
 PRETRAIN_TEXT_PREFIX = "text_encoder.bert."
+DECODER_SOURCE = "text_decoder.bert."
+DECODER_HEAD_SOURCE = "text_decoder.cls."
+DECODER_TARGET = "text_decoder.text_model."
+DECODER_HEAD_TARGET = "text_decoder.lm_head."
+CAPTIONING_UNSUPPORTED = (
+    "This is an official captioning checkpoint (text_decoder.* without text_encoder.*, models/model_captioning.py): "
+    "captioning checkpoints are not supported yet."
+)
 
 
 class ConversionError(ValueError):
@@ -175,15 +202,29 @@ class ConversionResult:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _is_captioning(state_dict: Mapping[str, Any]) -> bool:
+    """Official captioning models (`model_captioning.py`) have a `text_decoder` and no `text_encoder` at all."""
+    keys = list(state_dict)
+    return any(k.startswith("text_decoder.") for k in keys) and not any(k.startswith("text_encoder.") for k in keys)
+
+
+def _refuse_captioning(state_dict: Mapping[str, Any]) -> None:
+    if _is_captioning(state_dict):
+        raise ConversionError(CAPTIONING_UNSUPPORTED)
+
+
 def detect_task(state_dict: Mapping[str, Any]) -> str:
     """Guess the official model class of a state dict: NLVR2 (`cls_head`), TA pre-training for NLVR2 (`ta_head`),
-    pre-training (has `text_encoder.bert.` / the MLM head), grounding (box head without ITM head) or retrieval
-    (ITM head)."""
+    VQA (`text_decoder.*` next to `text_encoder.*`), pre-training (has `text_encoder.bert.` / the MLM head),
+    grounding (box head without ITM head) or retrieval (ITM head). Captioning (`text_decoder.*` alone) is refused."""
     keys = list(state_dict)
+    _refuse_captioning(state_dict)
     if any(k.startswith("cls_head.") for k in keys):
         return "nlvr2"
     if any(k.startswith("ta_head.") for k in keys):
         return "nlvr2-pretrain"
+    if any(k.startswith("text_decoder.") for k in keys):
+        return "vqa"
     if any(k.startswith(("text_encoder.bert.", "text_encoder.cls.")) for k in keys):
         return "pretrain"
     has_itm = any(k.startswith("itm_head.") for k in keys)
@@ -193,9 +234,8 @@ def detect_task(state_dict: Mapping[str, Any]) -> str:
     if has_itm:
         return "retrieval"
     raise ConversionError(
-        "Cannot tell which official model this checkpoint comes from (no itm_head, bbox_head, cls_head, ta_head or "
-        "MLM head): pass "
-        "--task explicitly."
+        "Cannot tell which official model this checkpoint comes from (no itm_head, bbox_head, cls_head, ta_head, "
+        "text_decoder or MLM head): pass --task explicitly."
     )
 
 
@@ -233,6 +273,8 @@ REASON_BUFFER = "Swin buffer (relative_position_index / attn_mask), recomputed f
 REASON_POSITION_IDS = "position_ids buffer (arange), non-persistent in the converted model"
 REASON_TIED_DECODER = "MLM decoder weight: tied alias of the word embeddings (checked equal)"
 REASON_TIED_BIAS = "MLM decoder bias: alias of cls.predictions.bias (checked equal)"
+REASON_TIED_LM_DECODER = "VQA decoder LM-head weight: tied alias of the decoder's word embeddings (checked equal)"
+REASON_TIED_LM_BIAS = "VQA decoder LM-head bias: alias of cls.predictions.bias (checked equal)"
 REASON_TIED_CROSS = (
     "NLVR2 cross-attention key/value of layer f+2k+1: the same Parameter as layer f+2k (official "
     "share_cross_attention; checked equal, stored once)"
@@ -274,6 +316,12 @@ _REQUIRED_KEYS = {
     "cls": [f"cls_head.{i}.{p}" for i in (0, 1, 3) for p in ("weight", "bias")],
     "ta": ["ta_head.weight", "ta_head.bias"],
     "vision_proj": ["vision_proj.weight", "vision_proj.bias"],
+    "decoder": [
+        DECODER_SOURCE + f"embeddings.{name}"
+        for name in ("word_embeddings.weight", "position_embeddings.weight", "LayerNorm.weight", "LayerNorm.bias")
+    ]
+    + [DECODER_HEAD_SOURCE + "predictions.bias"]
+    + [f"{DECODER_HEAD_SOURCE}predictions.transform.{m}.{p}" for m in ("dense", "LayerNorm") for p in ("weight", "bias")],
 }
 # Model parameter names of the heads a conversion may initialise anew (`NEW_HEADS`).
 _NEW_HEAD_PREFIX = {"cls": "cls_head.", "ta": "ta_head."}
@@ -299,7 +347,8 @@ def _source_problem(task: str, source: str) -> str:
 
 
 def _check_source(task: str, source: str) -> None:
-    """Refuse official models the task cannot start from (the NLVR2 stack differs from all others)."""
+    """Refuse official models the task cannot start from (the NLVR2 stack differs from all others; the VQA model
+    starts from its own checkpoints or the pre-training one)."""
     if task in NLVR2_TASKS and source not in (*NLVR2_TASKS, "pretrain"):
         raise ConversionError(
             f"The {task} model starts from an official NLVR2, TA pre-training or pre-training checkpoint "
@@ -310,6 +359,15 @@ def _check_source(task: str, source: str) -> None:
         raise ConversionError(
             f"This is an official {source} checkpoint (doubled fusion layers with tied key/value pairs); it converts "
             f"with --task {' or --task '.join(NLVR2_TASKS)}, not --task {task}."
+        )
+    if task == "vqa" and source not in ("vqa", "pretrain"):
+        raise ConversionError(
+            f"The vqa model starts from an official VQA or pre-training checkpoint, not from a {source} checkpoint: "
+            "the official VQA loader builds the answer decoder from text_encoder.bert.* and text_encoder.cls.* only."
+        )
+    if source == "vqa" and task != "vqa":
+        raise ConversionError(
+            f"This is an official VQA checkpoint (text_decoder.*); it converts with --task vqa, not --task {task}."
         )
 
 
@@ -328,6 +386,8 @@ class _KeyMapper:
         self.fusion = _fusion_layer(official, self.text_prefix)
         self.tied_source = self.source in NLVR2_TASKS
         self.duplicate = task in NLVR2_TASKS and not self.tied_source
+        # VQA from pre-training: the answer decoder is built from the text stack and the MLM head.
+        self.decoder_from_pretraining = task == "vqa" and self.source == "pretrain"
         self.differing_aliases: list[str] = []
 
     def put(self, source: str, target: str, tensor: torch.Tensor) -> None:
@@ -347,6 +407,8 @@ class _KeyMapper:
             return _map_text_key(self, key, tensor)
         if key.startswith(MLM_SOURCE) and self.text_prefix == PRETRAIN_TEXT_PREFIX:
             return _map_mlm_key(self, key, tensor)
+        if key.startswith((DECODER_SOURCE, DECODER_HEAD_SOURCE)) and "decoder" in self.heads:
+            return _map_decoder_key(self, key, tensor)
         if _PROJ.match(key) or key == "temp":
             return _map_projection_key(self, key, tensor)
         if _HEAD.match(key) and (key.startswith(("itm_head.", "bbox_head.")) or self.task in NLVR2_TASKS):
@@ -432,29 +494,72 @@ def _nlvr2_layers(mapper: _KeyMapper, layer: int, tail: str) -> list[int]:
 
 
 def _map_mlm_key(mapper: _KeyMapper, key: str, tensor: torch.Tensor) -> bool:
-    """The MLM head of a pre-training checkpoint; its tied decoder tensors are checked and dropped."""
+    """The MLM head of a pre-training checkpoint (the VQA decoder's LM head when `vqa` starts from pre-training);
+    its tied decoder tensors are checked and dropped."""
     rest = key[len(MLM_SOURCE) :]
     if rest not in _MLM_ALIASES and not _MLM_TRANSFORM.match(rest):
         return False
-    if "mlm" not in mapper.heads:
+    if "mlm" in mapper.heads:
+        _map_lm_head(mapper, key, rest, tensor, MLM_SOURCE, mapper.text_prefix, MLM_TARGET, _MLM_REASONS)
+    elif mapper.decoder_from_pretraining:  # official VQA loader: text_encoder.cls.* -> text_decoder.cls.*
+        _map_lm_head(mapper, key, rest, tensor, MLM_SOURCE, mapper.text_prefix, DECODER_HEAD_TARGET, _MLM_REASONS)
+    else:
         mapper.drop(key, _reason_unused("MLM head (text_encoder.cls)", mapper.task))
-    elif rest == "predictions.decoder.weight":
-        word_key = mapper.text_prefix + "embeddings.word_embeddings.weight"
+    return True
+
+
+_MLM_REASONS = (REASON_TIED_DECODER, REASON_TIED_BIAS)
+_LM_REASONS = (REASON_TIED_LM_DECODER, REASON_TIED_LM_BIAS)
+
+
+def _map_lm_head(
+    mapper: _KeyMapper,
+    key: str,
+    rest: str,
+    tensor: torch.Tensor,
+    head_source: str,
+    bert_source: str,
+    target: str,
+    reasons: tuple[str, str],
+) -> None:
+    """A BERT `cls.predictions` head (`rest` = the key after `head_source`) into `target` (`transform.*`,
+    `decoder.bias`): the decoder weight must be the word embeddings of `bert_source`, the decoder bias
+    `cls.predictions.bias` (official tied tensors), both dropped after the check."""
+    if rest == "predictions.decoder.weight":
+        word_key = bert_source + "embeddings.word_embeddings.weight"
         if word_key not in mapper.official or not _equal(tensor, mapper.official[word_key]):
             raise ConversionError(
-                f"{key} is not equal to {word_key}: the official MLM decoder is tied to the word embeddings, "
-                "so this checkpoint is not an official X-VLM pre-training checkpoint."
+                f"{key} is not equal to {word_key}: the official LM-head decoder is tied to the word embeddings, "
+                "so this checkpoint is not an official X-VLM checkpoint."
             )
-        mapper.drop(key, REASON_TIED_DECODER)
+        mapper.drop(key, reasons[0])
     elif rest == "predictions.decoder.bias":
-        bias_key = MLM_SOURCE + "predictions.bias"
+        bias_key = head_source + "predictions.bias"
         if bias_key not in mapper.official or not _equal(tensor, mapper.official[bias_key]):
             raise ConversionError(f"{key} is not equal to {bias_key} (they are the same tensor officially).")
-        mapper.drop(key, REASON_TIED_BIAS)
+        mapper.drop(key, reasons[1])
     elif rest == "predictions.bias":
-        mapper.put(key, MLM_TARGET + "decoder.bias", tensor)
+        mapper.put(key, target + "decoder.bias", tensor)
     else:
-        mapper.put(key, MLM_TARGET + rest[len("predictions.") :], tensor)
+        mapper.put(key, target + rest[len("predictions.") :], tensor)
+
+
+def _map_decoder_key(mapper: _KeyMapper, key: str, tensor: torch.Tensor) -> bool:
+    """The VQA answer decoder (`text_decoder.bert.*` embeddings and layers, keeping their names under
+    `text_decoder.text_model.`) and its LM head (`text_decoder.cls.*`, tied tensors checked and dropped)."""
+    if key.startswith(DECODER_HEAD_SOURCE):
+        rest = key[len(DECODER_HEAD_SOURCE) :]
+        if rest not in _MLM_ALIASES and not _MLM_TRANSFORM.match(rest):
+            return False
+        _map_lm_head(mapper, key, rest, tensor, DECODER_HEAD_SOURCE, DECODER_SOURCE, DECODER_HEAD_TARGET, _LM_REASONS)
+        return True
+    rest = key[len(DECODER_SOURCE) :]
+    if rest == "embeddings.position_ids":
+        mapper.drop(key, REASON_POSITION_IDS)
+        return True
+    if not (_TEXT_EMBEDDINGS.match(rest) or _TEXT_LAYER.match(rest)):
+        return False
+    mapper.put(key, DECODER_TARGET + rest, tensor)
     return True
 
 
@@ -481,16 +586,18 @@ def _check_all_known(unknown: list[str], hint: str = "") -> None:
     if unknown:
         raise ConversionError(
             f"{len(unknown)} official key(s) are neither mapped nor known to be safe to drop: {sorted(unknown)}. "
-            "Supported checkpoints: official X-VLM (Swin) pre-training, retrieval, box-grounding, NLVR2 and NLVR2 "
-            "text-assignment models." + (f" {hint}" if hint else "")
+            "Supported checkpoints: official X-VLM (Swin) pre-training, retrieval, box-grounding, VQA, NLVR2 and "
+            "NLVR2 text-assignment models." + (f" {hint}" if hint else "")
         )
 
 
 def _check_task_heads_present(official: Mapping[str, torch.Tensor], task: str) -> set[str]:
-    """Raise for missing official head keys, except the heads `NEW_HEADS` initialises anew (returned)."""
+    """Raise for missing official head keys, except the heads `NEW_HEADS` initialises anew (returned); the source
+    heads those are built from (`SOURCE_HEADS`) are required instead."""
     source = _safe_detect(official)
     new = set(NEW_HEADS.get((task, source), ()))
-    missing = [k for head in sorted(TASK_HEADS[task] - new) for k in _REQUIRED_KEYS[head] if k not in official]
+    needed = (TASK_HEADS[task] - new) | SOURCE_HEADS.get((task, source), set())
+    missing = [k for head in sorted(needed) for k in _REQUIRED_KEYS[head] if k not in official]
     if missing:
         raise ConversionError(
             f"The {task} model needs official keys this checkpoint does not have: {missing}. Convert it with the "
@@ -512,24 +619,28 @@ def convert_state_dict(
     official: Mapping[str, torch.Tensor],
     task: str,
     target_window: int | None = None,
+    config: XVLMConfig | None = None,
 ) -> ConversionResult:
     """Map an official state dict to the in-memory names of the `task` head model.
 
     Args:
         official: the official state dict (`checkpoint['model']`).
-        task: `"pretrain"`, `"retrieval"`, `"grounding"`, `"nlvr2"` or `"nlvr2-pretrain"`.
+        task: `"pretrain"`, `"retrieval"`, `"grounding"`, `"vqa"`, `"nlvr2"` or `"nlvr2-pretrain"`.
         target_window: Swin window of the converted model; tables of another size are resized with the official
             algorithm. `None` keeps every table as it is.
+        config: the converted model's config; only read to build a VQA decoder from a pre-training checkpoint
+            (default: `build_config(official, task=task)`).
 
     Returns:
         a `ConversionResult` whose `config` is still `None` (see `build_config`).
 
     Raises:
         ConversionError: keys that are neither mapped nor deliberately dropped (all named), a missing official head
-            the task needs, or tied MLM tensors that are not equal.
+            the task needs, tied MLM / LM-head tensors that are not equal, or a captioning checkpoint.
     """
     if task not in TASKS:
         raise ConversionError(f"Unknown task {task!r}; choose one of {TASKS}.")
+    _refuse_captioning(official)
     mapper = _KeyMapper(official, task, target_window)
     if (mapper.duplicate or mapper.tied_source) and mapper.fusion is None:
         raise ConversionError("No text layer has crossattention: this is not an X-VLM fusion encoder.")
@@ -538,6 +649,9 @@ def convert_state_dict(
     _check_source(task, mapper.source)
     _check_aliases(mapper)
     for head in sorted(_check_task_heads_present(official, task)):
+        if head == "decoder":
+            _decoder_from_pretraining(mapper, config or build_config(official, task=task)[0])
+            continue
         mapper.result.new[_NEW_HEAD_PREFIX[head]] = (
             f"{_NEW_HEAD_PREFIX[head].rstrip('.')} not in the {mapper.source} checkpoint: newly initialised (as the "
             f"official {task} loader does)"
@@ -548,6 +662,39 @@ def convert_state_dict(
             "(official NLVR2 loader); each pair shares its cross-attention key/value"
         )
     return mapper.result
+
+
+def _decoder_from_pretraining(mapper: _KeyMapper, config: XVLMConfig) -> None:
+    """The official pre-training -> VQA decoder (`model_vqa.py` `load_pretrained`), as the model's
+    `decoder_init_state` does it: run on the converted text stack, its outputs (decoder layer `i` <- fusion layer
+    `f + i`, embeddings) and the MLM head (mapped by `_map_mlm_key`) fill `text_decoder`; the cross-attention
+    key/value `decoder_init_state` leaves out stay new and are listed in `result.new`."""
+    layers = config.num_decoder_layers or config.text_config.num_fusion_layers
+    if layers != config.text_config.num_fusion_layers:
+        raise ConversionError(
+            f"The official VQA loader copies one fusion layer per decoder layer: num_decoder_layers ({layers}) must "
+            f"equal the {config.text_config.num_fusion_layers} fusion layers of the pre-training checkpoint."
+        )
+    state = mapper.result.state_dict
+    text_state = {k[len(TEXT_TARGET) :]: v for k, v in state.items() if k.startswith(TEXT_TARGET)}
+    source_of = {target: source for source, targets in mapper.result.mapping.items() for target in targets}
+    # decoder_init_state renames, never copies: each output tensor is one of its inputs, which names the official key.
+    text_key_of = {id(v): k for k, v in text_state.items()}
+    for key, tensor in decoder_init_state(text_state, config).items():
+        source = source_of[TEXT_TARGET + text_key_of[id(tensor)]]
+        mapper.put(source, "text_decoder." + key, tensor if tensor.device.type == "meta" else tensor.clone())
+    for layer in range(layers):
+        for name in ("key", "value"):
+            prefix = f"{DECODER_TARGET}encoder.layer.{layer}.crossattention.self.{name}."
+            if prefix + "weight" not in state:
+                mapper.result.new[prefix] = (
+                    f"decoder cross-attention {name}: reads the {config.text_config.hidden_size}-wide question states, "
+                    f"not the {config.vision_width}-wide image; newly initialised (official VQA loader)"
+                )
+    mapper.result.notes.append(
+        f"VQA decoder from pre-training: decoder layer i <- fusion layer {config.text_config.fusion_layer} + i, "
+        "embeddings and MLM head copied (official VQA loader, modeling_xvlm_vqa.decoder_init_state)"
+    )
 
 
 def _safe_detect(state_dict: Mapping[str, Any]) -> str:
@@ -649,6 +796,13 @@ def _apply_official_config(
                     f"The official config sets embed_dim = {value} but the projections have {top[name]} outputs."
                 )
             continue
+        if name == "num_decoder_layers" and name in top:  # inferred from the decoder's keys
+            if value != top[name]:
+                raise ConversionError(
+                    f"The official config sets num_dec_layers = {value} but the checkpoint's VQA decoder has "
+                    f"{top[name]} layers."
+                )
+            continue
         top[name] = value
         inference.provenance[f"top.{name}"] = "from --config"
     return config_window
@@ -730,6 +884,7 @@ def build_config(
     image size changes and the source followed the official convention (final feature map = one window, 7 at 224),
     the new final feature-map size (12 at 384, 15 at 480); otherwise the source window.
     """
+    _refuse_captioning(state_dict)
     inference = infer_architecture(state_dict)
     parts = {"vision": dict(inference.vision), "text": dict(inference.text), "top": dict(inference.top)}
     vision, text, top = parts["vision"], parts["text"], parts["top"]
@@ -758,6 +913,7 @@ def build_config(
         text_config={k: v for k, v in text.items() if k != "encoder_width"},  # XVLMConfig sets it
         projection_dim=int(top["projection_dim"]),
         temperature_init=float(top["temperature_init"]),
+        num_decoder_layers=_vqa_decoder_layers(inference, top, text) if task == "vqa" else None,
     )
     if task in NLVR2_TASKS:
         config = _nlvr2_target_config(config, inference, task)
@@ -766,6 +922,25 @@ def build_config(
         log("Architecture (value [where it came from]):\n" + inference.describe())
     inference.source_image, inference.source_window = source_image, source_window
     return config, inference
+
+
+def _vqa_decoder_layers(inference: ArchitectureInference, top: dict[str, Any], text: dict[str, Any]) -> int:
+    """The answer decoder's layer count: the VQA checkpoint's (or `num_dec_layers` of the official config); from a
+    pre-training checkpoint the number of fusion layers, which the official VQA loader requires (it asserts
+    `num_dec_layers` equals it)."""
+    fusion_layers = int(text["num_hidden_layers"]) - int(text["fusion_layer"])
+    if inference.provenance.get("top.num_decoder_layers", "").startswith("inferred"):
+        return int(top["num_decoder_layers"])
+    layers = int(top.get("num_decoder_layers", fusion_layers))
+    if layers != fusion_layers:
+        raise ConversionError(
+            f"num_dec_layers = {layers}, but the official VQA model initialises one decoder layer per fusion layer "
+            f"(asserted in models/model_vqa.py): this checkpoint has {fusion_layers} fusion layers."
+        )
+    if "top.num_decoder_layers" not in inference.provenance:
+        inference.set("top", "num_decoder_layers", layers, "default: the number of fusion layers (official VQA loader)")
+    top["num_decoder_layers"] = layers
+    return layers
 
 
 def _nlvr2_target_config(config: XVLMConfig, inference: ArchitectureInference, task: str) -> XVLMConfig:
@@ -791,7 +966,8 @@ def _nlvr2_target_config(config: XVLMConfig, inference: ArchitectureInference, t
 
 def head_class(task: str) -> type:
     """The model class of a task (`XVLMForPretraining`, `XVLMForRetrieval`, `XVLMForGrounding`,
-    `XVLMForImagesAndTextClassification` or `XVLMForTextAssignment`), read from `modeling_xvlm.tasks.TASKS`."""
+    `XVLMForQuestionAnswering`, `XVLMForImagesAndTextClassification` or `XVLMForTextAssignment`), read from
+    `modeling_xvlm.tasks.TASKS`."""
     if task not in MODEL_TASKS:
         raise ConversionError(f"Unknown task {task!r}; choose one of {TASKS}.")
     return MODEL_TASKS[task].model_class
@@ -878,9 +1054,15 @@ def _conversion_notes(result: ConversionResult) -> str:
         if result.interpolated
         else "No relative position table was resized (same window as the checkpoint)."
     )
+    decoder = (
+        f"\n- Answer decoder: {config.num_decoder_layers or text.num_fusion_layers} layers, each cross-attending to the "
+        f"question states (width {text.hidden_size}); LM head tied to its word embeddings."
+        if result.task == "vqa"
+        else ""
+    )
     return f"""- Model class: `{HEAD_CLASS_NAMES[result.task]}` (package `modeling_xvlm`).
 - Vision: Swin, image size {config.image_size}, embed {vision.embed_dim}, depths {list(vision.depths)}, heads {list(vision.num_heads)}, window {vision.window_size}.
-- Text: {text.num_hidden_layers} layers ({text.fusion_layer} text + {text.num_hidden_layers - text.fusion_layer} fusion), width {text.hidden_size}, {text.num_attention_heads} heads; projection {config.projection_dim}.
+- Text: {text.num_hidden_layers} layers ({text.fusion_layer} text + {text.num_hidden_layers - text.fusion_layer} fusion), width {text.hidden_size}, {text.num_attention_heads} heads; projection {config.projection_dim}.{decoder}
 - {interpolation}
 - Official keys: {len(result.mapping)} mapped, {len(result.dropped)} dropped on purpose:
 {chr(10).join(f"  - {n} x {reason}" for reason, n in dropped.items()) or "  - none"}
@@ -929,7 +1111,15 @@ def write_model_card(
     return card
 
 
-def _save_processor(output_dir: str, tokenizer_dir: str, config: XVLMConfig) -> XVLMProcessor:
+#: VQA questions as the official evaluation reads them (`dataset/vqa_dataset.py` test split: `pre_question` with
+#: 50 words; `VQA.py` tokenises them without truncation).
+VQA_MAX_WORDS = 50
+
+
+def _build_processor(tokenizer_dir: str, config: XVLMConfig, task: str) -> XVLMProcessor:
+    """The `XVLMProcessor` of the converted model: PIL image processor at its size and the BERT tokenizer; for
+    `vqa` the official test-time question cleaning (`pre_question`, 50 words, no truncation below the position
+    limit)."""
     vocab = Path(tokenizer_dir)
     if not vocab.is_dir() or not ((vocab / "vocab.txt").is_file() or (vocab / "tokenizer.json").is_file()):
         raise ConversionError(f"--tokenizer {tokenizer_dir!r} must be a folder with a BERT vocab.txt (or tokenizer.json).")
@@ -937,9 +1127,23 @@ def _save_processor(output_dir: str, tokenizer_dir: str, config: XVLMConfig) -> 
     image_processor = XVLMImageProcessorPil(
         size={"height": config.image_size, "width": config.image_size}, patch_size=config.patch_stride
     )
-    processor = XVLMProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    processor.save_pretrained(output_dir)
-    return processor
+    text: dict[str, Any] = {}
+    if task == "vqa":
+        text = {
+            "text_preprocessing": "question",
+            "max_words": VQA_MAX_WORDS,
+            "max_length": config.text_config.max_position_embeddings,
+        }
+    return XVLMProcessor(image_processor=image_processor, tokenizer=tokenizer, **text)
+
+
+def _set_special_tokens(config: XVLMConfig, tokenizer: Any) -> None:
+    """`text_config.bos_token_id` / `eos_token_id` = the tokenizer's [CLS] / [SEP] (what answer generation starts
+    from and stops at)."""
+    for name, token_id in (("bos_token_id", tokenizer.cls_token_id), ("eos_token_id", tokenizer.sep_token_id)):
+        if token_id is None:
+            raise ConversionError(f"The tokenizer has no {'[CLS]' if name == 'bos_token_id' else '[SEP]'} token.")
+        setattr(config.text_config, name, int(token_id))
 
 
 def _verify_saved(output_dir: str, model: torch.nn.Module, task: str) -> None:
@@ -988,7 +1192,7 @@ def _convert_weights(
     target_window = model_config.vision_config.window_size
     if target_window == inference.source_window and model_config.image_size == inference.source_image:
         target_window = None  # same geometry: every table (shrunk stages included) keeps its size
-    result = convert_state_dict(state_dict, task, target_window=target_window)
+    result = convert_state_dict(state_dict, task, target_window=target_window, config=model_config)
     result.config = model_config
     result.inference = inference
     return result
@@ -1004,7 +1208,7 @@ def _write_folder(
     output_dir: str,
     model: torch.nn.Module,
     result: ConversionResult,
-    tokenizer: str | os.PathLike | None,
+    processor: XVLMProcessor | None,
     push_to_hub: str | None,
     base_model: str | None,
     verify: bool,
@@ -1013,7 +1217,8 @@ def _write_folder(
     """Save model (+ code files), processor and model card; verify the reload; push if asked."""
     os.makedirs(output_dir, exist_ok=True)
     model.save_pretrained(output_dir)
-    processor = _save_processor(output_dir, os.fspath(tokenizer), result.config) if tokenizer else None
+    if processor is not None:
+        processor.save_pretrained(output_dir)
     card = write_model_card(output_dir, result, base_model=base_model, repo_id=push_to_hub)
     if verify:
         _verify_saved(output_dir, model, result.task)
@@ -1047,13 +1252,14 @@ def convert_checkpoint(
             dict (`{'model': state_dict, ...}` or a state dict).
         output_dir: folder to write (`config.json`, `model.safetensors`, `README.md`, processor files); `None`
             only builds and returns the model.
-        task: `"pretrain"`, `"retrieval"`, `"grounding"`, `"nlvr2"` or `"nlvr2-pretrain"`; `None` detects it from
-            the keys.
+        task: `"pretrain"`, `"retrieval"`, `"grounding"`, `"vqa"`, `"nlvr2"` or `"nlvr2-pretrain"`; `None` detects it
+            from the keys.
         image_size: input size of the converted model (e.g. 384 for a 224 pre-training checkpoint fine-tuned at
             384); default: the checkpoint's.
         window_size: Swin window of the converted model (default: see `build_config`).
         config: an official task YAML (its `vision_config` / `text_config` JSONs are read too).
-        tokenizer: a folder with a BERT `vocab.txt`; writes an `XVLMProcessor`.
+        tokenizer: a folder with a BERT `vocab.txt`; writes an `XVLMProcessor` (for `vqa` with the official question
+            cleaning) and sets `text_config.bos_token_id` / `eos_token_id` to its [CLS] / [SEP] ids.
         push_to_hub: a Hub repo id; the model, processor and card are pushed with `push_to_hub`.
         base_model: Hub id written as `base_model` in the model card.
         verify: re-read the written folder with `from_pretrained` and compare every tensor.
@@ -1074,6 +1280,11 @@ def convert_checkpoint(
     model_config, inference = build_config(
         state_dict, official, image_size=image_size, window_size=window_size, embedded=embedded, log=say, task=task
     )
+    processor = _build_processor(os.fspath(tokenizer), model_config, task) if tokenizer else None
+    if processor is not None:
+        _set_special_tokens(model_config, processor.tokenizer)
+    elif task == "vqa":
+        say("No --tokenizer: text_config.bos_token_id / eos_token_id stay unset (generate() needs [CLS] / [SEP]).")
     result = _convert_weights(state_dict, task, model_config, inference)
     result.source, result.source_sha256 = source, sha
     if task != _safe_detect(state_dict):
@@ -1082,7 +1293,7 @@ def convert_checkpoint(
     say(result.summary())
 
     if output_dir is not None:
-        _write_folder(os.fspath(output_dir), model, result, tokenizer, push_to_hub, base_model, verify, say)
+        _write_folder(os.fspath(output_dir), model, result, processor, push_to_hub, base_model, verify, say)
     elif push_to_hub:
         raise ConversionError("push_to_hub needs an output_dir to write the folder first.")
     return model, result

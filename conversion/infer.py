@@ -10,6 +10,8 @@ What the weights determine:
   layer with `crossattention`), intermediate size, cross-attention key/value width, and the NLVR2 stack (tied
   key/value pairs of fusion layers) of checkpoints with an NLVR2 (`cls_head`) or TA (`ta_head`) head.
 - The projection size (`vision_proj` / `text_proj`).
+- VQA: the answer decoder's layer count (`text_decoder.bert.encoder.layer.*`, every layer with cross-attention
+  reading the text width), as `top.num_decoder_layers`.
 
 What they cannot determine, and falls back to X-VLM-base unless an official config says otherwise: the number of
 text attention heads (head size 64, as BERT-base: 12 heads at 768), activation (`gelu`), LayerNorm epsilons
@@ -218,7 +220,7 @@ def _infer_text(sd: Mapping[str, torch.Tensor], result: ArchitectureInference) -
     if sorted(cross) != list(range(fusion, count)):
         raise ValueError(
             f"Cross-attention appears in layers {sorted(cross)}; X-VLM has it in every layer from fusion_layer on. "
-            "(VQA / captioning checkpoints are not supported by this converter.)"
+            "(Captioning checkpoints are not supported by this converter.)"
         )
     result.set("text", "num_hidden_layers", count, "inferred (encoder.layer.* count)")
     result.set("text", "fusion_layer", fusion, "inferred (first layer with crossattention)")
@@ -255,6 +257,40 @@ def _infer_text(sd: Mapping[str, torch.Tensor], result: ArchitectureInference) -
         result.set("text", name, value, "default (X-VLM-base)")
 
 
+DECODER = "text_decoder.bert."
+
+
+def _infer_decoder(sd: Mapping[str, torch.Tensor], result: ArchitectureInference) -> None:
+    """The VQA answer decoder (official `model_vqa.py`): a copy of the text config with `fusion_layer = 0` (every
+    layer cross-attends) and cross-attention key/value reading the text width; sets `top.num_decoder_layers`."""
+    layer_re = re.compile(re.escape(DECODER) + r"encoder\.layer\.(\d+)\.")
+    layers: set[int] = set()
+    cross: set[int] = set()
+    for key in sd:
+        match = layer_re.match(key)
+        if match:
+            layers.add(int(match.group(1)))
+            if key[match.end() :].startswith("crossattention."):
+                cross.add(int(match.group(1)))
+    if not layers:
+        if any(key.startswith("text_decoder.") for key in sd):
+            raise ValueError(f"The checkpoint has text_decoder.* keys but no {DECODER}encoder.layer.* keys.")
+        return
+    count = max(layers) + 1
+    if sorted(layers) != list(range(count)) or cross != layers:
+        raise ValueError(
+            f"The VQA decoder has layers {sorted(layers)} with cross-attention in {sorted(cross)}; the official "
+            "decoder has contiguous layers, all with cross-attention."
+        )
+    width = _shape(sd, f"{DECODER}encoder.layer.0.crossattention.self.key.weight")[1]
+    if width != result.text["hidden_size"]:
+        raise ValueError(
+            f"The VQA decoder's cross-attention key/value read {width} features; the official decoder reads the "
+            f"{result.text['hidden_size']}-wide question states."
+        )
+    result.set("top", "num_decoder_layers", count, "inferred (text_decoder.bert.encoder.layer.* count)")
+
+
 def infer_architecture(state_dict: Mapping[str, torch.Tensor]) -> ArchitectureInference:
     """Infer vision, text and top-level config fields from an official X-VLM state dict (keys with the official
     `vision_encoder.` / `text_encoder.[bert.]` prefixes; only shapes are read)."""
@@ -274,4 +310,5 @@ def infer_architecture(state_dict: Mapping[str, torch.Tensor]) -> ArchitectureIn
     else:
         result.set("top", "projection_dim", 256, "default (X-VLM-base; this checkpoint has no projections)")
     result.set("top", "temperature_init", 0.07, "default (X-VLM-base; the learned temp is a weight)")
+    _infer_decoder(state_dict, result)
     return result

@@ -1,6 +1,7 @@
 """Reading official X-VLM task configurations (a task YAML plus the JSON files it names).
 
-An official task YAML (e.g. `configs/Retrieval_coco.yaml`) sets `use_swin`, `image_res`, `embed_dim`, `temp` and
+An official task YAML (e.g. `configs/Retrieval_coco.yaml`) sets `use_swin`, `image_res`, `embed_dim`, `temp` (VQA:
+`num_dec_layers`) and
 the paths `vision_config` (e.g. `configs/config_swinB_384.json`: `image_res`, `window_size`, `embed_dim`, `depths`,
 `num_heads`, `vision_width`) and `text_config` (`configs/config_bert.json`: a BERT config plus `fusion_layer`).
 The JSON paths are resolved, in order, relative to the YAML file's folder, the working directory, and the YAML
@@ -32,7 +33,8 @@ class OfficialConfig:
 
     vision: dict[str, Any] = field(default_factory=dict)  # SwinConfig fields
     text: dict[str, Any] = field(default_factory=dict)  # XVLMTextConfig fields
-    top: dict[str, Any] = field(default_factory=dict)  # XVLMConfig fields (projection_dim, temperature_init)
+    # XVLMConfig fields (projection_dim, temperature_init, num_decoder_layers)
+    top: dict[str, Any] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)  # file each part came from
 
 
@@ -117,6 +119,8 @@ def parse_official_config(task_config: dict[str, Any], yaml_path: str | os.PathL
         result.top["projection_dim"] = int(task_config["embed_dim"])
     if "temp" in task_config:
         result.top["temperature_init"] = float(task_config["temp"])
+    if "num_dec_layers" in task_config:  # configs/VQA.yaml: the answer decoder's layers
+        result.top["num_decoder_layers"] = int(task_config["num_dec_layers"])
     return result
 
 

@@ -14,6 +14,7 @@ from .modeling_xvlm_nlvr import XVLMForImagesAndTextClassification, XVLMForTextA
 from .modeling_xvlm_pretraining import XVLMForPretraining, XVLMForPretrainingOutput
 from .modeling_xvlm_retrieval import XVLMForRetrieval, XVLMForRetrievalOutput
 from .modeling_xvlm_text import XVLMTextLMHeadModel, XVLMTextModel
+from .modeling_xvlm_vqa import XVLMAnswerRankingOutput, XVLMForQuestionAnswering, XVLMForQuestionAnsweringOutput
 from .processing import XVLMImageProcessor, XVLMImageProcessorPil, XVLMProcessor
 from .retrieval import RetrievalOutput, retrieval_metrics
 from .tasks import TASKS, XVLMTask
@@ -29,8 +30,11 @@ __all__ = [
     "XVLMForGrounding",
     "XVLMForGroundingOutput",
     "XVLMForImagesAndTextClassification",
+    "XVLMAnswerRankingOutput",
     "XVLMForPretraining",
     "XVLMForPretrainingOutput",
+    "XVLMForQuestionAnswering",
+    "XVLMForQuestionAnsweringOutput",
     "XVLMForRetrieval",
     "XVLMForRetrievalOutput",
     "XVLMForTextAssignment",

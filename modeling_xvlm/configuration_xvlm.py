@@ -102,6 +102,9 @@ class XVLMTextConfig(PreTrainedConfig):
         tie_cross_attention_pairs: cross-attention layers `fusion_layer + 2j` and `fusion_layer + 2j + 1` share one
             key and one value projection (official NLVR2: the two images alternate across the fusion layers).
         tie_word_embeddings: tie an LM head's decoder weight to the word embeddings (always, in X-VLM).
+        bos_token_id: the first token of the answer and caption decoders' `generate()`: the tokenizer's `[CLS]`
+            (101 for `bert-base-uncased`; `xvlm-convert` and `xvlm-train` set it from the tokenizer).
+        eos_token_id: the token that ends a generated answer or caption: the tokenizer's `[SEP]` (102).
     """
 
     model_type = "xvlm_text_model"
@@ -126,6 +129,8 @@ class XVLMTextConfig(PreTrainedConfig):
     use_cache: bool = True
     tie_cross_attention_pairs: bool = False
     tie_word_embeddings: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -186,6 +191,11 @@ class XVLMConfig(PreTrainedConfig):
             image and same region mask, e.g. two captions of one image or padding duplicates) as positives of each
             other for ITC and never as ITM negatives; `True` reproduces the official code, which treats them as
             negatives (official quirk: duplicates act as false negatives).
+        num_decoder_layers: layers of the VQA answer decoder (`XVLMForQuestionAnswering`); `None` (default): the
+            number of fusion layers, as the official loader requires (`num_dec_layers` of `configs/VQA.yaml`).
+        official_answer_scoring: `True` (default) ranks VQA answers with the official score, which counts the
+            log-probability of the answer's first token twice (`model_vqa.rank_answer`); `False` uses the answer's
+            log-likelihood (each token once).
     """
 
     model_type = "xvlm"
@@ -208,6 +218,8 @@ class XVLMConfig(PreTrainedConfig):
     official_giou_batch_zeroing: bool = False
     official_itc_gradient_scaling: bool = False
     official_duplicate_negatives: bool = False
+    num_decoder_layers: int | None = None
+    official_answer_scoring: bool = True
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
@@ -253,6 +265,8 @@ class XVLMConfig(PreTrainedConfig):
         self.temperature_clamp = tuple(float(v) for v in self.temperature_clamp)
         if self.temperature_init <= 0:
             raise ValueError(f"temperature_init must be positive, got {self.temperature_init}.")
+        if self.num_decoder_layers is not None and self.num_decoder_layers < 1:
+            raise ValueError(f"num_decoder_layers must be at least 1, got {self.num_decoder_layers}.")
 
     @property
     def vision_width(self) -> int:
@@ -281,7 +295,7 @@ class XVLMConfig(PreTrainedConfig):
         """
         if name == "base":
             vision = dict(XVLM_BASE_VISION)
-            text: dict[str, Any] = {}
+            text: dict[str, Any] = {"bos_token_id": 101, "eos_token_id": 102}  # bert-base-uncased [CLS] / [SEP]
             projection_dim = 256
         elif name == "tiny":
             vision = {**XVLM_BASE_VISION, **XVLM_TINY_VISION}

@@ -4,13 +4,17 @@
 
 - registers the configs with `AutoConfig` and each model class with the Auto class of its row (`AutoModel` ->
   `XVLMModel`, `AutoModelForZeroShotImageClassification` -> `XVLMForRetrieval`, `AutoModelForPreTraining` ->
-  `XVLMForPretraining`; `XVLMForGrounding` has no task Auto class) through transformers' public `register` API,
-  keeping any mapping another module already made for `XVLMConfig` (nothing of transformers is replaced);
+  `XVLMForPretraining`, `AutoModelForVisualQuestionAnswering` -> `XVLMForQuestionAnswering`; `XVLMForGrounding`
+  has no task Auto class) through transformers' public `register` API, plus `AutoModelForImageTextToText` ->
+  `XVLMForQuestionAnswering` (what transformers' `"image-text-to-text"` pipeline loads: free-form answers by
+  `generate`), keeping any mapping another module already made for `XVLMConfig` (nothing of transformers is
+  replaced);
 - calls `register_for_auto_class` on the config, every model class (under its row's `remote_auto_class`), both
   image processors and the processor, so that `save_pretrained` / `push_to_hub` write an `auto_map` and copy the
   code files flat next to the weights. A saved folder then loads with `trust_remote_code=True` where only
   transformers is installed (see docs/hub.md);
-- registers the X-VLM pipelines (`pipelines.register_pipelines`).
+- registers the X-VLM pipelines (`pipelines.register_pipelines`: `"image-text-retrieval"`, `"visual-grounding"`,
+  `"xvlm-vqa"`).
 
 :func:`create_model_card` builds a `huggingface_hub.ModelCard` (YAML metadata + README text) for a checkpoint; the
 converter (`xvlm-convert`) writes its cards with it too.
@@ -38,6 +42,9 @@ from .processing import XVLMImageProcessor, XVLMImageProcessorPil, XVLMProcessor
 from .tasks import BASE_MODEL, TASKS, XVLMTask, all_rows, task_of
 
 logger = logging.get_logger(__name__)
+
+#: The Auto class of transformers' `"image-text-to-text"` pipeline, mapped (locally) to the VQA head.
+GENERATIVE_AUTO_CLASS = "AutoModelForImageTextToText"
 
 XVLM_CITATION = """@inproceedings{zeng2022multi,
   title     = {Multi-Grained Vision Language Pre-Training: Aligning Texts with Visual Concepts},
@@ -100,6 +107,8 @@ def register_xvlm() -> dict[str, str]:
     for row in all_rows():
         if row.auto_class is not None:
             _register_local(row.auto_class, XVLMConfig, row.model_class)
+    # transformers' "image-text-to-text" pipeline loads this Auto class; the VQA head generates answers.
+    _register_local(GENERATIVE_AUTO_CLASS, XVLMConfig, TASKS["vqa"].model_class)
     _register_processors_local()
 
     registered: dict[str, str] = {}
@@ -166,10 +175,15 @@ _METRIC_NAMES = {
     "val_d": "Accuracy@0.5 (val)",
     "testA_d": "Accuracy@0.5 (testA)",
     "testB_d": "Accuracy@0.5 (testB)",
+    "vqa_accuracy": "VQA accuracy",
+    "exact_match": "Exact match",
 }
+# Bookkeeping numbers of `xvlm-eval` results: not metrics of the model (kept out of the card).
+_NOT_METRICS = frozenset({"seconds", "num_examples", "num_annotated", "k_test"})
 _TASK_TYPES = {
     "retrieval": ("image-text-retrieval", "Image-text retrieval"),
     "grounding": ("visual-grounding", "Visual grounding"),
+    "vqa": ("visual-question-answering", "Visual question answering"),
     "zero-shot-image-classification": ("zero-shot-image-classification", "Zero-shot image classification"),
 }
 
@@ -178,7 +192,7 @@ def _flatten_metrics(values: Mapping[str, Any], prefix: str = "") -> dict[str, f
     flat: dict[str, float] = {}
     for key, value in values.items():
         name = f"{prefix}{key}"
-        if isinstance(value, bool):
+        if isinstance(value, bool) or key in _NOT_METRICS:
             continue
         if isinstance(value, (int, float)):
             flat[name] = float(value)
@@ -196,6 +210,9 @@ def load_eval_results(results: str | os.PathLike | Mapping[str, Any] | Sequence[
     - a record `{"task": "retrieval", "dataset": "coco", "split": "test", "metrics": {...}}` (`dataset_name`,
       `dataset_type`, `dataset_split` are accepted spellings, and nested metric dicts are flattened with `/`);
     - a list of records, or `{"results": [records]}`.
+
+    Non-numeric values and `xvlm-eval`'s bookkeeping numbers (`seconds`, `num_examples`, `num_annotated`,
+    `k_test`) are not metrics and are dropped.
 
     Returns:
         `[{"task", "dataset", "split", "metrics": {name: float}}]` (`task`/`dataset`/`split` may be `None`).
@@ -232,6 +249,8 @@ def _infer_task(metrics: Mapping[str, float]) -> str | None:
         return "retrieval"
     if any(k.split("/")[-1] in ("val_d", "testA_d", "testB_d") for k in metrics):
         return "grounding"
+    if any(k.split("/")[-1] == "vqa_accuracy" for k in metrics):
+        return "vqa"
     return None
 
 
@@ -417,6 +436,7 @@ def create_model_card(
 
 
 __all__ = [
+    "GENERATIVE_AUTO_CLASS",
     "XVLM_CITATION",
     "create_model_card",
     "load_eval_results",

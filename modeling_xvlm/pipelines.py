@@ -1,11 +1,16 @@
-"""transformers pipelines for X-VLM: zero-shot image classification, image-text retrieval and visual grounding.
+"""transformers pipelines for X-VLM: zero-shot image classification, image-text retrieval, visual grounding and
+visual question answering.
 
 - ``"zero-shot-image-classification"``: :class:`XVLMZeroShotImageClassificationPipeline`, with `XVLMModel` or
   `XVLMForRetrieval` (which can re-rank the labels with its ITM head), chosen with `pipeline_class=`;
 - ``"image-text-retrieval"``: :class:`XVLMImageTextRetrievalPipeline`, with `XVLMModel` or `XVLMForRetrieval`;
-- ``"visual-grounding"``: :class:`XVLMVisualGroundingPipeline`, with `XVLMForGrounding`.
+- ``"visual-grounding"``: :class:`XVLMVisualGroundingPipeline`, with `XVLMForGrounding`;
+- ``"xvlm-vqa"``: :class:`XVLMVisualQuestionAnsweringPipeline`, with `XVLMForQuestionAnswering` (the official
+  ranking of a candidate answer list).
 
-Importing `modeling_xvlm` registers the last two (new tasks) with `transformers.pipelines.PIPELINE_REGISTRY`.
+Importing `modeling_xvlm` registers the last three (new tasks) with `transformers.pipelines.PIPELINE_REGISTRY`.
+Free-form VQA answers need no X-VLM pipeline: transformers' own ``"image-text-to-text"`` pipeline runs
+`XVLMForQuestionAnswering.generate` (the VQA head is the `AutoModelForImageTextToText` class of `XVLMConfig`).
 
 The zero-shot class subclasses transformers' `ZeroShotImageClassificationPipeline` and hands every non-X-VLM model
 (CLIP, SigLIP, ...) to it unchanged; for X-VLM it tokenises like the official code (`[CLS] tokens`, no [SEP],
@@ -16,8 +21,9 @@ stays transformers' pipeline; pass `pipeline_class=XVLMZeroShotImageClassificati
 pipeline saved with `save_pretrained` records its class (`custom_pipelines`), so
 `pipeline(task, model=folder, trust_remote_code=True)` loads it again.
 
-All three batch with the standard `batch_size=` argument. Encoding, ITM scores and ranking are those of
-`modeling_xvlm.retrieval` (`encode_images`, `encode_texts`, `itm_scores`, `retrieve`). This module imports only
+All four batch with the standard `batch_size=` argument. Encoding, ITM scores and ranking are those of
+`modeling_xvlm.retrieval` (`encode_images`, `encode_texts`, `itm_scores`, `retrieve`); the VQA ranking is the
+model's `rank_answers`. This module imports only
 torch, numpy, PIL, transformers and its sibling `retrieval.py`, so `pipe.save_pretrained(folder)` /
 `pipe.push_to_hub(repo)` can ship it as remote code (`custom_pipelines`).
 """
@@ -31,6 +37,7 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import (
     AutoModel,
+    AutoModelForVisualQuestionAnswering,
     AutoModelForZeroShotImageClassification,
     Pipeline,
 )
@@ -44,6 +51,7 @@ from .retrieval import EncodedImages, EncodedTexts, encode_images, encode_texts,
 __all__ = [
     "XVLMImageTextRetrievalPipeline",
     "XVLMVisualGroundingPipeline",
+    "XVLMVisualQuestionAnsweringPipeline",
     "XVLMZeroShotImageClassificationPipeline",
     "register_pipelines",
 ]
@@ -409,6 +417,21 @@ def draw_box(image: Image.Image, box: list[float], label: str | None = None, col
     return preview
 
 
+def image_text_inputs(image: Any, text: str | list[str] | None, key: str) -> Any:
+    """A pipeline call's `(image, text)` as pipeline inputs: `{"image", key}` dicts, one per pair (one text per
+    image of a list, or several texts for one image); `text=None` passes `image` on as the dict(s) themselves."""
+    if text is None:
+        return image
+    if isinstance(image, list):
+        texts = [text] * len(image) if isinstance(text, str) else list(text)
+        if len(texts) != len(image):
+            raise ValueError(f"Got {len(image)} images but {len(texts)} {key}s.")
+        return [{"image": i, key: t} for i, t in zip(image, texts)]
+    if isinstance(text, str):
+        return {"image": image, key: text}
+    return [{"image": image, key: t} for t in text]
+
+
 class XVLMVisualGroundingPipeline(_XVLMInputsMixin, Pipeline):
     """`pipeline("visual-grounding")`: one box per (image, referring expression) with `XVLMForGrounding`.
 
@@ -432,16 +455,7 @@ class XVLMVisualGroundingPipeline(_XVLMInputsMixin, Pipeline):
         self._setup_processor()
 
     def __call__(self, image: Any, text: str | list[str] | None = None, **kwargs: Any):
-        if text is None:
-            return super().__call__(image, **kwargs)  # dict(s) with "image" and "text"
-        if isinstance(image, list):
-            texts = [text] * len(image) if isinstance(text, str) else list(text)
-            if len(texts) != len(image):
-                raise ValueError(f"Got {len(image)} images but {len(texts)} texts.")
-            return super().__call__([{"image": i, "text": t} for i, t in zip(image, texts)], **kwargs)
-        if isinstance(text, str):
-            return super().__call__({"image": image, "text": text}, **kwargs)
-        return super().__call__([{"image": image, "text": t} for t in text], **kwargs)
+        return super().__call__(image_text_inputs(image, text, "text"), **kwargs)
 
     def _sanitize_parameters(self, preview=None, timeout=None, **kwargs):
         preprocess_params = {"timeout": timeout} if timeout is not None else {}
@@ -481,12 +495,124 @@ class XVLMVisualGroundingPipeline(_XVLMInputsMixin, Pipeline):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Visual question answering over a candidate list
+# ----------------------------------------------------------------------------------------------------------------
+
+_VQA_K_TEST = 128  # official `k_test` (configs/VQA.yaml); modeling_xvlm_vqa.DEFAULT_K_TEST, not imported to ship light
+
+
+class _Candidates:
+    """The candidate answers of one pipeline call, tokenised once (`XVLMProcessor.encode_answers`) and shared by
+    every batch of questions."""
+
+    def __init__(self, answers: Any):
+        if isinstance(answers, str) or not isinstance(answers, (list, tuple)) or not answers:
+            raise ValueError("candidate_answers must be a non-empty list of answer strings.")
+        bad = [a for a in answers if not isinstance(a, str) or not a.strip()]
+        if bad:
+            raise ValueError(f"candidate_answers must be non-empty strings, got {bad[0]!r}.")
+        self.answers = list(answers)
+        self.encoded: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def encode(self, pipe: XVLMVisualQuestionAnsweringPipeline) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(input_ids, attention_mask)` `(C, La)`: `[CLS] answer [SEP]`, on the model's device."""
+        if self.encoded is None:
+            encoded = pipe.processor.encode_answers(self.answers)
+            self.encoded = (encoded["input_ids"], encoded["attention_mask"])
+        return self.encoded[0].to(pipe.device), self.encoded[1].to(pipe.device)
+
+
+class XVLMVisualQuestionAnsweringPipeline(_XVLMInputsMixin, Pipeline):
+    """`pipeline("xvlm-vqa")`: VQA with `XVLMForQuestionAnswering` by the official ranking of a candidate answer
+    list (`model.rank_answers`, official `VQA.py` evaluation).
+
+    - `vqa(image, "what color is the car?", candidate_answers=[...])` -> the `top_k` (default 1) best answers;
+    - `vqa(image, ["question 0", "question 1"], candidate_answers=[...])` -> one list per question (same image);
+    - `vqa([img0, img1], ["question 0", "question 1"], ...)` or `vqa([{"image": img0, "question": "..."}, ...])`
+      -> one list per pair (batched with `batch_size=`).
+
+    Questions are cleaned with the official `pre_question` (the processor's `max_words`), the candidates are
+    tokenised once per call (`XVLMProcessor.encode_answers`); the first-token probabilities pick the `k_test`
+    (default 128, at most the number of candidates) candidates that are re-scored by their full answer likelihood
+    (`official_answer_scoring`: see `rank_answers`; default: the model config's). There is no default answer
+    list: `candidate_answers` is required (for VQA v2, the official `answer_list.json`).
+
+    Each answer is `{"answer": str, "score": float}` (the softmax over the `k_test` re-scored candidates), best
+    first.
+    """
+
+    _load_processor = None
+    _load_image_processor = None
+    _load_feature_extractor = False
+    _load_tokenizer = None
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._setup_processor()
+        if not _is_xvlm_processor(self.processor):
+            raise ValueError("xvlm-vqa needs an XVLMProcessor (processor=...): it cleans the questions and encodes "
+                             "the candidate answers.")
+        if not callable(getattr(self.model, "rank_answers", None)):
+            raise ValueError(f"xvlm-vqa needs XVLMForQuestionAnswering, got {type(self.model).__name__}.")
+
+    def __call__(self, image: Any, question: str | list[str] | None = None, **kwargs: Any):
+        if kwargs.get("candidate_answers") is None and "candidates" not in self._forward_params:
+            raise ValueError("xvlm-vqa ranks a list of candidate answers: pass candidate_answers=[...] (for VQA v2, "
+                             "the official answer_list.json).")
+        return super().__call__(image_text_inputs(image, question, "question"), **kwargs)
+
+    def _sanitize_parameters(self, candidate_answers=None, top_k=None, k_test=None, official_answer_scoring=None,
+                             timeout=None, **kwargs):
+        preprocess_params = {"timeout": timeout} if timeout is not None else {}
+        forward_params, postprocess_params = {}, {}
+        if candidate_answers is not None:
+            candidates = _Candidates(candidate_answers)
+            forward_params["candidates"] = postprocess_params["candidates"] = candidates
+        if k_test is not None:
+            forward_params["k_test"] = k_test
+        if official_answer_scoring is not None:
+            forward_params["official_answer_scoring"] = official_answer_scoring
+        if top_k is not None:
+            postprocess_params["top_k"] = top_k
+        return preprocess_params, forward_params, postprocess_params
+
+    def preprocess(self, inputs, timeout=None):
+        if not isinstance(inputs, dict) or "image" not in inputs or "question" not in inputs:
+            raise ValueError("xvlm-vqa inputs are (image, question) or dicts {'image': ..., 'question': ...}.")
+        if not isinstance(inputs["question"], str):
+            raise ValueError(f"question must be a string, got {type(inputs['question']).__name__}.")
+        pixel_values, _ = self._encode_images([inputs["image"]], timeout)
+        # The official VQA cleaning, whatever the processor's default (a caption processor would use pre_caption).
+        text = self.processor(text=[inputs["question"]], text_preprocessing="question", return_tensors="pt")
+        return {"pixel_values": pixel_values, "input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
+
+    def _forward(self, model_inputs, candidates: _Candidates | None = None, k_test: int = _VQA_K_TEST,
+                 official_answer_scoring: bool | None = None):
+        answer_ids, answer_mask = candidates.encode(self)
+        ranking = self.model.rank_answers(
+            model_inputs["pixel_values"],
+            model_inputs["input_ids"],
+            model_inputs["attention_mask"],
+            answer_ids,
+            answer_mask,
+            k=k_test,
+            official_answer_scoring=official_answer_scoring,
+        )
+        return {"candidate_indices": ranking.candidate_indices, "probabilities": ranking.probabilities}
+
+    def postprocess(self, model_outputs, candidates: _Candidates | None = None, top_k: int = 1):
+        ranking = (model_outputs["candidate_indices"], model_outputs["probabilities"])
+        return self.processor.post_process_answers(ranking, candidates.answers, top_k=top_k)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Registration
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def register_pipelines(grounding_model_class: type | None = None) -> None:
-    """Register the three pipelines with transformers (idempotent).
+    """Register the new tasks with transformers (idempotent): `"image-text-retrieval"`, `"visual-grounding"` and
+    `"xvlm-vqa"` (loaded with `AutoModelForVisualQuestionAnswering`).
 
     `grounding_model_class` (`XVLMForGrounding`) is the class `pipeline("visual-grounding", model="path")` loads
     locally; a pipeline saved with `save_pretrained` records `AutoModel` instead, which loads the head through the
@@ -516,6 +642,13 @@ def register_pipelines(grounding_model_class: type | None = None) -> None:
         XVLMVisualGroundingPipeline._registered_impl = {
             "visual-grounding": {"impl": XVLMVisualGroundingPipeline, "pt": (AutoModel,), "type": "multimodal"}
         }
+    if tasks.get("xvlm-vqa", {}).get("impl") is not XVLMVisualQuestionAnsweringPipeline:
+        PIPELINE_REGISTRY.register_pipeline(
+            "xvlm-vqa",
+            pipeline_class=XVLMVisualQuestionAnsweringPipeline,
+            pt_model=AutoModelForVisualQuestionAnswering,
+            type="multimodal",
+        )
 
 
 # Not registered (the task is transformers'): what `save_pretrained` records, so that the saved folder loads it.

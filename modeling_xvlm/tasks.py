@@ -14,6 +14,7 @@ from .modeling_xvlm_grounding import XVLMForGrounding
 from .modeling_xvlm_nlvr import XVLMForImagesAndTextClassification, XVLMForTextAssignment
 from .modeling_xvlm_pretraining import XVLMForPretraining
 from .modeling_xvlm_retrieval import XVLMForRetrieval
+from .modeling_xvlm_vqa import XVLMForQuestionAnswering
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,17 @@ logits = model(pixel_values=pixel_values, input_ids=inputs["input_ids"], attenti
 is_true = logits.argmax(-1).item() == 1
 ```"""
 
+_VQA_USAGE = """```python
+import modeling_xvlm  # registers the "xvlm-vqa" pipeline
+from transformers import pipeline
+
+vqa = pipeline("xvlm-vqa", model="{repo_id}")  # the official ranking over a candidate list
+vqa("kitchen.jpg", "what color is the kettle?", candidate_answers=["red", "blue", "white"], top_k=2)
+
+generator = pipeline("image-text-to-text", model="{repo_id}")  # free-form answers by generation
+generator("kitchen.jpg", text="what color is the kettle?", return_full_text=False)  # the answer alone
+```"""
+
 _GROUNDING_USAGE = """```python
 import modeling_xvlm  # registers the "visual-grounding" pipeline
 from transformers import pipeline
@@ -121,6 +133,18 @@ TASKS: dict[str, XVLMTask] = {
             "X-VLM for referring-expression grounding: one box per text from the fused [CLS].",
             intended_use="Referring-expression grounding: one box per (image, expression) pair.",
             usage=_GROUNDING_USAGE,
+        ),
+        XVLMTask(
+            "vqa",
+            XVLMForQuestionAnswering,
+            "AutoModelForVisualQuestionAnswering",
+            "AutoModelForVisualQuestionAnswering",
+            "visual-question-answering",
+            "X-VLM for visual question answering: an answer decoder reads the question's fused states; answers are "
+            "ranked over a candidate list (official protocol) or generated.",
+            intended_use="Visual question answering (VQA v2): the official ranking of a candidate answer list "
+            "(`rank_answers`, the `xvlm-vqa` pipeline) or free-form answers (`generate`, `image-text-to-text`).",
+            usage=_VQA_USAGE,
         ),
         XVLMTask(
             "nlvr2",

@@ -408,6 +408,49 @@ class XVLMProcessor(ProcessorMixin):
         """See :meth:`XVLMImageProcessorPil.post_process_grounding`."""
         return self.image_processor.post_process_grounding(outputs, target_sizes=target_sizes, box_format=box_format)
 
+    def encode_answers(self, answers: Sequence[str], return_tensors: str | None = "pt") -> BatchFeature:
+        """Tokenise VQA answers as the official code: ``[CLS] answer [SEP]``, padded to the longest, no cleaning
+        and no truncation (official ``VQA.py``: ``tokenizer(answer + '[SEP]', padding='longest')``).
+
+        Encode a candidate list once and pass it to every ``XVLMForQuestionAnswering.rank_answers`` call.
+
+        Returns:
+            ``BatchFeature`` with ``input_ids`` and ``attention_mask`` ``(N_answers, La)``.
+        """
+        if isinstance(answers, str) or not isinstance(answers, Sequence) or not answers:
+            raise ValueError("answers must be a non-empty list of answer strings")
+        for i, answer in enumerate(answers):
+            if not isinstance(answer, str) or not answer.strip():
+                raise ValueError(f"answers[{i}] must be a non-empty str, got {answer!r}")
+        ids, att = encode_texts(
+            self.tokenizer, list(answers), max_length=None, truncation=False, add_sep=True, text_preprocessing=None
+        )
+        return self._to_batch({"input_ids": ids, "attention_mask": att}, return_tensors)
+
+    def post_process_answers(
+        self, ranking: Any, answer_list: Sequence[str], top_k: int = 1
+    ) -> list[list[dict[str, Any]]]:
+        """Map a ranking (``XVLMAnswerRankingOutput``, or ``(candidate_indices, probabilities)``) back to the
+        candidate strings: per question, the ``top_k`` best ``{"answer", "score"}``, best first."""
+        if isinstance(ranking, (tuple, list)):
+            indices, probabilities = ranking[0], ranking[1]
+        else:
+            indices, probabilities = ranking["candidate_indices"], ranking["probabilities"]
+        indices, probabilities = torch.as_tensor(indices), torch.as_tensor(probabilities)
+        if indices.dim() != 2 or indices.shape != probabilities.shape:
+            raise ValueError(
+                f"expected candidate_indices and probabilities of one shape (B, k), got {tuple(indices.shape)} and "
+                f"{tuple(probabilities.shape)}"
+            )
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
+        if indices.numel() and int(indices.max()) >= len(answer_list):
+            raise ValueError(f"candidate index {int(indices.max())} is outside the {len(answer_list)} answers")
+        return [
+            [{"answer": answer_list[int(i)], "score": float(p)} for i, p in zip(row[:top_k], probs[:top_k])]
+            for row, probs in zip(indices, probabilities)
+        ]
+
     @property
     def model_input_names(self) -> list[str]:
         return ["pixel_values", "input_ids", "attention_mask"]

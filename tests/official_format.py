@@ -1,10 +1,11 @@
 """Official-format X-VLM state dicts (exact key names and shapes, official-xvlm.md §3) for tests.
 
 `official_key_shapes(arch, task)` enumerates the keys of the official `model_pretrain.XVLM`, `model_retrieval.XVLM`,
-`model_bbox.XVLM`, `model_nlvr.XVLM` ("nlvr2") or `model_nlvr_pretrain.XVLM` ("nlvr2-pretrain") state dict;
-`official_state_dict(...)` fills them with random values (buffers computed as the official modules do, tied MLM
-tensors and the NLVR2 cross-attention key/value pairs shared) or with meta tensors (base size without allocating
-800 MB). `official_nlvr2_loader(...)` is the official NLVR2 loader's renaming of a pre-training state dict.
+`model_bbox.XVLM`, `model_nlvr.XVLM` ("nlvr2"), `model_nlvr_pretrain.XVLM` ("nlvr2-pretrain") or `model_vqa.XVLM`
+("vqa") state dict; `official_state_dict(...)` fills them with random values (buffers computed as the official
+modules do, tied MLM / LM-head tensors and the NLVR2 cross-attention key/value pairs shared) or with meta tensors
+(base size without allocating 800 MB). `official_nlvr2_loader(...)` and `official_vqa_loader(...)` are the official
+NLVR2 and VQA loaders' renaming of a pre-training state dict.
 """
 
 from __future__ import annotations
@@ -116,8 +117,23 @@ def nlvr2_layers(arch: OfficialArch) -> int:
     return arch.fusion + 2 * (arch.layers - arch.fusion)
 
 
-def _bert_shapes(arch: OfficialArch, prefix: str, layers: int | None = None) -> dict[str, tuple[tuple[int, ...], str]]:
+def vqa_decoder_layers(arch: OfficialArch) -> int:
+    """The official VQA answer decoder: `num_dec_layers` = the number of fusion layers (asserted)."""
+    return arch.layers - arch.fusion
+
+
+def _bert_shapes(
+    arch: OfficialArch,
+    prefix: str,
+    layers: int | None = None,
+    fusion: int | None = None,
+    cross_width: int | None = None,
+) -> dict[str, tuple[tuple[int, ...], str]]:
+    """xbert keys under `prefix`: crossattention from layer `fusion` (default `arch.fusion`) on, its key/value
+    reading `cross_width` features (default the vision width)."""
     h = arch.hidden
+    fusion = arch.fusion if fusion is None else fusion
+    cross_width = arch.vision_width if cross_width is None else cross_width
     out: dict[str, tuple[tuple[int, ...], str]] = {
         prefix + "embeddings.position_ids": ((1, arch.max_position), "position_ids"),
         prefix + "embeddings.word_embeddings.weight": ((arch.vocab, h), "embedding"),
@@ -128,9 +144,9 @@ def _bert_shapes(arch: OfficialArch, prefix: str, layers: int | None = None) -> 
     }
     for layer in range(arch.layers if layers is None else layers):
         base = f"{prefix}encoder.layer.{layer}."
-        blocks = ["attention"] + (["crossattention"] if layer >= arch.fusion else [])
+        blocks = ["attention"] + (["crossattention"] if layer >= fusion else [])
         for block in blocks:
-            kv = arch.vision_width if block == "crossattention" else h
+            kv = cross_width if block == "crossattention" else h
             for name, width in (("query", h), ("key", kv), ("value", kv)):
                 out[f"{base}{block}.self.{name}.weight"] = ((h, width), "param")
                 out[f"{base}{block}.self.{name}.bias"] = ((h,), "bias")
@@ -159,23 +175,40 @@ def _mlp_shapes(prefix: str, hidden: int, out_dim: int) -> dict[str, tuple[tuple
     }
 
 
+def _lm_head_shapes(arch: OfficialArch, prefix: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """`BertOnlyMLMHead` keys `{prefix}cls.predictions.*` (decoder weight / bias: tied aliases)."""
+    h = arch.hidden
+    p = prefix + "cls.predictions."
+    return {
+        p + "bias": ((arch.vocab,), "mlm_bias"),
+        p + "transform.dense.weight": ((h, h), "param"),
+        p + "transform.dense.bias": ((h,), "bias"),
+        p + "transform.LayerNorm.weight": ((h,), "ln_weight"),
+        p + "transform.LayerNorm.bias": ((h,), "bias"),
+        p + "decoder.weight": ((arch.vocab, h), "tied_decoder"),
+        p + "decoder.bias": ((arch.vocab,), "tied_bias"),
+    }
+
+
+# Tied LM heads: `cls.predictions` prefix -> the BERT whose word embeddings its decoder weight is.
+_TIED_HEADS = {"pretrain": {"text_encoder.": "text_encoder.bert."}, "vqa": {"text_decoder.": "text_decoder.bert."}}
+
+
 def official_key_shapes(arch: OfficialArch, task: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """key -> (shape, kind) of the official state dict of `task` ("pretrain", "retrieval", "grounding")."""
+    """key -> (shape, kind) of the official state dict of `task` ("pretrain", "retrieval", "grounding", "nlvr2",
+    "nlvr2-pretrain", "vqa")."""
     out = _swin_shapes(arch)
     if task == "pretrain":
         out.update(_bert_shapes(arch, "text_encoder.bert."))
-        h = arch.hidden
+        out.update(_lm_head_shapes(arch, "text_encoder."))
+    elif task == "vqa":
+        # model_vqa.py: the whole encoder stack, then a BertLMHeadModel decoder whose every layer cross-attends to
+        # the question states (width = text width).
+        out.update(_bert_shapes(arch, "text_encoder."))
         out.update(
-            {
-                "text_encoder.cls.predictions.bias": ((arch.vocab,), "mlm_bias"),
-                "text_encoder.cls.predictions.transform.dense.weight": ((h, h), "param"),
-                "text_encoder.cls.predictions.transform.dense.bias": ((h,), "bias"),
-                "text_encoder.cls.predictions.transform.LayerNorm.weight": ((h,), "ln_weight"),
-                "text_encoder.cls.predictions.transform.LayerNorm.bias": ((h,), "bias"),
-                "text_encoder.cls.predictions.decoder.weight": ((arch.vocab, h), "tied_decoder"),
-                "text_encoder.cls.predictions.decoder.bias": ((arch.vocab,), "tied_bias"),
-            }
+            _bert_shapes(arch, "text_decoder.bert.", vqa_decoder_layers(arch), fusion=0, cross_width=arch.hidden)
         )
+        out.update(_lm_head_shapes(arch, "text_decoder."))
     elif task in ("nlvr2", "nlvr2-pretrain"):
         out.update(_bert_shapes(arch, "text_encoder.", nlvr2_layers(arch)))
     else:
@@ -242,9 +275,10 @@ def official_state_dict(arch: OfficialArch, task: str, device: str = "cpu", seed
             continue
         else:  # pragma: no cover
             raise AssertionError(kind)
-    if task == "pretrain" and device != "meta":
-        sd["text_encoder.cls.predictions.decoder.weight"] = sd["text_encoder.bert.embeddings.word_embeddings.weight"]
-        sd["text_encoder.cls.predictions.decoder.bias"] = sd["text_encoder.cls.predictions.bias"]
+    if task in _TIED_HEADS and device != "meta":
+        for head, bert in _TIED_HEADS[task].items():
+            sd[head + "cls.predictions.decoder.weight"] = sd[bert + "embeddings.word_embeddings.weight"]
+            sd[head + "cls.predictions.decoder.bias"] = sd[head + "cls.predictions.bias"]
         sd = {k: sd[k] for k in shapes}  # official key order
     if task in ("nlvr2", "nlvr2-pretrain"):
         for even, odd in shared_cross_attention_keys(arch):
@@ -289,9 +323,37 @@ def official_nlvr2_loader(pretrain_sd: dict[str, torch.Tensor], fusion: int) -> 
     return state
 
 
-def official_task_files(tmp_path, arch: OfficialArch, name: str = "Tiny.yaml") -> str:
+def official_vqa_loader(pretrain_sd: dict[str, torch.Tensor], fusion: int, resized: bool) -> dict[str, torch.Tensor]:
+    """The text part of the official VQA loader on a pre-training state dict (`model_vqa.py` `load_pretrained`,
+    `load_text=False`), in its order of operations over a snapshot of the keys: a key containing `bert.` is also
+    stored without it (the original stays); then every `text_encoder.` key is removed and, unless it is a layer
+    `< fusion` or (`resized`: decoder width != vision width) a cross-attention key/value, stored under
+    `text_decoder.` with layer `N` renumbered `N - fusion` (the layer number is split index 4 of the key)."""
+    state = dict(pretrain_sd)
+    for key in list(state):
+        if "bert." in key:
+            state[key.replace("bert.", "")] = state[key]
+        if "text_encoder." not in key:
+            continue
+        new_key = key
+        if "layer." in key:
+            parts = key.split(".")
+            layer = int(parts[4])
+            cross_kv = "crossattention.self.key" in key or "crossattention.self.value" in key
+            if layer < fusion or (resized and cross_kv):
+                del state[key]
+                continue
+            parts[4] = str(layer - fusion)
+            new_key = ".".join(parts)
+        state[new_key.replace("text_encoder", "text_decoder")] = state[key]
+        del state[key]
+    return state
+
+
+def official_task_files(tmp_path, arch: OfficialArch, name: str = "Tiny.yaml", extra: str = "") -> str:
     """Write an official-style task YAML + vision/text JSONs for `arch` (JSONs in `configs/` relative to the YAML's
-    parent, as in the official repository). Returns the YAML path."""
+    parent, as in the official repository); `extra` is appended to the YAML (e.g. `num_dec_layers: 2`). Returns the
+    YAML path."""
     import json
 
     configs = tmp_path / "configs"
@@ -346,6 +408,6 @@ def official_task_files(tmp_path, arch: OfficialArch, name: str = "Tiny.yaml") -
         "text_encoder: 'data/bert-base-uncased'\n\n"
         f"embed_dim: {arch.proj}\n"
         "temp: 0.07\n"
-        "optimizer: {opt: adamW, lr: 3e-5, weight_decay: 0.01, lr_mult: 2}\n"
+        "optimizer: {opt: adamW, lr: 3e-5, weight_decay: 0.01, lr_mult: 2}\n" + extra
     )
     return str(yaml_path)

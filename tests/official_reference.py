@@ -24,6 +24,13 @@ and computes in fp32, so it is a yardstick for both the converter and the model:
 - Text assignment (`model_nlvr_pretrain.py`): ITC image features, softmax(sim / 0.07) with the diagonal zeroed, per
   example `torch.rand(1) > 1/3` -> one `multinomial` negative and `torch.rand(1) > 0.5` for its side (labels 0 / 1),
   else two `multinomial` negatives (label 2); `ta_head` (Linear) on the final [CLS]; cross-entropy.
+- VQA (`model_vqa.py`): the question through the whole `text_encoder` stack with the image (all-ones image mask);
+  the answer decoder `text_decoder.bert` (every layer cross-attends to the question states with the question mask,
+  -1e9) with the self-attention mask `causal * padding` (-10000), its `cls.predictions` head (decoder weight and
+  bias); the loss `sum_i w_i * sum_t NLL(logits[:, :-1], targets[:, 1:])` / B with pads as -100 and each
+  question's states listed once per answer; `rank_answer`: `[CLS]` alone (no mask) -> first-token probabilities of
+  every candidate -> top k -> teacher-forced losses of those k with the question states tiled k times (`tile`) ->
+  `log(prob_first) - loss` (first token counted twice) -> softmax -> top k.
 """
 
 from __future__ import annotations
@@ -220,8 +227,9 @@ def _bert_attention(sd: StateDict, prefix: str, x: Tensor, kv: Tensor, additive:
     return _layer_norm(sd, prefix + ".output.LayerNorm", _linear(sd, prefix + ".output.dense", context) + x, spec.eps)
 
 
-def bert_embeddings(sd: StateDict, input_ids: Tensor, spec: TextSpec) -> Tensor:
-    p = text_prefix(sd) + "embeddings."
+def bert_embeddings(sd: StateDict, input_ids: Tensor, spec: TextSpec, prefix: str | None = None) -> Tensor:
+    """`prefix`: the BERT's key prefix (default: the text encoder's, `text_prefix(sd)`)."""
+    p = (text_prefix(sd) if prefix is None else prefix) + "embeddings."
     length = input_ids.shape[1]
     x = sd[p + "word_embeddings.weight"][input_ids] + sd[p + "token_type_embeddings.weight"][0]
     x = x + sd[p + "position_embeddings.weight"][:length].unsqueeze(0)
@@ -236,11 +244,14 @@ def bert_layers(
     spec: TextSpec,
     image_embeds: Tensor | None = None,
     image_atts: Tensor | None = None,
+    prefix: str | None = None,
 ) -> Tensor:
     """`image_embeds` / `image_atts` may be lists (official NLVR2): fusion layer `l` reads entry
-    `(l - fusion_layer) % len(image_embeds)` (xbert `BertLayer.forward`)."""
-    p = text_prefix(sd) + "encoder.layer."
-    self_mask = (1.0 - text_atts[:, None, None, :].to(x.dtype)) * -10000.0
+    `(l - fusion_layer) % len(image_embeds)` (xbert `BertLayer.forward`). `text_atts` is `[B, L]` (padding) or
+    `[B, L, L]` (a decoder's `causal * padding`); `prefix`: the BERT's key prefix (default `text_prefix(sd)`)."""
+    p = (text_prefix(sd) if prefix is None else prefix) + "encoder.layer."
+    extended = text_atts[:, None, None, :] if text_atts.dim() == 2 else text_atts[:, None, :, :]
+    self_mask = (1.0 - extended.to(x.dtype)) * -10000.0
     images: list[Tensor] = []
     cross_masks: list[Tensor] = []
     if image_embeds is not None:
@@ -507,3 +518,127 @@ def ta_forward(
     logits = _linear(sd, "ta_head", cls)
     target = torch.tensor(labels, dtype=torch.long)
     return {"left": left, "right": right, "labels": target, "logits": logits, "loss": F.cross_entropy(logits, target)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# VQA
+# --------------------------------------------------------------------------------------------------------------
+
+VQA_DECODER = "text_decoder.bert."
+VQA_HEAD = "text_decoder.cls.predictions."
+
+
+def vqa_question_states(
+    sd: StateDict, image: Tensor, input_ids: Tensor, question_atts: Tensor, spec: TextSpec, image_res: int, window: int
+) -> Tensor:
+    """Official `text_encoder(question, attention_mask, encoder_hidden_states=image_embeds, ones)`: [B, Lq, H]."""
+    image_embeds = image_sequence(swin_patch_tokens(sd, image, image_res, window))
+    ones = torch.ones(image_embeds.shape[:2], dtype=torch.long)
+    return multi_modal_mode(sd, input_ids, question_atts, image_embeds, ones, spec)
+
+
+def vqa_decoder_logits(
+    sd: StateDict,
+    answer_ids: Tensor,
+    answer_atts: Tensor | None,
+    question_states: Tensor,
+    question_atts: Tensor,
+    decoder_spec: TextSpec,
+) -> Tensor:
+    """Official `text_decoder(answer_ids, attention_mask, encoder_hidden_states=question_states, question_atts)`
+    logits [N, La, V]: `BertLMHeadModel` (is_decoder) self-attention mask `causal[i, j] = j <= i` times the padding
+    mask (all ones when `answer_atts` is None), every layer cross-attending (fusion_layer 0); the LM head's decoder
+    weight and `cls.predictions.bias`."""
+    n, length = answer_ids.shape
+    if answer_atts is None:
+        answer_atts = torch.ones(n, length)
+    positions = torch.arange(length)
+    causal = (positions[None, :] <= positions[:, None]).to(torch.float32)
+    self_atts = causal[None, :, :] * answer_atts[:, None, :].to(torch.float32)
+    x = bert_embeddings(sd, answer_ids, decoder_spec, prefix=VQA_DECODER)
+    x = bert_layers(
+        sd, x, self_atts, range(decoder_spec.num_layers), decoder_spec, question_states, question_atts, VQA_DECODER
+    )
+    h = F.gelu(_linear(sd, VQA_HEAD + "transform.dense", x))
+    h = _layer_norm(sd, VQA_HEAD + "transform.LayerNorm", h, decoder_spec.eps)
+    return F.linear(h, sd[VQA_HEAD + "decoder.weight"]) + sd[VQA_HEAD + "bias"]
+
+
+def vqa_answer_loss(logits: Tensor, answer_ids: Tensor, pad_id: int = 0) -> Tensor:
+    """Official `reduction='none'` decoder loss: targets = ids with pads as -100, CE of `logits[:, :-1]` against
+    `targets[:, 1:]`, summed per answer: [N]."""
+    targets = answer_ids.masked_fill(answer_ids == pad_id, -100)
+    nll = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), targets[:, 1:].reshape(-1), reduction="none"
+    )
+    return nll.view(logits.shape[0], -1).sum(1)
+
+
+def vqa_forward(
+    sd: StateDict,
+    image: Tensor,
+    input_ids: Tensor,
+    question_atts: Tensor,
+    answer_ids: Tensor,
+    answer_atts: Tensor,
+    k: list[int],
+    weights: Tensor,
+    spec: TextSpec,
+    decoder_spec: TextSpec,
+    image_res: int,
+    window: int,
+    pad_id: int = 0,
+) -> dict[str, Tensor]:
+    """Official `model_vqa.XVLM.forward(train=True)`: question states; each question's states and mask listed
+    `k[b]` times; the decoder on the answers; `loss = (weights * answer_loss).sum() / B`."""
+    states = vqa_question_states(sd, image, input_ids, question_atts, spec, image_res, window)
+    rows, atts = [], []
+    for b, n in enumerate(k):
+        rows += [states[b]] * n
+        atts += [question_atts[b]] * n
+    logits = vqa_decoder_logits(sd, answer_ids, answer_atts, torch.stack(rows), torch.stack(atts), decoder_spec)
+    answer_loss = vqa_answer_loss(logits, answer_ids, pad_id)
+    loss = (weights * answer_loss).sum() / image.shape[0]
+    return {"question_states": states, "logits": logits, "answer_loss": answer_loss, "loss": loss}
+
+
+def tile(x: Tensor, n: int) -> Tensor:
+    """Official `tile(x, 0, n)`: `x.repeat(n, ...)` then rows `[i, B + i, 2B + i, ...]` for each i (each row n
+    times, consecutively)."""
+    rows = x.shape[0]
+    order = torch.tensor([rows * j + i for i in range(rows) for j in range(n)])
+    return x.repeat(n, *([1] * (x.dim() - 1))).index_select(0, order)
+
+
+def vqa_rank_answer(
+    sd: StateDict,
+    question_states: Tensor,
+    question_atts: Tensor,
+    answer_ids: Tensor,
+    answer_atts: Tensor,
+    k: int,
+    decoder_spec: TextSpec,
+    official: bool = True,
+    pad_id: int = 0,
+) -> dict[str, Tensor]:
+    """Official `model_vqa.rank_answer` (`official=False`: the score without the extra `log(prob_first)`).
+    Returns the re-ranked candidate ids [B, k], their probabilities [B, k], the scores in that order [B, k] and the
+    first-stage probabilities of every candidate [B, C]."""
+    num_questions = question_states.shape[0]
+    start = answer_ids[0, 0].repeat(num_questions, 1)
+    first_logits = vqa_decoder_logits(sd, start, None, question_states, question_atts, decoder_spec)[:, 0, :]
+    first_probs = F.softmax(first_logits, dim=1).index_select(1, answer_ids[:, 1])
+    topk_probs, topk_ids = first_probs.topk(k, dim=1)
+    ids = torch.cat([answer_ids.index_select(0, row) for row in topk_ids])
+    atts = torch.cat([answer_atts.index_select(0, row) for row in topk_ids])
+    logits = vqa_decoder_logits(sd, ids, atts, tile(question_states, k), tile(question_atts, k), decoder_spec)
+    answer_loss = vqa_answer_loss(logits, ids, pad_id).view(ids.shape[0], -1)
+    parts = [topk_probs.view(-1, 1).log(), -answer_loss] if official else [-answer_loss]
+    scores = torch.cat(parts, dim=1).sum(1).view(num_questions, k)
+    probs, rerank = F.softmax(scores, dim=-1).topk(k, dim=1)
+    return {
+        "candidate_indices": torch.gather(topk_ids, 1, rerank),
+        "probabilities": probs,
+        "scores": torch.gather(scores, 1, rerank),
+        "first_probabilities": first_probs,
+    }

@@ -10,7 +10,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from modeling_xvlm.data.loading import load_xvlm_dataset, retrieval_pairs
+from modeling_xvlm.data.loading import (
+    load_vqa_answer_list,
+    load_xvlm_dataset,
+    retrieval_pairs,
+)
 from modeling_xvlm.data.schemas import (
     CONFIG_NAMES,
     DatasetFolderWriter,
@@ -65,7 +69,7 @@ def _records():
 
 
 def test_features_of_each_config():
-    assert CONFIG_NAMES == ("pretrain", "retrieval", "grounding", "nlvr2")
+    assert CONFIG_NAMES == ("pretrain", "retrieval", "grounding", "nlvr2", "vqa", "vqa_answers")
     common = {"image", "image_id", "width", "height", "group"}
     assert set(get_features("pretrain")) == common | {"captions", "objects"}
     assert set(get_features("retrieval")) == common | {"captions"}
@@ -77,8 +81,14 @@ def test_features_of_each_config():
     assert list(nlvr2) == ["identifier", "left_image", "right_image", "sentence", "label"]
     assert isinstance(nlvr2["left_image"], datasets.Image) and isinstance(nlvr2["right_image"], datasets.Image)
     assert nlvr2["label"].dtype == "int64" and nlvr2["identifier"].dtype == "string"
-    with pytest.raises(KeyError, match="retrieval"):
-        get_features("vqa")
+    vqa = get_features("vqa")
+    assert list(vqa) == ["question_id", "image", "image_id", "question", "answers", "source", "group"]
+    assert isinstance(vqa["image"], datasets.Image) and vqa["question_id"].dtype == "int64"
+    assert vqa["image_id"].dtype == get_features("retrieval")["image_id"].dtype == "string"
+    assert isinstance(vqa["answers"], datasets.List) and vqa["answers"].feature.dtype == "string"
+    assert {k: v.dtype for k, v in get_features("vqa_answers").items()} == {"answer": "string"}
+    with pytest.raises(KeyError, match="vqa_answers"):
+        get_features("captioning")
 
 
 def test_round_trip_through_parquet_and_load_dataset(tmp_path):
@@ -182,7 +192,9 @@ def test_loader_reports_schema_mismatch_and_missing_config(tmp_path):
     with pytest.raises(ValueError, match="no X-VLM configuration 'retrieval'"):
         load_xvlm_dataset(out, "retrieval", "test", cache_dir=str(tmp_path / "hf"))
     with pytest.raises(ValueError, match="unknown X-VLM configuration"):
-        load_xvlm_dataset(out, "vqa", "test")
+        load_xvlm_dataset(out, "captioning", "test")
+    with pytest.raises(ValueError, match="no X-VLM configuration 'vqa'"):
+        load_xvlm_dataset(out, "vqa", "test", cache_dir=str(tmp_path / "hf"))
 
 
 def test_retrieval_pairs_expand_captions(tmp_path):
@@ -255,3 +267,81 @@ def test_nlvr2_round_trip_and_schema_mismatch(tmp_path):
                         "column 'label' is Value('string'), expected Value('int64')"]
     with pytest.raises(SchemaMismatchError, match="X-VLM 'nlvr2' schema"):
         check_features(features, "nlvr2")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# VQA (official dataset/vqa_dataset.py) and its answer list
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _vqa_record(**overrides):
+    record = {"question_id": 262148000, "image": _png(_image(7)), "image_id": "val2014/COCO_val2014_000000262148.jpg",
+              "question": "Where is he looking?", "answers": ["down"] * 7 + ["at table", "skateboard", "table"],
+              "source": "vqa", "group": ""}
+    return {**record, **overrides}
+
+
+def test_vqa_records_are_validated_with_clear_errors(tmp_path):
+    assert validate_record(_vqa_record(), "vqa") == []
+    assert validate_record(_vqa_record(answers=[], source=""), "vqa") == []  # an unannotated test question
+    assert validate_record({"question_id": 1}, "vqa")[0] == "missing field 'image'"
+    problems = validate_record(
+        _vqa_record(question_id="7", image=None, image_id="", question=" ", answers="down", source=None), "vqa"
+    )
+    assert problems == [
+        "question_id must be an integer, got '7'", "image is missing (None)",
+        "image_id must be a non-empty string, got ''", "question must be a non-empty string, got ' '",
+        "answers must be a list of strings, got 'down'", "source must be a string, got None",
+    ]
+    assert validate_record(_vqa_record(question_id=True), "vqa") == ["question_id must be an integer, got True"]
+    assert validate_record({"answer": "yes"}, "vqa_answers") == []
+    assert validate_record({"answer": ""}, "vqa_answers") == ["answer must be a non-empty string, got ''"]
+    with pytest.raises(ValueError, match="invalid 'vqa' record 5: answers must be"):
+        DatasetFolderWriter(tmp_path / "a").add("vqa", "train", _vqa_record(question_id=5, answers=[1]))
+
+
+def test_vqa_round_trip_and_answer_list(tmp_path):
+    out = tmp_path / "ds"
+    rows = [_vqa_record(),
+            _vqa_record(question_id=-1, image=_image(8, (20, 28)), image_id="vg/1.jpg", question="What is red?",
+                        answers=["the bus"], source="vg"),
+            _vqa_record(question_id=2**40, answers=[], source="", group="testdev")]
+    with DatasetFolderWriter(out) as writer:
+        for row in rows[:2]:
+            writer.add("vqa", "train", row)
+        writer.add("vqa", "test", rows[2])
+        for answer in ["yes", "no", "2", "down"]:
+            writer.add("vqa_answers", "test", {"answer": answer})
+    assert writer.counts == {"vqa": {"train": 2, "test": 1}, "vqa_answers": {"test": 4}}
+    card = yaml.safe_load((out / "README.md").read_text().split("---")[1])
+    assert [c["config_name"] for c in card["configs"]] == ["vqa", "vqa_answers"]
+    assert card["configs"][1]["data_files"] == [{"split": "test", "path": "vqa_answers/test-*.parquet"}]
+    cache = str(tmp_path / "hf")
+    train = datasets.load_dataset(str(out), "vqa", split="train", cache_dir=cache)
+    check_features(train.features, "vqa")
+    for row, original, image in zip(train, rows, [_image(7), _image(8, (20, 28))]):
+        assert np.array_equal(np.asarray(row["image"]), np.asarray(image))
+        assert {k: v for k, v in row.items() if k != "image"} == {k: v for k, v in original.items() if k != "image"}
+    test = load_xvlm_dataset(out, "vqa", "test", cache_dir=cache)
+    assert test[0]["answers"] == [] and test[0]["question_id"] == 2**40 and test[0]["group"] == "testdev"
+    assert load_vqa_answer_list(out, cache_dir=cache) == ["yes", "no", "2", "down"]  # file order, not sorted
+    with pytest.raises(ValueError, match="no split 'train'"):
+        load_xvlm_dataset(out, "vqa_answers", "train", cache_dir=cache)
+
+
+
+def test_images_stay_embedded_when_their_path_is_a_local_file(tmp_path, monkeypatch):
+    """``datasets.Image.encode_example`` keeps only the path of an existing file; the writer must keep the bytes."""
+    data = _png(_image(9))
+    (tmp_path / "img.png").write_bytes(data)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "ds"
+    with DatasetFolderWriter(out) as writer:
+        writer.add("retrieval", "test", {"image": {"bytes": data, "path": "img.png"}, "image_id": "i", "width": 40,
+                                         "height": 30, "captions": ["x"], "group": ""})
+        writer.add("vqa", "test", _vqa_record(image={"bytes": data, "path": str(tmp_path / "img.png")}))
+    (tmp_path / "img.png").unlink()
+    for config in ("retrieval", "vqa"):
+        raw = load_xvlm_dataset(out, config, "test", cache_dir=str(tmp_path / "hf")).cast_column(
+            "image", datasets.Image(decode=False))
+        assert raw[0]["image"]["bytes"] == data

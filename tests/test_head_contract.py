@@ -6,11 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modeling_xvlm import XVLMConfig, XVLMForGrounding, XVLMForPretraining, XVLMForRetrieval, XVLMModel
+from modeling_xvlm import (
+    XVLMConfig,
+    XVLMForGrounding,
+    XVLMForPretraining,
+    XVLMForQuestionAnswering,
+    XVLMForRetrieval,
+    XVLMModel,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-HEADS = (XVLMModel, XVLMForRetrieval, XVLMForGrounding, XVLMForPretraining)
+HEADS = (XVLMModel, XVLMForRetrieval, XVLMForGrounding, XVLMForPretraining, XVLMForQuestionAnswering)
 
 
 def _config() -> XVLMConfig:
@@ -28,6 +35,8 @@ def _batch(cls: type, tiny_inputs: dict) -> dict:
         batch["image_ids"] = torch.tensor([0, 1])
     elif cls is XVLMForGrounding:
         batch["labels"] = torch.tensor([[0.5, 0.5, 0.4, 0.4], [0.3, 0.6, 0.2, 0.3]])
+    elif cls is XVLMForQuestionAnswering:
+        batch["labels"] = torch.tensor([[2, 7, 8, 3], [2, 9, 3, 0]])  # [CLS] answer [SEP] [PAD]
     else:
         labels = torch.full_like(batch["input_ids"], -100)
         labels[:, 2] = batch["input_ids"][:, 2]
@@ -50,7 +59,7 @@ def test_loss_iff_targets_or_return_loss_in_both_modes(cls, mode, tiny_inputs):
 @pytest.mark.parametrize(
     "cls, wrong",
     [(XVLMModel, "return_losses"), (XVLMForRetrieval, "image_idx"), (XVLMForGrounding, "label"),
-     (XVLMForPretraining, "target_boxes")],
+     (XVLMForPretraining, "target_boxes"), (XVLMForQuestionAnswering, "answer_weight")],
 )
 def test_unknown_keyword_is_a_type_error_naming_it(cls, wrong, tiny_inputs):
     model = cls(_config())

@@ -15,7 +15,9 @@ from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
+    AutoModelForImageTextToText,
     AutoModelForPreTraining,
+    AutoModelForVisualQuestionAnswering,
     AutoModelForZeroShotImageClassification,
     AutoProcessor,
 )
@@ -25,6 +27,7 @@ from modeling_xvlm import (
     XVLMConfig,
     XVLMForGrounding,
     XVLMForPretraining,
+    XVLMForQuestionAnswering,
     XVLMForRetrieval,
     XVLMModel,
     create_model_card,
@@ -51,6 +54,7 @@ MODEL_CASES = [
     (XVLMForRetrieval, AutoModelForZeroShotImageClassification),
     (XVLMForPretraining, AutoModelForPreTraining),
     (XVLMForGrounding, None),
+    (XVLMForQuestionAnswering, AutoModelForVisualQuestionAnswering),
 ]
 
 
@@ -73,7 +77,7 @@ def test_task_table_matches_the_classes() -> None:
         row = task_of(model_class)
         assert row.auto_class == (auto_class.__name__ if auto_class else None)
     assert task_of(XVLMModel) is BASE_MODEL and task_of("XVLMForRetrieval") is TASKS["retrieval"]
-    assert set(TASKS) == {"pretrain", "retrieval", "grounding", "nlvr2", "nlvr2-pretrain"}
+    assert set(TASKS) == {"pretrain", "retrieval", "grounding", "vqa", "nlvr2", "nlvr2-pretrain"}
     with pytest.raises(KeyError):
         task_of("BertModel")
 
@@ -104,6 +108,9 @@ def test_model_auto_round_trip(model_class, auto_class, tiny_config, tiny_inputs
         elif model_class is XVLMForPretraining:
             a = model.xvlm(**tiny_inputs).logits_per_image
             b = reloaded.xvlm(**tiny_inputs).logits_per_image
+        elif model_class is XVLMForQuestionAnswering:
+            answers = tiny_inputs["input_ids"].clone()
+            a, b = model(**tiny_inputs, labels=answers).logits, reloaded(**tiny_inputs, labels=answers).logits
         else:
             a, b = model(**tiny_inputs).logits_per_image, reloaded(**tiny_inputs).logits_per_image
     torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -213,6 +220,28 @@ def test_grounding_checkpoint_auto_map(tiny_config, tmp_path) -> None:
     assert type(XVLMForGrounding.from_pretrained(tmp_path)) is XVLMForGrounding
 
 
+def test_vqa_head_is_the_image_text_to_text_class_and_keeps_its_generation_config(tiny_config, tiny_inputs,
+                                                                                  tmp_path) -> None:
+    """transformers' image-text-to-text pipeline loads AutoModelForImageTextToText: the VQA head, whose
+    generation settings (generation_config.json) survive a save / load."""
+    tiny_config.text_config.bos_token_id, tiny_config.text_config.eos_token_id = 2, 3
+    model = XVLMForQuestionAnswering(tiny_config).eval()
+    assert model.can_generate() and model.generation_config.max_new_tokens == 10
+    assert len(model.generate(**tiny_inputs)[0]) <= 1 + 10
+    model.generation_config.max_new_tokens = 3
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "generation_config.json").read_text())["max_new_tokens"] == 3
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForVisualQuestionAnswering"] == "modeling_xvlm_vqa.XVLMForQuestionAnswering"
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is XVLMForQuestionAnswering and reloaded.generation_config.max_new_tokens == 3
+    generated = reloaded.generate(**tiny_inputs)
+    assert generated.shape[1] <= 1 + 3
+    assert torch.equal(generated, model.generate(**tiny_inputs))
+    longer = model.generate(**tiny_inputs, max_new_tokens=5)
+    assert torch.equal(longer, reloaded.generate(**tiny_inputs, max_new_tokens=5))
+
+
 # ------------------------------------------------------------------------------------------------ model cards
 
 
@@ -266,6 +295,29 @@ def test_model_card_grounding_and_flat_official_results(tiny_config) -> None:
     assert results["testA_d"].task_type == "visual-grounding"
     assert "base_model" not in card.data.to_dict() or card.data.base_model is None
     assert "visual-grounding" in card.text
+
+
+def test_model_card_vqa(tiny_config) -> None:
+    # as `xvlm-eval vqa --metrics_output` writes them
+    metrics = {"task": "vqa", "model": "org/xvlm-base-vqa", "dataset": "vqa_v2", "split": "minival",
+               "vqa_accuracy": 75.4, "exact_match": 70.1, "majority_answer": "yes", "num_annotated": 100,
+               "num_examples": 100, "k_test": 128, "seconds": 12.5}
+    card = create_model_card("org/xvlm-base-vqa", XVLMForQuestionAnswering(tiny_config), eval_results=metrics)
+    data = card.data.to_dict()
+    assert data["pipeline_tag"] == "visual-question-answering"
+    assert "visual-question-answering" in data["tags"]
+    results = {r.metric_type: r for r in card.data.eval_results}
+    assert set(results) == {"vqa_accuracy", "exact_match"}  # no strings, no bookkeeping (counts, seconds)
+    assert results["vqa_accuracy"].task_type == "visual-question-answering"
+    assert results["vqa_accuracy"].metric_name == "VQA accuracy" and results["vqa_accuracy"].dataset_split == "minival"
+    text = card.text
+    assert TASKS["vqa"].summary in text and TASKS["vqa"].intended_use in text
+    assert 'pipeline("xvlm-vqa", model="org/xvlm-base-vqa")' in text and "candidate_answers=" in text
+    assert 'pipeline("image-text-to-text", model="org/xvlm-base-vqa")' in text and "return_full_text=False" in text
+    assert "| Visual question answering | vqa_v2 | minival | VQA accuracy | 75.40 |" in text
+    # Flat official-style results are recognised as VQA too.
+    flat = create_model_card("org/x", XVLMForQuestionAnswering(tiny_config), eval_results={"vqa_accuracy": 70.0})
+    assert flat.data.eval_results[0].task_type == "visual-question-answering"
 
 
 def test_load_eval_results_shapes(tmp_path) -> None:

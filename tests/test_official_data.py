@@ -307,3 +307,131 @@ def test_cli_convert_official_nlvr2(nlvr2_official, tmp_path, capsys):
         "--nlvr2-image-root", str(nlvr2_official["root"]), "--nlvr2-test", str(ann / "nlvr_test.json"),
     ])
     assert status == 0 and "nlvr2/test: 1 rows written, 0 skipped" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# VQA (official dataset/vqa_dataset.py: {"image", "question", "answer": [str] | str, "dataset"?}, answer_list.json)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def vqa_official(tmp_path):
+    """vqa_train.json + vg_qa.json (train), vqa_val.json, vqa_test.json, answer_list.json and three image roots."""
+    coco, vg, gqa = tmp_path / "coco", tmp_path / "visualgenome", tmp_path / "gqa"
+    for folder in (coco / "train2014", coco / "test2015", vg, gqa):
+        folder.mkdir(parents=True)
+    files = {
+        coco / "train2014/a.jpg": _image_bytes(30, (48, 40), "JPEG"),
+        coco / "train2014/b.png": _image_bytes(31, (36, 30), "PNG"),
+        coco / "test2015/c.png": _image_bytes(32, (30, 36), "PNG"),
+        vg / "1.jpg": _image_bytes(33, (50, 44), "JPEG"),
+        gqa / "n1.png": _image_bytes(34, (28, 28), "PNG"),
+    }
+    for path, data in files.items():
+        path.write_bytes(data)
+    ten = ["brown"] * 6 + ["tan", "light brown", "brown", "tan"]
+    ann = tmp_path / "vqa_ann"
+    ann.mkdir()
+    vqa_train = [
+        {"question_id": 1001, "image": "train2014/a.jpg", "question": "What color is the dog?", "answer": ten,
+         "dataset": "vqa"},
+        {"question_id": 1002, "image": "train2014/b.png", "question": "Is it on the left?", "answer": ["yes"] * 10},
+        {"question_id": 1003, "image": "train2014/missing.jpg", "question": "Lost?", "answer": ["no"] * 10,
+         "dataset": "vqa"},
+        {"question_id": 1004, "image": "train2014/a.jpg", "question": "", "answer": ["x"], "dataset": "vqa"},
+        {"question_id": 1005, "image": "train2014/a.jpg", "question": "Where?", "answer": ["x"], "dataset": "coco"},
+        {"question_id": 1006, "image": "train2014/a.jpg", "question": "No answers?", "dataset": "vqa"},
+    ]
+    vg_qa = [
+        {"dataset": "vg", "image": "1.jpg", "question": "What is on the table?", "answer": "a cup"},
+        {"dataset": "gqa", "image": str(gqa / "n1.png"), "question": "Is the sky blue?", "answer": ["yes"]},
+    ]
+    vqa_val = [{"question_id": 2001, "image": "train2014/b.png", "question": "How many?", "answer": ["2"] * 10}]
+    vqa_test = [
+        {"question_id": 3001, "image": "test2015/c.png", "question": "What is this?"},
+        {"question_id": "not a number", "image": "test2015/c.png", "question": "Broken id?"},
+    ]
+    answer_list = ["brown", "a cup", "yes", 3, "no", "2"]
+    for name, records in (("vqa_train.json", vqa_train), ("vg_qa.json", vg_qa), ("vqa_val.json", vqa_val),
+                          ("vqa_test.json", vqa_test), ("answer_list.json", answer_list)):
+        (ann / name).write_text(json.dumps(records))
+    return {"coco": coco, "vg": vg, "ann": ann, "files": files, "ten": ten}
+
+
+def test_vqa_conversion_round_trip(vqa_official, tmp_path):
+    ann, files, out = vqa_official["ann"], vqa_official["files"], tmp_path / "vqa"
+    summary = convert_official(
+        out, tmp_path / "elsewhere", image_roots={"vqa": vqa_official["coco"]}, vg_image_root=vqa_official["vg"],
+        vqa={"train": [ann / "vqa_train.json", ann / "vg_qa.json"], "val": ann / "vqa_val.json",
+             "test": ann / "vqa_test.json"},
+        vqa_answer_list=ann / "answer_list.json",
+    )
+    assert summary.written == {"vqa": {"train": 4, "validation": 1, "test": 1}, "vqa_answers": {"test": 5}}
+    assert summary.skipped == {"vqa": {"train": 4, "test": 1}, "vqa_answers": {"test": 1}}
+    assert summary.reasons == {"missing_image": 1, "invalid_record": 4, "no_answer": 1}
+    assert summary.missing_images == ["train2014/missing.jpg"]
+    train = _rows(out, "vqa", "train", tmp_path)
+    # Questions and answers as the official files give them; ids of records without one are -(1 + position).
+    assert [(r["question_id"], r["question"], r["answers"], r["source"]) for r in train] == [
+        (1001, "What color is the dog?", vqa_official["ten"], "vqa"),
+        (1002, "Is it on the left?", ["yes"] * 10, ""),
+        (-7, "What is on the table?", ["a cup"], "vg"),  # a VG answer string becomes a one-element list
+        (-8, "Is the sky blue?", ["yes"], "gqa"),
+    ]
+    assert [r["image_id"] for r in train[:3]] == ["train2014/a.jpg", "train2014/b.png", "1.jpg"]
+    assert all(r["group"] == "" for r in train)
+    roots = [vqa_official["coco"] / "train2014/a.jpg", vqa_official["coco"] / "train2014/b.png",
+             vqa_official["vg"] / "1.jpg", tmp_path / "gqa/n1.png"]
+    raw = load_xvlm_dataset(out, "vqa", "train", cache_dir=str(tmp_path / "hf")).cast_column(
+        "image", datasets.Image(decode=False))
+    assert [r["image"]["bytes"] for r in raw] == [files[p] for p in roots]  # vqa root, vg root, gqa absolute path
+    validation = _rows(out, "vqa", "validation", tmp_path)
+    assert [(r["question_id"], r["answers"]) for r in validation] == [(2001, ["2"] * 10)]
+    test = _rows(out, "vqa", "test", tmp_path)
+    assert [(r["question_id"], r["answers"], r["source"]) for r in test] == [(3001, [], "")]
+    expected = Image.open(io.BytesIO(files[vqa_official["coco"] / "test2015/c.png"])).convert("RGB")
+    assert np.array_equal(np.asarray(test[0]["image"]), np.asarray(expected))
+    from modeling_xvlm.data.loading import load_vqa_answer_list
+
+    assert load_vqa_answer_list(out, cache_dir=str(tmp_path / "hf")) == ["brown", "a cup", "yes", "no", "2"]
+    report = json.loads((out / "conversion_summary.json").read_text())
+    assert report["skip_reasons"]["no_answer"] == 1 and report["num_skipped"] == 6
+    assert any("unknown `dataset` 'coco'" in e for e in report["examples"]["invalid_record"])
+    assert datasets.get_dataset_config_names(str(out)) == ["vqa", "vqa_answers"]
+
+
+def test_vqa_vg_records_default_to_the_vqa_root_and_bad_answer_lists_fail(vqa_official, tmp_path):
+    ann = vqa_official["ann"]
+    (vqa_official["coco"] / "1.jpg").write_bytes(vqa_official["files"][vqa_official["vg"] / "1.jpg"])
+    summary = convert_official(tmp_path / "a", vqa_official["coco"], vqa={"train": ann / "vg_qa.json"})
+    assert summary.written == {"vqa": {"train": 2}} and summary.num_skipped == 0
+    (ann / "bad_list.json").write_text(json.dumps({"answers": ["yes"]}))
+    with pytest.raises(ValueError, match="expected a JSON list of answer strings"):
+        convert_official(tmp_path / "b", ".", vqa_answer_list=ann / "bad_list.json")
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        convert_official(tmp_path / "c", ".", vqa={"test": [ann / "vqa_test.json", ann / "nope.json"]})
+
+
+def test_cli_convert_official_vqa(vqa_official, tmp_path, capsys):
+    ann, out = vqa_official["ann"], tmp_path / "cli-vqa"
+    status = xvlm_data([
+        "convert-official", "--out", str(out), "--image-root", str(vqa_official["coco"]),
+        "--vg-image-root", str(vqa_official["vg"]),
+        "--vqa-train", str(ann / "vqa_train.json"), str(ann / "vg_qa.json"), "--vqa-val", str(ann / "vqa_val.json"),
+        "--vqa-test", str(ann / "vqa_test.json"), "--vqa-answer-list", str(ann / "answer_list.json"),
+    ])
+    printed = capsys.readouterr().out
+    assert status == 0
+    assert "vqa/train: 4 rows written, 4 skipped" in printed
+    assert "vqa/test: 1 rows written, 1 skipped" in printed
+    assert "vqa_answers/test: 5 rows written, 1 skipped" in printed
+    assert [r["question_id"] for r in _rows(out, "vqa", "validation", tmp_path)] == [2001]
+    # --vqa-image-root overrides --image-root; the answer list alone is a conversion too
+    status = xvlm_data([
+        "convert-official", "--out", str(tmp_path / "cli2"), "--image-root", str(tmp_path),
+        "--vqa-image-root", str(vqa_official["coco"]), "--vqa-test", str(ann / "vqa_test.json"),
+    ])
+    assert status == 0 and "vqa/test: 1 rows written, 1 skipped" in capsys.readouterr().out
+    assert xvlm_data(["convert-official", "--out", str(tmp_path / "cli3"), "--image-root", ".",
+                      "--vqa-answer-list", str(ann / "answer_list.json")]) == 0
+    assert "vqa_answers/test: 5 rows written" in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""The three X-VLM pipelines on tiny models: outputs against the model, batching, loading from a folder."""
+"""The X-VLM pipelines on tiny models (zero-shot, retrieval, grounding, VQA ranking) and transformers'
+`image-text-to-text` pipeline on the VQA head: outputs against the model, batching, loading from a folder."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ import pytest
 import torch
 from PIL import Image
 from transformers import CLIPConfig, CLIPModel, pipeline
+from transformers import AutoModelForVisualQuestionAnswering
 from transformers.pipelines import PIPELINE_REGISTRY
+from transformers.pipelines.image_text_to_text import ImageTextToTextPipeline
 from transformers.pipelines.zero_shot_image_classification import ZeroShotImageClassificationPipeline
 
-from modeling_xvlm import XVLMConfig, XVLMForGrounding, XVLMForRetrieval, XVLMModel
+from modeling_xvlm import XVLMConfig, XVLMForGrounding, XVLMForQuestionAnswering, XVLMForRetrieval, XVLMModel
 from modeling_xvlm.pipelines import (
     XVLMImageTextRetrievalPipeline,
     XVLMVisualGroundingPipeline,
+    XVLMVisualQuestionAnsweringPipeline,
     XVLMZeroShotImageClassificationPipeline,
 )
 from modeling_xvlm.processing import XVLMImageProcessorPil, XVLMProcessor
@@ -85,6 +89,11 @@ def test_tasks_are_registered() -> None:
     assert tasks["image-text-retrieval"]["impl"] is XVLMImageTextRetrievalPipeline
     assert tasks["visual-grounding"]["impl"] is XVLMVisualGroundingPipeline
     assert tasks["visual-grounding"]["pt"] == (XVLMForGrounding,)
+    assert tasks["xvlm-vqa"]["impl"] is XVLMVisualQuestionAnsweringPipeline
+    assert tasks["xvlm-vqa"]["pt"] == (AutoModelForVisualQuestionAnswering,)
+    # Free-form VQA runs on transformers' own image-text-to-text pipeline, which stays theirs.
+    theirs = ImageTextToTextPipeline
+    assert tasks["image-text-to-text"]["impl"] in (theirs, f"{theirs.__module__}.{theirs.__qualname__}")
 
 
 # ------------------------------------------------------------------------------------------ zero-shot
@@ -286,3 +295,174 @@ def test_grounding_from_a_saved_folder(grounding_model, processor, images, tmp_p
     assert type(grounder.model) is XVLMForGrounding
     direct = pipeline("visual-grounding", model=grounding_model, processor=processor)
     assert grounder(images[0], "a dog")["box"] == direct(images[0], "a dog")["box"]
+
+
+# ------------------------------------------------------------------------------------------ VQA
+
+ANSWERS = ["red", "blue", "a dog", "the white cat", "left", "two", "big"]
+QUESTIONS = ["What color is the dog?", "Is the cat on the left?", "How big is the red square?"]
+
+
+@pytest.fixture(scope="module")
+def vqa_processor(tiny_tokenizer, config) -> XVLMProcessor:
+    """A VQA processor: questions cleaned with the official pre_question (50 words, as the official test)."""
+    size = config.image_size
+    image_processor = XVLMImageProcessorPil(size={"height": size, "width": size}, patch_size=config.patch_stride)
+    return XVLMProcessor(image_processor, tiny_tokenizer, text_preprocessing="question", max_words=50)
+
+
+@pytest.fixture(scope="module")
+def vqa_model(tiny_tokenizer) -> XVLMForQuestionAnswering:
+    config = XVLMConfig.from_preset("tiny", text_config={"vocab_size": len(tiny_tokenizer)})
+    config.text_config.bos_token_id = tiny_tokenizer.cls_token_id  # generate starts at [CLS], stops at [SEP]
+    config.text_config.eos_token_id = tiny_tokenizer.sep_token_id
+    torch.manual_seed(2)
+    return XVLMForQuestionAnswering(config).eval()
+
+
+@pytest.fixture(scope="module")
+def vqa_folder(vqa_model, vqa_processor, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vqa")
+    vqa_model.save_pretrained(folder)
+    vqa_processor.save_pretrained(folder)
+    return folder
+
+
+def direct_ranking(model, processor, images, questions, answers, top_k=1, **kwargs) -> list[list[dict]]:
+    """`post_process_answers(model.rank_answers(...))` computed without the pipeline."""
+    inputs = processor(images=images, text=questions)
+    candidates = processor.encode_answers(answers)
+    ranking = model.rank_answers(
+        inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"],
+        candidates["input_ids"], candidates["attention_mask"], **kwargs,
+    )
+    return processor.post_process_answers(ranking, answers, top_k=top_k)
+
+
+def same_answers(got: list[dict], expected: list[dict]) -> None:
+    assert [r["answer"] for r in got] == [r["answer"] for r in expected]
+    assert [r["score"] for r in got] == pytest.approx([r["score"] for r in expected], abs=1e-5)
+
+
+def test_image_text_to_text_generates_answers(vqa_model, vqa_processor, vqa_folder, images) -> None:
+    """transformers' own pipeline, loaded from a saved VQA folder, answers by `XVLMForQuestionAnswering.generate`."""
+    generator = pipeline("image-text-to-text", model=str(vqa_folder))
+    assert type(generator) is ImageTextToTextPipeline
+    assert type(generator.model) is XVLMForQuestionAnswering and type(generator.processor) is XVLMProcessor
+    assert generator.model.generation_config.max_new_tokens == 10
+    question = QUESTIONS[0]
+    result = generator(images[0], text=question, return_full_text=False)
+    inputs = vqa_processor(images=images[0], text=question)
+    assert inputs["input_ids"][0].tolist() == vqa_processor(text="what color is the dog")["input_ids"][0].tolist()
+    expected = vqa_model.generate(**inputs)  # greedy, at most 10 new tokens by default
+    assert expected[0, 0] == vqa_processor.tokenizer.cls_token_id and expected.shape[1] <= 1 + 10
+    answer = vqa_processor.batch_decode(expected, skip_special_tokens=True)[0]
+    assert answer  # the tiny model does say something
+    assert result == [{"input_text": question, "generated_text": answer}]
+    # transformers' default (`return_full_text=True`) puts the prompt before the generated text.
+    assert generator(images[0], text=question) == [{"input_text": question, "generated_text": question + answer}]
+    # Several (image, question) pairs: padded questions, one answer each, as a batched generate.
+    batch = generator(images[:2], text=QUESTIONS[:2], return_full_text=False)
+    inputs = vqa_processor(images=images[:2], text=QUESTIONS[:2])
+    answers = vqa_processor.batch_decode(vqa_model.generate(**inputs), skip_special_tokens=True)
+    assert batch == [{"input_text": q, "generated_text": a} for q, a in zip(QUESTIONS[:2], answers)]
+
+
+def test_image_text_to_text_generation_arguments(vqa_model, vqa_processor, images) -> None:
+    generator = pipeline("image-text-to-text", model=vqa_model, processor=vqa_processor)
+    question = QUESTIONS[1]
+    inputs = vqa_processor(images=images[1], text=question)
+    for kwargs in ({"max_new_tokens": 2}, {"max_new_tokens": 4, "num_beams": 2}):
+        result = generator(images[1], text=question, return_full_text=False, generate_kwargs=kwargs)
+        expected = vqa_model.generate(**inputs, **kwargs)
+        assert expected.shape[1] <= 1 + kwargs["max_new_tokens"]
+        assert result[0]["generated_text"] == vqa_processor.batch_decode(expected, skip_special_tokens=True)[0]
+    tokens = generator(images[1], text=question, return_tensors=True, max_new_tokens=3)[0]["generated_token_ids"]
+    assert tokens.tolist() == vqa_model.generate(**inputs, max_new_tokens=3)[0].tolist()
+
+
+def test_vqa_ranking_matches_rank_answers(vqa_model, vqa_processor, images) -> None:
+    vqa = pipeline("xvlm-vqa", model=vqa_model, processor=vqa_processor)
+    assert isinstance(vqa, XVLMVisualQuestionAnsweringPipeline)
+    question = QUESTIONS[0]
+    result = vqa(images[0], question, candidate_answers=ANSWERS, top_k=3)
+    expected = direct_ranking(vqa_model, vqa_processor, images[0], question, ANSWERS, top_k=3)[0]
+    same_answers(result, expected)
+    scores = [r["score"] for r in result]
+    assert len(result) == 3 and scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1 + 1e-6
+    # top_k defaults to 1; every candidate when top_k covers them all (softmax over all of them: sums to 1)
+    same_answers(vqa(images[0], question, candidate_answers=ANSWERS), expected[:1])
+    everything = vqa(images[0], question, candidate_answers=ANSWERS, top_k=len(ANSWERS))
+    assert sorted(r["answer"] for r in everything) == sorted(ANSWERS)
+    assert sum(r["score"] for r in everything) == pytest.approx(1.0, abs=1e-5)
+    # k_test (re-scored candidates) and the scoring switch reach rank_answers
+    for kwargs in ({"k": 3}, {"official_answer_scoring": False}):
+        options = {"k_test": 3} if "k" in kwargs else kwargs
+        got = vqa(images[0], question, candidate_answers=ANSWERS, top_k=3, **options)
+        same_answers(got, direct_ranking(vqa_model, vqa_processor, images[0], question, ANSWERS, top_k=3, **kwargs)[0])
+    assert len(vqa(images[0], question, candidate_answers=ANSWERS, top_k=5, k_test=2)) == 2
+
+
+def test_vqa_batching_input_forms_and_single_encoding(vqa_model, vqa_processor, images, monkeypatch) -> None:
+    vqa = pipeline("xvlm-vqa", model=vqa_model, processor=vqa_processor)
+    singles = [vqa(image, q, candidate_answers=ANSWERS, top_k=2) for image, q in zip(images, QUESTIONS)]
+    expected = direct_ranking(vqa_model, vqa_processor, images, QUESTIONS, ANSWERS, top_k=2)
+    calls = []
+    encode = vqa_processor.encode_answers
+    monkeypatch.setattr(vqa_processor, "encode_answers", lambda answers: calls.append(answers) or encode(answers))
+    batched = vqa(images, QUESTIONS, candidate_answers=ANSWERS, top_k=2, batch_size=2)
+    assert calls == [ANSWERS]  # the candidates are tokenised once per call, not per batch
+    as_dicts = vqa([{"image": i, "question": q} for i, q in zip(images, QUESTIONS)], candidate_answers=ANSWERS,
+                   top_k=2, batch_size=3)
+    assert len(batched) == len(as_dicts) == len(images)
+    for e, *got in zip(expected, singles, batched, as_dicts):
+        for answers in got:
+            same_answers(answers, e)
+    several = vqa(images[0], QUESTIONS[:2], candidate_answers=ANSWERS)
+    assert len(several) == 2 and all(len(r) == 1 for r in several)
+    same_answers(several[1], direct_ranking(vqa_model, vqa_processor, images[0], QUESTIONS[1], ANSWERS)[0])
+    # Candidates given at construction apply to every call.
+    fixed = pipeline("xvlm-vqa", model=vqa_model, processor=vqa_processor, candidate_answers=ANSWERS, top_k=2)
+    same_answers(fixed(images[2], QUESTIONS[2]), expected[2])
+
+
+def test_vqa_questions_are_cleaned_as_questions(vqa_model, processor, vqa_processor, images) -> None:
+    """Whatever the processor's default (here a caption processor), questions get the official pre_question."""
+    question = "Is the  <person> on the left?"  # pre_caption would collapse the spaces and rewrite <person>
+    vqa = pipeline("xvlm-vqa", model=vqa_model, processor=processor)
+    inputs = vqa.preprocess({"image": images[0], "question": question})
+    expected = vqa_processor(text=question)
+    assert inputs["input_ids"].tolist() == expected["input_ids"].tolist()
+    assert inputs["input_ids"].tolist() != processor(text=question)["input_ids"].tolist()
+
+
+def test_vqa_argument_errors(vqa_model, vqa_processor, retrieval_model, processor, images) -> None:
+    vqa = pipeline("xvlm-vqa", model=vqa_model, processor=vqa_processor)
+    with pytest.raises(ValueError, match="candidate_answers=\\[...\\]"):
+        vqa(images[0], QUESTIONS[0])
+    for bad in ([], "red", ["red", ""], ["red", 3]):
+        with pytest.raises(ValueError, match="candidate_answers must be"):
+            vqa(images[0], QUESTIONS[0], candidate_answers=bad)
+    with pytest.raises(ValueError, match="3 images but 2 questions"):
+        vqa(images, QUESTIONS[:2], candidate_answers=ANSWERS)
+    with pytest.raises(ValueError, match="question must be a string"):
+        vqa({"image": images[0], "question": 3}, candidate_answers=ANSWERS)
+    with pytest.raises(ValueError, match="top_k"):
+        vqa(images[0], QUESTIONS[0], candidate_answers=ANSWERS, top_k=0)
+    with pytest.raises(ValueError, match="needs XVLMForQuestionAnswering"):
+        pipeline("xvlm-vqa", model=retrieval_model, processor=processor)
+
+
+def test_vqa_from_a_saved_folder_and_saved_pipeline(vqa_model, vqa_processor, vqa_folder, images, tmp_path) -> None:
+    vqa = pipeline("xvlm-vqa", model=str(vqa_folder))
+    assert type(vqa.model) is XVLMForQuestionAnswering and type(vqa.processor) is XVLMProcessor
+    expected = direct_ranking(vqa_model, vqa_processor, images[1], QUESTIONS[1], ANSWERS, top_k=2)[0]
+    same_answers(vqa(images[1], QUESTIONS[1], candidate_answers=ANSWERS, top_k=2), expected)
+    vqa.save_pretrained(tmp_path)
+    custom = json.loads((tmp_path / "config.json").read_text())["custom_pipelines"]
+    assert custom["xvlm-vqa"] == {
+        "impl": "pipelines.XVLMVisualQuestionAnsweringPipeline",
+        "pt": ["AutoModelForVisualQuestionAnswering"],
+        "type": "multimodal",
+    }
+    assert (tmp_path / "pipelines.py").is_file() and (tmp_path / "modeling_xvlm_vqa.py").is_file()

@@ -25,6 +25,7 @@ from modeling_xvlm import (
     XVLMForGrounding,
     XVLMForImagesAndTextClassification,
     XVLMForPretraining,
+    XVLMForQuestionAnswering,
     XVLMForRetrieval,
     XVLMForTextAssignment,
     XVLMModel,
@@ -38,6 +39,7 @@ from modeling_xvlm.tasks import task_of
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["a red circle on the left", "the blue square"]
 LABELS = ["red", "blue", "dog"]
+ANSWERS = ["red", "blue", "a dog", "the white cat"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -64,8 +66,8 @@ except ModuleNotFoundError:
 
 import torch
 from PIL import Image
-from transformers import (AutoConfig, AutoModel, AutoModelForPreTraining, AutoModelForZeroShotImageClassification,
-                          AutoProcessor, pipeline)
+from transformers import (AutoConfig, AutoModel, AutoModelForPreTraining, AutoModelForVisualQuestionAnswering,
+                          AutoModelForZeroShotImageClassification, AutoProcessor, pipeline)
 
 expected = torch.load(os.path.join(root, "expected.pt"))
 meta = json.load(open(os.path.join(root, "meta.json")))
@@ -137,6 +139,23 @@ with torch.no_grad():
     same("XVLMForTextAssignment.logits", text_assignment(pixel_values=inputs["pixel_values"], **text,
          pair_index=torch.tensor([[0, 1], [1, 0]])).logits, expected["nlvr2_pretrain"])
 
+    # VQA head: forward with answers, the official ranking and generation
+    vqa = AutoModelForVisualQuestionAnswering.from_pretrained(os.path.join(root, "vqa"), trust_remote_code=True).eval()
+    assert type(vqa).__name__ == "XVLMForQuestionAnswering", type(vqa)
+    remote(vqa)
+    answer_ids, answer_mask = expected["vqa_answer_ids"], expected["vqa_answer_mask"]
+    if meta["processor_flat"]:
+        encoded = processor.encode_answers(meta["answers"])
+        same("processor.encode_answers", encoded["input_ids"], answer_ids)
+    out = vqa(**inputs, labels=answer_ids[:2])
+    same("XVLMForQuestionAnswering.logits", out.logits, expected["vqa_logits"])
+    same("XVLMForQuestionAnswering.loss", out.loss, expected["vqa_loss"])
+    ranking = vqa.rank_answers(**inputs, answer_input_ids=answer_ids, answer_attention_mask=answer_mask, k=3)
+    same("XVLMForQuestionAnswering.rank_answers.candidate_indices", ranking.candidate_indices,
+         expected["vqa_candidate_indices"])
+    same("XVLMForQuestionAnswering.rank_answers.scores", ranking.scores, expected["vqa_scores"])
+    same("XVLMForQuestionAnswering.generate", vqa.generate(**inputs), expected["vqa_generated"])
+
 image = Image.open(os.path.join(root, "image.png"))
 zero_shot = pipeline("zero-shot-image-classification", model=os.path.join(root, "zero_shot_pipeline"),
                      trust_remote_code=True)
@@ -154,6 +173,15 @@ assert type(grounder.model).__name__ == "XVLMForGrounding"
 result = grounder(image, meta["texts"][0])
 same("pipeline.visual-grounding", torch.tensor(result["box_xyxy"]), torch.tensor(meta["grounding_box"]))
 assert result["preview"].size == image.size
+
+if meta["processor_flat"]:  # the pipeline ranks through the processor's encode_answers / post_process_answers
+    vqa_pipe = pipeline("xvlm-vqa", model=os.path.join(root, "vqa_pipeline"), trust_remote_code=True)
+    remote(vqa_pipe)
+    assert type(vqa_pipe.model).__name__ == "XVLMForQuestionAnswering"
+    result = vqa_pipe(image, meta["texts"][0], candidate_answers=meta["answers"], top_k=3)
+    assert [r["answer"] for r in result] == [r["answer"] for r in meta["vqa_pipeline"]], result
+    same("pipeline.xvlm-vqa", torch.tensor([r["score"] for r in result]),
+         torch.tensor([r["score"] for r in meta["vqa_pipeline"]]))
 print(json.dumps({"checks": checks}))
 """
 
@@ -164,6 +192,9 @@ def remote_folders(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("remote")
     tokenizer = tiny_tokenizer
     config = XVLMConfig.from_preset("tiny")
+    vqa_config = XVLMConfig.from_preset("tiny")  # generate needs the [CLS] / [SEP] ids
+    vqa_config.text_config.bos_token_id = tokenizer.cls_token_id
+    vqa_config.text_config.eos_token_id = tokenizer.sep_token_id
     size = config.image_size
     processor = XVLMProcessor(
         XVLMImageProcessorPil(size={"height": size, "width": size}, patch_size=config.patch_stride), tokenizer
@@ -183,6 +214,7 @@ def remote_folders(tmp_path_factory, tiny_tokenizer):
         "pretraining": XVLMForPretraining(config),
         "nlvr2": XVLMForImagesAndTextClassification(nlvr2_config(config)),
         "nlvr2_pretrain": XVLMForTextAssignment(nlvr2_config(config)),
+        "vqa": XVLMForQuestionAnswering(vqa_config),
     }
     with torch.no_grad():
         for name, model in models.items():
@@ -199,6 +231,15 @@ def remote_folders(tmp_path_factory, tiny_tokenizer):
         expected["nlvr2_pretrain"] = models["nlvr2_pretrain"](
             pixel_values=inputs["pixel_values"], **text, pair_index=torch.tensor([[0, 1], [1, 0]])
         ).logits
+        answers = processor.encode_answers(ANSWERS)
+        expected["vqa_answer_ids"], expected["vqa_answer_mask"] = answers["input_ids"], answers["attention_mask"]
+        out = models["vqa"](**inputs, labels=answers["input_ids"][:2])
+        expected["vqa_logits"], expected["vqa_loss"] = out.logits, out.loss
+        ranking = models["vqa"].rank_answers(
+            **inputs, answer_input_ids=answers["input_ids"], answer_attention_mask=answers["attention_mask"], k=3
+        )
+        expected["vqa_candidate_indices"], expected["vqa_scores"] = ranking.candidate_indices, ranking.scores
+        expected["vqa_generated"] = models["vqa"].generate(**inputs)
     torch.save(expected, root / "expected.pt")
 
     zero_shot = pipeline(
@@ -208,6 +249,8 @@ def remote_folders(tmp_path_factory, tiny_tokenizer):
     zero_shot.save_pretrained(root / "zero_shot_pipeline")
     grounder = pipeline("visual-grounding", model=models["grounding"], processor=processor)
     grounder.save_pretrained(root / "grounding_pipeline")
+    vqa_pipe = pipeline("xvlm-vqa", model=models["vqa"], processor=processor)
+    vqa_pipe.save_pretrained(root / "vqa_pipeline")
     meta = {
         "image_size": size,
         "texts": TEXTS,
@@ -215,6 +258,8 @@ def remote_folders(tmp_path_factory, tiny_tokenizer):
         "processor_flat": ships_flat(XVLMProcessor) and ships_flat(XVLMImageProcessorPil),
         "zero_shot": zero_shot(image, candidate_labels=LABELS),
         "grounding_box": grounder(image, TEXTS[0], preview=False)["box_xyxy"],
+        "answers": ANSWERS,
+        "vqa_pipeline": vqa_pipe(image, TEXTS[0], candidate_answers=ANSWERS, top_k=3),
     }
     (root / "meta.json").write_text(json.dumps(meta))
     return root, meta
@@ -232,6 +277,13 @@ def test_pipeline_folders_record_custom_pipelines(remote_folders) -> None:
         "type": "multimodal",
     }
     assert (root / "grounding_pipeline" / "pipelines.py").is_file()
+    vqa = json.loads((root / "vqa_pipeline" / "config.json").read_text())["custom_pipelines"]
+    assert vqa["xvlm-vqa"] == {
+        "impl": "pipelines.XVLMVisualQuestionAnsweringPipeline",
+        "pt": ["AutoModelForVisualQuestionAnswering"],
+        "type": "multimodal",
+    }
+    assert {"pipelines.py", "modeling_xvlm_vqa.py", "processing_xvlm.py"} <= set(os.listdir(root / "vqa_pipeline"))
 
 
 FOLDER_CLASSES = {
@@ -241,6 +293,7 @@ FOLDER_CLASSES = {
     "pretraining": XVLMForPretraining,
     "nlvr2": XVLMForImagesAndTextClassification,
     "nlvr2_pretrain": XVLMForTextAssignment,
+    "vqa": XVLMForQuestionAnswering,
 }
 
 
@@ -287,11 +340,17 @@ def test_fresh_interpreter_loads_everything_as_remote_code(remote_folders, tmp_p
         "XVLMForPretraining.xvlm",
         "XVLMForImagesAndTextClassification.logits",
         "XVLMForTextAssignment.logits",
+        "XVLMForQuestionAnswering.logits",
+        "XVLMForQuestionAnswering.loss",
+        "XVLMForQuestionAnswering.rank_answers.candidate_indices",
+        "XVLMForQuestionAnswering.rank_answers.scores",
+        "XVLMForQuestionAnswering.generate",
         "pipeline.zero-shot",
         "pipeline.visual-grounding",
     }
     if meta["processor_flat"]:
-        expected_checks |= {"processor.pixel_values", "processor.input_ids", "processor.attention_mask"}
+        expected_checks |= {"processor.pixel_values", "processor.input_ids", "processor.attention_mask",
+                            "processor.encode_answers", "pipeline.xvlm-vqa"}
     assert set(checks) == expected_checks
 
 
@@ -305,7 +364,7 @@ def test_processor_ships_as_remote_code() -> None:
 def test_shipped_model_modules_import_only_siblings() -> None:
     for cls in (
         XVLMConfig, XVLMModel, XVLMForRetrieval, XVLMForGrounding, XVLMForPretraining,
-        XVLMForImagesAndTextClassification, XVLMForTextAssignment,
+        XVLMForImagesAndTextClassification, XVLMForTextAssignment, XVLMForQuestionAnswering,
     ):
         assert ships_flat(cls), cls
 

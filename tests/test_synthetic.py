@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from modeling_xvlm.data.cli import main as xvlm_data
-from modeling_xvlm.data.loading import load_xvlm_dataset
+from modeling_xvlm.data.loading import load_vqa_answer_list, load_xvlm_dataset
 from modeling_xvlm.data.synthetic import (
     COLOURS,
     GENERATOR_VERSION,
@@ -21,9 +21,11 @@ from modeling_xvlm.data.synthetic import (
     SyntheticConfig,
     generate_nlvr2_pairs,
     generate_split,
+    generate_vqa_questions,
     scene_records,
     synthetic_tokenizer,
     synthetic_vocabulary,
+    vqa_answer_list,
     write_synthetic_dataset,
 )
 
@@ -59,7 +61,7 @@ def test_same_seed_gives_identical_files(tmp_path):
     write_synthetic_dataset(b, config)
     write_synthetic_dataset(c, dataclasses.replace(config, seed=config.seed + 1))
     files = sorted(p.relative_to(a) for p in a.rglob("*.parquet")) + [Path("README.md")]
-    assert len(files) == 13  # 4 configs x 3 splits + card
+    assert len(files) == 17  # 5 configs x 3 splits + vqa_answers/test + card
     for rel in files:
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
     assert (a / "retrieval/train-00000-of-00001.parquet").read_bytes() != (
@@ -230,6 +232,7 @@ def test_tokenizer_covers_every_generated_word():
             texts += rows["retrieval"]["captions"] + [r["text"] for r in rows["grounding"]]
             texts += [c for o in rows["pretrain"]["objects"] for c in o["captions"] + o["attributes"]]
         texts += [p.sentence for p in generate_nlvr2_pairs(SMALL, split)]
+        texts += [t for q in generate_vqa_questions(SMALL, split) for t in (q.question, q.answer)]
     words = {w for t in texts for w in t.split()}
     assert words <= set(vocab)
     ids = tokenizer(texts)["input_ids"]
@@ -244,7 +247,9 @@ def test_tokenizer_covers_every_generated_word():
 
 
 def test_written_dataset_loads_with_every_config_and_split(written, tmp_path):
-    assert datasets.get_dataset_config_names(str(written)) == ["pretrain", "retrieval", "grounding", "nlvr2"]
+    assert datasets.get_dataset_config_names(str(written)) == [
+        "pretrain", "retrieval", "grounding", "nlvr2", "vqa", "vqa_answers"
+    ]
     for config in ("pretrain", "retrieval", "grounding"):
         for split, n in (("train", 120), ("validation", 40), ("test", 110)):
             ds = load_xvlm_dataset(written, config, split, cache_dir=str(tmp_path / "hf"))
@@ -282,6 +287,8 @@ def test_default_dataset_is_generated_once_in_the_cache(tmp_path):
     load_xvlm_dataset(None, "retrieval", "train", synthetic_config=config, cache_root=tmp_path / "cache",
                       cache_dir=str(tmp_path / "hf"))
     assert (folder / "xvlm_dataset_info.json").stat().st_mtime_ns == stamp
+    assert load_vqa_answer_list(synthetic_config=config, cache_root=tmp_path / "cache",
+                                cache_dir=str(tmp_path / "hf")) == vqa_answer_list()
     assert [p.name for p in (tmp_path / "cache" / "synthetic").iterdir()] == [folder.name]
 
 
@@ -415,3 +422,142 @@ def test_cli_synthetic_nlvr2_sizes(tmp_path, capsys):
     assert len(_load(out, "nlvr2", "train", tmp_path)) == 9
     assert len(_load(out, "nlvr2", "validation", tmp_path)) == 3
     assert not list((out / "nlvr2").glob("test-*"))
+
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# VQA questions
+# --------------------------------------------------------------------------------------------------------------------
+
+_COLOUR = "(" + "|".join(COLOURS) + ")"
+_SHAPE = "(" + "|".join(SHAPES) + ")"
+
+
+def _select(objects, colour=None, shape=None, size=None):
+    return [o for o in objects if (colour is None or o.colour == colour) and (shape is None or o.shape == shape)
+            and (size is None or o.size == size)]
+
+
+def _side_of_centre(o, width, height) -> str:
+    """Where the box is relative to the image centre; it must be on exactly one side."""
+    x, y, w, h = o.bbox
+    sides = [name for name, holds in (
+        ("left", x + w <= width / 2 and y < height / 2 < y + h),
+        ("right", x >= width / 2 and y < height / 2 < y + h),
+        ("top", y + h <= height / 2 and x < width / 2 < x + w),
+        ("bottom", y >= height / 2 and x < width / 2 < x + w),
+    ) if holds]
+    assert len(sides) == 1, (o, width, height)
+    return sides[0]
+
+
+def _vqa_answer(question: str, scene) -> str:
+    """The answer of a question, worked out here from the scene's objects (independently of the generator)."""
+    objects = scene.objects
+    if m := re.fullmatch(rf"what color is the (?:(small|large) )?{_SHAPE}", question):
+        (target,) = _select(objects, shape=m[2], size=m[1])  # the noun must name exactly one object
+        return target.colour
+    if m := re.fullmatch(rf"what shape is the (?:(small|large) )?{_COLOUR} object", question):
+        (target,) = _select(objects, colour=m[2], size=m[1])
+        return target.shape
+    if m := re.fullmatch(r"how many (.+) are there", question):
+        count = _count(objects, _noun(m[1]))
+        assert count >= 1, question
+        return ["zero", "one", "two", "three", "four"][count]
+    if m := re.fullmatch(rf"is there a (?:{_COLOUR} )?(\w+)", question):
+        colour, shape = m[1], None if m[2] == "shape" else m[2]
+        assert (colour or shape) and (shape is None or shape in SHAPES), question
+        return "yes" if _select(objects, colour=colour, shape=shape) else "no"
+    if m := re.fullmatch(rf"where is the (?:{_COLOUR} )?(\w+)", question):
+        colour, shape = m[1], None if m[2] == "object" else m[2]
+        assert (colour or shape) and (shape is None or shape in SHAPES), question
+        (target,) = _select(objects, colour=colour, shape=shape)
+        return _side_of_centre(target, scene.width, scene.height)
+    raise AssertionError(f"unknown question template: {question!r}")
+
+
+def test_vqa_answers_are_determined_by_the_scene():
+    answers = set(vqa_answer_list())
+    assert vqa_answer_list() == sorted(answers) and len(answers) == 20
+    kinds = defaultdict(set)
+    for split in ("train", "validation", "test"):
+        questions = generate_vqa_questions(SMALL, split)
+        scenes = list(generate_split(SMALL, split))
+        assert len(questions) == SMALL.num_vqa_questions(split) == 3 * len(scenes)
+        assert [q.question_id for q in questions] == list(range(len(questions)))
+        for q in questions:
+            assert q.scene.image_id == scenes[q.question_id % len(scenes)].image_id
+            assert re.fullmatch(r"[a-z]+( [a-z]+)*", q.question)  # pre_question leaves it unchanged
+            assert _vqa_answer(q.question, q.scene) == q.answer, q
+            assert q.answer in answers
+            kinds[q.kind].add(q.answer)
+        per_scene = defaultdict(list)
+        for q in questions:
+            per_scene[q.scene.image_id].append(q.question)
+        assert all(len(set(v)) == len(v) == 3 for v in per_scene.values())  # three different questions per image
+    assert kinds["exists"] == {"yes", "no"}
+    assert kinds["position"] == {"left", "right", "top", "bottom"}
+    assert kinds["colour"] == set(COLOURS) and kinds["shape"] == set(SHAPES)
+    assert kinds["count"] >= {"one", "two", "three"}
+    assert set().union(*kinds.values()) == answers  # every listed answer occurs
+
+
+def test_vqa_yes_no_answers_are_balanced():
+    config = dataclasses.replace(SMALL, num_vqa_train=1001, num_vqa_validation=7)
+    for split in ("train", "validation", "test"):
+        answers = [q.answer for q in generate_vqa_questions(config, split) if q.kind == "exists"]
+        assert answers and abs(answers.count("yes") - answers.count("no")) <= 1, (split, answers.count("yes"))
+        assert set(answers) <= {"yes", "no"}
+    kinds = [q.kind for q in generate_vqa_questions(config, "train")]
+    assert all(kinds.count(k) > 0.05 * len(kinds) for k in ("exists", "count", "colour", "shape", "position"))
+
+
+def test_vqa_questions_are_deterministic_and_do_not_change_the_other_configs(tmp_path):
+    def key(config, split):
+        return [(q.question_id, q.scene.image_id, q.question, q.answer, q.kind)
+                for q in generate_vqa_questions(config, split)]
+
+    assert key(SMALL, "train") == key(SMALL, "train")
+    assert key(SMALL, "train") != key(dataclasses.replace(SMALL, seed=SMALL.seed + 1), "train")
+    assert key(dataclasses.replace(SMALL, num_vqa_validation=5), "validation") == key(SMALL, "validation")[:5]
+    assert key(dataclasses.replace(SMALL, num_nlvr2_validation=3, num_test=7), "validation") == key(SMALL, "validation")
+    assert [SyntheticConfig().num_vqa_questions(s) for s in ("train", "validation", "test")] == [12000, 600, 600]
+    with pytest.raises(ValueError, match="at least 1 image"):
+        SyntheticConfig(num_validation=0, num_vqa_validation=1)
+    with pytest.raises(ValueError, match="num_vqa_test must be >= 0"):
+        SyntheticConfig(num_vqa_test=-1)
+    # The VQA questions draw from their own random stream: the rows of the other configs do not depend on them.
+    config = dataclasses.replace(SMALL, num_train=10, num_validation=4, num_test=4)
+    write_synthetic_dataset(tmp_path / "with", config)
+    write_synthetic_dataset(tmp_path / "without", dataclasses.replace(
+        config, num_vqa_train=0, num_vqa_validation=0, num_vqa_test=0))
+    for name in ("pretrain", "retrieval", "grounding", "nlvr2"):
+        for shard in (tmp_path / "with" / name).iterdir():
+            assert shard.read_bytes() == (tmp_path / "without" / name / shard.name).read_bytes(), shard
+    assert not (tmp_path / "without" / "vqa").exists() and (tmp_path / "without" / "vqa_answers").is_dir()
+
+
+def test_vqa_written_rows_match_the_questions(written, tmp_path):
+    rows = load_xvlm_dataset(written, "vqa", "validation", cache_dir=str(tmp_path / "hf"))
+    questions = generate_vqa_questions(SMALL, "validation")
+    assert len(rows) == len(questions) == 120
+    assert rows["question_id"] == [q.question_id for q in questions]
+    assert rows["question"] == [q.question for q in questions]
+    assert rows["answers"] == [[q.answer] * 10 for q in questions]  # ten agreeing annotators, as VQA v2
+    assert rows["group"] == [q.kind for q in questions] and set(rows["source"]) == {""}
+    assert rows["image_id"] == [q.scene.image_id for q in questions]
+    for row, q in list(zip(rows, questions))[:5]:
+        assert np.array_equal(np.asarray(row["image"]), np.asarray(q.scene.render()))
+    assert load_vqa_answer_list(written, cache_dir=str(tmp_path / "hf")) == vqa_answer_list()
+    assert len(load_xvlm_dataset(written, "vqa", "test", cache_dir=str(tmp_path / "hf"))) == 330
+
+
+def test_cli_synthetic_vqa_sizes(tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert xvlm_data(["synthetic", "--out", str(out), "--num-train", "6", "--num-val", "4", "--num-test", "4",
+                      "--num-vqa-train", "7", "--num-vqa-val", "2", "--num-vqa-test", "0"]) == 0
+    capsys.readouterr()
+    assert _load(out, "vqa", "train", tmp_path)["question_id"] == list(range(7))
+    assert len(_load(out, "vqa", "validation", tmp_path)) == 2
+    assert not (out / "vqa" / "test-00000-of-00001.parquet").exists()
+    assert _load(out, "vqa_answers", "test", tmp_path)["answer"] == vqa_answer_list()

@@ -1,17 +1,18 @@
 """Datasets for X-VLM in the Hugging Face Hub format (see docs/data.md).
 
-* :mod:`.schemas` - the ``datasets.Features`` of the ``pretrain``, ``retrieval``, ``grounding`` and ``nlvr2``
-  configurations,
+* :mod:`.schemas` - the ``datasets.Features`` of the ``pretrain``, ``retrieval``, ``grounding``, ``nlvr2``, ``vqa``
+  and ``vqa_answers`` configurations,
   validation helpers and the folder writer (Parquet shards + dataset card);
 * :mod:`.synthetic` - the deterministic synthetic-shapes generator, its vocabulary and tokenizer;
 * :mod:`.official` - the converter from the official X-VLM JSON files;
-* :mod:`.loading` - :func:`load_xvlm_dataset` (defaults to the cached synthetic dataset);
+* :mod:`.loading` - :func:`load_xvlm_dataset` (defaults to the cached synthetic dataset), :func:`load_vqa_answer_list`;
 * :mod:`.cli` - the ``xvlm-data`` command.
 """
 
 from .loading import (
     default_cache_root,
     ensure_synthetic_dataset,
+    load_vqa_answer_list,
     load_xvlm_dataset,
     retrieval_pairs,
     synthetic_dataset_dir,
@@ -24,6 +25,8 @@ from .schemas import (
     PRETRAIN_FEATURES,
     RETRIEVAL_FEATURES,
     SPLITS,
+    VQA_ANSWERS_FEATURES,
+    VQA_FEATURES,
     DatasetFolderWriter,
     SchemaMismatchError,
     check_features,
@@ -35,8 +38,10 @@ from .synthetic import (
     SyntheticConfig,
     generate_nlvr2_pairs,
     generate_split,
+    generate_vqa_questions,
     synthetic_tokenizer,
     synthetic_vocabulary,
+    vqa_answer_list,
     write_synthetic_dataset,
 )
 
@@ -47,6 +52,8 @@ __all__ = [
     "RETRIEVAL_FEATURES",
     "GROUNDING_FEATURES",
     "NLVR2_FEATURES",
+    "VQA_FEATURES",
+    "VQA_ANSWERS_FEATURES",
     "SchemaMismatchError",
     "get_features",
     "feature_mismatches",
@@ -56,6 +63,8 @@ __all__ = [
     "SyntheticConfig",
     "generate_split",
     "generate_nlvr2_pairs",
+    "generate_vqa_questions",
+    "vqa_answer_list",
     "write_synthetic_dataset",
     "synthetic_vocabulary",
     "synthetic_tokenizer",
@@ -63,6 +72,7 @@ __all__ = [
     "convert_official",
     "load_xvlm_dataset",
     "retrieval_pairs",
+    "load_vqa_answer_list",
     "ensure_synthetic_dataset",
     "synthetic_dataset_dir",
     "default_cache_root",

@@ -8,6 +8,8 @@ Examples::
         --retrieval-train coco_train.json --retrieval-val coco_val.json --retrieval-test coco_test.json
     xvlm-data convert-official --out data/nlvr2 --image-root images/nlvr2 \\
         --nlvr2-train nlvr_train.json --nlvr2-validation nlvr_dev.json --nlvr2-test nlvr_test.json
+    xvlm-data convert-official --out data/vqa --image-root images/coco --vg-image-root images/visualgenome \\
+        --vqa-train vqa_train.json vqa_val.json vg_qa.json --vqa-test vqa_test.json --vqa-answer-list answer_list.json
     xvlm-data info data/coco
 """
 
@@ -19,9 +21,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .schemas import CONFIG_NAMES
+from .schemas import CONFIG_NAMES, IMAGE_COLUMNS
 
 __all__ = ["main", "build_parser"]
+
+#: The configurations whose rows hold images (each gets a ``--<config>-image-root`` flag).
+_IMAGE_CONFIGS = tuple(c for c in CONFIG_NAMES if IMAGE_COLUMNS[c])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
                      default=None, help="NLVR2 image pairs in validation (default 3/4 of its images)")
     syn.add_argument("--num-nlvr2-test", type=int, default=None,
                      help="NLVR2 image pairs in test (default 3/4 of its images)")
+    syn.add_argument("--num-vqa-train", type=int, default=None,
+                     help="VQA questions in train (default 3 per train image)")
+    syn.add_argument("--num-vqa-validation", "--num-vqa-val", dest="num_vqa_validation", type=int, default=None,
+                     help="VQA questions in validation (default 3 per image)")
+    syn.add_argument("--num-vqa-test", type=int, default=None, help="VQA questions in test (default 3 per image)")
     syn.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
 
     conv = sub.add_parser("convert-official", help="convert official X-VLM JSON files + an image root")
@@ -65,9 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     for split, example in (("train", "train"), ("validation", "dev"), ("test", "test")):
         conv.add_argument(f"--nlvr2-{split}", type=Path, default=None, metavar="JSON",
                           help=f"NLVR2 file, e.g. nlvr_{example}.json")
+    for split, example in (("train", "vqa_train.json vqa_val.json vg_qa.json"), ("validation", "vqa_val.json"),
+                           ("test", "vqa_test.json")):
+        flags = [f"--vqa-{split}"] + (["--vqa-val"] if split == "validation" else [])
+        conv.add_argument(*flags, dest=f"vqa_{split}", nargs="+", type=Path, default=[], metavar="JSON",
+                          help=f"VQA file(s), concatenated in order, e.g. {example}")
+    conv.add_argument("--vqa-answer-list", type=Path, default=None, metavar="JSON",
+                      help="the candidate answers of the ranking evaluation (answer_list.json)")
+    conv.add_argument("--vg-image-root", type=Path, default=None,
+                      help='image root of VQA records with "dataset": "vg" (default: the vqa image root)')
     conv.add_argument("--refcoco-refs", type=Path, default=None, help="refs(unc).p (boxes of grounding records)")
     conv.add_argument("--refcoco-instances", type=Path, default=None, help="instances.json of RefCOCO+")
-    for config in CONFIG_NAMES:
+    for config in _IMAGE_CONFIGS:
         conv.add_argument(f"--{config}-image-root", type=Path, default=None,
                           help=f"image root for the {config} inputs (default --image-root)")
     conv.add_argument("--image-key", default=None, help="image field of pre-training lines (default: auto)")
@@ -95,6 +114,8 @@ def _synthetic(args: argparse.Namespace) -> int:
         "expressions_per_object_train": args.expressions_per_object,
         "num_nlvr2_train": args.num_nlvr2_train, "num_nlvr2_validation": args.num_nlvr2_validation,
         "num_nlvr2_test": args.num_nlvr2_test,
+        "num_vqa_train": args.num_vqa_train, "num_vqa_validation": args.num_vqa_validation,
+        "num_vqa_test": args.num_vqa_test,
     }
     config = dataclasses.replace(SyntheticConfig(), **{k: v for k, v in overrides.items() if v is not None})
     if args.out is None:
@@ -117,9 +138,12 @@ def _convert(args: argparse.Namespace) -> int:
         retrieval={"train": args.retrieval_train, "val": args.retrieval_val, "test": args.retrieval_test},
         grounding={"train": args.grounding_train, "val": args.grounding_val, "test": args.grounding_test},
         nlvr2={"train": args.nlvr2_train, "validation": args.nlvr2_validation, "test": args.nlvr2_test},
+        vqa={"train": args.vqa_train, "validation": args.vqa_validation, "test": args.vqa_test},
+        vqa_answer_list=args.vqa_answer_list,
+        vg_image_root=args.vg_image_root,
         refcoco_refs=args.refcoco_refs,
         refcoco_instances=args.refcoco_instances,
-        image_roots={c: getattr(args, f"{c}_image_root") for c in CONFIG_NAMES},
+        image_roots={c: getattr(args, f"{c}_image_root") for c in _IMAGE_CONFIGS},
         image_key=args.image_key,
         caption_key=args.caption_key,
         verify_images=not args.no_verify_images,

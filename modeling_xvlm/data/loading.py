@@ -19,6 +19,7 @@ __all__ = [
     "ensure_synthetic_dataset",
     "load_xvlm_dataset",
     "retrieval_pairs",
+    "load_vqa_answer_list",
 ]
 
 _COMPLETE_MARKER = "xvlm_dataset_info.json"
@@ -84,7 +85,8 @@ def load_xvlm_dataset(
         path_or_hub_id: a dataset folder written by ``xvlm-data`` (or any folder/Hub dataset with the same
             configurations). ``None`` uses the synthetic dataset of ``synthetic_config`` from the cache, generating
             it on first use (a few seconds).
-        config_name: ``"pretrain"``, ``"retrieval"``, ``"grounding"`` or ``"nlvr2"``.
+        config_name: ``"pretrain"``, ``"retrieval"``, ``"grounding"``, ``"nlvr2"``, ``"vqa"`` or
+            ``"vqa_answers"`` (split ``"test"`` only).
         split: ``"train"``, ``"validation"``, ``"test"`` (or any split / slice that ``datasets`` accepts); ``None``
             returns a ``DatasetDict`` of every split.
         synthetic_config: parameters of the default synthetic dataset.
@@ -150,3 +152,21 @@ def retrieval_pairs(dataset: datasets.Dataset) -> datasets.Dataset:
 
     pairs = raw.map(expand, batched=True, remove_columns=raw.column_names, desc="retrieval pairs")
     return pairs.cast_column("image", image_feature)
+
+
+def load_vqa_answer_list(
+    dataset: str | os.PathLike | None = None,
+    *,
+    synthetic_config: SyntheticConfig | None = None,
+    cache_root: str | os.PathLike | None = None,
+    **load_kwargs: Any,
+) -> list[str]:
+    """The candidate answers of the VQA ranking evaluation (the ``vqa_answers`` config, split ``test``), in order.
+
+    ``dataset`` is a folder or Hub id as for :func:`load_xvlm_dataset`; ``None`` is the synthetic dataset (every
+    answer its questions can have, sorted). For a converted dataset this is the official ``answer_list.json``.
+    """
+    answers = load_xvlm_dataset(dataset, "vqa_answers", "test", synthetic_config=synthetic_config,
+                                cache_root=cache_root, **load_kwargs)
+    return list(answers["answer"])
+

@@ -10,10 +10,13 @@ Inputs (official formats, see docs/data.md):
 * RefCOCO+ lists ``[{"image", "text", "ref_id"}]`` whose boxes come from ``refs(unc).p`` + ``instances.json`` (or
   records that carry ``bbox`` themselves, as the VLUE files do);
 * NLVR2 lists ``[{"images": [left, right], "sentence", "label": "True" | "False", "identifier"?}]``
-  (``nlvr_train.json``, ``nlvr_dev.json`` -> ``validation``, ``nlvr_test.json`` = test-P).
+  (``nlvr_train.json``, ``nlvr_dev.json`` -> ``validation``, ``nlvr_test.json`` = test-P);
+* VQA lists ``[{"image", "question", "answer": [str] (vqa) | str (vg), "dataset"?: "vqa" | "vg" | "gqa",
+  "question_id"?}]`` (``vqa_train.json``, ``vqa_val.json``, ``vg_qa.json``, test ``vqa_test.json`` without answers)
+  and the candidate answers ``answer_list.json`` (a JSON list of strings).
 
-Output: the layout of :mod:`modeling_xvlm.data.schemas` (``pretrain``/``retrieval``/``grounding``/``nlvr2``
-configs), images embedded with their original bytes. Missing or unreadable images, malformed records and unusable
+Output: the layout of :mod:`modeling_xvlm.data.schemas` (``pretrain``/``retrieval``/``grounding``/``nlvr2``/``vqa``/
+``vqa_answers`` configs), images embedded with their original bytes. Missing or unreadable images, malformed records and unusable
 boxes are counted, skipped, and reported in :class:`ConversionSummary` (printed by the CLI and written to ``conversion_summary.json``).
 """
 
@@ -416,6 +419,86 @@ def _nlvr2_rows(
                "label": label}
 
 
+#: The official ``dataset`` field of a VQA record -> the image root it is resolved against (official
+#: ``dataset/vqa_dataset.py``: ``vqa`` -> ``vqa_root``, ``vg`` -> ``vg_root``, ``gqa`` -> the path as given; a record
+#: without the field uses ``vqa_root``).
+_VQA_SOURCES = ("vqa", "vg", "gqa")
+
+
+def _vqa_question_id(record: Mapping[str, Any], position: int) -> int:
+    """The record's ``question_id`` (an int or a string of digits), else ``-(position + 1)`` (never an official id)."""
+    value = record.get("question_id")
+    if value is None:
+        return -(position + 1)
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"`question_id` must be an integer, got {value!r}")
+    return int(value)  # a non-numeric string raises ValueError
+
+
+def _vqa_fields(record: Any, split: str, position: int) -> tuple[str, str, str, list[str], int]:
+    """``(image path, question, source, answers, question_id)`` of one official VQA record; ValueError if malformed."""
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    rel, question = record.get("image"), record.get("question")
+    if not isinstance(rel, str) or not rel or not isinstance(question, str) or not question.strip():
+        raise ValueError("needs `image` (str) and `question` (non-empty str)")
+    source = record.get("dataset", "")
+    if source not in ("", *_VQA_SOURCES):
+        raise ValueError(f"unknown `dataset` {source!r} (expected one of {list(_VQA_SOURCES)})")
+    answers = as_text_list(record.get("answer"))  # TypeError for non-string answers
+    if split == "train" and not answers:
+        raise LookupError("a training question without `answer`")
+    return rel, question, source, answers, _vqa_question_id(record, position)
+
+
+def _vqa_rows(
+    paths: Sequence[str | os.PathLike], split: str, roots: Mapping[str, Path], reader: _ImageReader,
+    summary: ConversionSummary, max_records: int | None,
+) -> Iterator[dict[str, Any]]:
+    position = 0
+    for path in paths:
+        for i, record in enumerate(_load_json_list(path)[: max_records]):
+            where = f"{Path(path).name}[{i}]"
+            position += 1
+            try:
+                rel, question, source, answers, question_id = _vqa_fields(record, split, position - 1)
+            except LookupError as error:
+                summary.skip("vqa", split, "no_answer", f"{where}: {error}")
+                continue
+            except (TypeError, ValueError) as error:
+                summary.skip("vqa", split, "invalid_record", f"{where}: {error}")
+                continue
+            image_path = Path(rel) if source == "gqa" else _resolve(roots["vg" if source == "vg" else "vqa"], rel)
+            image = reader.read_path(image_path, rel)
+            if isinstance(image, str):
+                summary.skip("vqa", split, image, f"{where}: {rel}")
+                continue
+            yield {"question_id": question_id, "image": image[0], "image_id": str(record.get("image_id", rel)),
+                   "question": question, "answers": answers, "source": source, "group": ""}
+
+
+def _vqa_answer_rows(path: str | os.PathLike, summary: ConversionSummary) -> Iterator[dict[str, Any]]:
+    """The ``vqa_answers`` rows of ``answer_list.json``, in file order; entries that are not non-empty strings are
+    skipped and counted."""
+    with open(path, encoding="utf-8") as f:
+        answers = json.load(f)
+    if not isinstance(answers, list):
+        raise ValueError(f"{path}: expected a JSON list of answer strings, got {type(answers).__name__}")
+    for i, answer in enumerate(answers):
+        if not isinstance(answer, str) or not answer.strip():
+            summary.skip("vqa_answers", "test", "invalid_record", f"{Path(path).name}[{i}]: {answer!r}")
+            continue
+        yield {"answer": answer}
+
+
+def _as_paths(value: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[str | os.PathLike]:
+    if value is None:
+        return []
+    if isinstance(value, (str, os.PathLike)):
+        return [value]
+    return [v for v in value if v]
+
+
 def _split_name(name: str) -> str:
     if name not in SPLIT_ALIASES:
         raise ValueError(f"unknown split {name!r}; expected one of {sorted(SPLIT_ALIASES)}")
@@ -431,6 +514,9 @@ def convert_official(
     retrieval: Mapping[str, str | os.PathLike] | None = None,
     grounding: Mapping[str, str | os.PathLike] | None = None,
     nlvr2: Mapping[str, str | os.PathLike] | None = None,
+    vqa: Mapping[str, str | os.PathLike | Sequence[str | os.PathLike]] | None = None,
+    vqa_answer_list: str | os.PathLike | None = None,
+    vg_image_root: str | os.PathLike | None = None,
     refcoco_refs: str | os.PathLike | None = None,
     refcoco_instances: str | os.PathLike | None = None,
     image_roots: Mapping[str, str | os.PathLike] | None = None,
@@ -454,9 +540,17 @@ def convert_official(
         nlvr2: ``{"train": nlvr_train.json, "validation": nlvr_dev.json, "test": nlvr_test.json}`` (any subset;
             ``dev``/``val`` are accepted for ``validation``). ``identifier`` is the record's, else
             ``<file stem>-<index>``. Sentences are stored as given (``pre_caption`` is applied when collating).
+        vqa: ``{"train": [vqa_train.json, vqa_val.json, vg_qa.json], "test": vqa_test.json}`` (any subset; a split
+            takes one file or a list, concatenated in order as the official ``vqa_dataset`` does). One row per
+            question; questions and answers stored as given; a ``train`` record without answers is skipped
+            (``no_answer``). ``question_id`` is the record's, else ``-(1 + position in the split)``.
+        vqa_answer_list: ``answer_list.json`` (``vqa_answers`` config, split ``test``, order kept).
+        vg_image_root: the root of ``"dataset": "vg"`` images (official ``vg_root``; default: the ``vqa`` root).
+            ``"vqa"`` records and those without ``dataset`` use the ``vqa`` root; ``"gqa"`` paths are used as given.
         refcoco_refs, refcoco_instances: ``refs(unc).p`` and ``instances.json`` giving the boxes (and the
             ``val``/``testA``/``testB`` group) of grounding records that carry no ``bbox``.
-        image_roots: per-config roots (``{"pretrain": ..., "retrieval": ..., "grounding": ..., "nlvr2": ...}``)
+        image_roots: per-config roots (``{"pretrain": ..., "retrieval": ..., "grounding": ..., "nlvr2": ...,
+            "vqa": ...}``)
             overriding ``image_root``.
         image_key: the image field of pre-training lines (default: ``binary`` if present, else ``image_rpath`` or
             ``image``); caption_key: their caption field (``caption``; ``desc`` for captioning data).
@@ -469,14 +563,19 @@ def convert_official(
     retrieval = {_split_name(k): v for k, v in (retrieval or {}).items() if v}
     grounding = {_split_name(k): v for k, v in (grounding or {}).items() if v}
     nlvr2 = {_split_name(k): v for k, v in (nlvr2 or {}).items() if v}
+    vqa = {_split_name(k): _as_paths(v) for k, v in (vqa or {}).items() if _as_paths(v)}
     pretrain_text, pretrain_regions = list(pretrain_text), list(pretrain_regions)
-    if not (pretrain_text or pretrain_regions or retrieval or grounding or nlvr2):
-        raise ValueError("nothing to convert: give pre-training, retrieval, grounding or NLVR2 files")
-    for path in [*pretrain_text, *pretrain_regions, *retrieval.values(), *grounding.values(), *nlvr2.values()]:
+    answer_files = [vqa_answer_list] if vqa_answer_list else []
+    inputs = [*pretrain_text, *pretrain_regions, *retrieval.values(), *grounding.values(), *nlvr2.values(),
+              *(p for paths in vqa.values() for p in paths), *answer_files]
+    if not inputs:
+        raise ValueError("nothing to convert: give pre-training, retrieval, grounding, NLVR2 or VQA files")
+    for path in inputs:
         if not Path(path).exists():
             raise FileNotFoundError(f"input file not found: {path}")
     roots = {name: Path((image_roots or {}).get(name) or image_root)
-             for name in ("pretrain", "retrieval", "grounding", "nlvr2")}
+             for name in ("pretrain", "retrieval", "grounding", "nlvr2", "vqa")}
+    roots["vg"] = Path(vg_image_root) if vg_image_root else roots["vqa"]
     boxes = None
     if refcoco_refs or refcoco_instances:
         if not (refcoco_refs and refcoco_instances):
@@ -485,8 +584,7 @@ def convert_official(
 
     summary = ConversionSummary()
     reader = _ImageReader(summary, verify=verify_images)
-    sources = ", ".join(Path(p).name for p in [*pretrain_text, *pretrain_regions, *retrieval.values(),
-                                                *grounding.values(), *nlvr2.values()])
+    sources = ", ".join(Path(p).name for p in inputs)
     writer = DatasetFolderWriter(
         out_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes, pretty_name=pretty_name,
         card_body=f"Converted with `xvlm-data convert-official` from the official X-VLM files: {sources}.",
@@ -506,6 +604,12 @@ def convert_official(
         for split, path in nlvr2.items():
             for row in _nlvr2_rows(path, split, roots["nlvr2"], reader, summary, max_records):
                 writer.add("nlvr2", split, row)
+        for split, paths in vqa.items():
+            for row in _vqa_rows(paths, split, roots, reader, summary, max_records):
+                writer.add("vqa", split, row)
+        if vqa_answer_list:
+            for row in _vqa_answer_rows(vqa_answer_list, summary):
+                writer.add("vqa_answers", "test", row)
     summary.written = {c: dict(s) for c, s in writer.counts.items()}
     write_json(Path(out_dir) / _SUMMARY_FILE, summary.to_dict())
     return summary

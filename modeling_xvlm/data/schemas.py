@@ -21,8 +21,19 @@ One dataset folder holds several *configurations* (subsets), each with its own `
     ``images[1]``), ``sentence`` and ``label`` (``1``: the sentence is true of the pair, ``0``: false). It has no
     ``image``/``image_id``/``width``/``height``/``group`` columns.
 
+``vqa``
+    Visual question answering (official ``dataset/vqa_dataset.py``, ``vqa_train/val/test.json``, ``vg_qa.json``): one
+    row per question with ``question_id``, ``image``, ``image_id``, ``question`` (raw, uncleaned), ``answers`` (the
+    annotators' answers as the official file gives them, repetitions kept; ``[]`` for unannotated test questions),
+    ``source`` (the official ``dataset`` field: ``vqa`` / ``vg`` / ``gqa``, ``""`` when absent; it decides the
+    training weights, see :func:`modeling_xvlm.training.vqa_answer_weights`) and ``group``. No ``width``/``height``.
+``vqa_answers``
+    The candidate answers of the official ranking evaluation (official ``answer_list.json``): one row per answer with
+    ``answer``, in file order, in the ``test`` split only.
+
 ``group`` is a free-form evaluation group (``""`` when unused): the RefCOCO+ split of a reference (``val``, ``testA``,
-``testB``), ``seen`` / ``heldout`` in the synthetic dataset, ``image_text`` / ``regions`` for pre-training sources.
+``testB``), ``seen`` / ``heldout`` in the synthetic dataset, ``image_text`` / ``regions`` for pre-training sources, the
+question kind of the synthetic ``vqa`` rows.
 
 On disk (the layout written by :class:`DatasetFolderWriter`)::
 
@@ -57,6 +68,8 @@ __all__ = [
     "RETRIEVAL_FEATURES",
     "GROUNDING_FEATURES",
     "NLVR2_FEATURES",
+    "VQA_FEATURES",
+    "VQA_ANSWERS_FEATURES",
     "IMAGE_COLUMNS",
     "SchemaMismatchError",
     "get_features",
@@ -126,11 +139,27 @@ NLVR2_FEATURES = Features(
     }
 )
 
+VQA_FEATURES = Features(
+    {
+        "question_id": Value("int64"),
+        "image": Image(),
+        "image_id": Value("string"),
+        "question": Value("string"),
+        "answers": List(Value("string")),
+        "source": Value("string"),
+        "group": Value("string"),
+    }
+)
+
+VQA_ANSWERS_FEATURES = Features({"answer": Value("string")})
+
 _FEATURES: dict[str, Features] = {
     "pretrain": PRETRAIN_FEATURES,
     "retrieval": RETRIEVAL_FEATURES,
     "grounding": GROUNDING_FEATURES,
     "nlvr2": NLVR2_FEATURES,
+    "vqa": VQA_FEATURES,
+    "vqa_answers": VQA_ANSWERS_FEATURES,
 }
 
 #: The image columns of each configuration.
@@ -261,7 +290,9 @@ def validate_record(record: Mapping[str, Any], config_name: str) -> list[str]:
 
     Checks that every column is present, that texts are non-empty strings, and that boxes are ``[x, y, w, h]`` with a
     positive size inside the ``width`` x ``height`` image. ``nlvr2`` rows: a non-empty ``identifier`` and
-    ``sentence``, both images given, ``label`` ``0`` or ``1`` (an ``int``, not a string or a bool).
+    ``sentence``, both images given, ``label`` ``0`` or ``1`` (an ``int``, not a string or a bool). ``vqa`` rows: an
+    integer ``question_id``, a non-empty ``image_id`` and ``question``, ``answers`` a list of strings (may be empty),
+    ``source`` and ``group`` strings. ``vqa_answers`` rows: a non-empty ``answer``.
     """
     features = get_features(config_name)
     problems = [f"missing field {name!r}" for name in features if name not in record]
@@ -269,6 +300,13 @@ def validate_record(record: Mapping[str, Any], config_name: str) -> list[str]:
         return problems
     if config_name == "nlvr2":
         return _nlvr2_problems(record)
+    if config_name == "vqa":
+        return _vqa_problems(record)
+    if config_name == "vqa_answers":
+        answer = record["answer"]
+        return [] if isinstance(answer, str) and answer.strip() else [
+            f"answer must be a non-empty string, got {answer!r}"
+        ]
     width, height = record["width"], record["height"]
     if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
         problems.append(f"width/height must be positive integers, got {width!r} x {height!r}")
@@ -315,6 +353,26 @@ def _nlvr2_problems(record: Mapping[str, Any]) -> list[str]:
     for name in ("left_image", "right_image"):
         if record[name] is None:
             problems.append(f"{name} is missing (None)")
+    return problems
+
+
+def _vqa_problems(record: Mapping[str, Any]) -> list[str]:
+    problems = []
+    question_id = record["question_id"]
+    if isinstance(question_id, bool) or not isinstance(question_id, int):
+        problems.append(f"question_id must be an integer, got {question_id!r}")
+    if record["image"] is None:
+        problems.append("image is missing (None)")
+    if not isinstance(record["image_id"], str) or not record["image_id"]:
+        problems.append(f"image_id must be a non-empty string, got {record['image_id']!r}")
+    if not isinstance(record["question"], str) or not record["question"].strip():
+        problems.append(f"question must be a non-empty string, got {record['question']!r}")
+    answers = record["answers"]
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        problems.append(f"answers must be a list of strings, got {answers!r}")
+    for name in ("source", "group"):
+        if not isinstance(record[name], str):
+            problems.append(f"{name} must be a string, got {record[name]!r}")
     return problems
 
 
@@ -438,7 +496,8 @@ class DatasetFolderWriter:
         if self.validate:
             problems = validate_record(record, config_name)
             if problems:
-                name = record.get("image_id", record.get("identifier"))
+                name = next((record[k] for k in ("question_id", "image_id", "identifier", "answer") if k in record),
+                            None)
                 raise ValueError(f"invalid {config_name!r} record {name!r}: " + "; ".join(problems))
         key = (config_name, split)
         if key not in self._writers:
@@ -452,6 +511,11 @@ class DatasetFolderWriter:
             if isinstance(row.get(name), (bytes, bytearray)):
                 row[name] = {"bytes": bytes(row[name]), "path": None}
         encoded = writer.features.encode_example({name: row[name] for name in writer.features})
+        for name in IMAGE_COLUMNS.get(config_name, ()):
+            value = row.get(name)
+            if isinstance(value, Mapping) and value.get("bytes") is not None:
+                # datasets.Image drops the bytes when `path` names a local file: keep the image embedded
+                encoded[name] = {"bytes": bytes(value["bytes"]), "path": value.get("path")}
         writer.add(encoded, _approx_size(encoded))
 
     def close(self) -> dict[str, dict[str, int]]:
@@ -546,6 +610,7 @@ def write_dataset_card(
             name, split = entry["config_name"], split_entry["split"]
             table.append(f"| {name} | {split} | {counts[name][split]} |")
     first = configs[0]["config_name"] if configs else "pretrain"
+    first_split = configs[0]["data_files"][0]["split"] if configs else "train"
     text = (
         "---\n"
         + yaml.safe_dump(meta, sort_keys=False)
@@ -557,9 +622,11 @@ def write_dataset_card(
         + "\n\n## Schema (X-VLM dataset layout, see `docs/data.md` of `modeling_xvlm`)\n\n"
         + _schema_markdown()
         + "\n\nBoxes are `[x, y, w, h]` in pixels of the stored image (top-left corner and size). "
-        + "`nlvr2` `label`: 1 = the sentence is true of the (left, right) image pair, 0 = false.\n\n"
+        + "`nlvr2` `label`: 1 = the sentence is true of the (left, right) image pair, 0 = false. "
+        + "`vqa` `answers`: the annotators' answers (repetitions kept); `vqa_answers`: the candidate answers of the "
+        + "ranking evaluation.\n\n"
         + "## Usage\n\n```python\nimport datasets\n"
-        + f'ds = datasets.load_dataset("path/or/hub-id", "{first}", split="train")\n```\n\n'
+        + f'ds = datasets.load_dataset("path/or/hub-id", "{first}", split="{first_split}")\n```\n\n'
         + "Upload the folder as is (`huggingface-cli upload <user>/<name> . --repo-type dataset`) or push each\n"
         + "configuration with `datasets.load_dataset(DIR, name).push_to_hub(<repo>, config_name=name)`.\n"
     )

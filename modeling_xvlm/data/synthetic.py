@@ -17,13 +17,19 @@ red shapes than the right image"), quantified existence ("both images contain a 
 image has exactly two squares") and spatial relations inside one image ("in the left image a red circle is above a
 blue square"); half the statements of a split are true.
 
+The ``vqa`` configuration asks questions about one scene whose answer follows from the scene
+(:func:`generate_vqa_questions`): colour ("what color is the circle"), shape ("what shape is the red object"), count
+("how many squares are there"), position ("where is the blue triangle": left / right / top / bottom of the image
+centre) and existence ("is there a green diamond": yes / no, half each); ``vqa_answers`` lists every answer the
+generator can produce (:func:`vqa_answer_list`).
+
 Splits: ``train`` and ``validation`` only use the *seen* colour-shape combinations; ``test`` also holds scenes with
 some *held-out* combinations (``group == "heldout"``), never seen in training. In ``validation`` and ``test`` no two
 images have the same multiset of (colour, shape), so every caption identifies one image of the gallery.
 
 Everything is a function of the seed (and the split); a split does not depend on the sizes of the other splits.
-Captions use only the words of :func:`synthetic_vocabulary`, lower case and without punctuation, so the official
-``pre_caption`` cleaning leaves them unchanged, and :func:`synthetic_tokenizer` covers them with no ``[UNK]``.
+Captions and questions use only the words of :func:`synthetic_vocabulary`, lower case and without punctuation, so the
+official ``pre_caption`` / ``pre_question`` cleaning leaves them unchanged, and :func:`synthetic_tokenizer` covers them with no ``[UNK]``.
 """
 
 from __future__ import annotations
@@ -58,6 +64,11 @@ __all__ = [
     "NLVR2_KINDS",
     "generate_nlvr2_pairs",
     "nlvr2_record",
+    "VQAQuestion",
+    "VQA_KINDS",
+    "generate_vqa_questions",
+    "vqa_record",
+    "vqa_answer_list",
     "write_synthetic_dataset",
     "synthetic_vocabulary",
     "synthetic_tokenizer",
@@ -68,7 +79,7 @@ __all__ = [
 ]
 
 #: Bump when the output of the generator changes (it is part of the default cache folder name).
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 
 #: Colour name -> RGB (strong, well separated hues, readable on the dark background at 64 px).
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -125,6 +136,11 @@ class SyntheticConfig:
     num_nlvr2_train: int | None = None
     num_nlvr2_validation: int | None = None
     num_nlvr2_test: int | None = None
+    #: VQA questions (``vqa`` config) per split, each about one scene of that split. ``None``: three per image
+    #: (12000 / 600 / 600 by default).
+    num_vqa_train: int | None = None
+    num_vqa_validation: int | None = None
+    num_vqa_test: int | None = None
     version: int = GENERATOR_VERSION
 
     def __post_init__(self) -> None:
@@ -142,6 +158,10 @@ class SyntheticConfig:
                 raise ValueError(f"num_nlvr2_{split} must be >= 0")
             if self.num_nlvr2_pairs(split) and self.num_images(split) < 2:
                 raise ValueError(f"NLVR2 pairs of {split!r} need at least 2 images of that split (num_{split})")
+            if self.num_vqa_questions(split) < 0:
+                raise ValueError(f"num_vqa_{split} must be >= 0")
+            if self.num_vqa_questions(split) and self.num_images(split) < 1:
+                raise ValueError(f"VQA questions of {split!r} need at least 1 image of that split (num_{split})")
 
     def num_images(self, split: str) -> int:
         return {"train": self.num_train, "validation": self.num_validation, "test": self.num_test}[split]
@@ -153,6 +173,11 @@ class SyntheticConfig:
             images = self.num_images(split)
             return images * 3 // 4 if images >= 2 else 0
         return n
+
+    def num_vqa_questions(self, split: str) -> int:
+        """VQA questions of ``split``: the ``num_vqa_<split>`` field, or 3 per image of the split when ``None``."""
+        n = {"train": self.num_vqa_train, "validation": self.num_vqa_validation, "test": self.num_vqa_test}[split]
+        return 3 * self.num_images(split) if n is None else n
 
     def cache_key(self) -> str:
         """A short, stable name for this configuration (used for the default cache folder)."""
@@ -695,6 +720,169 @@ def nlvr2_record(pair: NLVR2Pair, images: dict[str, dict[str, Any]] | None = Non
             "sentence": pair.sentence, "label": pair.label}
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# VQA questions
+# --------------------------------------------------------------------------------------------------------------------
+
+#: Question kinds of the synthetic VQA rows (their ``group``) and the probability of trying each.
+VQA_KINDS: dict[str, float] = {"exists": 0.3, "count": 0.2, "colour": 0.2, "shape": 0.15, "position": 0.15}
+_VQA_STREAM = 11
+#: Position answers: where the object is relative to the image centre.
+_POSITIONS = ("left", "right", "top", "bottom")
+
+
+@dataclass(frozen=True)
+class VQAQuestion:
+    """One synthetic VQA example: a question about ``scene`` and its single correct ``answer``."""
+
+    question_id: int
+    scene: Scene
+    question: str
+    answer: str
+    kind: str
+
+
+def vqa_answer_list() -> list[str]:
+    """Every answer :func:`generate_vqa_questions` can produce, sorted (the ``vqa_answers`` config)."""
+    return sorted({*COLOURS, *SHAPES, *_NUMBERS[1:], *_POSITIONS, "yes", "no"})
+
+
+def _position(obj: SceneObject, width: int, height: int) -> str | None:
+    """``left``/``right`` when the box is in one half and crosses the horizontal centre line, ``top``/``bottom``
+    likewise for the vertical line; ``None`` when neither holds (a corner or the centre: ambiguous)."""
+    crosses_row, crosses_column = obj.y < height / 2 < obj.y1, obj.x < width / 2 < obj.x1
+    if crosses_row and obj.x1 <= width / 2:
+        return "left"
+    if crosses_row and obj.x >= width / 2:
+        return "right"
+    if crosses_column and obj.y1 <= height / 2:
+        return "top"
+    if crosses_column and obj.y >= height / 2:
+        return "bottom"
+    return None
+
+
+def _the(colour: str | None, shape: str | None, size: str | None = None) -> str:
+    """``the small red circle`` / ``the circle`` / ``the red object`` (``object`` when no shape is named)."""
+    return "the " + " ".join([w for w in (size, colour) if w] + [shape or "object"])
+
+
+def _unique_nouns(objects: Sequence[SceneObject], options: Sequence[tuple]) -> list[tuple[tuple, int]]:
+    """The ``(colour, shape, size)`` nouns of ``options`` that denote exactly one object, with that object."""
+    out = []
+    for colour, shape, size in options:
+        referents = denotation(objects, "attribute", colour=colour, shape=shape, size=size)
+        if len(referents) == 1:
+            out.append(((colour, shape, size), next(iter(referents))))
+    return out
+
+
+def _vqa_question(kind: str, rng: np.random.Generator, scene: Scene, label: str) -> tuple[str, str] | None:
+    """Draw one ``(question, answer)`` of ``kind`` about ``scene`` (``None`` if the scene has none of that kind).
+
+    ``label`` (``"yes"``/``"no"``) is the wanted answer of an ``exists`` question.
+    """
+    objects = scene.objects
+    o = objects[int(rng.integers(len(objects)))]
+    if kind == "exists":
+        grain = int(rng.integers(3))  # 0: colour and shape, 1: shape, 2: colour
+        if label == "yes":
+            colour, shape = o.colour, o.shape
+        else:
+            colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+            shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        colour, shape = (None if grain == 1 else colour), (None if grain == 2 else shape)
+        present = _count(objects, colour, shape) > 0
+        if present != (label == "yes"):
+            return None
+        return f"is there a {_noun(colour, shape)}", label
+    if kind == "count":
+        grain = int(rng.integers(4))  # 0: colour and shape, 1: shape, 2: colour, 3: every shape
+        colour = o.colour if grain in (0, 2) else None
+        shape = o.shape if grain in (0, 1) else None
+        return f"how many {_plural(colour, shape)} are there", _NUMBERS[_count(objects, colour, shape)]
+    if kind == "colour":
+        nouns = _unique_nouns(objects, [(None, o.shape, None), (None, o.shape, o.size)])
+        if not nouns:
+            return None
+        (_, shape, size), target = nouns[int(rng.integers(len(nouns)))]
+        return f"what color is {_the(None, shape, size)}", objects[target].colour
+    if kind == "shape":
+        nouns = _unique_nouns(objects, [(o.colour, None, None), (o.colour, None, o.size)])
+        if not nouns:
+            return None
+        (colour, _, size), target = nouns[int(rng.integers(len(nouns)))]
+        return f"what shape is {_the(colour, None, size)}", objects[target].shape
+    if kind == "position":
+        where = _position(o, scene.width, scene.height)
+        nouns = _unique_nouns(objects, [(o.colour, o.shape, None), (None, o.shape, None), (o.colour, None, None)])
+        if where is None or not nouns:
+            return None
+        (colour, shape, _), _target = nouns[int(rng.integers(len(nouns)))]
+        return f"where is {_the(colour, shape)}", where
+    raise ValueError(kind)
+
+
+def generate_vqa_questions(
+    config: SyntheticConfig, split: str, scenes: Sequence[Scene] | None = None
+) -> list[VQAQuestion]:
+    """The ``config.num_vqa_<split>`` VQA questions of ``split`` (deterministic in the seed and the split).
+
+    Question ``q`` is about scene ``q % len(scenes)`` (``scenes``, default :func:`generate_split`), so the default
+    three per image cover every scene three times; a scene never gets the same question twice. A kind is drawn
+    (:data:`VQA_KINDS`) until the scene has a question of it; colour, shape and position questions name a unique
+    object, position questions are only asked when the object is clearly on one side of the centre. The ``exists``
+    answers come in blocks of one ``yes`` and one ``no`` (shuffled; a scene that has no new question with the next
+    label takes the other one of the block), so they are balanced to within one question.
+    """
+    n_questions = config.num_vqa_questions(split)
+    if n_questions == 0:
+        return []
+    scenes = list(scenes) if scenes is not None else list(generate_split(config, split))
+    if not scenes:
+        raise ValueError(f"VQA questions of {split!r} need at least 1 scene")
+    rng = np.random.default_rng([config.seed, _SPLIT_STREAM[split], _VQA_STREAM])
+    kinds = list(VQA_KINDS)
+    weights = np.array([VQA_KINDS[k] for k in kinds])
+    weights = weights / weights.sum()
+    asked: dict[str, set[str]] = {}
+    labels: list[str] = []
+    questions: list[VQAQuestion] = []
+    for index in range(n_questions):
+        scene = scenes[index % len(scenes)]
+        seen = asked.setdefault(scene.image_id, set())
+        if not labels:
+            labels = [("no", "yes")[int(v)] for v in rng.permutation(2)]
+        for attempt in range(1000):
+            kind = kinds[int(rng.choice(len(kinds), p=weights))]
+            # alternate between the labels left in the block: a scene may only have new questions of one of them
+            drawn = _vqa_question(kind, rng, scene, labels[attempt % len(labels)])
+            if drawn is not None and drawn[0] not in seen:
+                break
+        else:
+            raise RuntimeError(f"no new question for scene {scene.image_id!r}: num_vqa_{split} is too large")
+        if kind == "exists":
+            labels.remove(drawn[1])
+        seen.add(drawn[0])
+        questions.append(VQAQuestion(index, scene, drawn[0], drawn[1], kind))
+    return questions
+
+
+#: Annotators per synthetic question, as in VQA v2 (all agree: the answer is determined by the scene), so the soft
+#: VQA accuracy (min(#annotators / 3, 1)) of a correct answer is 1.
+SYNTHETIC_ANNOTATORS = 10
+
+
+def vqa_record(question: VQAQuestion, images: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The ``vqa`` row of ``question`` (``SYNTHETIC_ANNOTATORS`` copies of its answer, ``source == ""``,
+    ``group`` = the kind); ``images`` as for :func:`nlvr2_record`."""
+    scene = question.scene
+    image = (images or {}).get(scene.image_id) or {"bytes": scene.png_bytes(), "path": None}
+    return {"question_id": question.question_id, "image": image, "image_id": scene.image_id,
+            "question": question.question, "answers": [question.answer] * SYNTHETIC_ANNOTATORS, "source": "",
+            "group": question.kind}
+
+
 _CARD = """\
 Synthetic scenes for X-VLM (generated by `xvlm-data synthetic`, `modeling_xvlm.data.synthetic`, generator version
 {version}). Images of 1-4 coloured shapes (circle, square, triangle, diamond; red, green, blue, yellow, purple,
@@ -704,6 +892,12 @@ object has a pixel box, captions and a size attribute; referring expressions sin
 The `nlvr2` config pairs two scenes of a split with a statement about them ("the left image has more red shapes than
 the right image", "both images contain a circle", "the right image has exactly two squares", "in the left image a
 red circle is above a blue square"); `label` is 1 when it is true of the pair (half of each split).
+
+The `vqa` config asks about one image, with the correct answer given by all ten "annotators" in `answers` (as VQA v2
+has ten per question) and the question kind in `group`:
+"what color is the circle", "what shape is the red object", "how many squares are there", "where is the blue
+triangle" (left, right, top or bottom of the image centre), "is there a green diamond" (yes or no, half each).
+`vqa_answers` (split `test`) lists every answer the questions can have, sorted.
 
 The test split also contains the held-out colour-shape combinations {heldout} (rows with `group == "heldout"`); train
 and validation never do. In validation and test no two images share the same set of coloured shapes.
@@ -719,7 +913,8 @@ def write_synthetic_dataset(
     overwrite: bool = False,
     splits: Sequence[str] = SPLITS,
 ) -> dict[str, Any]:
-    """Generate the synthetic dataset into ``out_dir`` (configs ``pretrain``, ``retrieval``, ``grounding``, ``nlvr2``).
+    """Generate the synthetic dataset into ``out_dir`` (configs ``pretrain``, ``retrieval``, ``grounding``, ``nlvr2``,
+    ``vqa``, ``vqa_answers``).
 
     Returns a summary ``{"counts": {config: {split: rows}}, "seconds": ..., "config": {...}}``, also written to
     ``out_dir/xvlm_dataset_info.json`` (the last file written: its presence marks a complete dataset).
@@ -749,6 +944,10 @@ def write_synthetic_dataset(
                 images[scene.image_id] = rows["retrieval"]["image"]
             for pair in generate_nlvr2_pairs(config, split, scenes):
                 writer.add("nlvr2", split, nlvr2_record(pair, images))
+            for question in generate_vqa_questions(config, split, scenes):
+                writer.add("vqa", split, vqa_record(question, images))
+        for answer in vqa_answer_list():
+            writer.add("vqa_answers", "test", {"answer": answer})
     summary = {
         "kind": "xvlm-synthetic",
         "config": params,
@@ -773,6 +972,8 @@ _NLVR2_WORDS = (
     "image", "images", "has", "have", "more", "fewer", "than", "both", "same", "number", "contain", "contains",
     "exactly", "neither", "total", "circles", "squares", "triangles", "diamonds",
 )
+#: Words of the VQA questions and answers only (last, so older token ids do not move).
+_VQA_WORDS = ("what", "color", "how", "many", "where", "object", "yes", "no")
 
 
 def synthetic_vocabulary() -> list[str]:
@@ -781,7 +982,7 @@ def synthetic_vocabulary() -> list[str]:
     The order is fixed, so token ids are stable across versions of the generator that keep the same words.
     """
     words = list(_FUNCTION_WORDS) + list(_NUMBERS[1:]) + list(COLOURS) + list(SHAPES) + list(SIZES)
-    words += list(_NLVR2_WORDS)
+    words += list(_NLVR2_WORDS) + list(_VQA_WORDS)
     seen: set[str] = set()
     vocab = list(SPECIAL_TOKENS)
     for word in words:

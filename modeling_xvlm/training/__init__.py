@@ -15,11 +15,22 @@ from .collators import (
     XVLMNLVR2Collator,
     XVLMRetrievalCollator,
     XVLMTextAssignmentCollator,
+    XVLMVQACollator,
     nlvr2_train_transform,
+    vqa_answer_weights,
+    vqa_train_transform,
 )
 from .masking import XVLMTextMasker, mask_token_ids
 from .region_collators import XVLMGroundingCollator, XVLMPretrainCollator, XVLMRegionSampler, mentions_left_right
-from .evaluate import evaluate_grounding, evaluate_nlvr2, evaluate_retrieval, grounding_accuracy
+from .evaluate import (
+    evaluate_grounding,
+    evaluate_nlvr2,
+    evaluate_retrieval,
+    evaluate_vqa,
+    grounding_accuracy,
+    vqa_metrics,
+    vqa_soft_accuracy,
+)
 from .recipe import (
     NO_DECAY_SUBSTRINGS,
     TASK_RECIPES,
@@ -47,11 +58,13 @@ __all__ = [
     "XVLMRetrievalCollator",
     "XVLMTextAssignmentCollator",
     "XVLMTextMasker",
+    "XVLMVQACollator",
     "create_optimizer",
     "create_scheduler",
     "evaluate_grounding",
     "evaluate_nlvr2",
     "evaluate_retrieval",
+    "evaluate_vqa",
     "get_recipe",
     "grounding_accuracy",
     "latest_checkpoint",
@@ -63,4 +76,8 @@ __all__ = [
     "parameter_groups",
     "save_checkpoint",
     "train",
+    "vqa_answer_weights",
+    "vqa_metrics",
+    "vqa_soft_accuracy",
+    "vqa_train_transform",
 ]

@@ -13,6 +13,9 @@
   ``XVLMForImagesAndTextClassification`` inputs (``pixel_values`` ``(B, 2, 3, H, W)``), each image with the official
   NLVR2 ``train_transform`` (the retrieval one, :func:`nlvr2_train_transform`), never flipped when the sentence
   mentions left/right.
+* :class:`XVLMVQACollator` - VQA rows (``image``, ``question``, ``answers``, ``source``) ->
+  ``XVLMForQuestionAnswering`` inputs: the questions, every question's unique answers with their official weights
+  (:func:`vqa_answer_weights`) as ``labels``; official careful flip, then :func:`vqa_train_transform`.
 * :class:`XVLMTextAssignmentCollator` - image-text rows -> ``XVLMForTextAssignment`` inputs (official
   ``NLVR_pretrain.py``: the ``pretrain_transform`` images and the captions; the model draws the image pairs).
 * :class:`XVLMImageTextTransform` - the official ``pretrain_transform`` for pre-training image-text rows.
@@ -44,10 +47,14 @@ __all__ = [
     "XVLMGroundingTrainCollator",
     "XVLMNLVR2Collator",
     "XVLMTextAssignmentCollator",
+    "XVLMVQACollator",
     "BoxSafeRegionSampler",
+    "encode_questions",
     "nlvr2_label",
     "nlvr2_train_transform",
     "reseed",
+    "vqa_answer_weights",
+    "vqa_train_transform",
     "pixel_values_from_pil",
 ]
 
@@ -324,6 +331,156 @@ class XVLMNLVR2Collator:
         if labels:
             out["labels"] = torch.tensor(labels, dtype=torch.long)
         return BatchFeature(out)
+
+
+def vqa_train_transform(
+    image_size: int, randaugment: bool = True, crop_scale_min: float = 0.5
+) -> XVLMImageTextTransform:
+    """The official VQA training transform ``train_transform_wohflip`` (``dataset/__init__.py``):
+    RandomResizedCrop(image_size, scale=(0.5, 1)) (bicubic) -> RandAugment(2, 7), no flip (the VQA dataset flips
+    the image itself beforehand, see :class:`XVLMVQACollator`)."""
+    return XVLMImageTextTransform(
+        image_size, scale=(crop_scale_min, 1.0), hflip_prob=0.0, careful_hflip=False, randaugment=randaugment
+    )
+
+
+def vqa_answer_weights(answers: Sequence[str], source: str = "") -> tuple[list[str], list[float]]:
+    """The training answers of one question and their loss weights (official ``vqa_dataset.py``, train split).
+
+    ``source == "vg"`` (a Visual Genome question, one answer): ``([answer], [0.5])``. Otherwise the unique annotator
+    answers in first-seen order, each weighted by ``count / len(answers)`` (so the weights sum to 1).
+
+    Raises:
+        ValueError: no answers, or a VG question with more than one answer.
+    """
+    answers = [answers] if isinstance(answers, str) else list(answers or [])
+    if not answers:
+        raise ValueError("a VQA training question needs at least one answer, got none")
+    if not all(isinstance(a, str) for a in answers):
+        raise ValueError(f"VQA answers must be strings, got {answers!r}")
+    if source == "vg":
+        if len(answers) != 1:
+            raise ValueError(f"a Visual Genome ('vg') question has one answer, got {len(answers)}: {answers!r}")
+        return [answers[0]], [0.5]
+    counts: dict[str, int] = {}
+    for answer in answers:
+        counts[answer] = counts.get(answer, 0) + 1
+    return list(counts), [n / len(answers) for n in counts.values()]
+
+
+class XVLMVQACollator:
+    """VQA rows ``{"image", "question", "answers", "source"}`` -> ``XVLMForQuestionAnswering.forward`` inputs:
+
+    * ``pixel_values`` ``(B, 3, H, W)``;
+    * ``input_ids``, ``attention_mask`` ``(B, Lq)``: ``[CLS] words``, official ``pre_question`` (``max_words``)
+      and truncation to ``max_length`` tokens (official ``max_tokens`` 40; ``None``: no truncation, as the
+      official test split);
+    * ``labels``, ``decoder_attention_mask`` ``(N, La)``: the ``N`` answers ``[CLS] answer [SEP]``
+      (``XVLMProcessor.encode_answers``), padding -100 in ``labels``; question ``i``'s answers are consecutive;
+    * ``answer_weights`` ``(N,)`` (:func:`vqa_answer_weights`) and ``answers_per_question`` ``(B,)``.
+
+    Training (``transform`` given): official careful flip (``vqa_dataset.py``): with probability 0.5 the image is
+    flipped *before* the transform, unless "left" or "right" occurs in the question or an answer (a substring test,
+    as officially, but case-insensitive; ``careful_hflip=False`` flips regardless); then ``transform``
+    (:func:`vqa_train_transform`, which never flips). Every row needs answers. Evaluation (``transform=None``): the
+    processor's square bicubic resize; rows without answers (test questions) give a batch without answers, for
+    ranking.
+
+    Args:
+        processor: an ``XVLMProcessor``.
+        transform: the training transform (:func:`vqa_train_transform`), or ``None`` for evaluation.
+        max_words: question word limit of ``pre_question`` (official 30 for training, 50 at test).
+        max_length: question token limit (official ``max_tokens`` 40), ``None`` for none.
+        hflip_prob: probability of the careful flip (official 0.5).
+        careful_hflip: skip the flip when a text says left/right (official: always).
+    """
+
+    def __init__(
+        self,
+        processor,
+        transform: XVLMImageTextTransform | None = None,
+        max_words: int = 30,
+        max_length: int | None = 40,
+        hflip_prob: float = 0.5,
+        careful_hflip: bool = True,
+    ) -> None:
+        self.processor = processor
+        self.transform = transform
+        self.max_words = max_words
+        self.max_length = max_length
+        self.hflip_prob = hflip_prob
+        self.careful_hflip = careful_hflip
+        self.rng = random.Random()
+
+    def _image(self, row: dict) -> Any:
+        if self.transform is None:
+            return row["image"]
+        image = load_image_rgb(row["image"])
+        texts = [row["question"], *(row.get("answers") or [])]
+        # official order: the coin is drawn for every image, then the texts are looked at
+        coin = self.rng.random() < self.hflip_prob
+        if coin and not (self.careful_hflip and mentions_left_right([t.lower() for t in texts], "substring")):
+            image = hflip(image)
+        return self.transform(image, allow_flip=False)
+
+    def __call__(self, rows: Sequence[dict]) -> BatchFeature:
+        for k, r in enumerate(rows):
+            missing = [key for key in ("image", "question") if key not in r]
+            if missing:
+                raise ValueError(f"VQA row {k} has no {', '.join(missing)} (keys: {sorted(r)})")
+        with_answers = [bool(r.get("answers")) for r in rows]
+        if self.transform is not None and not all(with_answers):
+            k = with_answers.index(False)
+            raise ValueError(f"VQA training row {k} (question_id {rows[k].get('question_id')!r}) has no answers")
+        if any(with_answers) and not all(with_answers):
+            raise ValueError("some VQA rows have answers and others not")
+        images = [self._image(r) for r in rows]
+        ids, att = encode_questions(self.processor, [r["question"] for r in rows], self.max_words, self.max_length)
+        out: dict[str, Any] = {
+            "pixel_values": pixel_values_from_pil(images, self.processor.image_processor),
+            "input_ids": ids,
+            "attention_mask": att,
+        }
+        if rows and all(with_answers):
+            out.update(self._answers(rows))
+        return BatchFeature(out)
+
+    def _answers(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+        answers, weights, counts = [], [], []
+        for k, r in enumerate(rows):
+            try:
+                unique, w = vqa_answer_weights(r["answers"], r.get("source") or "")
+            except ValueError as error:
+                raise ValueError(f"VQA row {k} (question_id {r.get('question_id')!r}): {error}") from None
+            answers.extend(unique)
+            weights.extend(w)
+            counts.append(len(unique))
+        encoded = self.processor.encode_answers(answers)
+        mask = encoded["attention_mask"].long()
+        return {
+            "labels": encoded["input_ids"].long().masked_fill(mask == 0, -100),
+            "decoder_attention_mask": mask,
+            "answer_weights": torch.tensor(weights, dtype=torch.float32),
+            "answers_per_question": torch.tensor(counts, dtype=torch.long),
+        }
+
+
+def encode_questions(
+    processor, questions: Sequence[str], max_words: int = 30, max_length: int | None = 40
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` ``(B, Lq)`` of VQA questions: official ``pre_question(q, max_words)``, then
+    ``[CLS] words`` (no [SEP]) padded to the longest, truncated to ``max_length`` tokens (``None``: not truncated)."""
+    ids, att = encode_texts(
+        processor.tokenizer,
+        list(questions),
+        max_length=max_length,
+        truncation=max_length is not None,
+        padding="longest",
+        add_sep=False,
+        text_preprocessing="question",
+        max_words=max_words,
+    )
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(att, dtype=torch.long)
 
 
 class XVLMTextAssignmentCollator:

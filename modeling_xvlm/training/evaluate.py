@@ -11,12 +11,18 @@
 * NLVR2 (official ``NLVR.py::evaluate``): evaluation transform (square bicubic resize) for both images, the
   predicted class is the argmax of the 2-way logits, accuracy = mean of ``prediction == label`` over the split
   (percent; the official per-batch accuracies are averaged weighted by batch size, which is the same number).
+* VQA (official ``VQA.py::evaluation``, ``model_vqa.rank_answer``): the candidate answers are tokenised once, each
+  question (``pre_question``, 50 words, as the official test split) is ranked over them with the official two-stage
+  ranking (``XVLMForQuestionAnswering.rank_answers``, ``k_test`` 128) and the best candidate is the answer. The
+  result list ``[{"question_id", "answer"}]`` is the file the VQA evaluation server takes; when the rows have
+  annotator answers, :func:`vqa_metrics` adds the official exact match and the soft VQA accuracy.
 
 Usage::
 
     xvlm-eval retrieval --model out/retrieval --split test --k-test 128 --output retrieval.json
     xvlm-eval grounding --model out/grounding --dataset my-refcoco-folder --split test
     xvlm-eval nlvr2 --model out/nlvr2 --dataset my-nlvr2-folder --split test
+    xvlm-eval vqa --model out/vqa --dataset my-vqa-folder --split test --output result.json
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import json
 import math
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,16 +44,21 @@ from ..data import load_xvlm_dataset, synthetic_tokenizer
 from ..modeling_xvlm_grounding import XVLMForGrounding
 from ..modeling_xvlm_nlvr import XVLMForImagesAndTextClassification
 from ..modeling_xvlm_retrieval import XVLMForRetrieval
+from ..modeling_xvlm_vqa import DEFAULT_K_TEST, XVLMForQuestionAnswering
 from ..processing import XVLMImageProcessorPil, XVLMProcessor, load_image_rgb
 from ..retrieval import retrieval_metrics, retrieve, score_matrices
-from .collators import XVLMNLVR2Collator
+from .collators import XVLMNLVR2Collator, encode_questions, pixel_values_from_pil
 from .region_collators import XVLMGroundingCollator
 
 __all__ = [
     "evaluate_retrieval",
     "evaluate_grounding",
     "evaluate_nlvr2",
+    "evaluate_vqa",
     "grounding_accuracy",
+    "majority_answer",
+    "vqa_metrics",
+    "vqa_soft_accuracy",
     "retrieval_chance",
     "format_table",
     "main",
@@ -317,6 +328,134 @@ def evaluate_nlvr2(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# VQA
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _normalise_answer(answer: str) -> str:
+    return answer.strip().lower()
+
+
+def vqa_soft_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """The soft VQA accuracy of one prediction, in ``[0, 1]``: ``min(#annotators who gave it / 3, 1)``, answers
+    compared after ``strip().lower()``. (The VQA server also averages over the 10 leave-one-annotator-out subsets and
+    normalises punctuation, articles and number words, so its numbers can differ slightly.) With fewer than three
+    annotator answers a question scores at most ``len(answers) / 3``: on one-answer data (VLUE) read the exact
+    match."""
+    if not answers:
+        raise ValueError("the soft VQA accuracy needs the annotator answers, got none")
+    predicted = _normalise_answer(prediction)
+    return min(sum(_normalise_answer(a) == predicted for a in answers) / 3.0, 1.0)
+
+
+def majority_answer(answers: Sequence[str]) -> str:
+    """The most frequent annotator answer (the first one seen among ties), stripped: the single ground truth of a
+    question for the official exact match."""
+    if not answers:
+        raise ValueError("no answers to take the majority of")
+    return Counter(a.strip() for a in answers).most_common(1)[0][0]
+
+
+def vqa_metrics(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """VQA metrics of predicted answer strings against the annotator answers of each question (rows whose
+    ``answers`` are empty, e.g. test questions, are left out).
+
+    Returns:
+        ``exact_match`` (percent; official ``VQA.py::calculate_acc``: ``prediction.strip() == ground truth``, the
+        ground truth being the single VLUE-style answer, here :func:`majority_answer` of the annotator answers),
+        ``vqa_accuracy`` (percent; mean :func:`vqa_soft_accuracy`), ``majority_answer`` and
+        ``majority_answer_accuracy`` (the soft accuracy of always answering the most frequent annotator answer of
+        *these* rows: an optimistic "no model" level, since it peeks at the evaluated answers) and
+        ``num_annotated``; the metrics are ``None`` when no row has answers.
+    """
+    if len(predictions) != len(answers):
+        raise ValueError(f"got {len(predictions)} predictions for {len(answers)} questions")
+    pairs = [(p, list(a)) for p, a in zip(predictions, answers) if a]
+    if not pairs:
+        return {"exact_match": None, "vqa_accuracy": None, "majority_answer": None,
+                "majority_answer_accuracy": None, "num_annotated": 0}
+    exact = sum(p.strip() == majority_answer(a) for p, a in pairs)
+    soft = sum(vqa_soft_accuracy(p, a) for p, a in pairs)
+    common = Counter(_normalise_answer(x) for _, a in pairs for x in a).most_common(1)[0][0]
+    baseline = sum(vqa_soft_accuracy(common, a) for _, a in pairs)
+    return {
+        "exact_match": 100.0 * exact / len(pairs),
+        "vqa_accuracy": 100.0 * soft / len(pairs),
+        "majority_answer": common,
+        "majority_answer_accuracy": 100.0 * baseline / len(pairs),
+        "num_annotated": len(pairs),
+    }
+
+
+@torch.no_grad()
+def evaluate_vqa(
+    model: Any,
+    processor: Any,
+    dataset: Any,
+    answer_list: Sequence[str],
+    batch_size: int = 32,
+    k_test: int = DEFAULT_K_TEST,
+    max_examples: int | None = None,
+    official_answer_scoring: bool | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, Any]:
+    """Official VQA evaluation (``VQA.py::evaluation``) on rows ``question_id``, ``image``, ``question`` and
+    (optionally) ``answers``.
+
+    The candidates are encoded once (``processor.encode_answers``); each batch of questions (``pre_question`` at 50
+    words, not truncated below the model's position limit, as the official test split; images resized square,
+    bicubic) is ranked over them by
+    ``model.rank_answers`` (official ``k_test`` 128) and the best candidate is the answer.
+
+    Args:
+        model: ``XVLMForQuestionAnswering``.
+        processor: ``XVLMProcessor``.
+        dataset: VQA rows (a list of dicts or a ``datasets.Dataset``).
+        answer_list: the candidate answers (official ``answer_list.json``, :func:`modeling_xvlm.data.load_vqa_answer_list`).
+        batch_size: questions per forward (official ``batch_size_test`` 32).
+        k_test: candidates re-scored per question.
+        max_examples: evaluate on the first ``max_examples`` rows only.
+        official_answer_scoring: see ``rank_answers`` (default: the model config's).
+        device: the model's device (default: where the model is).
+
+    Returns:
+        ``results`` (``[{"question_id", "answer"}]``, the official result file), :func:`vqa_metrics`
+        (``exact_match``, ``vqa_accuracy``, ``majority_answer_accuracy``..., ``None`` without annotations),
+        ``num_examples``, ``k_test`` and ``seconds``.
+    """
+    start = time.perf_counter()
+    answer_list = list(answer_list)
+    candidates = processor.encode_answers(answer_list)  # ValueError for an empty or malformed list
+    was_training = model.training
+    model.eval()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    answer_ids, answer_mask = candidates["input_ids"].to(device), candidates["attention_mask"].to(device)
+    n = len(dataset) if max_examples is None else min(len(dataset), max_examples)
+    if n == 0:
+        raise ValueError("no VQA rows to evaluate")
+    max_tokens = model.config.text_config.max_position_embeddings
+    results: list[dict[str, Any]] = []
+    annotations: list[list[str]] = []
+    try:
+        for first in range(0, n, batch_size):
+            rows = [dataset[i] for i in range(first, min(first + batch_size, n))]
+            pixel_values = pixel_values_from_pil([r["image"] for r in rows], processor.image_processor)
+            ids, mask = encode_questions(processor, [r["question"] for r in rows], max_words=50, max_length=max_tokens)
+            ranking = model.rank_answers(
+                pixel_values.to(device), ids.to(device), mask.to(device), answer_ids, answer_mask, k=k_test,
+                official_answer_scoring=official_answer_scoring,
+            )
+            for row, best in zip(rows, ranking.candidate_indices[:, 0].tolist()):
+                results.append({"question_id": int(row["question_id"]), "answer": answer_list[best]})
+                annotations.append(list(row.get("answers") or []))
+    finally:
+        model.train(was_training)
+    metrics = vqa_metrics([r["answer"] for r in results], annotations)
+    return {"results": results, **metrics, "num_examples": n, "k_test": min(int(k_test), len(answer_list)),
+            "seconds": time.perf_counter() - start}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Reporting
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -352,6 +491,13 @@ def retrieval_table(metrics: dict[str, Any]) -> str:
 def nlvr2_table(metrics: dict[str, Any]) -> str:
     rows = [["accuracy", metrics["accuracy"], metrics["majority_baseline"], metrics["num_examples"]]]
     return format_table(rows, ["metric", "value (%)", "majority baseline (%)", "n"])
+
+
+def vqa_table(metrics: dict[str, Any]) -> str:
+    rows = [["VQA accuracy (soft)", metrics["vqa_accuracy"], metrics["majority_answer_accuracy"], metrics["num_annotated"]],
+            ["exact match (majority answer)", metrics["exact_match"], "", metrics["num_annotated"]]]
+    table = format_table(rows, ["metric", "value (%)", "majority-answer baseline (%)", "n"])
+    return f"{table}\n{metrics['num_examples']} questions, k_test {metrics['k_test']}"
 
 
 def grounding_table(metrics: dict[str, Any]) -> str:
@@ -395,19 +541,21 @@ def load_processor(model_path: str, tokenizer: str | None = None, image_size: in
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xvlm-eval",
-        description="Evaluate an X-VLM model with the official retrieval / grounding / NLVR2 protocols; prints a "
-        "table and "
-        "writes JSON.",
+        description="Evaluate an X-VLM model with the official retrieval / grounding / NLVR2 / VQA protocols; prints "
+        "a table and writes JSON.",
     )
-    parser.add_argument("task", choices=["retrieval", "grounding", "nlvr2"])
+    parser.add_argument("task", choices=["retrieval", "grounding", "nlvr2", "vqa"])
     parser.add_argument("--model", required=True, help="model folder or Hub id (save_pretrained format)")
     parser.add_argument("--dataset", default=None, help="dataset folder or Hub id (default: the synthetic dataset)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--tokenizer", default=None, help="only when the model folder has no processor")
-    parser.add_argument("--k-test", type=int, default=128, help="retrieval: ITC candidates re-ranked by ITM")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--k-test", type=int, default=128, help="retrieval: ITC candidates re-ranked by ITM; vqa: "
+                        "candidate answers re-scored per question (official 128)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 32 for vqa (official), 64 otherwise")
     parser.add_argument("--max-examples", type=int, default=None,
-                        help="images (retrieval) / expressions (grounding) / sentences (nlvr2)")
+                        help="images (retrieval) / expressions (grounding) / sentences (nlvr2) / questions (vqa)")
+    parser.add_argument("--answer-list", default=None, help="vqa: JSON list of candidate answers (default: the "
+                        "dataset's answer list)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="retrieval: precision of the ITM re-ranking (bf16: autocast, near ties re-scored in "
@@ -415,34 +563,73 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--encode-precision", choices=["fp32", "bf16"], default=None,
                         help="retrieval: precision of the image/text encoders (default: --precision); fp32 keeps "
                         "the fp32 ITC candidates, so a bf16 re-ranking keeps the fp32 top-1 exactly")
-    parser.add_argument("--output", default=None, help="JSON file for the metrics (default: print only)")
+    parser.add_argument("--output", default=None, help="JSON file for the metrics (vqa: the official result file, "
+                        "a list of {question_id, answer}; default: print only)")
+    parser.add_argument("--metrics-output", default=None, help="vqa: JSON file for the metrics")
     return parser
+
+
+def load_answer_list(dataset: str | None, path: str | None = None) -> list[str]:
+    """The VQA candidate answers: a JSON list of strings at ``path``, else the dataset's answer list."""
+    if path is not None:
+        with open(path, encoding="utf-8") as handle:
+            answers = json.load(handle)
+        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+            raise ValueError(f"{path} must hold a JSON list of answer strings")
+        return answers
+    from ..data import load_vqa_answer_list
+
+    return list(load_vqa_answer_list(dataset))
+
+
+def _write_json(path: str, value: Any) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, indent=2)
+    print(f"wrote {path}")
+
+
+def _main_vqa(args: argparse.Namespace, model: Any, processor: Any, dataset: Any, device: str) -> int:
+    answer_list = load_answer_list(args.dataset, args.answer_list)
+    metrics = evaluate_vqa(model, processor, dataset, answer_list, args.batch_size or 32, args.k_test,
+                           args.max_examples, device=device)
+    results = metrics.pop("results")
+    if metrics["vqa_accuracy"] is not None:
+        print(vqa_table(metrics))
+    else:
+        print(f"{metrics['num_examples']} questions answered (no annotations: submit the result file)")
+    if args.output:
+        _write_json(args.output, results)
+    if args.metrics_output:
+        _write_json(args.metrics_output, {"task": args.task, "model": args.model,
+                                          "dataset": args.dataset or "synthetic", "split": args.split, **metrics})
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cls = {"retrieval": XVLMForRetrieval, "grounding": XVLMForGrounding,
-           "nlvr2": XVLMForImagesAndTextClassification}[args.task]
+           "nlvr2": XVLMForImagesAndTextClassification, "vqa": XVLMForQuestionAnswering}[args.task]
     model = cls.from_pretrained(args.model).to(device)
     processor = load_processor(args.model, args.tokenizer, model.config.image_size, model.config.patch_stride)
     dataset = load_xvlm_dataset(args.dataset, args.task, args.split)
+    if args.task == "vqa":
+        return _main_vqa(args, model, processor, dataset, device)
+    batch_size = args.batch_size or 64
     if args.task == "retrieval":
-        metrics = evaluate_retrieval(model, processor, dataset, args.k_test, args.batch_size, args.max_examples, device,
+        metrics = evaluate_retrieval(model, processor, dataset, args.k_test, batch_size, args.max_examples, device,
                                      precision=args.precision, encode_precision=args.encode_precision)
         print(retrieval_table(metrics))
     elif args.task == "nlvr2":
-        metrics = evaluate_nlvr2(model, processor, dataset, args.batch_size, args.max_examples, device)
+        metrics = evaluate_nlvr2(model, processor, dataset, batch_size, args.max_examples, device)
         print(nlvr2_table(metrics))
     else:
-        metrics = evaluate_grounding(model, processor, dataset, args.batch_size, args.max_examples, device)
+        metrics = evaluate_grounding(model, processor, dataset, batch_size, args.max_examples, device)
         print(grounding_table(metrics))
     metrics = {"task": args.task, "model": args.model, "dataset": args.dataset or "synthetic", "split": args.split,
                **metrics}
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as handle:
-            json.dump(metrics, handle, indent=2)
-        print(f"wrote {args.output}")
+        _write_json(args.output, metrics)
     return 0
 
 

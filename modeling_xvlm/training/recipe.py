@@ -25,6 +25,11 @@ Where each value comes from:
   ``init_params = ta_head.*`` in ``models/model_nlvr_pretrain.py``); the values are those of the released sibling
   domain pre-training config ``configs/Grounding_bbox_pretrain_O1.yaml``: lr 3e-5, weight decay 0.01, lr_mult 2,
   2 epochs, warm-up 0.1, clipping 1.0, batch 24 per GPU (its batch size). Override them when you know better.
+* ``vqa``: ``configs/VQA.yaml``: ``optimizer: {opt: adamW, lr: 5e-5, weight_decay: 0.01, lr_mult: 2}``,
+  ``schedular: {sched: linear, epochs: 10, num_warmup_steps: 0.1}``, ``batch_size_train: 24`` (per GPU),
+  ``k_test: 128``; the lr multiplier applies to the answer decoder's cross-attention key/value
+  (``models/model_vqa.py``: ``init_params``, only when their input width, the text width, differs from the vision
+  width, i.e. when they are newly initialised); no gradient clipping (``VQA.py``).
 """
 
 from __future__ import annotations
@@ -134,17 +139,24 @@ TASK_RECIPES: dict[str, TaskRecipe] = {
     # CLIP_GRAD_NORM 1.0, batch 24 per GPU.
     "nlvr2-pretrain": TaskRecipe(lr=3e-5, lr_mult=2.0, epochs=2, warmup=0.1, batch_size=24, max_grad_norm=1.0,
                                  new_params_get_lr_mult=True),
+    # VQA.yaml: adamW lr 5e-5, wd 0.01, lr_mult 2 (decoder cross-attention key/value, model_vqa.py init_params),
+    # linear, 10 epochs, warm-up 0.1, batch 24 per GPU, k_test 128; fp32, no clipping (VQA.py).
+    "vqa": TaskRecipe(lr=5e-5, lr_mult=2.0, epochs=10, warmup=0.1, batch_size=24, new_params_get_lr_mult=True,
+                      extra={"k_test": 128}),
 }
 
-#: The new head of each NLVR2 task (official ``init_params``): these parameters get ``lr * lr_mult``.
+#: The new layers of each fine-tuning task with an ``init_params`` list (official ``models/model_nlvr.py``,
+#: ``model_nlvr_pretrain.py``, ``model_vqa.py``): these parameters get ``lr * lr_mult``.
 HEAD_PARAMETER_PATTERNS: dict[str, tuple[str, ...]] = {
     "nlvr2": (r"^cls_head\.",),
     "nlvr2-pretrain": (r"^ta_head\.",),
+    "vqa": (r"^text_decoder\..*\.crossattention\.self\.(key|value)\.",),
 }
 
 
 def get_recipe(task: str, **overrides: Any) -> TaskRecipe:
-    """The official recipe of ``task`` (``pretrain``, ``retrieval``, ``grounding``, ``nlvr2``, ``nlvr2-pretrain``) with ``overrides`` applied
+    """The official recipe of ``task`` (``pretrain``, ``retrieval``, ``grounding``, ``nlvr2``, ``nlvr2-pretrain``,
+    ``vqa``) with ``overrides`` applied
     (``None`` values are ignored, so CLI defaults of ``None`` keep the official value)."""
     if task not in TASK_RECIPES:
         raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASK_RECIPES)}")
@@ -160,11 +172,15 @@ def new_parameter_names(model: nn.Module, task: str = "pretrain") -> set[str]:
     """Names of the parameters that get ``lr * lr_mult``.
 
     Fine-tuning (``retrieval``, ``grounding``): none, as officially. NLVR2 (``nlvr2``, ``nlvr2-pretrain``): the new
-    head only (:data:`HEAD_PARAMETER_PATTERNS`, official ``init_params``). Pre-training:
+    head only (:data:`HEAD_PARAMETER_PATTERNS`, official ``init_params``). VQA: the answer decoder's
+    cross-attention key/value, when the text width differs from the vision width (official ``model_vqa.py``: only
+    then are they new; otherwise none). Pre-training:
     ``model.newly_initialized_keys`` when the model was built from Swin + BERT checkpoints, otherwise the official
     new-layer set (:data:`NEW_PARAMETER_PATTERNS`).
     """
     names = {n for n, _ in model.named_parameters()}
+    if task == "vqa" and model.config.text_config.hidden_size == model.config.vision_width:
+        return set()
     if task in HEAD_PARAMETER_PATTERNS:
         patterns = [re.compile(p) for p in HEAD_PARAMETER_PATTERNS[task]]
         return {n for n in names if any(p.search(n) for p in patterns)}

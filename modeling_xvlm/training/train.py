@@ -10,10 +10,15 @@ Tasks:
   ``NLVR.py``); evaluation: accuracy on the validation split.
 * ``nlvr2-pretrain`` - the official text-assignment domain pre-training (``XVLMForTextAssignment``,
   ``NLVR_pretrain.py``) on the image-text rows of the ``pretrain`` config.
+* ``vqa`` - answer-decoder fine-tuning of ``XVLMForQuestionAnswering`` on the ``vqa`` config (official ``VQA.py``:
+  weighted answer NLL); evaluation: the official answer ranking, VQA accuracy and exact match.
 
 For the NLVR2 tasks, ``--model tiny|base`` builds the NLVR2 text stack (``nlvr2_config``); a ``--model`` folder with
 the pre-training text stack (a pre-training / retrieval checkpoint) is loaded with ``from_pretraining`` (the
 official fusion-layer duplication), one with the NLVR2 stack (e.g. a text-assignment run) with ``from_pretrained``.
+For ``vqa``, ``--model tiny|base`` builds ``XVLMForQuestionAnswering`` (answer ``[CLS]``/``[SEP]`` ids from the
+tokenizer), a VQA folder loads with ``from_pretrained`` and any other X-VLM folder goes through
+``XVLMForQuestionAnswering.from_pretraining`` (the official pre-training -> VQA initialisation).
 
 Models come from a preset (``--model tiny|base``, from scratch), a ``save_pretrained`` folder / Hub id
 (``--model path``), or Swin + BERT checkpoints (``--vision-model`` + ``--text-model``). Data come from a dataset
@@ -56,6 +61,7 @@ from ..processing import XVLMImageProcessorPil, XVLMProcessor
 from ..tasks import TASKS as TASK_TABLE
 from .checkpointing import latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
 from ..modeling_xvlm_nlvr import nlvr2_config
+from ..modeling_xvlm_vqa import DEFAULT_K_TEST, XVLMForQuestionAnswering
 from .collators import (
     BoxSafeRegionSampler,
     XVLMGroundingTrainCollator,
@@ -63,7 +69,9 @@ from .collators import (
     XVLMNLVR2Collator,
     XVLMRetrievalCollator,
     XVLMTextAssignmentCollator,
+    XVLMVQACollator,
     nlvr2_train_transform,
+    vqa_train_transform,
 )
 from .data import (
     PretrainImageTextCollator,
@@ -73,7 +81,7 @@ from .data import (
     pretrain_image_text_row,
     pretrain_region_row,
 )
-from .evaluate import evaluate_grounding, evaluate_nlvr2, evaluate_retrieval
+from .evaluate import evaluate_grounding, evaluate_nlvr2, evaluate_retrieval, evaluate_vqa, load_answer_list
 from .masking import XVLMTextMasker
 from .recipe import TaskRecipe, create_optimizer, create_scheduler, get_recipe, new_parameter_names
 from .region_collators import XVLMPretrainCollator, XVLMRegionSampler
@@ -91,9 +99,13 @@ __all__ = [
 ]
 
 #: The tasks `xvlm-train` trains (rows of `modeling_xvlm.tasks.TASKS`).
-TASKS = ("pretrain", "retrieval", "grounding", "nlvr2", "nlvr2-pretrain")
+TASKS = ("pretrain", "retrieval", "grounding", "nlvr2", "nlvr2-pretrain", "vqa")
 #: The tasks whose model has the NLVR2 text stack (doubled fusion layers).
 NLVR2_TASKS = ("nlvr2", "nlvr2-pretrain")
+#: Tasks that start from an X-VLM checkpoint (or a preset), never from Swin + BERT.
+XVLM_CHECKPOINT_TASKS = (*NLVR2_TASKS, "vqa")
+#: Candidates re-ranked in the in-training evaluation when `--k-test` is not given (vqa: official `k_test`).
+DEFAULT_EVAL_K_TEST = {"retrieval": 16, "vqa": DEFAULT_K_TEST}
 LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "loss_mlm", "loss_bbox_l1", "loss_bbox_giou")
 
 
@@ -146,7 +158,7 @@ class TrainConfig:
     eval_every: int | None = None
     eval_at_end: bool = True
     eval_max_examples: int | None = None
-    k_test: int = 16
+    k_test: int | None = None  # None: DEFAULT_EVAL_K_TEST of the evaluation
     eval_batch_size: int = 64
     save_every: int | None = None
     save_total_limit: int | None = 2
@@ -191,13 +203,16 @@ def build_processor(cfg: TrainConfig, image_size: int, patch_size: int) -> XVLMP
     return XVLMProcessor(image_processor=image_processor, tokenizer=_load_tokenizer(cfg))
 
 
-def build_model(cfg: TrainConfig, tokenizer_size: int | None = None):
-    """The task's model from a preset (new weights), a ``save_pretrained`` folder / Hub id, or Swin + BERT."""
+def build_model(cfg: TrainConfig, tokenizer_size: int | None = None, tokenizer: Any = None):
+    """The task's model from a preset (new weights), a ``save_pretrained`` folder / Hub id, or Swin + BERT.
+
+    ``tokenizer`` (presets): for ``vqa`` its ``[CLS]`` / ``[SEP]`` ids become the answer decoder's
+    ``bos_token_id`` / ``eos_token_id``."""
     cls = TASK_TABLE[cfg.task].model_class
     nlvr2 = cfg.task in NLVR2_TASKS
-    if (cfg.vision_model or cfg.text_model) and nlvr2:
-        raise SystemExit(f"{cfg.task} starts from an X-VLM checkpoint (official NLVR.py / NLVR_pretrain.py): pass "
-                         "--model <pre-training folder or Hub id>, not --vision-model / --text-model")
+    if (cfg.vision_model or cfg.text_model) and cfg.task in XVLM_CHECKPOINT_TASKS:
+        raise SystemExit(f"{cfg.task} starts from an X-VLM checkpoint (official NLVR.py / NLVR_pretrain.py / VQA.py): "
+                         "pass --model <pre-training folder or Hub id>, not --vision-model / --text-model")
     if cfg.vision_model or cfg.text_model:
         if not (cfg.vision_model and cfg.text_model):
             raise SystemExit("--vision-model and --text-model go together (Swin + BERT initialisation)")
@@ -207,11 +222,39 @@ def build_model(cfg: TrainConfig, tokenizer_size: int | None = None):
         overrides = json.loads(json.dumps(cfg.config_overrides or {}))
         if tokenizer_size is not None:
             overrides.setdefault("text_config", {}).setdefault("vocab_size", tokenizer_size)
+        if cfg.task == "vqa" and tokenizer is not None:
+            text = overrides.setdefault("text_config", {})
+            text.setdefault("bos_token_id", tokenizer.cls_token_id)
+            text.setdefault("eos_token_id", tokenizer.sep_token_id)
         config = XVLMConfig.from_preset(cfg.model, image_size=cfg.image_size, **overrides)
         return cls(nlvr2_config(config) if nlvr2 else config)
+    if cfg.task == "vqa":
+        return _vqa_model_from_checkpoint(cfg.model)
     if nlvr2 and not XVLMConfig.from_pretrained(cfg.model).text_config.tie_cross_attention_pairs:
         return cls.from_pretraining(cfg.model)  # a pre-training text stack: the official fusion-layer duplication
     return cls.from_pretrained(cfg.model)
+
+
+def _vqa_model_from_checkpoint(path: str):
+    """A VQA folder with ``from_pretrained``; any other X-VLM folder (pre-training, retrieval, base model) with
+    ``XVLMForQuestionAnswering.from_pretraining`` (official ``model_vqa.py`` initialisation)."""
+    config = XVLMConfig.from_pretrained(path)
+    if "XVLMForQuestionAnswering" in (config.architectures or []):
+        return XVLMForQuestionAnswering.from_pretrained(path)
+    if config.text_config.tie_cross_attention_pairs:
+        raise SystemExit(f"{path} holds an NLVR2 model (doubled fusion layers): VQA starts from a pre-training, "
+                         "retrieval or base X-VLM checkpoint")
+    return XVLMForQuestionAnswering.from_pretraining(path)
+
+
+def set_answer_special_tokens(model: Any, tokenizer: Any) -> None:
+    """Give a VQA model without them the tokenizer's ``[CLS]`` / ``[SEP]`` ids as ``bos_token_id`` /
+    ``eos_token_id`` (what ``generate`` starts and stops with)."""
+    for config in (model.config.text_config, model.text_decoder.config):
+        if config.bos_token_id is None:
+            config.bos_token_id = tokenizer.cls_token_id
+        if config.eos_token_id is None:
+            config.eos_token_id = tokenizer.sep_token_id
 
 
 def _load_split(cfg: TrainConfig, config_name: str, split: str, data: dict | None):
@@ -318,6 +361,11 @@ def build_task_data(
         crop_min = 0.5 if cfg.crop_scale_min is None else cfg.crop_scale_min
         transform = nlvr2_train_transform(size, randaugment=cfg.randaugment, crop_scale_min=crop_min)
         return TaskData(rows, XVLMNLVR2Collator(processor, transform))
+    if cfg.task == "vqa":
+        rows = _subset(_load_split(cfg, "vqa", cfg.train_split, data), cfg.max_train_examples)
+        crop_min = 0.5 if cfg.crop_scale_min is None else cfg.crop_scale_min  # official train_transform_wohflip
+        transform = vqa_train_transform(size, randaugment=cfg.randaugment, crop_scale_min=crop_min)
+        return TaskData(rows, XVLMVQACollator(processor, transform, careful_hflip=cfg.careful_hflip))
     if cfg.task == "nlvr2-pretrain":
         rows = _subset(_load_split(cfg, "pretrain", cfg.train_split, data), cfg.max_train_examples)
         crop_min = 0.2 if cfg.crop_scale_min is None else cfg.crop_scale_min  # official pretrain_transform
@@ -351,11 +399,13 @@ def _make_accelerator(cfg: TrainConfig) -> Accelerator:
 
 
 def _model_and_processor(cfg: TrainConfig) -> tuple[Any, XVLMProcessor]:
-    tokenizer_size = None
+    tokenizer = None
     if cfg.model in ("tiny", "base") and not cfg.vision_model:
-        tokenizer_size = len(_load_tokenizer(cfg))
-    model = build_model(cfg, tokenizer_size)
+        tokenizer = _load_tokenizer(cfg)
+    model = build_model(cfg, None if tokenizer is None else len(tokenizer), tokenizer)
     processor = build_processor(cfg, model.config.image_size, model.config.patch_stride)
+    if cfg.task == "vqa":
+        set_answer_special_tokens(model, processor.tokenizer)
     if cfg.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
@@ -474,18 +524,21 @@ class _TrainingLoop:
             unwrapped = accelerator.unwrap_model(self.model)
             kinds = {"pretrain": ["retrieval"] + (["grounding"] if cfg.regions else []),
                      "retrieval": ["retrieval"], "grounding": ["grounding"], "nlvr2": ["nlvr2"],
-                     "nlvr2-pretrain": []}[cfg.task]
+                     "nlvr2-pretrain": [], "vqa": ["vqa"]}[cfg.task]
             for kind in kinds:
                 rows = self._eval_rows(kind)
                 if rows is None:
                     continue
+                k_test = cfg.k_test or DEFAULT_EVAL_K_TEST.get(kind, 16)
                 if kind == "retrieval":
-                    m = evaluate_retrieval(unwrapped, self.processor, rows, cfg.k_test, cfg.eval_batch_size,
+                    m = evaluate_retrieval(unwrapped, self.processor, rows, k_test, cfg.eval_batch_size,
                                            cfg.eval_max_examples)
                     results.update({f"eval/{k}": m[k] for k in ("txt_r1", "img_r1", "r_mean")})
                 elif kind == "nlvr2":
                     m = evaluate_nlvr2(unwrapped, self.processor, rows, cfg.eval_batch_size, cfg.eval_max_examples)
                     results["eval/accuracy"] = m["accuracy"]
+                elif kind == "vqa":
+                    results.update(self._evaluate_vqa(unwrapped, rows, k_test))
                 else:
                     m = evaluate_grounding(unwrapped, self.processor, rows, cfg.eval_batch_size,
                                            cfg.eval_max_examples)
@@ -495,6 +548,32 @@ class _TrainingLoop:
             accelerator.log(results, step=step)
         accelerator.wait_for_everyone()
         return results
+
+    def _evaluate_vqa(self, model: Any, rows: Any, k_test: int) -> dict[str, float]:
+        answers = self._answer_list()
+        if answers is None:
+            return {}
+        m = evaluate_vqa(model, self.processor, rows, answers, self.cfg.eval_batch_size, k_test,
+                         self.cfg.eval_max_examples)
+        if m["vqa_accuracy"] is None:
+            self.say(f"the vqa {self.cfg.eval_split!r} split has no answers: no accuracy (use xvlm-eval vqa for "
+                     "the result file)")
+            return {}
+        return {"eval/vqa_accuracy": m["vqa_accuracy"], "eval/exact_match": m["exact_match"]}
+
+    def _answer_list(self) -> list[str] | None:
+        """The candidate answers: `data[("vqa", "answer_list")]`, else the dataset's answer list."""
+        if "vqa_answer_list" not in self.eval_sets:
+            try:
+                if self.data is not None and ("vqa", "answer_list") in self.data:
+                    answers = list(self.data[("vqa", "answer_list")])
+                else:
+                    answers = load_answer_list(self.cfg.dataset)
+            except (ValueError, FileNotFoundError, ImportError) as error:
+                self.say(f"no VQA answer list to evaluate with ({error}); skipped")
+                answers = None
+            self.eval_sets["vqa_answer_list"] = answers
+        return self.eval_sets["vqa_answer_list"]
 
     def _eval_rows(self, kind: str) -> Any:
         if kind not in self.eval_sets:
@@ -645,15 +724,15 @@ def _bool_flag(parser: argparse.ArgumentParser, name: str, default: bool, help: 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xvlm-train",
-        description="Train X-VLM (pre-training; retrieval, grounding or NLVR2 fine-tuning; NLVR2 text-assignment "
-        "pre-training) with accelerate. Without "
+        description="Train X-VLM (pre-training; retrieval, grounding, NLVR2 or VQA fine-tuning; NLVR2 "
+        "text-assignment pre-training) with accelerate. Without "
         "arguments: the CPU demo job (pre-train a tiny X-VLM on the synthetic dataset, fine-tune and evaluate it).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("task", choices=TASKS)
     g = parser.add_argument_group("model")
     g.add_argument("--model", default="tiny", help="preset (tiny, base: new weights), or a save_pretrained folder / Hub "
-                   "id (NLVR2 tasks: a pre-training checkpoint is converted with from_pretraining)")
+                   "id (NLVR2 tasks and vqa: a pre-training checkpoint is converted with from_pretraining)")
     g.add_argument("--config-overrides", default=None, help="JSON merged into the preset, e.g. "
                    "'{\"text_config\": {\"num_hidden_layers\": 4, \"fusion_layer\": 2}}'")
     g.add_argument("--vision-model", default=None, help="Swin checkpoint (with --text-model: official initialisation)")
@@ -686,7 +765,7 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(g, "randaugment", True, "official RandAugment(2, 7) (box-safe operations for boxes)")
     _bool_flag(g, "careful-hflip", True, "do not flip images whose texts mention left/right")
     g.add_argument("--crop-scale-min", type=float, default=None, help="RandomResizedCrop scale (pretrain and "
-                   "nlvr2-pretrain 0.2, retrieval and nlvr2 0.5; 1 = plain resize)")
+                   "nlvr2-pretrain 0.2, retrieval, nlvr2 and vqa 0.5; 1 = plain resize)")
     _bool_flag(g, "grounding-crop", True, "box-aware random crop for grounding")
     g = parser.add_argument_group("system")
     g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
@@ -699,7 +778,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=int, default=None, help="evaluate on --eval-split every N steps")
     _bool_flag(g, "eval-at-end", True, "evaluate after training")
     g.add_argument("--eval-max-examples", type=int, default=None)
-    g.add_argument("--k-test", type=int, default=16)
+    g.add_argument("--k-test", type=int, default=None, help="candidates re-ranked in evaluation (default: 16 for "
+                   "retrieval, 128 for vqa, the official k_test)")
     g.add_argument("--eval-batch-size", type=int, default=64)
     g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (and at the end)")
     g.add_argument("--save-total-limit", type=int, default=2)
