@@ -4,6 +4,8 @@
     xvlm-convert --checkpoint checkpoint_best.pth --task retrieval --image-size 384 --output xvlm-coco \
         --tokenizer bert-base-uncased/ [--config configs/Retrieval_coco.yaml] [--push-to-hub user/xvlm-coco]
     xvlm-convert --checkpoint vqa_model_state_epoch_9.th --output xvlm-vqa --tokenizer bert-base-uncased/
+    xvlm-convert --checkpoint coco_capt_ft_epoch_4.th --output xvlm-caption --tokenizer bert-base-uncased/ \
+        [--config configs/Captioning.yaml]
 
 See docs/conversion.md for what is inferred, the key mapping and the parity contract.
 """
@@ -51,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer",
         default=None,
         help="folder with a BERT vocab.txt; writes an XVLMProcessor (vqa: official question cleaning) and sets "
-        "text_config.bos_token_id / eos_token_id to its [CLS] / [SEP] ids",
+        "text_config.bos_token_id / eos_token_id to its [CLS] / [SEP] ids (needed by vqa / captioning generate)",
     )
     parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="push the result to this Hub repo")
     parser.add_argument("--base-model", default=None, help="Hub id recorded as base_model in the model card")

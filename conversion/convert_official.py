@@ -14,9 +14,10 @@ Pipeline (`convert_checkpoint`):
    files when a tokenizer folder is given, and a model card (`modeling_xvlm.create_model_card`); it is then re-read
    with `from_pretrained` and compared tensor by tensor.
 
-The tasks (`pretrain`, `retrieval`, `grounding`, `vqa`, `nlvr2`, `nlvr2-pretrain`) and their head classes come from the
-package's task table, `modeling_xvlm.tasks.TASKS`; this module only adds which official heads each task's checkpoint
-carries (`TASK_HEADS`) and which heads a conversion from another official model initialises anew (`NEW_HEADS`).
+The tasks (`pretrain`, `retrieval`, `grounding`, `vqa`, `captioning`, `nlvr2`, `nlvr2-pretrain`) and their head
+classes come from the package's task table, `modeling_xvlm.tasks.TASKS`; this module only adds which official heads
+each task's checkpoint carries (`TASK_HEADS`) and which heads a conversion from another official model builds anew
+(`NEW_HEADS`).
 
 NLVR2 (`nlvr2`: official `model_nlvr.py`; `nlvr2-pretrain`: the text-assignment pre-training, `model_nlvr_pretrain.py`)
 checkpoints have a text stack of `f` text layers and `2 (L - f)` fusion layers whose pairs `(f + 2k, f + 2k + 1)`
@@ -33,7 +34,16 @@ decoder weight tied to the decoder's word embeddings, checked and stored once) t
 *pre-training* checkpoint, `vqa` does what the official VQA loader does, through the model's own
 `modeling_xvlm_vqa.decoder_init_state`: decoder layer `i` <- fusion layer `f + i`, embeddings and MLM head copied,
 the decoder's cross-attention key/value new when the text width differs from the vision width (`ConversionResult.new`).
-Captioning checkpoints (`text_decoder.*` without `text_encoder.*`) are refused.
+
+Captioning (`captioning`: official `model_captioning.py`, and the captioning domain pre-training
+`model_captioning_pretrain.py`, same keys) checkpoints have no text encoder: `vision_encoder.*`, the caption decoder
+`text_decoder.bert.*` (the whole text stack run causally; cross-attention from `fusion_layer` on, reading the
+image) and its LM head `text_decoder.cls.*` (decoder weight tied to the decoder's word embeddings, checked and
+stored once). The converted `XVLMForConditionalGeneration` has no `xvlm.` prefix either: `vision_model.*`,
+`text_decoder.text_model.*`, `text_decoder.lm_head.*`. From a *pre-training* checkpoint, `captioning` does what the
+official captioning loader does (`text_encoder.*` -> `text_decoder.*`: the text stack becomes the decoder, the MLM
+head its LM head; nothing new), through the model's own `modeling_xvlm_captioning.captioning_init_state`; both
+sources are first mapped to the pre-training names and then renamed by it (`_caption_decoder`).
 
 Key mapping (official key after the prefix -> in-memory name; `P` = `text_encoder.bert.` for pre-training and
 `text_encoder.` for fine-tuned checkpoints):
@@ -57,11 +67,14 @@ Key mapping (official key after the prefix -> in-memory name; `P` = `text_encode
 | `cls_head.{0,1,3}.*` (NLVR2), `ta_head.*`, `vision_proj.*` (TA pre-training) | same names on the head model |
 | `text_decoder.bert.{embeddings,encoder.layer.i}.*` (VQA) | `text_decoder.text_model.{embeddings,encoder.layer.i}.*` |
 | `text_decoder.cls.predictions.transform.*` / `.bias` (VQA) | `text_decoder.lm_head.transform.*` / `.decoder.bias` |
+| `vision_encoder.*` (captioning) | `vision_model.*` (same rules as above, no `xvlm.`) |
+| `text_decoder.bert.*` (captioning) / `text_encoder.bert.*` (pre-training -> captioning) | `text_decoder.text_model.*` |
+| `text_decoder.cls.predictions.*` / `text_encoder.cls.predictions.*` (idem) | `text_decoder.lm_head.*` (as the MLM head) |
 
 Dropped on purpose: `relative_position_index` and `attn_mask` buffers (recomputed from the window),
 `embeddings.position_ids` (a non-persistent buffer here), `cls.predictions.decoder.weight` (tied to the word
 embeddings of its BERT; checked equal) and `cls.predictions.decoder.bias` (alias of `cls.predictions.bias`; checked
-equal), of the MLM head and of the VQA decoder's LM head alike, and
+equal), of the MLM head and of the VQA / caption decoder's LM head alike, and
 the second name of each tied NLVR2 cross-attention key/value (checked equal), and the heads the requested task does
 not have (e.g. the MLM and box heads of a pre-training checkpoint converted for retrieval: the official fine-tuning
 loader ignores them the same way).
@@ -83,11 +96,13 @@ from transformers import BertTokenizer
 
 from modeling_xvlm import XVLMImageProcessorPil, XVLMProcessor, create_model_card
 from modeling_xvlm.configuration_xvlm import XVLMConfig
+from modeling_xvlm.modeling_xvlm_captioning import CAPTION_PROMPT, captioning_init_state
 from modeling_xvlm.modeling_xvlm_nlvr import nlvr2_config
 from modeling_xvlm.modeling_xvlm_vqa import decoder_init_state
 from modeling_xvlm.tasks import TASKS as MODEL_TASKS
 
-from .infer import ArchitectureInference, infer_architecture, text_prefix
+from .infer import DECODER as CAPTION_TEXT_PREFIX
+from .infer import ArchitectureInference, infer_architecture, is_captioning, text_prefix
 from .official_config import OfficialConfig, parse_official_config, read_official_config
 from .relative_position import interpolate_relative_position_bias_table, window_from_table
 from .safe_load import load_official_checkpoint, split_checkpoint
@@ -114,31 +129,36 @@ TASKS = tuple(MODEL_TASKS)
 #: Task -> head class name, read from the task table.
 HEAD_CLASS_NAMES = {name: row.model_class.__name__ for name, row in MODEL_TASKS.items()}
 # Official heads each task's model has (the official model classes: model_pretrain / model_retrieval / model_bbox /
-# model_vqa / model_nlvr / model_nlvr_pretrain). `proj` = vision_proj + text_proj + temp of the ITC space;
-# `vision_proj` = the TA model's image projection alone; `decoder` = the VQA answer decoder (text_decoder.*).
+# model_vqa / model_captioning / model_nlvr / model_nlvr_pretrain). `proj` = vision_proj + text_proj + temp of the
+# ITC space; `vision_proj` = the TA model's image projection alone; `decoder` = the VQA answer decoder, resp. the
+# caption decoder (text_decoder.*).
 TASK_HEADS = {
     "pretrain": {"proj", "itm", "bbox", "mlm"},
     "retrieval": {"proj", "itm"},
     "grounding": {"bbox"},
     "vqa": {"decoder"},
+    "captioning": {"decoder"},
     "nlvr2": {"cls"},
     "nlvr2-pretrain": {"vision_proj", "ta"},
 }
 assert set(TASK_HEADS) == set(TASKS), "every task of modeling_xvlm.tasks needs its official heads here"
 #: Tasks whose text stack is the NLVR2 one (doubled fusion layers, tied key/value pairs).
 NLVR2_TASKS = ("nlvr2", "nlvr2-pretrain")
-#: (target task, official source model) -> heads the official loader initialises anew; any other pair of different
-#: models is refused when a head is missing. From `pretrain` the fusion layers are duplicated.
+#: (target task, official source model) -> heads the official loader builds anew (freshly initialised, or from other
+#: parts of the source: `SOURCE_HEADS`); any other pair of different models is refused when a head is missing. From
+#: `pretrain` the NLVR2 fusion layers are duplicated.
 NEW_HEADS = {
     ("nlvr2", "pretrain"): {"cls"},
     ("nlvr2", "nlvr2-pretrain"): {"cls"},
     ("nlvr2-pretrain", "pretrain"): {"ta"},
     ("vqa", "pretrain"): {"decoder"},
+    ("captioning", "pretrain"): {"decoder"},
 }
 #: (target task, official source model) -> official heads of the source a new head is built from: the official VQA
 #: loader builds the answer decoder from the fusion layers and the MLM head (only its cross-attention key/value stay
-#: new, see `_decoder_from_pretraining`).
-SOURCE_HEADS = {("vqa", "pretrain"): {"mlm"}}
+#: new, see `_decoder_from_pretraining`); the official captioning loader makes the whole text stack the caption
+#: decoder and the MLM head its LM head (nothing new, see `_caption_decoder`).
+SOURCE_HEADS = {("vqa", "pretrain"): {"mlm"}, ("captioning", "pretrain"): {"mlm"}}
 
 BASE = "xvlm."
 VISION_TARGET = BASE + "vision_model."
@@ -151,10 +171,8 @@ DECODER_SOURCE = "text_decoder.bert."
 DECODER_HEAD_SOURCE = "text_decoder.cls."
 DECODER_TARGET = "text_decoder.text_model."
 DECODER_HEAD_TARGET = "text_decoder.lm_head."
-CAPTIONING_UNSUPPORTED = (
-    "This is an official captioning checkpoint (text_decoder.* without text_encoder.*, models/model_captioning.py): "
-    "captioning checkpoints are not supported yet."
-)
+#: The captioning model's image encoder (`XVLMForConditionalGeneration.vision_model`: no `xvlm.`).
+CAPTION_VISION_TARGET = "vision_model."
 
 
 class ConversionError(ValueError):
@@ -202,23 +220,14 @@ class ConversionResult:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _is_captioning(state_dict: Mapping[str, Any]) -> bool:
-    """Official captioning models (`model_captioning.py`) have a `text_decoder` and no `text_encoder` at all."""
-    keys = list(state_dict)
-    return any(k.startswith("text_decoder.") for k in keys) and not any(k.startswith("text_encoder.") for k in keys)
-
-
-def _refuse_captioning(state_dict: Mapping[str, Any]) -> None:
-    if _is_captioning(state_dict):
-        raise ConversionError(CAPTIONING_UNSUPPORTED)
-
-
 def detect_task(state_dict: Mapping[str, Any]) -> str:
-    """Guess the official model class of a state dict: NLVR2 (`cls_head`), TA pre-training for NLVR2 (`ta_head`),
-    VQA (`text_decoder.*` next to `text_encoder.*`), pre-training (has `text_encoder.bert.` / the MLM head),
-    grounding (box head without ITM head) or retrieval (ITM head). Captioning (`text_decoder.*` alone) is refused."""
+    """Guess the official model class of a state dict: captioning (`text_decoder.*` without `text_encoder.*`;
+    fine-tuned or domain pre-training alike), NLVR2 (`cls_head`), TA pre-training for NLVR2 (`ta_head`), VQA
+    (`text_decoder.*` next to `text_encoder.*`), pre-training (has `text_encoder.bert.` / the MLM head), grounding
+    (box head without ITM head) or retrieval (ITM head)."""
     keys = list(state_dict)
-    _refuse_captioning(state_dict)
+    if is_captioning(state_dict):
+        return "captioning"
     if any(k.startswith("cls_head.") for k in keys):
         return "nlvr2"
     if any(k.startswith("ta_head.") for k in keys):
@@ -273,8 +282,8 @@ REASON_BUFFER = "Swin buffer (relative_position_index / attn_mask), recomputed f
 REASON_POSITION_IDS = "position_ids buffer (arange), non-persistent in the converted model"
 REASON_TIED_DECODER = "MLM decoder weight: tied alias of the word embeddings (checked equal)"
 REASON_TIED_BIAS = "MLM decoder bias: alias of cls.predictions.bias (checked equal)"
-REASON_TIED_LM_DECODER = "VQA decoder LM-head weight: tied alias of the decoder's word embeddings (checked equal)"
-REASON_TIED_LM_BIAS = "VQA decoder LM-head bias: alias of cls.predictions.bias (checked equal)"
+REASON_TIED_LM_DECODER = "decoder LM-head weight: tied alias of the decoder's word embeddings (checked equal)"
+REASON_TIED_LM_BIAS = "decoder LM-head bias: alias of cls.predictions.bias (checked equal)"
 REASON_TIED_CROSS = (
     "NLVR2 cross-attention key/value of layer f+2k+1: the same Parameter as layer f+2k (official "
     "share_cross_attention; checked equal, stored once)"
@@ -347,8 +356,13 @@ def _source_problem(task: str, source: str) -> str:
 
 
 def _check_source(task: str, source: str) -> None:
-    """Refuse official models the task cannot start from (the NLVR2 stack differs from all others; the VQA model
-    starts from its own checkpoints or the pre-training one)."""
+    """Refuse official models the task cannot start from (the NLVR2 stack differs from all others; the VQA and
+    captioning models start from their own checkpoints or the pre-training one)."""
+    if source == "captioning" and task != "captioning":
+        raise ConversionError(
+            "This is an official captioning checkpoint (text_decoder.* without text_encoder.*, "
+            f"models/model_captioning.py); it converts with --task captioning, not --task {task}."
+        )
     if task in NLVR2_TASKS and source not in (*NLVR2_TASKS, "pretrain"):
         raise ConversionError(
             f"The {task} model starts from an official NLVR2, TA pre-training or pre-training checkpoint "
@@ -369,6 +383,13 @@ def _check_source(task: str, source: str) -> None:
         raise ConversionError(
             f"This is an official VQA checkpoint (text_decoder.*); it converts with --task vqa, not --task {task}."
         )
+    if task == "captioning" and source not in ("captioning", "pretrain"):
+        raise ConversionError(
+            "The captioning model starts from an official captioning (or captioning domain pre-training) or "
+            f"pre-training checkpoint, not from a {source} checkpoint: the official captioning loader renames "
+            "text_encoder.* to text_decoder.*, which only text_encoder.bert.* and text_encoder.cls.* of a pre-training "
+            "checkpoint fill."
+        )
 
 
 class _KeyMapper:
@@ -388,6 +409,10 @@ class _KeyMapper:
         self.duplicate = task in NLVR2_TASKS and not self.tied_source
         # VQA from pre-training: the answer decoder is built from the text stack and the MLM head.
         self.decoder_from_pretraining = task == "vqa" and self.source == "pretrain"
+        # Captioning: Swin without `xvlm.`; a captioning checkpoint's stack and LM head are read like a pre-training
+        # checkpoint's (under text_decoder.), then renamed by `_caption_decoder`.
+        self.vision_target = CAPTION_VISION_TARGET if task == "captioning" else VISION_TARGET
+        self.mlm_source = DECODER_HEAD_SOURCE if self.text_prefix == CAPTION_TEXT_PREFIX else MLM_SOURCE
         self.differing_aliases: list[str] = []
 
     def put(self, source: str, target: str, tensor: torch.Tensor) -> None:
@@ -405,7 +430,7 @@ class _KeyMapper:
             return _map_vision_key(self, key, tensor)
         if key.startswith(self.text_prefix) and not key.startswith(MLM_SOURCE):
             return _map_text_key(self, key, tensor)
-        if key.startswith(MLM_SOURCE) and self.text_prefix == PRETRAIN_TEXT_PREFIX:
+        if key.startswith(self.mlm_source) and self.text_prefix in (PRETRAIN_TEXT_PREFIX, CAPTION_TEXT_PREFIX):
             return _map_mlm_key(self, key, tensor)
         if key.startswith((DECODER_SOURCE, DECODER_HEAD_SOURCE)) and "decoder" in self.heads:
             return _map_decoder_key(self, key, tensor)
@@ -425,7 +450,7 @@ def _map_vision_key(mapper: _KeyMapper, key: str, tensor: torch.Tensor) -> bool:
     match = _QKV.match(rest)
     if match:
         stage, block, kind = match.groups()
-        base = f"{VISION_TARGET}encoder.layers.{stage}.blocks.{block}.attention."
+        base = f"{mapper.vision_target}encoder.layers.{stage}.blocks.{block}.attention."
         for name, part in zip(("q_proj", "k_proj", "v_proj"), _split_qkv(tensor, key)):
             mapper.put(key, f"{base}{name}.{kind}", part)
         return True
@@ -433,7 +458,7 @@ def _map_vision_key(mapper: _KeyMapper, key: str, tensor: torch.Tensor) -> bool:
         if pattern.match(rest):
             if rest.endswith("relative_position_bias_table"):
                 tensor = _resize_position_table(mapper, key, tensor)
-            mapper.put(key, VISION_TARGET + pattern.sub(replacement, rest), tensor)
+            mapper.put(key, mapper.vision_target + pattern.sub(replacement, rest), tensor)
             return True
     return False
 
@@ -494,15 +519,18 @@ def _nlvr2_layers(mapper: _KeyMapper, layer: int, tail: str) -> list[int]:
 
 
 def _map_mlm_key(mapper: _KeyMapper, key: str, tensor: torch.Tensor) -> bool:
-    """The MLM head of a pre-training checkpoint (the VQA decoder's LM head when `vqa` starts from pre-training);
-    its tied decoder tensors are checked and dropped."""
-    rest = key[len(MLM_SOURCE) :]
+    """The MLM head of a pre-training checkpoint (the VQA decoder's LM head when `vqa` starts from pre-training) or
+    the LM head of a captioning checkpoint (`text_decoder.cls.*`); its tied decoder tensors are checked and
+    dropped. For `captioning` it goes to `mlm_head.*`, which `_caption_decoder` renames."""
+    source = mapper.mlm_source
+    rest = key[len(source) :]
     if rest not in _MLM_ALIASES and not _MLM_TRANSFORM.match(rest):
         return False
-    if "mlm" in mapper.heads:
-        _map_lm_head(mapper, key, rest, tensor, MLM_SOURCE, mapper.text_prefix, MLM_TARGET, _MLM_REASONS)
+    reasons = _LM_REASONS if source == DECODER_HEAD_SOURCE else _MLM_REASONS
+    if "mlm" in mapper.heads or mapper.task == "captioning":
+        _map_lm_head(mapper, key, rest, tensor, source, mapper.text_prefix, MLM_TARGET, reasons)
     elif mapper.decoder_from_pretraining:  # official VQA loader: text_encoder.cls.* -> text_decoder.cls.*
-        _map_lm_head(mapper, key, rest, tensor, MLM_SOURCE, mapper.text_prefix, DECODER_HEAD_TARGET, _MLM_REASONS)
+        _map_lm_head(mapper, key, rest, tensor, source, mapper.text_prefix, DECODER_HEAD_TARGET, reasons)
     else:
         mapper.drop(key, _reason_unused("MLM head (text_encoder.cls)", mapper.task))
     return True
@@ -586,8 +614,8 @@ def _check_all_known(unknown: list[str], hint: str = "") -> None:
     if unknown:
         raise ConversionError(
             f"{len(unknown)} official key(s) are neither mapped nor known to be safe to drop: {sorted(unknown)}. "
-            "Supported checkpoints: official X-VLM (Swin) pre-training, retrieval, box-grounding, VQA, NLVR2 and "
-            "NLVR2 text-assignment models." + (f" {hint}" if hint else "")
+            "Supported checkpoints: official X-VLM (Swin) pre-training, retrieval, box-grounding, VQA, captioning, "
+            "NLVR2 and NLVR2 text-assignment models." + (f" {hint}" if hint else "")
         )
 
 
@@ -625,7 +653,7 @@ def convert_state_dict(
 
     Args:
         official: the official state dict (`checkpoint['model']`).
-        task: `"pretrain"`, `"retrieval"`, `"grounding"`, `"vqa"`, `"nlvr2"` or `"nlvr2-pretrain"`.
+        task: `"pretrain"`, `"retrieval"`, `"grounding"`, `"vqa"`, `"captioning"`, `"nlvr2"` or `"nlvr2-pretrain"`.
         target_window: Swin window of the converted model; tables of another size are resized with the official
             algorithm. `None` keeps every table as it is.
         config: the converted model's config; only read to build a VQA decoder from a pre-training checkpoint
@@ -636,11 +664,11 @@ def convert_state_dict(
 
     Raises:
         ConversionError: keys that are neither mapped nor deliberately dropped (all named), a missing official head
-            the task needs, tied MLM / LM-head tensors that are not equal, or a captioning checkpoint.
+            the task needs, tied MLM / LM-head tensors that are not equal, or an official model the task cannot start
+            from.
     """
     if task not in TASKS:
         raise ConversionError(f"Unknown task {task!r}; choose one of {TASKS}.")
-    _refuse_captioning(official)
     mapper = _KeyMapper(official, task, target_window)
     if (mapper.duplicate or mapper.tied_source) and mapper.fusion is None:
         raise ConversionError("No text layer has crossattention: this is not an X-VLM fusion encoder.")
@@ -649,6 +677,8 @@ def convert_state_dict(
     _check_source(task, mapper.source)
     _check_aliases(mapper)
     for head in sorted(_check_task_heads_present(official, task)):
+        if head == "decoder" and task == "captioning":
+            continue  # the text stack and the MLM head, renamed by `_caption_decoder` below
         if head == "decoder":
             _decoder_from_pretraining(mapper, config or build_config(official, task=task)[0])
             continue
@@ -661,7 +691,34 @@ def convert_state_dict(
             f"NLVR2 text stack: pre-trained fusion layer N -> layers {mapper.fusion} + 2(N - {mapper.fusion}) and +1 "
             "(official NLVR2 loader); each pair shares its cross-attention key/value"
         )
+    if task == "captioning":
+        _caption_decoder(mapper)
     return mapper.result
+
+
+def _caption_decoder(mapper: _KeyMapper) -> None:
+    """The captioning names, by the model's own `captioning_init_state` (the official captioning loader:
+    `text_encoder.*` -> `text_decoder.*`): the text stack mapped under `xvlm.text_model.*` becomes
+    `text_decoder.text_model.*`, the MLM / LM head `mlm_head.*` becomes `text_decoder.lm_head.*`; the Swin keys
+    (`vision_model.*`) stay. Every converted tensor must be carried over."""
+    result = mapper.result
+    renamed: dict[str, str] = {}
+    for name, tensor in result.state_dict.items():
+        out = captioning_init_state({name: tensor})
+        if len(out) != 1:
+            raise ConversionError(
+                f"{name} (from {[s for s, t in result.mapping.items() if name in t]}) has no place in the captioning "
+                "model (the official captioning loader keeps the vision encoder and text_encoder.* only)."
+            )
+        renamed[name] = next(iter(out))
+    result.state_dict = {renamed[name]: tensor for name, tensor in result.state_dict.items()}
+    result.mapping = {source: [renamed[t] for t in targets] for source, targets in result.mapping.items()}
+    if mapper.source == "pretrain":
+        result.notes.append(
+            "Caption decoder from pre-training: text_encoder.* -> text_decoder.* (official captioning loader, "
+            "modeling_xvlm_captioning.captioning_init_state): the whole text stack runs causally, the MLM head is "
+            "the LM head"
+        )
 
 
 def _decoder_from_pretraining(mapper: _KeyMapper, config: XVLMConfig) -> None:
@@ -876,7 +933,8 @@ def build_config(
     """Build the `XVLMConfig` of the converted model.
 
     `task` (`nlvr2` / `nlvr2-pretrain`) gives a pre-training stack the NLVR2 text stack (`nlvr2_config`: fusion
-    layers doubled, key/value pairs tied); an NLVR2 checkpoint's own stack is inferred as such from its keys.
+    layers doubled, key/value pairs tied); an NLVR2 checkpoint's own stack is inferred as such from its keys. For
+    `captioning`, `label_smoothing` comes from the official config (see `_caption_label_smoothing`).
 
     Precedence: explicit `image_size` / `window_size` > the official config (`--config`) > the weights > the
     config stored in the checkpoint > X-VLM-base defaults. Values the weights determine must agree with the
@@ -884,7 +942,6 @@ def build_config(
     image size changes and the source followed the official convention (final feature map = one window, 7 at 224),
     the new final feature-map size (12 at 384, 15 at 480); otherwise the source window.
     """
-    _refuse_captioning(state_dict)
     inference = infer_architecture(state_dict)
     parts = {"vision": dict(inference.vision), "text": dict(inference.text), "top": dict(inference.top)}
     vision, text, top = parts["vision"], parts["text"], parts["top"]
@@ -914,6 +971,9 @@ def build_config(
         projection_dim=int(top["projection_dim"]),
         temperature_init=float(top["temperature_init"]),
         num_decoder_layers=_vqa_decoder_layers(inference, top, text) if task == "vqa" else None,
+        label_smoothing=_caption_label_smoothing(state_dict, official or embedded, inference, top)
+        if task == "captioning"
+        else None,
     )
     if task in NLVR2_TASKS:
         config = _nlvr2_target_config(config, inference, task)
@@ -943,6 +1003,29 @@ def _vqa_decoder_layers(inference: ArchitectureInference, top: dict[str, Any], t
     return layers
 
 
+def _caption_label_smoothing(
+    state_dict: Mapping[str, torch.Tensor],
+    official: OfficialConfig | None,
+    inference: ArchitectureInference,
+    top: dict[str, Any],
+) -> float | None:
+    """The caption loss's label smoothing: the official config's `label_smoothing` (`configs/Captioning.yaml`:
+    0.1); 0.0 for a captioning checkpoint whose config has none (the domain pre-training,
+    `model_captioning_pretrain.py`, has no smoothing, while `model_captioning.py` requires the key); otherwise
+    `None` (the model's default, 0.1). `num_dec_layers` of `configs/Captioning.yaml` is not read by
+    `model_captioning.py` and is ignored."""
+    top.pop("num_decoder_layers", None)
+    inference.provenance.pop("top.num_decoder_layers", None)
+    if "label_smoothing" in top:
+        return float(top["label_smoothing"])
+    if official is not None and is_captioning(state_dict):
+        inference.set(
+            "top", "label_smoothing", 0.0, "captioning domain pre-training (its official config has no label_smoothing)"
+        )
+        return 0.0
+    return None
+
+
 def _nlvr2_target_config(config: XVLMConfig, inference: ArchitectureInference, task: str) -> XVLMConfig:
     """The NLVR2 text stack for an NLVR2 task (a pre-training stack is doubled as the official loader does)."""
     if not config.text_config.tie_cross_attention_pairs:
@@ -966,7 +1049,8 @@ def _nlvr2_target_config(config: XVLMConfig, inference: ArchitectureInference, t
 
 def head_class(task: str) -> type:
     """The model class of a task (`XVLMForPretraining`, `XVLMForRetrieval`, `XVLMForGrounding`,
-    `XVLMForQuestionAnswering`, `XVLMForImagesAndTextClassification` or `XVLMForTextAssignment`), read from
+    `XVLMForQuestionAnswering`, `XVLMForConditionalGeneration`, `XVLMForImagesAndTextClassification` or
+    `XVLMForTextAssignment`), read from
     `modeling_xvlm.tasks.TASKS`."""
     if task not in MODEL_TASKS:
         raise ConversionError(f"Unknown task {task!r}; choose one of {TASKS}.")
@@ -1060,19 +1144,34 @@ def _conversion_notes(result: ConversionResult) -> str:
         if result.task == "vqa"
         else ""
     )
+    projection = "" if result.task == "captioning" else f"; projection {config.projection_dim}"
+    if result.task == "captioning":
+        decoder = (
+            f"\n- No text encoder: the {text.num_hidden_layers} text layers are the caption decoder, run causally, "
+            f"layers {text.fusion_layer}.. cross-attending to the image; LM head tied to its word embeddings."
+        )
     return f"""- Model class: `{HEAD_CLASS_NAMES[result.task]}` (package `modeling_xvlm`).
 - Vision: Swin, image size {config.image_size}, embed {vision.embed_dim}, depths {list(vision.depths)}, heads {list(vision.num_heads)}, window {vision.window_size}.
-- Text: {text.num_hidden_layers} layers ({text.fusion_layer} text + {text.num_hidden_layers - text.fusion_layer} fusion), width {text.hidden_size}, {text.num_attention_heads} heads; projection {config.projection_dim}.{decoder}
+- Text: {text.num_hidden_layers} layers ({text.fusion_layer} text + {text.num_hidden_layers - text.fusion_layer} fusion), width {text.hidden_size}, {text.num_attention_heads} heads{projection}.{decoder}
 - {interpolation}
 - Official keys: {len(result.mapping)} mapped, {len(result.dropped)} dropped on purpose:
 {chr(10).join(f"  - {n} x {reason}" for reason, n in dropped.items()) or "  - none"}
 {chr(10).join(f"- Newly initialised: `{prefix}*` ({reason})." for prefix, reason in result.new.items())}
 
-Inputs follow the official preprocessing: square bicubic resize to {config.image_size}, CLIP mean/std, texts
-`[CLS] tokens` without `[SEP]` (use `XVLMProcessor`).
+Inputs follow the official preprocessing: square bicubic resize to {config.image_size}, CLIP mean/std, {_text_inputs(result.task)}.
 
 With the same weights and inputs the converted model reproduces the official model in fp32 to within 1e-5
 (see `docs/conversion.md` of the package for the parity contract and how it is tested)."""
+
+
+def _text_inputs(task: str) -> str:
+    if task == "captioning":
+        return (
+            f"captions `[CLS] {CAPTION_PROMPT}caption [SEP]` for training (the prompt's 4 tokens excluded from the "
+            f"loss), generation from the prompt `[CLS] {CAPTION_PROMPT.strip()}` without `[SEP]` (official "
+            "`model_captioning.py`)"
+        )
+    return "texts\n`[CLS] tokens` without `[SEP]` (use `XVLMProcessor`)"
 
 
 def write_model_card(
@@ -1119,7 +1218,7 @@ VQA_MAX_WORDS = 50
 def _build_processor(tokenizer_dir: str, config: XVLMConfig, task: str) -> XVLMProcessor:
     """The `XVLMProcessor` of the converted model: PIL image processor at its size and the BERT tokenizer; for
     `vqa` the official test-time question cleaning (`pre_question`, 50 words, no truncation below the position
-    limit)."""
+    limit); every other task (captioning included) the standard text settings."""
     vocab = Path(tokenizer_dir)
     if not vocab.is_dir() or not ((vocab / "vocab.txt").is_file() or (vocab / "tokenizer.json").is_file()):
         raise ConversionError(f"--tokenizer {tokenizer_dir!r} must be a folder with a BERT vocab.txt (or tokenizer.json).")
@@ -1144,6 +1243,23 @@ def _set_special_tokens(config: XVLMConfig, tokenizer: Any) -> None:
         if token_id is None:
             raise ConversionError(f"The tokenizer has no {'[CLS]' if name == 'bos_token_id' else '[SEP]'} token.")
         setattr(config.text_config, name, int(token_id))
+
+
+def _set_caption_decoding(model: torch.nn.Module, official: OfficialConfig | None, result: ConversionResult) -> None:
+    """The official decoding settings (`num_beams`, `max_length`, `min_length` of the official config, else the
+    head's defaults 3 / 20 / 5 of `configs/Captioning.yaml`) into `model.generation_config`; a prompt other than
+    the official one is noted (generation continues whatever prompt it is given)."""
+    for name, value in (official.generation if official is not None else {}).items():
+        setattr(model.generation_config, name, value)
+    config = model.generation_config
+    result.notes.append(
+        f"caption decoding (generation_config): num_beams {config.num_beams}, max_length {config.max_length}, "
+        f"min_length {config.min_length} (counting the prompt)"
+    )
+    if official is not None and official.prompt is not None and official.prompt != CAPTION_PROMPT:
+        result.notes.append(
+            f"the official config's prompt is {official.prompt!r}, not {CAPTION_PROMPT!r}: pass it to generate()"
+        )
 
 
 def _verify_saved(output_dir: str, model: torch.nn.Module, task: str) -> None:
@@ -1252,14 +1368,15 @@ def convert_checkpoint(
             dict (`{'model': state_dict, ...}` or a state dict).
         output_dir: folder to write (`config.json`, `model.safetensors`, `README.md`, processor files); `None`
             only builds and returns the model.
-        task: `"pretrain"`, `"retrieval"`, `"grounding"`, `"vqa"`, `"nlvr2"` or `"nlvr2-pretrain"`; `None` detects it
-            from the keys.
+        task: `"pretrain"`, `"retrieval"`, `"grounding"`, `"vqa"`, `"captioning"`, `"nlvr2"` or `"nlvr2-pretrain"`;
+            `None` detects it from the keys.
         image_size: input size of the converted model (e.g. 384 for a 224 pre-training checkpoint fine-tuned at
             384); default: the checkpoint's.
         window_size: Swin window of the converted model (default: see `build_config`).
         config: an official task YAML (its `vision_config` / `text_config` JSONs are read too).
         tokenizer: a folder with a BERT `vocab.txt`; writes an `XVLMProcessor` (for `vqa` with the official question
-            cleaning) and sets `text_config.bos_token_id` / `eos_token_id` to its [CLS] / [SEP] ids.
+            cleaning) and sets `text_config.bos_token_id` / `eos_token_id` to its [CLS] / [SEP] ids (what VQA and
+            caption generation start from and stop at).
         push_to_hub: a Hub repo id; the model, processor and card are pushed with `push_to_hub`.
         base_model: Hub id written as `base_model` in the model card.
         verify: re-read the written folder with `from_pretrained` and compare every tensor.
@@ -1283,13 +1400,15 @@ def convert_checkpoint(
     processor = _build_processor(os.fspath(tokenizer), model_config, task) if tokenizer else None
     if processor is not None:
         _set_special_tokens(model_config, processor.tokenizer)
-    elif task == "vqa":
+    elif task in ("vqa", "captioning"):
         say("No --tokenizer: text_config.bos_token_id / eos_token_id stay unset (generate() needs [CLS] / [SEP]).")
     result = _convert_weights(state_dict, task, model_config, inference)
     result.source, result.source_sha256 = source, sha
     if task != _safe_detect(state_dict):
         result.notes.append(f"converted a {_safe_detect(state_dict)} checkpoint for the {task} task")
     model = _build_model(result)
+    if task == "captioning":
+        _set_caption_decoding(model, official or embedded, result)
     say(result.summary())
 
     if output_dir is not None:

@@ -12,6 +12,9 @@ What the weights determine:
 - The projection size (`vision_proj` / `text_proj`).
 - VQA: the answer decoder's layer count (`text_decoder.bert.encoder.layer.*`, every layer with cross-attention
   reading the text width), as `top.num_decoder_layers`.
+- Captioning (`text_decoder.*` without `text_encoder.*`): the caption decoder *is* the text stack
+  (`text_decoder.bert.*`, cross-attention from `fusion_layer` on, reading the vision width), so the text fields
+  are read from it exactly as from a pre-training checkpoint's `text_encoder.bert.*`.
 
 What they cannot determine, and falls back to X-VLM-base unless an official config says otherwise: the number of
 text attention heads (head size 64, as BERT-base: 12 heads at 768), activation (`gelu`), LayerNorm epsilons
@@ -32,9 +35,10 @@ import torch
 from modeling_xvlm.configuration_xvlm import XVLM_BASE_VISION
 from .relative_position import window_from_table
 
-__all__ = ["ArchitectureInference", "infer_architecture", "text_prefix"]
+__all__ = ["ArchitectureInference", "infer_architecture", "is_captioning", "text_prefix"]
 
 VISION = "vision_encoder."
+DECODER = "text_decoder.bert."
 _BLOCK = re.compile(r"^vision_encoder\.layers\.(\d+)\.blocks\.(\d+)\.")
 _STAGE = re.compile(r"^vision_encoder\.layers\.(\d+)\.")
 
@@ -80,9 +84,21 @@ class ArchitectureInference:
         return "\n".join(lines)
 
 
+def is_captioning(state_dict: Mapping[str, Any]) -> bool:
+    """Official captioning models (`model_captioning.py`, `model_captioning_pretrain.py`) set the text encoder to
+    None: a `text_decoder` and no `text_encoder` key at all."""
+    keys = list(state_dict)
+    return any(k.startswith("text_decoder.") for k in keys) and not any(k.startswith("text_encoder.") for k in keys)
+
+
 def text_prefix(state_dict: Mapping[str, Any]) -> str:
-    """`text_encoder.bert.` for pre-training checkpoints (BertForMaskedLM), else `text_encoder.`."""
-    return "text_encoder.bert." if any(k.startswith("text_encoder.bert.") for k in state_dict) else "text_encoder."
+    """The text stack's key prefix: `text_encoder.bert.` for pre-training checkpoints (BertForMaskedLM),
+    `text_decoder.bert.` for captioning checkpoints (the stack is the caption decoder), else `text_encoder.`."""
+    if any(k.startswith("text_encoder.bert.") for k in state_dict):
+        return "text_encoder.bert."
+    if is_captioning(state_dict):
+        return DECODER
+    return "text_encoder."
 
 
 def _shape(state_dict: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
@@ -219,8 +235,7 @@ def _infer_text(sd: Mapping[str, torch.Tensor], result: ArchitectureInference) -
     fusion = min(cross)
     if sorted(cross) != list(range(fusion, count)):
         raise ValueError(
-            f"Cross-attention appears in layers {sorted(cross)}; X-VLM has it in every layer from fusion_layer on. "
-            "(Captioning checkpoints are not supported by this converter.)"
+            f"Cross-attention appears in layers {sorted(cross)}; X-VLM has it in every layer from fusion_layer on."
         )
     result.set("text", "num_hidden_layers", count, "inferred (encoder.layer.* count)")
     result.set("text", "fusion_layer", fusion, "inferred (first layer with crossattention)")
@@ -257,12 +272,13 @@ def _infer_text(sd: Mapping[str, torch.Tensor], result: ArchitectureInference) -
         result.set("text", name, value, "default (X-VLM-base)")
 
 
-DECODER = "text_decoder.bert."
-
 
 def _infer_decoder(sd: Mapping[str, torch.Tensor], result: ArchitectureInference) -> None:
     """The VQA answer decoder (official `model_vqa.py`): a copy of the text config with `fusion_layer = 0` (every
-    layer cross-attends) and cross-attention key/value reading the text width; sets `top.num_decoder_layers`."""
+    layer cross-attends) and cross-attention key/value reading the text width; sets `top.num_decoder_layers`. A
+    captioning checkpoint's `text_decoder` is its text stack (read by `_infer_text`), not a VQA decoder."""
+    if is_captioning(sd):
+        return
     layer_re = re.compile(re.escape(DECODER) + r"encoder\.layer\.(\d+)\.")
     layers: set[int] = set()
     cross: set[int] = set()
@@ -293,7 +309,8 @@ def _infer_decoder(sd: Mapping[str, torch.Tensor], result: ArchitectureInference
 
 def infer_architecture(state_dict: Mapping[str, torch.Tensor]) -> ArchitectureInference:
     """Infer vision, text and top-level config fields from an official X-VLM state dict (keys with the official
-    `vision_encoder.` / `text_encoder.[bert.]` prefixes; only shapes are read)."""
+    `vision_encoder.` / `text_encoder.[bert.]` prefixes, or `text_decoder.bert.` for captioning; only shapes are
+    read)."""
     result = ArchitectureInference()
     _infer_vision(state_dict, result)
     _infer_text(state_dict, result)

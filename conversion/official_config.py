@@ -1,7 +1,8 @@
 """Reading official X-VLM task configurations (a task YAML plus the JSON files it names).
 
 An official task YAML (e.g. `configs/Retrieval_coco.yaml`) sets `use_swin`, `image_res`, `embed_dim`, `temp` (VQA:
-`num_dec_layers`) and
+`num_dec_layers`; captioning, `configs/Captioning.yaml`: `label_smoothing`, the decoding `num_beams`, `max_length`,
+`min_length` and the `prompt`) and
 the paths `vision_config` (e.g. `configs/config_swinB_384.json`: `image_res`, `window_size`, `embed_dim`, `depths`,
 `num_heads`, `vision_width`) and `text_config` (`configs/config_bert.json`: a BERT config plus `fusion_layer`).
 The JSON paths are resolved, in order, relative to the YAML file's folder, the working directory, and the YAML
@@ -33,8 +34,11 @@ class OfficialConfig:
 
     vision: dict[str, Any] = field(default_factory=dict)  # SwinConfig fields
     text: dict[str, Any] = field(default_factory=dict)  # XVLMTextConfig fields
-    # XVLMConfig fields (projection_dim, temperature_init, num_decoder_layers)
+    # XVLMConfig fields (projection_dim, temperature_init, num_decoder_layers, label_smoothing)
     top: dict[str, Any] = field(default_factory=dict)
+    # Caption decoding (GenerationConfig fields num_beams, max_length, min_length) and the caption prompt.
+    generation: dict[str, Any] = field(default_factory=dict)
+    prompt: str | None = None
     sources: dict[str, str] = field(default_factory=dict)  # file each part came from
 
 
@@ -72,6 +76,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 VISION_KEYS = ("embed_dim", "depths", "num_heads", "window_size")
 TEXT_KEYS = (*BERT_TEXT_FIELDS, "fusion_layer")
+#: The caption decoding settings of `configs/Captioning.yaml` (Captioning.py passes them to `generate`).
+CAPTION_DECODING = ("num_beams", "max_length", "min_length")
 
 
 def parse_official_config(task_config: dict[str, Any], yaml_path: str | os.PathLike | None = None) -> OfficialConfig:
@@ -121,6 +127,13 @@ def parse_official_config(task_config: dict[str, Any], yaml_path: str | os.PathL
         result.top["temperature_init"] = float(task_config["temp"])
     if "num_dec_layers" in task_config:  # configs/VQA.yaml: the answer decoder's layers
         result.top["num_decoder_layers"] = int(task_config["num_dec_layers"])
+    if "label_smoothing" in task_config:  # configs/Captioning.yaml (model_captioning.py reads it)
+        result.top["label_smoothing"] = float(task_config["label_smoothing"])
+    for name in CAPTION_DECODING:
+        if name in task_config:
+            result.generation[name] = int(task_config[name])
+    if "prompt" in task_config:
+        result.prompt = str(task_config["prompt"])
     return result
 
 

@@ -9,6 +9,7 @@ pipelines); the task heads and their Auto classes are listed in `modeling_xvlm.t
 from .configuration_xvlm import XVLMConfig, XVLMTextConfig
 from .hub import create_model_card, register_xvlm
 from .modeling_xvlm import XVLMModel, XVLMOutput, XVLMPreTrainedModel
+from .modeling_xvlm_captioning import XVLMForConditionalGeneration, XVLMForConditionalGenerationOutput
 from .modeling_xvlm_grounding import XVLMForGrounding, XVLMForGroundingOutput
 from .modeling_xvlm_nlvr import XVLMForImagesAndTextClassification, XVLMForTextAssignment
 from .modeling_xvlm_pretraining import XVLMForPretraining, XVLMForPretrainingOutput
@@ -27,6 +28,8 @@ __all__ = [
     "TASKS",
     "RetrievalOutput",
     "XVLMConfig",
+    "XVLMForConditionalGeneration",
+    "XVLMForConditionalGenerationOutput",
     "XVLMForGrounding",
     "XVLMForGroundingOutput",
     "XVLMForImagesAndTextClassification",

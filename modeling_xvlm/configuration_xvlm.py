@@ -196,6 +196,9 @@ class XVLMConfig(PreTrainedConfig):
         official_answer_scoring: `True` (default) ranks VQA answers with the official score, which counts the
             log-probability of the answer's first token twice (`model_vqa.rank_answer`); `False` uses the answer's
             log-likelihood (each token once).
+        label_smoothing: label smoothing of the caption loss (`XVLMForConditionalGeneration`; official: target
+            `1 - s`, every other token `s / vocab`); `None` (default): 0.1, the official fine-tuning value
+            (`configs/Captioning.yaml`); the captioning domain pre-training uses 0.
     """
 
     model_type = "xvlm"
@@ -220,6 +223,7 @@ class XVLMConfig(PreTrainedConfig):
     official_duplicate_negatives: bool = False
     num_decoder_layers: int | None = None
     official_answer_scoring: bool = True
+    label_smoothing: float | None = None
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):

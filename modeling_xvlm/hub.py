@@ -5,10 +5,12 @@
 - registers the configs with `AutoConfig` and each model class with the Auto class of its row (`AutoModel` ->
   `XVLMModel`, `AutoModelForZeroShotImageClassification` -> `XVLMForRetrieval`, `AutoModelForPreTraining` ->
   `XVLMForPretraining`, `AutoModelForVisualQuestionAnswering` -> `XVLMForQuestionAnswering`; `XVLMForGrounding`
-  has no task Auto class) through transformers' public `register` API, plus `AutoModelForImageTextToText` ->
-  `XVLMForQuestionAnswering` (what transformers' `"image-text-to-text"` pipeline loads: free-form answers by
-  `generate`), keeping any mapping another module already made for `XVLMConfig` (nothing of transformers is
-  replaced);
+  has no task Auto class) through transformers' public `register` API, keeping any mapping another module already
+  made for `XVLMConfig` (nothing of transformers is replaced). `AutoModelForImageTextToText` (what transformers'
+  `"image-text-to-text"` pipeline loads) maps `XVLMConfig` to both generative heads, `generative_heads()`:
+  transformers' auto classes take a tuple of classes for one config class and load the one named in
+  `config.architectures` (`XVLMForConditionalGeneration` for a captioning folder, `XVLMForQuestionAnswering` for a
+  VQA one), the first (captioning) when neither is named;
 - calls `register_for_auto_class` on the config, every model class (under its row's `remote_auto_class`), both
   image processors and the processor, so that `save_pretrained` / `push_to_hub` write an `auto_map` and copy the
   code files flat next to the weights. A saved folder then loads with `trust_remote_code=True` where only
@@ -36,6 +38,7 @@ from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.utils import logging
 
 from .configuration_xvlm import XVLMConfig, XVLMTextConfig
+from .modeling_xvlm import XVLMPreTrainedModel
 from .modeling_xvlm_text import XVLMTextModel
 from .pipelines import register_pipelines
 from .processing import XVLMImageProcessor, XVLMImageProcessorPil, XVLMProcessor
@@ -43,8 +46,12 @@ from .tasks import BASE_MODEL, TASKS, XVLMTask, all_rows, task_of
 
 logger = logging.get_logger(__name__)
 
-#: The Auto class of transformers' `"image-text-to-text"` pipeline, mapped (locally) to the VQA head.
+#: The Auto class of transformers' `"image-text-to-text"` pipeline: mapped (locally) to `GENERATIVE_HEADS`.
 GENERATIVE_AUTO_CLASS = "AutoModelForImageTextToText"
+#: The task rows whose heads `GENERATIVE_AUTO_CLASS` loads, chosen by `config.architectures`; the first is the
+#: default (architectures naming neither head, e.g. a pre-training folder). transformers' lookup iterates
+#: `config.architectures`, so a config without any (a fresh `XVLMConfig()`) needs them set for `from_config`.
+GENERATIVE_HEADS = ("captioning", "vqa")
 
 XVLM_CITATION = """@inproceedings{zeng2022multi,
   title     = {Multi-Grained Vision Language Pre-Training: Aligning Texts with Visual Concepts},
@@ -105,10 +112,11 @@ def register_xvlm() -> dict[str, str]:
     _register_config(XVLMTextConfig)
     _register_local("AutoModel", XVLMTextConfig, XVLMTextModel)
     for row in all_rows():
-        if row.auto_class is not None:
+        if row.auto_class is not None and row.auto_class != GENERATIVE_AUTO_CLASS:
             _register_local(row.auto_class, XVLMConfig, row.model_class)
-    # transformers' "image-text-to-text" pipeline loads this Auto class; the VQA head generates answers.
-    _register_local(GENERATIVE_AUTO_CLASS, XVLMConfig, TASKS["vqa"].model_class)
+    # One config class, two generative heads: transformers' `_get_model_class` picks from the tuple by
+    # `config.architectures` (the first when none matches), and the pipelines' model check knows both names.
+    _register_local(GENERATIVE_AUTO_CLASS, XVLMConfig, generative_heads())
     _register_processors_local()
 
     registered: dict[str, str] = {}
@@ -127,6 +135,11 @@ def register_xvlm() -> dict[str, str]:
 
     register_pipelines(grounding_model_class=TASKS["grounding"].model_class)
     return registered
+
+
+def generative_heads() -> tuple[type[XVLMPreTrainedModel], ...]:
+    """The head classes `AutoModelForImageTextToText` loads for `XVLMConfig` (`GENERATIVE_HEADS`), default first."""
+    return tuple(TASKS[name].model_class for name in GENERATIVE_HEADS)
 
 
 def ships_flat(cls: type) -> bool:
@@ -178,12 +191,15 @@ _METRIC_NAMES = {
     "vqa_accuracy": "VQA accuracy",
     "exact_match": "Exact match",
 }
+# The caption metrics of `caption_metrics` / `xvlm-eval captioning` (pycocoevalcap, as the official evaluation).
+_CAPTION_METRICS = frozenset({"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE"})
 # Bookkeeping numbers of `xvlm-eval` results: not metrics of the model (kept out of the card).
 _NOT_METRICS = frozenset({"seconds", "num_examples", "num_annotated", "k_test"})
 _TASK_TYPES = {
     "retrieval": ("image-text-retrieval", "Image-text retrieval"),
     "grounding": ("visual-grounding", "Visual grounding"),
     "vqa": ("visual-question-answering", "Visual question answering"),
+    "captioning": ("image-to-text", "Image captioning"),
     "zero-shot-image-classification": ("zero-shot-image-classification", "Zero-shot image classification"),
 }
 
@@ -251,6 +267,8 @@ def _infer_task(metrics: Mapping[str, float]) -> str | None:
         return "grounding"
     if any(k.split("/")[-1] == "vqa_accuracy" for k in metrics):
         return "vqa"
+    if any(k.split("/")[-1] in _CAPTION_METRICS for k in metrics):
+        return "captioning"
     return None
 
 
@@ -437,8 +455,10 @@ def create_model_card(
 
 __all__ = [
     "GENERATIVE_AUTO_CLASS",
+    "GENERATIVE_HEADS",
     "XVLM_CITATION",
     "create_model_card",
+    "generative_heads",
     "load_eval_results",
     "register_xvlm",
     "ships_flat",

@@ -1,5 +1,5 @@
-"""transformers pipelines for X-VLM: zero-shot image classification, image-text retrieval, visual grounding and
-visual question answering.
+"""transformers pipelines for X-VLM: zero-shot image classification, image-text retrieval, visual grounding,
+visual question answering and captioning.
 
 - ``"zero-shot-image-classification"``: :class:`XVLMZeroShotImageClassificationPipeline`, with `XVLMModel` or
   `XVLMForRetrieval` (which can re-rank the labels with its ITM head), chosen with `pipeline_class=`;
@@ -8,9 +8,12 @@ visual question answering.
 - ``"xvlm-vqa"``: :class:`XVLMVisualQuestionAnsweringPipeline`, with `XVLMForQuestionAnswering` (the official
   ranking of a candidate answer list).
 
-Importing `modeling_xvlm` registers the last three (new tasks) with `transformers.pipelines.PIPELINE_REGISTRY`.
-Free-form VQA answers need no X-VLM pipeline: transformers' own ``"image-text-to-text"`` pipeline runs
-`XVLMForQuestionAnswering.generate` (the VQA head is the `AutoModelForImageTextToText` class of `XVLMConfig`).
+Importing `modeling_xvlm` registers those three (new tasks) with `transformers.pipelines.PIPELINE_REGISTRY`.
+Free-form VQA answers and captions need no X-VLM pipeline: transformers' own ``"image-text-to-text"`` pipeline
+runs `XVLMForQuestionAnswering.generate` or `XVLMForConditionalGeneration.generate` (`AutoModelForImageTextToText`
+maps `XVLMConfig` to both heads and loads the one of `config.architectures`); the text is the question, or the
+caption prompt ``"a picture of "``, which `XVLMProcessor.post_process_image_text_to_text` cuts from the caption.
+:class:`XVLMImageTextToTextPipeline` (opt-in, ``pipeline_class=``) adds the default prompt when no text is given.
 
 The zero-shot class subclasses transformers' `ZeroShotImageClassificationPipeline` and hands every non-X-VLM model
 (CLIP, SigLIP, ...) to it unchanged; for X-VLM it tokenises like the official code (`[CLS] tokens`, no [SEP],
@@ -44,12 +47,14 @@ from transformers import (
 from transformers.image_transforms import to_pil_image
 from transformers.image_utils import load_image
 from transformers.pipelines import PIPELINE_REGISTRY
+from transformers.pipelines.image_text_to_text import ImageTextToTextPipeline
 from transformers.pipelines.zero_shot_image_classification import ZeroShotImageClassificationPipeline
 
 from .retrieval import EncodedImages, EncodedTexts, encode_images, encode_texts, itm_scores, retrieve
 
 __all__ = [
     "XVLMImageTextRetrievalPipeline",
+    "XVLMImageTextToTextPipeline",
     "XVLMVisualGroundingPipeline",
     "XVLMVisualQuestionAnsweringPipeline",
     "XVLMZeroShotImageClassificationPipeline",
@@ -606,6 +611,50 @@ class XVLMVisualQuestionAnsweringPipeline(_XVLMInputsMixin, Pipeline):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Captioning: transformers' image-text-to-text pipeline with the default prompt
+# ----------------------------------------------------------------------------------------------------------------
+
+_CAPTION_PROMPT = "a picture of "  # modeling_xvlm_captioning.CAPTION_PROMPT, not imported to ship light
+
+
+def _plain_images(images: Any) -> bool:
+    """One image (PIL, path / URL, array, tensor) or a non-empty list of them: not a chat, not `{"image", "text"}`
+    dicts."""
+    kinds = (str, Image.Image, np.ndarray, torch.Tensor)
+    if isinstance(images, kinds):
+        return True
+    return isinstance(images, (list, tuple)) and len(images) > 0 and all(isinstance(i, kinds) for i in images)
+
+
+class XVLMImageTextToTextPipeline(ImageTextToTextPipeline):
+    """transformers' ``"image-text-to-text"`` pipeline, plus a default text for X-VLM captioners:
+    `pipeline("image-text-to-text", model=captioning_folder, pipeline_class=XVLMImageTextToTextPipeline)`, then
+    `captioner(image)` (or a list of images) captions from the processor's `prompt` (official
+    ``"a picture of "``), as `captioner(image, text="a picture of ")` on transformers' own pipeline, which requires a
+    text. Everything else is transformers' pipeline: `return_full_text=False` gives the caption alone, the default
+    `prompt + caption`; `generate_kwargs` / `max_new_tokens` reach `XVLMForConditionalGeneration.generate`
+    (official beam search by default). A VQA head still needs its question (`text=`).
+    """
+
+    def __call__(self, images: Any = None, text: Any = None, **kwargs: Any):
+        if text is None and _plain_images(images):
+            text = self._default_text(images)
+        return super().__call__(images, text=text, **kwargs)
+
+    def _default_text(self, images: Any) -> str | list[str]:
+        if callable(getattr(self.model, "rank_answers", None)):
+            raise ValueError(
+                f"{type(self.model).__name__} answers questions: pass the question as text=..., e.g. "
+                "pipe(image, text='what color is the car?')."
+            )
+        prompt = getattr(self.processor, "prompt", None)
+        prompt = _CAPTION_PROMPT if prompt is None else prompt
+        if not prompt.strip():
+            raise ValueError("The processor's caption prompt is empty: pass the text to continue (text=...).")
+        return [prompt] * len(images) if isinstance(images, (list, tuple)) else prompt
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Registration
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -619,9 +668,9 @@ def register_pipelines(grounding_model_class: type | None = None) -> None:
     checkpoint's remote code (`auto_map`).
 
     transformers' own tasks are left as they are (no task is overwritten, no logger silenced):
-    `"zero-shot-image-classification"` stays transformers' pipeline, and
-    :class:`XVLMZeroShotImageClassificationPipeline` is chosen with `pipeline_class=` (or recorded by its
-    `save_pretrained`, `custom_pipelines`).
+    `"zero-shot-image-classification"` and `"image-text-to-text"` stay transformers' pipelines;
+    :class:`XVLMZeroShotImageClassificationPipeline` (also recorded by its `save_pretrained`, `custom_pipelines`)
+    and :class:`XVLMImageTextToTextPipeline` are chosen with `pipeline_class=`.
     """
     tasks = PIPELINE_REGISTRY.supported_tasks
     if tasks.get("image-text-retrieval", {}).get("impl") is not XVLMImageTextRetrievalPipeline:

@@ -14,6 +14,7 @@ from .modeling_xvlm_grounding import XVLMForGrounding
 from .modeling_xvlm_nlvr import XVLMForImagesAndTextClassification, XVLMForTextAssignment
 from .modeling_xvlm_pretraining import XVLMForPretraining
 from .modeling_xvlm_retrieval import XVLMForRetrieval
+from .modeling_xvlm_captioning import XVLMForConditionalGeneration
 from .modeling_xvlm_vqa import XVLMForQuestionAnswering
 
 
@@ -89,6 +90,23 @@ generator = pipeline("image-text-to-text", model="{repo_id}")  # free-form answe
 generator("kitchen.jpg", text="what color is the kettle?", return_full_text=False)  # the answer alone
 ```"""
 
+_CAPTIONING_USAGE = """```python
+import modeling_xvlm  # registers the X-VLM heads (or pass trust_remote_code=True without the package)
+from transformers import pipeline
+
+captioner = pipeline("image-text-to-text", model="{repo_id}")  # loads XVLMForConditionalGeneration
+captioner("kitchen.jpg", text="a picture of ", return_full_text=False)  # the official prompt; the caption alone
+
+# the model API: the official beam search (3 beams, at most 20 tokens with the prompt), official decoding
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+model = AutoModelForImageTextToText.from_pretrained("{repo_id}")
+processor = AutoProcessor.from_pretrained("{repo_id}")
+pixel_values = processor(images=[image])["pixel_values"]
+generated = model.generate(pixel_values, input_ids=processor.caption_prompt(len(pixel_values)))
+captions = processor.post_process_captions(generated)  # the prompt cut, as the official evaluation
+```"""
+
 _GROUNDING_USAGE = """```python
 import modeling_xvlm  # registers the "visual-grounding" pipeline
 from transformers import pipeline
@@ -145,6 +163,18 @@ TASKS: dict[str, XVLMTask] = {
             intended_use="Visual question answering (VQA v2): the official ranking of a candidate answer list "
             "(`rank_answers`, the `xvlm-vqa` pipeline) or free-form answers (`generate`, `image-text-to-text`).",
             usage=_VQA_USAGE,
+        ),
+        XVLMTask(
+            "captioning",
+            XVLMForConditionalGeneration,
+            "AutoModelForImageTextToText",
+            "AutoModelForImageTextToText",
+            "image-to-text",
+            "X-VLM for image captioning: the text stack as a causal decoder cross-attending to the image patches, "
+            "with the official beam search.",
+            intended_use="Image captioning (COCO Karpathy): captions after the official prompt `a picture of `, "
+            "decoded with the official beam search (3 beams, 20 tokens with the prompt).",
+            usage=_CAPTIONING_USAGE,
         ),
         XVLMTask(
             "nlvr2",

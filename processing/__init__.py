@@ -22,10 +22,11 @@ from .image_processing_xvlm import (
     load_image_rgb,
     load_images_rgb,
 )
-from .processing_xvlm import XVLMProcessor, encode_texts
+from .processing_xvlm import CAPTION_PROMPT, XVLMProcessor, encode_texts
 from .text import pre_caption, pre_question
 
 __all__ = [
+    "CAPTION_PROMPT",
     "XVLMImageProcessor",
     "XVLMImageProcessorPil",
     "XVLMImageProcessorKwargs",

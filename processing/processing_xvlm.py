@@ -15,9 +15,13 @@ from transformers.processing_utils import ProcessorMixin
 from .image_processing_xvlm import XVLMImageProcessor, XVLMImageProcessorPil, load_image_rgb, load_images_rgb
 from .text import pre_caption, pre_question
 
-__all__ = ["XVLMProcessor", "encode_texts", "is_box", "is_image_pairs"]
+__all__ = ["CAPTION_PROMPT", "XVLMProcessor", "encode_texts", "is_box", "is_image_pairs"]
 
 TEXT_PREPROCESSING = ("caption", "question", None)
+#: The official captioning prompt (`prompt` of `configs/Captioning.yaml`); the same string as
+#: `modeling_xvlm_captioning.CAPTION_PROMPT` (this package does not import the models, to ship flat).
+CAPTION_PROMPT = "a picture of "
+_IGNORE_INDEX = -100  # the loss's ignored label (`modeling_xvlm.losses.IGNORE_INDEX`)
 
 
 def is_box(x: Any) -> bool:
@@ -179,6 +183,9 @@ class XVLMProcessor(ProcessorMixin):
             or ``None`` (raw text).
         max_words: word limit of the text cleaning (default 30).
         padding: default padding, ``"longest"`` (official fine-tuning) or ``"max_length"``.
+        prompt: the captioning prompt (default :data:`CAPTION_PROMPT`, official ``"a picture of "``): the default
+            of :meth:`encode_captions`, :meth:`caption_prompt` and :meth:`post_process_captions`, and what
+            :meth:`post_process_image_text_to_text` cuts from the decoded texts that start with it (``""``: none).
     """
 
     def __init__(
@@ -190,6 +197,7 @@ class XVLMProcessor(ProcessorMixin):
         text_preprocessing: str | None = "caption",
         max_words: int | None = 30,
         padding: str = "longest",
+        prompt: str = CAPTION_PROMPT,
         **kwargs,
     ) -> None:
         if image_processor is None:
@@ -198,12 +206,15 @@ class XVLMProcessor(ProcessorMixin):
             raise ValueError("XVLMProcessor needs a tokenizer (a BertTokenizer).")
         if text_preprocessing not in TEXT_PREPROCESSING:
             raise ValueError(f"text_preprocessing must be one of {TEXT_PREPROCESSING}, got {text_preprocessing!r}")
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a str (\"\" for none), got {type(prompt).__name__}: {prompt!r}")
         super().__init__(image_processor, tokenizer, **kwargs)
         self.max_length = max_length
         self.add_sep = add_sep
         self.text_preprocessing = text_preprocessing
         self.max_words = max_words
         self.padding = padding
+        self.prompt = prompt
 
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
@@ -386,13 +397,15 @@ class XVLMProcessor(ProcessorMixin):
         return names
 
     @staticmethod
-    def _to_batch(data: dict[str, Any], return_tensors: str | None) -> BatchFeature:
+    def _to_batch(
+        data: dict[str, Any], return_tensors: str | None, labels_dtype: torch.dtype = torch.float32
+    ) -> BatchFeature:
         out: dict[str, Any] = {}
         for key, value in data.items():
             if key in ("input_ids", "attention_mask", "image_index", "region_masks"):
                 value = torch.as_tensor(value, dtype=torch.long) if _rectangular(value) else value
-            elif key == "labels":
-                value = torch.as_tensor(value, dtype=torch.float32)
+            elif key == "labels":  # box targets (float) or token labels (long; ragged without padding)
+                value = torch.as_tensor(value, dtype=labels_dtype) if _rectangular(value) else value
             if return_tensors in ("np", "numpy") and isinstance(value, torch.Tensor):
                 value = value.numpy()
             elif return_tensors is None and isinstance(value, torch.Tensor):
@@ -451,9 +464,153 @@ class XVLMProcessor(ProcessorMixin):
             for row, probs in zip(indices, probabilities)
         ]
 
+    # -- captioning (official `models/model_captioning.py`, `dataset/coco_karpathy_dataset.py`) ------------------
+
+    def _caption_prompt_text(self, prompt: str | None) -> str:
+        prompt = self.prompt if prompt is None else prompt
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a str (\"\" for none), got {type(prompt).__name__}: {prompt!r}")
+        return prompt
+
+    def caption_prompt_length(self, prompt: str | None = None) -> int:
+        """The official ``prompt_length``: ``len(tokenizer(prompt).input_ids) - 1``, i.e. ``[CLS]`` and the
+        prompt's tokens without ``[SEP]`` (4 for ``"a picture of "``, 1 for ``""``): the leading labels that
+        :meth:`encode_captions` sets to -100."""
+        prompt = self._caption_prompt_text(prompt)
+        return 1 + len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    def encode_captions(
+        self,
+        captions: Sequence[str],
+        prompt: str | None = None,
+        max_length: int | None = None,
+        max_words: int | None | bool = False,
+        padding: str | bool | None = None,
+        return_tensors: str | None = "pt",
+    ) -> BatchFeature:
+        """Captioning training inputs as the official code builds them: ``prompt + pre_caption(caption,
+        max_words)`` (official ``coco_karpathy_train``, the prompt itself is not cleaned), tokenised as
+        ``[CLS] prompt caption [SEP]`` with truncation to ``max_length`` tokens keeping ``[SEP]`` and padding to
+        the longest (official ``tokenizer(caption, padding='longest', truncation=True, max_length=max_tokens)``).
+
+        Args:
+            captions: the captions (raw text; cleaned here).
+            prompt: default ``self.prompt`` (official ``"a picture of "``; ``""``: ``[CLS] caption [SEP]``, as the
+                captioning domain pre-training).
+            max_length: token limit with ``[CLS]`` and ``[SEP]``; default ``self.max_length`` (official
+                ``max_tokens`` 40).
+            max_words: ``pre_caption`` word limit; default (``False``) ``max_length``, as the official
+                ``coco_karpathy_train(max_words=config['max_tokens'])``; ``None``: no limit.
+            padding: default ``self.padding`` (``"longest"``).
+
+        Returns:
+            ``BatchFeature`` with ``input_ids``, ``attention_mask`` and ``labels`` ``(N, L)``: ``labels`` are
+            ``input_ids`` with the padding and the first :meth:`caption_prompt_length` tokens set to -100
+            (official ``decoder_targets``; equal to ``modeling_xvlm_captioning.caption_labels``).
+        """
+        if isinstance(captions, str) or not isinstance(captions, Sequence) or not captions:
+            raise ValueError("captions must be a non-empty list of caption strings")
+        prompt = self._caption_prompt_text(prompt)
+        max_length = self.max_length if max_length is None else max_length
+        max_words = max_length if max_words is False else max_words
+        prompt_length = self.caption_prompt_length(prompt)
+        if max_length is not None and max_length < prompt_length + 2:
+            raise ValueError(
+                f"max_length={max_length} leaves no token for the caption: the prompt {prompt!r} takes "
+                f"{prompt_length} tokens with [CLS], and [SEP] one more"
+            )
+        texts = []
+        for i, caption in enumerate(captions):
+            try:
+                texts.append(prompt + pre_caption(caption, max_words))
+            except ValueError as err:
+                raise ValueError(f"captions[{i}]: {err}") from None
+        ids, att = encode_texts(
+            self.tokenizer,
+            texts,
+            max_length=max_length,
+            truncation=max_length is not None,
+            padding=self.padding if padding is None else padding,
+            add_sep=True,
+            text_preprocessing=None,
+        )
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        labels = [
+            [_IGNORE_INDEX if k < prompt_length or m == 0 or t == pad_id else t for k, (t, m) in enumerate(zip(r, a))]
+            for r, a in zip(ids, att)
+        ]
+        data = {"input_ids": ids, "attention_mask": att, "labels": labels}
+        return self._to_batch(data, return_tensors, labels_dtype=torch.long)
+
+    def caption_prompt(self, batch_size: int = 1, prompt: str | None = None) -> torch.LongTensor:
+        """The generation prompt ``(batch_size, P)``: ``[CLS] prompt`` without ``[SEP]`` (official
+        ``tokenizer(prompt).input_ids[:, :-1]``; ``[CLS] a picture of`` by default, ``P`` =
+        :meth:`caption_prompt_length`). Pass it as ``input_ids`` to ``XVLMForConditionalGeneration.generate``."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        prompt = self._caption_prompt_text(prompt)
+        body = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        row = [self.tokenizer.cls_token_id, *body]
+        return torch.tensor([row] * batch_size, dtype=torch.long)
+
+    def post_process_captions(self, generated_ids: Any, prompt: str | None = None) -> list[str]:
+        """Captions of generated ids ``(N, L)`` (prompt included, as ``generate`` returns them; or an output with
+        ``sequences``): the official decoding ``decode(ids, skip_special_tokens=True)[len(prompt):]``, stripped.
+
+        When the decoded text does not start with the prompt (a prompt word outside the vocabulary decodes to
+        nothing, upper case decodes lower-cased) the prompt's :meth:`caption_prompt_length` tokens are cut instead.
+        """
+        prompt = self._caption_prompt_text(prompt)
+        rows = _id_rows(generated_ids, "generated_ids")
+        prompt_length = self.caption_prompt_length(prompt)
+        captions = []
+        for row in rows:
+            text = self.tokenizer.decode(row, skip_special_tokens=True)
+            if text.startswith(prompt.rstrip()):
+                caption = text[len(prompt) :]  # official: cut the prompt's characters
+            else:
+                caption = self.tokenizer.decode(row[prompt_length:], skip_special_tokens=True)
+            captions.append(caption.strip())
+        return captions
+
+    def post_process_image_text_to_text(
+        self, generated_outputs: Any, skip_special_tokens: bool = True, **kwargs: Any
+    ) -> list[str] | str:
+        """Decode generated ids for transformers' ``"image-text-to-text"`` pipeline (``batch_decode``), with the
+        captioning prompt cut as :meth:`post_process_captions` does: a decoded text that starts with
+        ``self.prompt`` loses its characters, so the pipeline returns the caption alone with
+        ``return_full_text=False`` and ``prompt + caption`` by default. Texts that do not start with the prompt
+        (VQA answers, other prompts) are returned as decoded; ``prompt=""`` cuts nothing.
+
+        ``(N, L)`` ids give a list of N strings, ``(L,)`` ids one string (as ``ProcessorMixin``).
+        """
+        single = isinstance(generated_outputs, (torch.Tensor, np.ndarray)) and generated_outputs.ndim == 1
+        rows = _id_rows(generated_outputs, "generated_outputs")
+        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=skip_special_tokens, **kwargs)
+        prefix = self.prompt.rstrip()
+        if prefix:
+            texts = [t[len(self.prompt) :].strip() if t.startswith(prefix) else t for t in texts]
+        return texts[0] if single else texts
+
     @property
     def model_input_names(self) -> list[str]:
         return ["pixel_values", "input_ids", "attention_mask"]
+
+
+def _id_rows(ids: Any, name: str) -> list[list[int]]:
+    """Token ids ``(N, L)`` / ``(L,)`` (tensor, array, lists, or an output with ``sequences``) as lists of ints."""
+    ids = getattr(ids, "sequences", ids)
+    if isinstance(ids, (torch.Tensor, np.ndarray)):
+        if ids.ndim not in (1, 2):
+            raise ValueError(f"{name} must be token ids (N, L) or (L,), got shape {tuple(ids.shape)}")
+        ids = ids.tolist()
+    if not isinstance(ids, (list, tuple)):
+        raise ValueError(f"{name} must be token ids (N, L), got {type(ids).__name__}")
+    if ids and all(isinstance(t, numbers.Integral) for t in ids):
+        return [list(ids)]
+    if not all(isinstance(r, (list, tuple)) and all(isinstance(t, numbers.Integral) for t in r) for r in ids):
+        raise ValueError(f"{name} must be token ids (N, L): lists of ints")
+    return [list(r) for r in ids]
 
 
 def _rectangular(value: Any) -> bool:

@@ -1,11 +1,12 @@
 """Official-format X-VLM state dicts (exact key names and shapes, official-xvlm.md §3) for tests.
 
 `official_key_shapes(arch, task)` enumerates the keys of the official `model_pretrain.XVLM`, `model_retrieval.XVLM`,
-`model_bbox.XVLM`, `model_nlvr.XVLM` ("nlvr2"), `model_nlvr_pretrain.XVLM` ("nlvr2-pretrain") or `model_vqa.XVLM`
-("vqa") state dict; `official_state_dict(...)` fills them with random values (buffers computed as the official
-modules do, tied MLM / LM-head tensors and the NLVR2 cross-attention key/value pairs shared) or with meta tensors
-(base size without allocating 800 MB). `official_nlvr2_loader(...)` and `official_vqa_loader(...)` are the official
-NLVR2 and VQA loaders' renaming of a pre-training state dict.
+`model_bbox.XVLM`, `model_nlvr.XVLM` ("nlvr2"), `model_nlvr_pretrain.XVLM` ("nlvr2-pretrain"), `model_vqa.XVLM`
+("vqa") or `model_captioning.XVLM` / `model_captioning_pretrain.XVLM` ("captioning") state dict;
+`official_state_dict(...)` fills them with random values (buffers computed as the official modules do, tied MLM /
+LM-head tensors and the NLVR2 cross-attention key/value pairs shared) or with meta tensors (base size without
+allocating 800 MB). `official_nlvr2_loader(...)`, `official_vqa_loader(...)` and `official_captioning_loader(...)` are
+the official NLVR2, VQA and captioning loaders' renaming of a pre-training state dict.
 """
 
 from __future__ import annotations
@@ -191,12 +192,16 @@ def _lm_head_shapes(arch: OfficialArch, prefix: str) -> dict[str, tuple[tuple[in
 
 
 # Tied LM heads: `cls.predictions` prefix -> the BERT whose word embeddings its decoder weight is.
-_TIED_HEADS = {"pretrain": {"text_encoder.": "text_encoder.bert."}, "vqa": {"text_decoder.": "text_decoder.bert."}}
+_TIED_HEADS = {
+    "pretrain": {"text_encoder.": "text_encoder.bert."},
+    "vqa": {"text_decoder.": "text_decoder.bert."},
+    "captioning": {"text_decoder.": "text_decoder.bert."},
+}
 
 
 def official_key_shapes(arch: OfficialArch, task: str) -> dict[str, tuple[tuple[int, ...], str]]:
     """key -> (shape, kind) of the official state dict of `task` ("pretrain", "retrieval", "grounding", "nlvr2",
-    "nlvr2-pretrain", "vqa")."""
+    "nlvr2-pretrain", "vqa", "captioning")."""
     out = _swin_shapes(arch)
     if task == "pretrain":
         out.update(_bert_shapes(arch, "text_encoder.bert."))
@@ -208,6 +213,11 @@ def official_key_shapes(arch: OfficialArch, task: str) -> dict[str, tuple[tuple[
         out.update(
             _bert_shapes(arch, "text_decoder.bert.", vqa_decoder_layers(arch), fusion=0, cross_width=arch.hidden)
         )
+        out.update(_lm_head_shapes(arch, "text_decoder."))
+    elif task == "captioning":
+        # model_captioning.py: text_encoder = None; a BertLMHeadModel on the encoder's config (cross-attention from
+        # fusion_layer on, reading the image) with its tied LM head.
+        out.update(_bert_shapes(arch, "text_decoder.bert."))
         out.update(_lm_head_shapes(arch, "text_decoder."))
     elif task in ("nlvr2", "nlvr2-pretrain"):
         out.update(_bert_shapes(arch, "text_encoder.", nlvr2_layers(arch)))
@@ -347,6 +357,19 @@ def official_vqa_loader(pretrain_sd: dict[str, torch.Tensor], fusion: int, resiz
             new_key = ".".join(parts)
         state[new_key.replace("text_encoder", "text_decoder")] = state[key]
         del state[key]
+    return state
+
+
+def official_captioning_loader(pretrain_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The text part of the official captioning loader on a pre-training state dict (`model_captioning.py` /
+    `model_captioning_pretrain.py` `load_pretrained`, `load_text=False`, `load_capt_pretrain=False`): every key
+    starting with `text_encoder.` is stored under `text_decoder.` instead (`text_encoder.bert.X` ->
+    `text_decoder.bert.X`, `text_encoder.cls.X` -> `text_decoder.cls.X`); the other keys stay."""
+    state = dict(pretrain_sd)
+    for key in list(state):
+        if key.startswith("text_encoder."):
+            state[key.replace("text_encoder.", "text_decoder.")] = state[key]
+            del state[key]
     return state
 
 

@@ -31,6 +31,7 @@ and computes in fp32, so it is a yardstick for both the converter and the model:
   question's states listed once per answer; `rank_answer`: `[CLS]` alone (no mask) -> first-token probabilities of
   every candidate -> top k -> teacher-forced losses of those k with the question states tiled k times (`tile`) ->
   `log(prob_first) - loss` (first token counted twice) -> softmax -> top k.
+- Captioning (`model_captioning.py`): in `official_captioning_reference.py`, built on the functions here.
 """
 
 from __future__ import annotations

@@ -250,19 +250,18 @@ def test_unknown_missing_untied_and_wrong_task_are_errors():
         convert_checkpoint({"model": official_state_dict(arch, "grounding")}, task="vqa", log=None)
 
 
-def test_captioning_checkpoints_are_refused_clearly():
+def test_captioning_checkpoints_are_not_vqa_checkpoints():
+    """A `text_decoder` without `text_encoder` is an official captioning checkpoint (tests/test_conversion_captioning.py
+    converts it); the VQA conversion refuses it clearly."""
     arch = tiny_arch()
-    vqa = official_state_dict(arch, "vqa")
-    # official model_captioning.XVLM: vision_encoder + text_decoder, no text_encoder
-    captioning = {k: v for k, v in vqa.items() if not k.startswith("text_encoder.")}
+    captioning = official_state_dict(arch, "captioning")
+    assert detect_task(captioning) == "captioning"
     for call in (
-        lambda: detect_task(captioning),
         lambda: convert_state_dict(captioning, "vqa"),
-        lambda: build_config(captioning, task="vqa"),
-        lambda: convert_checkpoint({"model": captioning}, log=None),
+        lambda: convert_checkpoint({"model": captioning}, task="vqa", log=None),
         lambda: convert_checkpoint({"model": captioning}, task="retrieval", log=None),
     ):
-        with pytest.raises(ConversionError, match="captioning checkpoints are not supported yet"):
+        with pytest.raises(ConversionError, match="official captioning checkpoint .* --task captioning"):
             call()
 
 

@@ -8,16 +8,21 @@ import torch
 
 from modeling_xvlm import (
     XVLMConfig,
+    XVLMForConditionalGeneration,
     XVLMForGrounding,
     XVLMForPretraining,
     XVLMForQuestionAnswering,
     XVLMForRetrieval,
     XVLMModel,
 )
+from modeling_xvlm.modeling_xvlm_captioning import caption_labels
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-HEADS = (XVLMModel, XVLMForRetrieval, XVLMForGrounding, XVLMForPretraining, XVLMForQuestionAnswering)
+HEADS = (
+    XVLMModel, XVLMForRetrieval, XVLMForGrounding, XVLMForPretraining, XVLMForQuestionAnswering,
+    XVLMForConditionalGeneration,
+)
 
 
 def _config() -> XVLMConfig:
@@ -37,6 +42,8 @@ def _batch(cls: type, tiny_inputs: dict) -> dict:
         batch["labels"] = torch.tensor([[0.5, 0.5, 0.4, 0.4], [0.3, 0.6, 0.2, 0.3]])
     elif cls is XVLMForQuestionAnswering:
         batch["labels"] = torch.tensor([[2, 7, 8, 3], [2, 9, 3, 0]])  # [CLS] answer [SEP] [PAD]
+    elif cls is XVLMForConditionalGeneration:
+        batch["labels"] = caption_labels(batch["input_ids"], batch["attention_mask"])  # the captions themselves
     else:
         labels = torch.full_like(batch["input_ids"], -100)
         labels[:, 2] = batch["input_ids"][:, 2]
@@ -59,7 +66,8 @@ def test_loss_iff_targets_or_return_loss_in_both_modes(cls, mode, tiny_inputs):
 @pytest.mark.parametrize(
     "cls, wrong",
     [(XVLMModel, "return_losses"), (XVLMForRetrieval, "image_idx"), (XVLMForGrounding, "label"),
-     (XVLMForPretraining, "target_boxes"), (XVLMForQuestionAnswering, "answer_weight")],
+     (XVLMForPretraining, "target_boxes"), (XVLMForQuestionAnswering, "answer_weight"),
+     (XVLMForConditionalGeneration, "prompt_length")],
 )
 def test_unknown_keyword_is_a_type_error_naming_it(cls, wrong, tiny_inputs):
     model = cls(_config())
@@ -112,9 +120,10 @@ def test_gradient_checkpointing_trains_every_head(cls, use_reentrant, tiny_input
         loss.backward()
         losses.append(loss.detach())
     assert torch.allclose(losses[0], losses[1], atol=1e-6)
-    word = "xvlm.text_model.embeddings.word_embeddings.weight" if cls is not XVLMModel else (
-        "text_model.embeddings.word_embeddings.weight"
-    )
+    word = {
+        XVLMModel: "text_model.embeddings.word_embeddings.weight",
+        XVLMForConditionalGeneration: "text_decoder.text_model.embeddings.word_embeddings.weight",  # no `xvlm`
+    }.get(cls, "xvlm.text_model.embeddings.word_embeddings.weight")
     grads = {n: p.grad for n, p in checkpointed.named_parameters()}
     ref = dict(reference.named_parameters())
     assert grads[word] is not None and torch.allclose(grads[word], ref[word].grad, atol=1e-5)
@@ -127,6 +136,21 @@ def test_unsupported_attention_backends_are_refused(tmp_path):
         assert model.config._attn_implementation == implementation
     with pytest.raises(ValueError, match="(?i)flex"):
         XVLMForRetrieval.from_pretrained(tmp_path, attn_implementation="flex_attention")
+
+
+def test_a_processor_caption_batch_goes_straight_into_captioning(tiny_tokenizer, rgb_image):
+    from modeling_xvlm import XVLMImageProcessorPil, XVLMProcessor
+
+    processor = XVLMProcessor(XVLMImageProcessorPil(size={"height": 64, "width": 64}, patch_size=8), tiny_tokenizer)
+    batch = processor.encode_captions(["A red circle on the left.", "a dog"])
+    pixel_values = processor(images=[rgb_image, rgb_image])["pixel_values"]
+    config = XVLMConfig.from_preset("tiny", text_config={"vocab_size": len(tiny_tokenizer)})
+    model = XVLMForConditionalGeneration(config).eval()
+    out = model(pixel_values=pixel_values, **batch)
+    labels = caption_labels(batch["input_ids"], batch["attention_mask"], prompt_length=4)
+    assert torch.equal(batch["labels"], labels)
+    assert out.loss is not None and torch.isfinite(out.loss) and out.loss > 0
+    assert out.logits.shape == (*batch["input_ids"].shape, len(tiny_tokenizer))
 
 
 def test_a_processor_batch_with_boxes_goes_straight_into_grounding_and_pretraining(tiny_tokenizer, rgb_image):

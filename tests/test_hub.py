@@ -25,6 +25,7 @@ from transformers import (
 import modeling_xvlm
 from modeling_xvlm import (
     XVLMConfig,
+    XVLMForConditionalGeneration,
     XVLMForGrounding,
     XVLMForPretraining,
     XVLMForQuestionAnswering,
@@ -32,7 +33,13 @@ from modeling_xvlm import (
     XVLMModel,
     create_model_card,
 )
-from modeling_xvlm.hub import load_eval_results, register_xvlm
+from modeling_xvlm.hub import (
+    GENERATIVE_AUTO_CLASS,
+    GENERATIVE_HEADS,
+    generative_heads,
+    load_eval_results,
+    register_xvlm,
+)
 from modeling_xvlm.processing import XVLMImageProcessor, XVLMImageProcessorPil, XVLMProcessor
 from modeling_xvlm.tasks import BASE_MODEL, TASKS, all_rows, task_of
 
@@ -55,6 +62,7 @@ MODEL_CASES = [
     (XVLMForPretraining, AutoModelForPreTraining),
     (XVLMForGrounding, None),
     (XVLMForQuestionAnswering, AutoModelForVisualQuestionAnswering),
+    (XVLMForConditionalGeneration, AutoModelForImageTextToText),
 ]
 
 
@@ -77,7 +85,7 @@ def test_task_table_matches_the_classes() -> None:
         row = task_of(model_class)
         assert row.auto_class == (auto_class.__name__ if auto_class else None)
     assert task_of(XVLMModel) is BASE_MODEL and task_of("XVLMForRetrieval") is TASKS["retrieval"]
-    assert set(TASKS) == {"pretrain", "retrieval", "grounding", "vqa", "nlvr2", "nlvr2-pretrain"}
+    assert set(TASKS) == {"pretrain", "retrieval", "grounding", "vqa", "captioning", "nlvr2", "nlvr2-pretrain"}
     with pytest.raises(KeyError):
         task_of("BertModel")
 
@@ -111,6 +119,8 @@ def test_model_auto_round_trip(model_class, auto_class, tiny_config, tiny_inputs
         elif model_class is XVLMForQuestionAnswering:
             answers = tiny_inputs["input_ids"].clone()
             a, b = model(**tiny_inputs, labels=answers).logits, reloaded(**tiny_inputs, labels=answers).logits
+        elif model_class is XVLMForConditionalGeneration:
+            a, b = model(**tiny_inputs).logits, reloaded(**tiny_inputs).logits
         else:
             a, b = model(**tiny_inputs).logits_per_image, reloaded(**tiny_inputs).logits_per_image
     torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -220,10 +230,50 @@ def test_grounding_checkpoint_auto_map(tiny_config, tmp_path) -> None:
     assert type(XVLMForGrounding.from_pretrained(tmp_path)) is XVLMForGrounding
 
 
+def test_image_text_to_text_maps_both_generative_heads(tiny_config, tmp_path) -> None:
+    """AutoModelForImageTextToText (transformers' image-text-to-text pipeline) has one entry for XVLMConfig: both
+    generative heads, picked by `config.architectures`, captioning first (the default)."""
+    assert GENERATIVE_AUTO_CLASS == "AutoModelForImageTextToText"
+    assert generative_heads() == (XVLMForConditionalGeneration, XVLMForQuestionAnswering)
+    assert AutoModelForImageTextToText._model_mapping[XVLMConfig] == generative_heads()
+    # every row that names this Auto class is one of the heads (the loop of register_xvlm skips them)
+    assert {n for n, row in TASKS.items() if row.auto_class == GENERATIVE_AUTO_CLASS} <= set(GENERATIVE_HEADS)
+    # the VQA head keeps its own Auto class as well
+    assert AutoModelForVisualQuestionAnswering._model_mapping[XVLMConfig] is XVLMForQuestionAnswering
+    for architectures, head in (
+        (["XVLMForConditionalGeneration"], XVLMForConditionalGeneration),
+        (["XVLMForQuestionAnswering"], XVLMForQuestionAnswering),
+        (["XVLMForPretraining"], XVLMForConditionalGeneration),  # names neither head: the default
+    ):
+        tiny_config.architectures = architectures
+        assert type(AutoModelForImageTextToText.from_config(tiny_config)) is head
+    for head in generative_heads():
+        head(tiny_config).save_pretrained(tmp_path / head.__name__)
+        assert type(AutoModelForImageTextToText.from_pretrained(tmp_path / head.__name__)) is head
+    register_xvlm()  # idempotent: the entry stays
+    assert AutoModelForImageTextToText._model_mapping[XVLMConfig] == generative_heads()
+
+
+def test_captioning_head_keeps_its_generation_config(tiny_config, tmp_path) -> None:
+    """The official decoding settings (3 beams, total lengths 5 to 20) are the head's generation_config.json."""
+    model = XVLMForConditionalGeneration(tiny_config)
+    model.generation_config.num_beams = 2
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "generation_config.json").read_text())
+    assert (saved["num_beams"], saved["max_length"], saved["min_length"]) == (2, 20, 5)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForImageTextToText"] == "modeling_xvlm_captioning.XVLMForConditionalGeneration"
+    assert {"modeling_xvlm_captioning.py", "official_generation.py"} <= set(os.listdir(tmp_path))
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert type(reloaded) is XVLMForConditionalGeneration
+    config = reloaded.generation_config
+    assert (config.num_beams, config.max_length, config.min_length) == (2, 20, 5)
+
+
 def test_vqa_head_is_the_image_text_to_text_class_and_keeps_its_generation_config(tiny_config, tiny_inputs,
                                                                                   tmp_path) -> None:
-    """transformers' image-text-to-text pipeline loads AutoModelForImageTextToText: the VQA head, whose
-    generation settings (generation_config.json) survive a save / load."""
+    """transformers' image-text-to-text pipeline loads AutoModelForImageTextToText: the VQA head for a VQA
+    folder, whose generation settings (generation_config.json) survive a save / load."""
     tiny_config.text_config.bos_token_id, tiny_config.text_config.eos_token_id = 2, 3
     model = XVLMForQuestionAnswering(tiny_config).eval()
     assert model.can_generate() and model.generation_config.max_new_tokens == 10
@@ -318,6 +368,49 @@ def test_model_card_vqa(tiny_config) -> None:
     # Flat official-style results are recognised as VQA too.
     flat = create_model_card("org/x", XVLMForQuestionAnswering(tiny_config), eval_results={"vqa_accuracy": 70.0})
     assert flat.data.eval_results[0].task_type == "visual-question-answering"
+
+
+def test_model_card_captioning(tiny_config) -> None:
+    # as caption_metrics returns them (pycocoevalcap names)
+    metrics = {"task": "captioning", "dataset": "coco_karpathy", "split": "test",
+               "metrics": {"BLEU-4": 0.41, "METEOR": 0.31, "ROUGE-L": 0.6, "CIDEr": 1.4}}
+    card = create_model_card("org/xvlm-coco-captioning", XVLMForConditionalGeneration(tiny_config),
+                             eval_results=metrics)
+    data = card.data.to_dict()
+    assert data["pipeline_tag"] == "image-to-text" and "image-to-text" in data["tags"]
+    results = {r.metric_type: r for r in card.data.eval_results}
+    assert set(results) == {"BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
+    assert results["CIDEr"].task_type == "image-to-text" and results["CIDEr"].task_name == "Image captioning"
+    text = card.text
+    assert TASKS["captioning"].summary in text and TASKS["captioning"].intended_use in text
+    assert 'pipeline("image-text-to-text", model="org/xvlm-coco-captioning")' in text
+    assert "return_full_text=False" in text and "caption_prompt(" in text and "post_process_captions(" in text
+    # flat results without a task are recognised as captioning by their metric names
+    flat = create_model_card("org/x", XVLMForConditionalGeneration(tiny_config), eval_results={"CIDEr": 1.2})
+    assert flat.data.eval_results[0].task_type == "image-to-text"
+
+
+def test_model_card_captioning_snippet_runs(tiny_tokenizer, rgb_image, tmp_path, monkeypatch) -> None:
+    """The card's "How to use" code, run against a local tiny captioning folder."""
+    config = XVLMConfig.from_preset("tiny", text_config={"vocab_size": len(tiny_tokenizer), "bos_token_id": 2,
+                                                         "eos_token_id": 3})
+    folder = tmp_path / "xvlm-tiny-captioning"
+    model = XVLMForConditionalGeneration(config).eval()
+    model.save_pretrained(folder)
+    processor = tiny_processor(tiny_tokenizer, config)
+    processor.save_pretrained(folder)
+    text = create_model_card(str(folder), model).text
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    rgb_image.save(tmp_path / "kitchen.jpg")
+    namespace = {"image": rgb_image}
+    exec(compile(code, "model-card", "exec"), namespace)
+    pixel_values = processor(images=[rgb_image])["pixel_values"]
+    expected = model.generate(pixel_values, input_ids=processor.caption_prompt(1))
+    assert torch.equal(namespace["generated"], expected)
+    assert namespace["captions"] == processor.post_process_captions(expected)
+    result = namespace["captioner"]("kitchen.jpg", text="a picture of ", return_full_text=False)
+    assert result[0]["generated_text"] == namespace["captions"][0]
 
 
 def test_load_eval_results_shapes(tmp_path) -> None:

@@ -435,3 +435,161 @@ def test_cli_convert_official_vqa(vqa_official, tmp_path, capsys):
     assert xvlm_data(["convert-official", "--out", str(tmp_path / "cli3"), "--image-root", ".",
                       "--vqa-answer-list", str(ann / "answer_list.json")]) == 0
     assert "vqa_answers/test: 5 rows written" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# COCO Karpathy captioning (official dataset/coco_karpathy_dataset.py): retrieval rows
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def karpathy_official(tmp_path):
+    """coco_karpathy_{train,val,test}.json, coco_karpathy_test_gt.json and a COCO image root."""
+    root = tmp_path / "coco"
+    for folder in ("train2014", "val2014"):
+        (root / folder).mkdir(parents=True)
+    files = {
+        "train2014/COCO_train2014_000000000010.jpg": _image_bytes(40, (40, 32), "JPEG"),
+        "train2014/COCO_train2014_000000000011.jpg": _image_bytes(41, (32, 40), "JPEG"),
+        "val2014/COCO_val2014_000000000001.jpg": _image_bytes(42, (36, 36), "JPEG"),
+        "val2014/odd_name.jpg": _image_bytes(43, (20, 30), "JPEG"),
+        "val2014/COCO_val2014_000000391895.jpg": _image_bytes(44, (44, 30), "JPEG"),
+        "val2014/COCO_val2014_000000000003.jpg": _image_bytes(45, (30, 30), "JPEG"),
+    }
+    for rel, data in files.items():
+        (root / rel).write_bytes(data)
+    ann = tmp_path / "karpathy"
+    ann.mkdir()
+    train = [
+        {"image": "train2014/COCO_train2014_000000000010.jpg", "caption": "A cat on a mat.", "image_id": "coco_10"},
+        {"image": "train2014/COCO_train2014_000000000011.jpg", "caption": "A dog.", "image_id": "coco_11"},
+        {"image": "train2014/COCO_train2014_000000000010.jpg", "caption": "A sleeping cat.", "image_id": "coco_10"},
+        {"image": "train2014/COCO_train2014_000000000012.jpg", "caption": "Gone.", "image_id": "coco_12"},
+        {"image": "train2014/COCO_train2014_000000000011.jpg", "caption": "", "image_id": "coco_11"},
+    ]
+    val = [
+        {"image": "val2014/COCO_val2014_000000000001.jpg", "caption": ["A bus.", "A red bus on a road."]},
+        {"image": "val2014/odd_name.jpg", "caption": ["no id in the name"]},
+    ]
+    test = [
+        {"image": "val2014/COCO_val2014_000000391895.jpg", "caption": ["file caption one", "file caption two"]},
+        {"image": "val2014/COCO_val2014_000000000003.jpg", "caption": ["an image the ground truth lacks"]},
+        {"image": "val2014/COCO_val2014_000000000004.jpg", "caption": ["missing image"]},
+    ]
+    test_gt = {
+        "annotations": [
+            {"image_id": 391895, "caption": "A man with a red helmet on a small moped on a dirt road. ", "id": 1},
+            {"image_id": 4, "caption": "A picture of nothing.", "id": 2},
+            {"image_id": 391895, "caption": "Man riding a motor bike on a dirt road.", "id": 3},
+        ],
+        "images": [{"id": 391895}, {"id": 4}],
+    }
+    for name, payload in (("coco_karpathy_train.json", train), ("coco_karpathy_val.json", val),
+                          ("coco_karpathy_test.json", test), ("coco_karpathy_test_gt.json", test_gt)):
+        (ann / name).write_text(json.dumps(payload))
+    return {"root": root, "ann": ann, "files": files}
+
+
+def test_coco_image_id_parses_file_names_like_the_official_evaluation():
+    from modeling_xvlm.data import coco_image_id
+
+    assert coco_image_id("val2014/COCO_val2014_000000391895.jpg") == 391895
+    assert coco_image_id("COCO_val2014_000000391895.JPG") == 391895
+    assert coco_image_id("coco_522418") == 522418  # a Karpathy train image_id
+    assert coco_image_id("391895") == 391895 and coco_image_id(391895) == 391895
+    with pytest.raises(ValueError, match="no COCO image id in 'val2014/odd_name.jpg'"):
+        coco_image_id("val2014/odd_name.jpg")
+    with pytest.raises(TypeError, match="expected an image path or id"):
+        coco_image_id(True)
+
+
+def test_captioning_conversion_round_trip(karpathy_official, tmp_path):
+    from modeling_xvlm.caption_metrics import caption_metrics
+    from modeling_xvlm.data import coco_image_id, load_coco_caption_references
+
+    ann, files, out = karpathy_official["ann"], karpathy_official["files"], tmp_path / "captions"
+    summary = convert_official(
+        out, tmp_path / "elsewhere", image_roots={"retrieval": karpathy_official["root"]},
+        captioning={"train": ann / "coco_karpathy_train.json", "val": ann / "coco_karpathy_val.json",
+                    "test": ann / "coco_karpathy_test.json"},
+        captioning_gt={"test": ann / "coco_karpathy_test_gt.json"},
+    )
+    assert summary.written == {"retrieval": {"train": 2, "validation": 1, "test": 1}}
+    assert summary.skipped == {"retrieval": {"train": 2, "validation": 1, "test": 2}}
+    assert summary.reasons == {"invalid_record": 2, "missing_image": 2, "not_in_gt": 1}
+    assert sorted(summary.missing_images) == ["train2014/COCO_train2014_000000000012.jpg",
+                                              "val2014/COCO_val2014_000000000004.jpg"]
+    # Train: one row per image with its captions in file order (the official one record per caption regrouped).
+    train = _rows(out, "retrieval", "train", tmp_path)
+    assert [(r["image_id"], r["captions"]) for r in train] == [
+        ("coco_10", ["A cat on a mat.", "A sleeping cat."]), ("coco_11", ["A dog."])
+    ]
+    assert [coco_image_id(r["image_id"]) for r in train] == [10, 11]
+    from modeling_xvlm.data import retrieval_pairs
+
+    pairs = retrieval_pairs(load_xvlm_dataset(out, "retrieval", "train", cache_dir=str(tmp_path / "hf")))
+    assert pairs["caption"] == ["A cat on a mat.", "A sleeping cat.", "A dog."]  # the official training records
+    # Validation keeps the file's captions; the image path is the id, from which the COCO id follows.
+    validation = _rows(out, "retrieval", "validation", tmp_path)
+    assert [(r["image_id"], r["captions"]) for r in validation] == [
+        ("val2014/COCO_val2014_000000000001.jpg", ["A bus.", "A red bus on a road."])
+    ]
+    # Test takes the ground-truth captions (the official references), raw and in file order.
+    test = _rows(out, "retrieval", "test", tmp_path)
+    gt = load_coco_caption_references(ann / "coco_karpathy_test_gt.json")
+    assert gt == {391895: ["A man with a red helmet on a small moped on a dirt road. ",
+                           "Man riding a motor bike on a dirt road."], 4: ["A picture of nothing."]}
+    assert [(coco_image_id(r["image_id"]), r["captions"]) for r in test] == [(391895, gt[391895])]
+    raw = load_xvlm_dataset(out, "retrieval", "test", cache_dir=str(tmp_path / "hf")).cast_column(
+        "image", datasets.Image(decode=False))
+    assert raw[0]["image"]["bytes"] == files["val2014/COCO_val2014_000000391895.jpg"]
+    # The rows are the references of the metrics.
+    references = {coco_image_id(r["image_id"]): r["captions"] for r in test}
+    scores = caption_metrics({391895: "a man riding a moped on a dirt road"}, references, metrics=("BLEU-1",),
+                             tokenizer="simple")
+    assert 0.5 < scores["BLEU-1"] <= 1.0
+    report = json.loads((out / "conversion_summary.json").read_text())
+    assert any("no COCO image id in 'val2014/odd_name.jpg'" in e for e in report["examples"]["invalid_record"])
+    assert report["examples"]["not_in_gt"] == ["val2014/COCO_val2014_000000000003.jpg (COCO id 3)"]
+
+
+def test_captioning_conversion_errors(karpathy_official, tmp_path):
+    ann = karpathy_official["ann"]
+    test, gt = ann / "coco_karpathy_test.json", ann / "coco_karpathy_test_gt.json"
+    with pytest.raises(ValueError, match=r"retrieval and captioning files both given for split\(s\) \['test'\]"):
+        convert_official(tmp_path / "a", ".", retrieval={"test": test}, captioning={"test": test})
+    with pytest.raises(ValueError, match=r"ground truth given for split\(s\) \['validation'\] without"):
+        convert_official(tmp_path / "b", ".", captioning={"test": test}, captioning_gt={"val": gt})
+    with pytest.raises(ValueError, match="validation and test splits only"):
+        convert_official(tmp_path / "c", ".", captioning={"train": test}, captioning_gt={"train": gt})
+    (ann / "bad_gt.json").write_text(json.dumps({"annotations": [{"image_id": "391895", "caption": "x"}]}))
+    with pytest.raises(ValueError, match=r"annotations\[0\] needs an integer image_id"):
+        convert_official(tmp_path / "d", ".", captioning={"test": test}, captioning_gt={"test": ann / "bad_gt.json"})
+    (ann / "list_gt.json").write_text(json.dumps([{"image_id": 1, "caption": "x"}]))
+    with pytest.raises(ValueError, match="expected COCO caption annotations"):
+        convert_official(tmp_path / "e", ".", captioning={"test": test}, captioning_gt={"test": ann / "list_gt.json"})
+    assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()  # checked before anything is written
+
+
+def test_cli_convert_official_captioning(karpathy_official, tmp_path, capsys):
+    ann, out = karpathy_official["ann"], tmp_path / "cli-captions"
+    status = xvlm_data([
+        "convert-official", "--out", str(out), "--image-root", str(karpathy_official["root"]),
+        "--captioning-train", str(ann / "coco_karpathy_train.json"),
+        "--captioning-val", str(ann / "coco_karpathy_val.json"),
+        "--captioning-test", str(ann / "coco_karpathy_test.json"),
+        "--captioning-test-gt", str(ann / "coco_karpathy_test_gt.json"),
+    ])
+    printed = capsys.readouterr().out
+    assert status == 0
+    assert "retrieval/train: 2 rows written, 2 skipped" in printed
+    assert "retrieval/validation: 1 rows written, 1 skipped" in printed
+    assert "retrieval/test: 1 rows written, 2 skipped" in printed
+    assert _rows(out, "retrieval", "test", tmp_path)[0]["captions"][1] == "Man riding a motor bike on a dirt road."
+    assert datasets.get_dataset_config_names(str(out)) == ["retrieval"]
+    status = xvlm_data([
+        "convert-official", "--out", str(tmp_path / "cli2"), "--image-root", str(karpathy_official["root"]),
+        "--retrieval-test", str(ann / "coco_karpathy_test.json"),
+        "--captioning-test", str(ann / "coco_karpathy_test.json"),
+    ])
+    assert status == 2 and "both given for split(s) ['test']" in capsys.readouterr().err

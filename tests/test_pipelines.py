@@ -1,5 +1,6 @@
 """The X-VLM pipelines on tiny models (zero-shot, retrieval, grounding, VQA ranking) and transformers'
-`image-text-to-text` pipeline on the VQA head: outputs against the model, batching, loading from a folder."""
+`image-text-to-text` pipeline on the VQA and the captioning head: outputs against the model, batching, loading
+from a folder, the opt-in default caption prompt."""
 
 from __future__ import annotations
 
@@ -10,14 +11,22 @@ import pytest
 import torch
 from PIL import Image
 from transformers import CLIPConfig, CLIPModel, pipeline
-from transformers import AutoModelForVisualQuestionAnswering
+from transformers import AutoModelForImageTextToText, AutoModelForVisualQuestionAnswering
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.image_text_to_text import ImageTextToTextPipeline
 from transformers.pipelines.zero_shot_image_classification import ZeroShotImageClassificationPipeline
 
-from modeling_xvlm import XVLMConfig, XVLMForGrounding, XVLMForQuestionAnswering, XVLMForRetrieval, XVLMModel
+from modeling_xvlm import (
+    XVLMConfig,
+    XVLMForConditionalGeneration,
+    XVLMForGrounding,
+    XVLMForQuestionAnswering,
+    XVLMForRetrieval,
+    XVLMModel,
+)
 from modeling_xvlm.pipelines import (
     XVLMImageTextRetrievalPipeline,
+    XVLMImageTextToTextPipeline,
     XVLMVisualGroundingPipeline,
     XVLMVisualQuestionAnsweringPipeline,
     XVLMZeroShotImageClassificationPipeline,
@@ -466,3 +475,115 @@ def test_vqa_from_a_saved_folder_and_saved_pipeline(vqa_model, vqa_processor, vq
         "type": "multimodal",
     }
     assert (tmp_path / "pipelines.py").is_file() and (tmp_path / "modeling_xvlm_vqa.py").is_file()
+
+
+# ------------------------------------------------------------------------------------------ captioning
+
+PROMPT = "a picture of "
+
+
+@pytest.fixture(scope="module")
+def caption_model(tiny_tokenizer) -> XVLMForConditionalGeneration:
+    """A random captioner with spread-out logits (init std 0.2), so that different images get different captions."""
+    text = {"vocab_size": len(tiny_tokenizer), "bos_token_id": tiny_tokenizer.cls_token_id,
+            "eos_token_id": tiny_tokenizer.sep_token_id, "initializer_range": 0.2}
+    config = XVLMConfig.from_preset("tiny", text_config=text, initializer_range=0.2)
+    torch.manual_seed(3)
+    return XVLMForConditionalGeneration(config).eval()
+
+
+@pytest.fixture(scope="module")
+def caption_folder(caption_model, processor, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("captioning")
+    caption_model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def direct_captions(model, processor, images, **kwargs) -> tuple[torch.Tensor, list[str]]:
+    """The model API: the official prompt, `generate` (official beam search) and the official decoding."""
+    pixel_values = processor(images=images)["pixel_values"]
+    generated = model.generate(pixel_values, input_ids=processor.caption_prompt(len(pixel_values)), **kwargs)
+    return generated, processor.post_process_captions(generated)
+
+
+def test_image_text_to_text_captions(caption_model, processor, caption_folder, images) -> None:
+    """transformers' own pipeline, loaded from a saved captioning folder: `XVLMForConditionalGeneration.generate`
+    from the official prompt, the prompt cut from the caption by the processor."""
+    captioner = pipeline("image-text-to-text", model=str(caption_folder))
+    assert type(captioner) is ImageTextToTextPipeline
+    assert type(captioner.model) is XVLMForConditionalGeneration and type(captioner.processor) is XVLMProcessor
+    generated, (caption,) = direct_captions(caption_model, processor, images[0])
+    assert generated.shape[1] <= 20 and caption  # the official 20 tokens with the prompt; the tiny model speaks
+    alone = captioner(images[0], text=PROMPT, return_full_text=False)
+    assert alone == [{"input_text": PROMPT, "generated_text": caption}]
+    # transformers' default (`return_full_text=True`): the prompt, then the caption
+    assert captioner(images[0], text=PROMPT) == [{"input_text": PROMPT, "generated_text": PROMPT + caption}]
+    tokens = captioner(images[0], text=PROMPT, return_tensors=True)[0]["generated_token_ids"]
+    assert tokens.tolist() == generated[0].tolist()
+    # several images: one prompt each, batched generate
+    _, captions = direct_captions(caption_model, processor, images)
+    assert len(set(captions)) > 1  # the captions depend on the image
+    batch = captioner(images, text=[PROMPT] * 3, return_full_text=False)
+    assert batch == [{"input_text": PROMPT, "generated_text": c} for c in captions]
+    # transformers' pipeline needs a text (XVLMImageTextToTextPipeline supplies the prompt)
+    with pytest.raises(ValueError, match="You must provide text"):
+        captioner(images[0])
+
+
+def test_image_text_to_text_caption_generation_arguments(caption_model, processor, images) -> None:
+    captioner = pipeline("image-text-to-text", model=caption_model, processor=processor)
+    for kwargs in ({"num_beams": 1}, {"num_beams": 2, "max_length": 8}, {"official_beam_scoring": False}):
+        got = captioner(images[1], text=PROMPT, return_full_text=False, generate_kwargs=kwargs)[0]["generated_text"]
+        generated, (expected,) = direct_captions(caption_model, processor, images[1], **kwargs)
+        assert got == expected, kwargs
+    assert generated.shape[1] <= 20
+    generated, (expected,) = direct_captions(caption_model, processor, images[1], max_new_tokens=3)
+    assert generated.shape[1] <= 4 + 3
+    assert captioner(images[1], text=PROMPT, max_new_tokens=3, return_full_text=False)[0]["generated_text"] == expected
+
+
+def test_image_text_to_text_loads_the_head_of_the_folder(caption_folder, vqa_folder) -> None:
+    """One Auto class, two heads on one config class: the folder's `architectures` picks the head."""
+    assert type(AutoModelForImageTextToText.from_pretrained(caption_folder)) is XVLMForConditionalGeneration
+    assert type(AutoModelForImageTextToText.from_pretrained(vqa_folder)) is XVLMForQuestionAnswering
+    assert type(pipeline("image-text-to-text", model=str(vqa_folder)).model) is XVLMForQuestionAnswering
+
+
+def test_default_caption_prompt_pipeline(caption_model, processor, vqa_model, vqa_processor, images) -> None:
+    """`XVLMImageTextToTextPipeline` (opt-in): no text means the processor's caption prompt."""
+    captioner = pipeline("image-text-to-text", model=caption_model, processor=processor,
+                         pipeline_class=XVLMImageTextToTextPipeline)
+    assert isinstance(captioner, ImageTextToTextPipeline)
+    _, captions = direct_captions(caption_model, processor, images)
+    assert captioner(images[0], return_full_text=False) == [{"input_text": PROMPT, "generated_text": captions[0]}]
+    assert captioner(images[0]) == captioner(images[0], text=PROMPT)
+    assert captioner(images, return_full_text=False) == [{"input_text": PROMPT, "generated_text": c} for c in captions]
+    # an explicit text wins
+    other = captioner(images[0], text="a photo of ", return_full_text=False)
+    assert other[0]["input_text"] == "a photo of "
+    # a VQA head has no default question
+    answerer = pipeline("image-text-to-text", model=vqa_model, processor=vqa_processor,
+                        pipeline_class=XVLMImageTextToTextPipeline)
+    with pytest.raises(ValueError, match="XVLMForQuestionAnswering answers questions: pass the question"):
+        answerer(images[0])
+    assert answerer(images[0], text=QUESTIONS[0]) == pipeline(
+        "image-text-to-text", model=vqa_model, processor=vqa_processor)(images[0], text=QUESTIONS[0])
+
+
+def test_default_caption_prompt_from_a_path_and_the_processor_prompt(caption_model, processor, images,
+                                                                     tmp_path) -> None:
+    path = tmp_path / "image.png"
+    images[2].save(path)
+    custom = XVLMProcessor(processor.image_processor, processor.tokenizer, prompt="a photo of ")
+    captioner = pipeline("image-text-to-text", model=caption_model, processor=custom,
+                         pipeline_class=XVLMImageTextToTextPipeline)
+    result = captioner(str(path), return_full_text=False)[0]
+    pixel_values = custom(images=Image.open(path))["pixel_values"]
+    generated = caption_model.generate(pixel_values, input_ids=custom.caption_prompt(1))
+    assert result == {"input_text": "a photo of ", "generated_text": custom.post_process_captions(generated)[0]}
+    empty = XVLMProcessor(processor.image_processor, processor.tokenizer, prompt="")
+    captioner = pipeline("image-text-to-text", model=caption_model, processor=empty,
+                         pipeline_class=XVLMImageTextToTextPipeline)
+    with pytest.raises(ValueError, match="caption prompt is empty"):
+        captioner(images[0])

@@ -363,3 +363,168 @@ def test_processor_image_pairs_errors(processor) -> None:
         processor(images=[(a, a)], text=[["a dog"]])
     with pytest.raises(ValueError, match=r"images\[0\] is a single image"):
         processor(images=[a, (a, a)], text=["a dog", "a cat"])
+
+
+# ------------------------------------------------------------------ captioning (official model_captioning.py)
+
+
+def _official_caption_batch(tokenizer, captions, prompt="a picture of ", max_tokens=40):
+    """The official training inputs, computed with the tokenizer's own call: `coco_karpathy_train` builds
+    `prompt + pre_caption(caption, max_tokens)`, `model_captioning.forward` tokenises with
+    `padding='longest', truncation=True, max_length=max_tokens` and masks padding and `prompt_length` tokens."""
+    texts = [prompt + pre_caption(c, max_tokens) for c in captions]
+    text = tokenizer(texts, padding="longest", truncation=True, max_length=max_tokens, return_tensors="pt")
+    prompt_length = len(tokenizer(prompt).input_ids) - 1
+    targets = text.input_ids.masked_fill(text.input_ids == tokenizer.pad_token_id, -100)
+    targets[:, :prompt_length] = -100
+    return text.input_ids, text.attention_mask, targets, prompt_length
+
+
+CAPTIONS = ["A red Dog, on the left!", "the cat", " ".join(["dogs"] * 45)]  # the last: 40 words, truncated tokens
+
+
+def test_encode_captions_is_the_official_batch(processor, tiny_tokenizer) -> None:
+    from modeling_xvlm.modeling_xvlm_captioning import CAPTION_PROMPT as MODEL_PROMPT
+    from modeling_xvlm.modeling_xvlm_captioning import caption_labels
+    from modeling_xvlm.processing import CAPTION_PROMPT
+
+    assert CAPTION_PROMPT == MODEL_PROMPT == processor.prompt == "a picture of "
+    batch = processor.encode_captions(CAPTIONS)
+    ids, mask, targets, prompt_length = _official_caption_batch(tiny_tokenizer, CAPTIONS)
+    assert prompt_length == processor.caption_prompt_length() == 4
+    assert batch["input_ids"].shape == (3, 40) and batch["input_ids"][2, -1] == tiny_tokenizer.sep_token_id
+    assert torch.equal(batch["input_ids"], ids) and torch.equal(batch["attention_mask"], mask)
+    assert batch["labels"].dtype == torch.long and torch.equal(batch["labels"], targets)
+    # the head's own target rule gives the same labels
+    assert torch.equal(batch["labels"], caption_labels(ids, mask, prompt_length=4))
+    cls, sep = tiny_tokenizer.cls_token_id, tiny_tokenizer.sep_token_id
+    words = tiny_tokenizer.convert_tokens_to_ids(["a", "picture", "of", "the", "cat"])
+    assert batch["input_ids"][1, :7].tolist() == [cls, *words, sep]
+    assert batch["labels"][1, :8].tolist() == [-100] * 4 + words[3:] + [sep, -100]
+
+
+def test_encode_captions_options(processor, tiny_tokenizer) -> None:
+    # the captioning domain pre-training: no prompt, `[CLS] caption [SEP]`, only [CLS] unlabelled
+    bare = processor.encode_captions(["a dog", "the red cat"], prompt="")
+    ids, mask, targets, prompt_length = _official_caption_batch(tiny_tokenizer, ["a dog", "the red cat"], prompt="")
+    assert prompt_length == 1 and torch.equal(bare["input_ids"], ids) and torch.equal(bare["labels"], targets)
+    assert torch.equal(bare["attention_mask"], mask)
+    # a processor prompt is the default of every caption method
+    processor.prompt = "a photo of "
+    photo = processor.encode_captions(["a dog"])
+    assert torch.equal(photo["input_ids"], _official_caption_batch(tiny_tokenizer, ["a dog"], "a photo of ")[0])
+    assert processor.caption_prompt(1)[0].tolist() == tiny_tokenizer("a photo of ").input_ids[:-1]
+    processor.prompt = "a picture of "
+    # max_length (and max_words, by default the same, as the official max_tokens), padding, numpy / lists
+    short = processor.encode_captions(CAPTIONS, max_length=12)
+    assert torch.equal(short["input_ids"], _official_caption_batch(tiny_tokenizer, CAPTIONS, max_tokens=12)[0])
+    words = processor.encode_captions(["dog cat man woman"], max_words=2)
+    assert words["input_ids"][0].tolist() == tiny_tokenizer("a picture of dog cat").input_ids
+    padded = processor.encode_captions(["a dog"], padding="max_length")
+    assert padded["input_ids"].shape == (1, 40) and (padded["labels"][0, 7:] == -100).all()
+    as_np = processor.encode_captions(["a dog"], return_tensors="np")
+    assert isinstance(as_np["labels"], np.ndarray) and as_np["labels"].tolist() == padded["labels"][:, :7].tolist()
+    a_dog = tiny_tokenizer.convert_tokens_to_ids(["a", "dog"])
+    assert processor.encode_captions(["a dog"], return_tensors=None)["labels"] == [[-100] * 4 + a_dog + [3]]
+    ragged = processor.encode_captions(["a dog", "the red cat"], padding=False)  # no padding: unequal lists
+    red_cat = tiny_tokenizer.convert_tokens_to_ids(["the", "red", "cat"])
+    assert ragged["labels"] == [[-100] * 4 + a_dog + [3], [-100] * 4 + red_cat + [3]]
+
+
+def test_encode_captions_errors(processor) -> None:
+    with pytest.raises(ValueError, match=r"captions\[1\].*empty"):
+        processor.encode_captions(["a dog", "?!"])
+    with pytest.raises(ValueError, match="non-empty list"):
+        processor.encode_captions("a dog")
+    with pytest.raises(ValueError, match="non-empty list"):
+        processor.encode_captions([])
+    with pytest.raises(ValueError, match="max_length=5 leaves no token for the caption"):
+        processor.encode_captions(["a dog"], max_length=5)
+    with pytest.raises(ValueError, match="prompt must be a str"):
+        processor.encode_captions(["a dog"], prompt=3)
+    with pytest.raises(ValueError, match="prompt must be a str"):
+        XVLMProcessor(processor.image_processor, processor.tokenizer, prompt=None)
+
+
+def test_caption_prompt_is_the_official_generation_prompt(processor, tiny_tokenizer) -> None:
+    prompt = processor.caption_prompt(3)
+    official = tiny_tokenizer(["a picture of "] * 3, return_tensors="pt").input_ids[:, :-1]  # drops [SEP]
+    assert prompt.dtype == torch.long and torch.equal(prompt, official) and prompt.shape == (3, 4)
+    assert processor.caption_prompt(prompt="")[0].tolist() == [tiny_tokenizer.cls_token_id]
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="batch_size must be a positive int"):
+            processor.caption_prompt(bad)
+
+
+def _official_captions(tokenizer, rows, prompt="a picture of "):
+    """Official `_get_captions`: `tokenizer.decode(output, skip_special_tokens=True)[len(prompt):]`."""
+    return [tokenizer.decode(row, skip_special_tokens=True)[len(prompt):] for row in rows]
+
+
+def test_post_process_captions_is_the_official_decoding(processor, tiny_tokenizer) -> None:
+    prompt = processor.caption_prompt(1)[0].tolist()
+    sep = tiny_tokenizer.sep_token_id
+    words = tiny_tokenizer.convert_tokens_to_ids
+    rows = [
+        prompt + words(["a", "red", "dog"]) + [sep],
+        prompt + words(["the", "cat", "run", "##ing"]) + [sep, 0, 0],  # padded, a word piece
+        prompt + [sep] + [0] * 3,  # an empty caption
+    ]
+    width = max(len(r) for r in rows)
+    generated = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    captions = processor.post_process_captions(generated)
+    assert captions == [c.strip() for c in _official_captions(tiny_tokenizer, generated.tolist())]
+    assert captions == ["a red dog", "the cat runing", ""]
+    assert processor.post_process_captions(generated[1]) == ["the cat runing"]  # one sequence
+    assert processor.post_process_captions(generated.tolist()) == captions
+
+    class Output:  # what generate(..., return_dict_in_generate=True) returns
+        sequences = generated
+
+    assert processor.post_process_captions(Output()) == captions
+    # no prompt: the whole text (domain pre-training captions)
+    bare = [[2, *words(["a", "dog"]), sep]]
+    assert processor.post_process_captions(bare, prompt="") == ["a dog"]
+    # a prompt word outside the vocabulary decodes to nothing: its tokens are cut instead of its characters
+    unknown = processor.caption_prompt(1, prompt="a snapshot of ")[0].tolist()
+    assert tiny_tokenizer.unk_token_id in unknown
+    assert processor.post_process_captions([unknown + words(["a", "dog"]) + [sep]], prompt="a snapshot of ") == [
+        "a dog"
+    ]
+    with pytest.raises(ValueError, match="generated_ids must be token ids"):
+        processor.post_process_captions(torch.zeros(1, 2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="generated_ids must be token ids"):
+        processor.post_process_captions([["a", "b"]])
+
+
+def test_post_process_image_text_to_text_cuts_the_caption_prompt(processor, tiny_tokenizer) -> None:
+    """transformers' image-text-to-text pipeline decodes the generated ids and the prompt ids with this method."""
+    prompt = processor.caption_prompt(1)[0].tolist()
+    words = tiny_tokenizer.convert_tokens_to_ids
+    sep = tiny_tokenizer.sep_token_id
+    caption = torch.tensor([prompt + words(["a", "dog"]) + [sep]])
+    question = torch.tensor([[2, *words(["the", "picture", "of", "a", "dog"])]])  # not the prompt
+    answer = torch.tensor([[2, *words(["red"]), sep]])
+    assert processor.post_process_image_text_to_text(caption) == ["a dog"]
+    assert processor.post_process_image_text_to_text(torch.tensor([prompt])) == [""]  # the pipeline's prompt
+    assert processor.post_process_image_text_to_text(question) == ["the picture of a dog"]
+    assert processor.post_process_image_text_to_text(answer) == ["red"]
+    assert processor.post_process_image_text_to_text(caption[0]) == "a dog"  # one sequence: one str
+    # a word piece right after the prompt: the official character cut, as post_process_captions
+    piece = torch.tensor([prompt + words(["##er", "dog"]) + [sep]])
+    assert processor.post_process_image_text_to_text(piece) == processor.post_process_captions(piece) == ["r dog"]
+    # with the special tokens the text does not start with the prompt: left as decoded
+    assert processor.post_process_image_text_to_text(caption, skip_special_tokens=False) == [
+        "[CLS] a picture of a dog [SEP]"
+    ]
+    processor.prompt = ""
+    assert processor.post_process_image_text_to_text(caption) == ["a picture of a dog"]
+
+
+def test_caption_prompt_survives_save_and_load(processor, tmp_path) -> None:
+    processor.prompt = "a photo of "
+    processor.save_pretrained(tmp_path)
+    assert XVLMProcessor.from_pretrained(tmp_path).prompt == "a photo of "
+    processor.prompt = "a picture of "
+    processor.save_pretrained(tmp_path / "default")
+    assert XVLMProcessor.from_pretrained(tmp_path / "default").prompt == "a picture of "

@@ -22,6 +22,7 @@ from transformers.dynamic_module_utils import get_relative_import_files
 
 from modeling_xvlm import (
     XVLMConfig,
+    XVLMForConditionalGeneration,
     XVLMForGrounding,
     XVLMForImagesAndTextClassification,
     XVLMForPretraining,
@@ -40,6 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["a red circle on the left", "the blue square"]
 LABELS = ["red", "blue", "dog"]
 ANSWERS = ["red", "blue", "a dog", "the white cat"]
+CAPTIONS = ["A red circle on the left.", "the blue square"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -66,8 +68,9 @@ except ModuleNotFoundError:
 
 import torch
 from PIL import Image
-from transformers import (AutoConfig, AutoModel, AutoModelForPreTraining, AutoModelForVisualQuestionAnswering,
-                          AutoModelForZeroShotImageClassification, AutoProcessor, pipeline)
+from transformers import (AutoConfig, AutoModel, AutoModelForImageTextToText, AutoModelForPreTraining,
+                          AutoModelForVisualQuestionAnswering, AutoModelForZeroShotImageClassification, AutoProcessor,
+                          pipeline)
 
 expected = torch.load(os.path.join(root, "expected.pt"))
 meta = json.load(open(os.path.join(root, "meta.json")))
@@ -156,6 +159,27 @@ with torch.no_grad():
     same("XVLMForQuestionAnswering.rank_answers.scores", ranking.scores, expected["vqa_scores"])
     same("XVLMForQuestionAnswering.generate", vqa.generate(**inputs), expected["vqa_generated"])
 
+    # captioning head: the loss with prompt-masked labels, the official beam search from the prompt
+    captioner = AutoModelForImageTextToText.from_pretrained(os.path.join(root, "captioning"),
+                                                            trust_remote_code=True).eval()
+    assert type(captioner).__name__ == "XVLMForConditionalGeneration", type(captioner)
+    remote(captioner)
+    caption_ids, caption_mask, caption_labels = (expected[k] for k in ("caption_ids", "caption_mask", "caption_labels"))
+    prompt_ids = expected["caption_prompt"]
+    if meta["processor_flat"]:
+        encoded = processor.encode_captions(meta["captions"])
+        same("processor.encode_captions", encoded["labels"], caption_labels)
+        same("processor.caption_prompt", processor.caption_prompt(2), prompt_ids)
+    out = captioner(pixel_values=inputs["pixel_values"], input_ids=caption_ids, attention_mask=caption_mask,
+                    labels=caption_labels)
+    same("XVLMForConditionalGeneration.logits", out.logits, expected["caption_logits"])
+    same("XVLMForConditionalGeneration.loss", out.loss, expected["caption_loss"])
+    generated = captioner.generate(inputs["pixel_values"], input_ids=prompt_ids)
+    same("XVLMForConditionalGeneration.generate", generated, expected["caption_generated"])
+    if meta["processor_flat"]:
+        assert processor.post_process_captions(generated) == meta["captions_generated"]
+        checks.append("processor.post_process_captions")
+
 image = Image.open(os.path.join(root, "image.png"))
 zero_shot = pipeline("zero-shot-image-classification", model=os.path.join(root, "zero_shot_pipeline"),
                      trust_remote_code=True)
@@ -182,6 +206,13 @@ if meta["processor_flat"]:  # the pipeline ranks through the processor's encode_
     assert [r["answer"] for r in result] == [r["answer"] for r in meta["vqa_pipeline"]], result
     same("pipeline.xvlm-vqa", torch.tensor([r["score"] for r in result]),
          torch.tensor([r["score"] for r in meta["vqa_pipeline"]]))
+if meta["processor_flat"]:  # transformers' image-text-to-text pipeline on the remote captioner and processor
+    captioner_pipe = pipeline("image-text-to-text", model=os.path.join(root, "captioning"), trust_remote_code=True)
+    remote(captioner_pipe.model)
+    remote(captioner_pipe.processor)
+    result = captioner_pipe(image, text="a picture of ", return_full_text=False)
+    assert result == [{"input_text": "a picture of ", "generated_text": meta["captions_generated"][0]}], result
+    checks.append("pipeline.image-text-to-text.captioning")
 print(json.dumps({"checks": checks}))
 """
 
@@ -195,6 +226,11 @@ def remote_folders(tmp_path_factory, tiny_tokenizer):
     vqa_config = XVLMConfig.from_preset("tiny")  # generate needs the [CLS] / [SEP] ids
     vqa_config.text_config.bos_token_id = tokenizer.cls_token_id
     vqa_config.text_config.eos_token_id = tokenizer.sep_token_id
+    caption_config = XVLMConfig.from_preset(  # spread-out logits: captions that depend on the image
+        "tiny", initializer_range=0.2,
+        text_config={"bos_token_id": tokenizer.cls_token_id, "eos_token_id": tokenizer.sep_token_id,
+                     "initializer_range": 0.2},
+    )
     size = config.image_size
     processor = XVLMProcessor(
         XVLMImageProcessorPil(size={"height": size, "width": size}, patch_size=config.patch_stride), tokenizer
@@ -215,6 +251,7 @@ def remote_folders(tmp_path_factory, tiny_tokenizer):
         "nlvr2": XVLMForImagesAndTextClassification(nlvr2_config(config)),
         "nlvr2_pretrain": XVLMForTextAssignment(nlvr2_config(config)),
         "vqa": XVLMForQuestionAnswering(vqa_config),
+        "captioning": XVLMForConditionalGeneration(caption_config),
     }
     with torch.no_grad():
         for name, model in models.items():
@@ -240,6 +277,15 @@ def remote_folders(tmp_path_factory, tiny_tokenizer):
         )
         expected["vqa_candidate_indices"], expected["vqa_scores"] = ranking.candidate_indices, ranking.scores
         expected["vqa_generated"] = models["vqa"].generate(**inputs)
+        captions = processor.encode_captions(CAPTIONS)
+        expected["caption_ids"], expected["caption_mask"] = captions["input_ids"], captions["attention_mask"]
+        expected["caption_labels"] = captions["labels"]
+        out = models["captioning"](pixel_values=inputs["pixel_values"], **captions)
+        expected["caption_logits"], expected["caption_loss"] = out.logits, out.loss
+        expected["caption_prompt"] = processor.caption_prompt(2)
+        expected["caption_generated"] = models["captioning"].generate(
+            inputs["pixel_values"], input_ids=expected["caption_prompt"]
+        )
     torch.save(expected, root / "expected.pt")
 
     zero_shot = pipeline(
@@ -260,6 +306,8 @@ def remote_folders(tmp_path_factory, tiny_tokenizer):
         "grounding_box": grounder(image, TEXTS[0], preview=False)["box_xyxy"],
         "answers": ANSWERS,
         "vqa_pipeline": vqa_pipe(image, TEXTS[0], candidate_answers=ANSWERS, top_k=3),
+        "captions": CAPTIONS,
+        "captions_generated": processor.post_process_captions(expected["caption_generated"]),
     }
     (root / "meta.json").write_text(json.dumps(meta))
     return root, meta
@@ -294,6 +342,7 @@ FOLDER_CLASSES = {
     "nlvr2": XVLMForImagesAndTextClassification,
     "nlvr2_pretrain": XVLMForTextAssignment,
     "vqa": XVLMForQuestionAnswering,
+    "captioning": XVLMForConditionalGeneration,
 }
 
 
@@ -308,10 +357,13 @@ def test_every_head_folder_carries_its_module_and_siblings_flat(remote_folders, 
     needed = {module_file.name, "configuration_xvlm.py"}
     needed |= {Path(f).name for f in get_relative_import_files(str(module_file))}
     assert needed <= set(os.listdir(root / folder)), needed - set(os.listdir(root / folder))
+    if folder == "captioning":  # the head and its decoding (official 4.12.5 beam search) ship together
+        assert {"modeling_xvlm_captioning.py", "official_generation.py", "modeling_xvlm_text.py"} <= needed
 
 
 def test_fresh_interpreter_loads_everything_as_remote_code(remote_folders, tmp_path) -> None:
     root, meta = remote_folders
+    assert all(meta["captions_generated"])  # the tiny captioner says something: the comparisons are not vacuous
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     env = {
@@ -345,12 +397,17 @@ def test_fresh_interpreter_loads_everything_as_remote_code(remote_folders, tmp_p
         "XVLMForQuestionAnswering.rank_answers.candidate_indices",
         "XVLMForQuestionAnswering.rank_answers.scores",
         "XVLMForQuestionAnswering.generate",
+        "XVLMForConditionalGeneration.logits",
+        "XVLMForConditionalGeneration.loss",
+        "XVLMForConditionalGeneration.generate",
         "pipeline.zero-shot",
         "pipeline.visual-grounding",
     }
     if meta["processor_flat"]:
         expected_checks |= {"processor.pixel_values", "processor.input_ids", "processor.attention_mask",
-                            "processor.encode_answers", "pipeline.xvlm-vqa"}
+                            "processor.encode_answers", "pipeline.xvlm-vqa", "processor.encode_captions",
+                            "processor.caption_prompt", "processor.post_process_captions",
+                            "pipeline.image-text-to-text.captioning"}
     assert set(checks) == expected_checks
 
 
@@ -365,6 +422,7 @@ def test_shipped_model_modules_import_only_siblings() -> None:
     for cls in (
         XVLMConfig, XVLMModel, XVLMForRetrieval, XVLMForGrounding, XVLMForPretraining,
         XVLMForImagesAndTextClassification, XVLMForTextAssignment, XVLMForQuestionAnswering,
+        XVLMForConditionalGeneration,
     ):
         assert ships_flat(cls), cls
 

@@ -212,6 +212,24 @@ def test_captions_name_every_object_with_a_relation():
             assert scene.captions[1].startswith("from left to right")
 
 
+def test_retrieval_rows_serve_as_captioning_data():
+    """Captioning reuses the `retrieval` rows (docs/data.md): three whole-image captions per image, unchanged by the
+    official training cleaning (`pre_caption(caption, max_tokens=40)`, configs/Captioning.yaml) and by the metric
+    tokenizer, so leave-one-out predictions score as ordinary captions."""
+    from modeling_xvlm.caption_metrics import caption_metrics, simple_tokenize
+    from modeling_xvlm.processing.text import pre_caption
+
+    rows = [scene_records(scene)["retrieval"] for scene in generate_split(SMALL, "test")]
+    assert len({r["image_id"] for r in rows}) == len(rows)
+    for row in rows:
+        assert len(row["captions"]) == 3
+        assert all(pre_caption(c, 40) == c == simple_tokenize(c) for c in row["captions"])
+    predictions = {r["image_id"]: r["captions"][0] for r in rows}
+    references = {r["image_id"]: r["captions"][1:] for r in rows}
+    scores = caption_metrics(predictions, references, metrics=("BLEU-1", "CIDEr"), tokenizer="simple")
+    assert 0.3 < scores["BLEU-1"] < 1.0 and 0.0 < scores["CIDEr"] < 10.0
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Vocabulary and tokenizer
 # --------------------------------------------------------------------------------------------------------------------

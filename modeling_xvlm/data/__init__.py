@@ -4,7 +4,8 @@
   and ``vqa_answers`` configurations,
   validation helpers and the folder writer (Parquet shards + dataset card);
 * :mod:`.synthetic` - the deterministic synthetic-shapes generator, its vocabulary and tokenizer;
-* :mod:`.official` - the converter from the official X-VLM JSON files;
+* :mod:`.official` - the converter from the official X-VLM JSON files (also COCO Karpathy captioning, stored as
+  ``retrieval`` rows), :func:`coco_image_id` and :func:`load_coco_caption_references`;
 * :mod:`.loading` - :func:`load_xvlm_dataset` (defaults to the cached synthetic dataset), :func:`load_vqa_answer_list`;
 * :mod:`.cli` - the ``xvlm-data`` command.
 """
@@ -17,7 +18,7 @@ from .loading import (
     retrieval_pairs,
     synthetic_dataset_dir,
 )
-from .official import ConversionSummary, convert_official
+from .official import ConversionSummary, coco_image_id, convert_official, load_coco_caption_references
 from .schemas import (
     CONFIG_NAMES,
     GROUNDING_FEATURES,
@@ -70,6 +71,8 @@ __all__ = [
     "synthetic_tokenizer",
     "ConversionSummary",
     "convert_official",
+    "coco_image_id",
+    "load_coco_caption_references",
     "load_xvlm_dataset",
     "retrieval_pairs",
     "load_vqa_answer_list",

@@ -10,6 +10,10 @@ Examples::
         --nlvr2-train nlvr_train.json --nlvr2-validation nlvr_dev.json --nlvr2-test nlvr_test.json
     xvlm-data convert-official --out data/vqa --image-root images/coco --vg-image-root images/visualgenome \\
         --vqa-train vqa_train.json vqa_val.json vg_qa.json --vqa-test vqa_test.json --vqa-answer-list answer_list.json
+    xvlm-data convert-official --out data/coco-captions --image-root images/coco \\
+        --captioning-train coco_karpathy_train.json --captioning-val coco_karpathy_val.json \\
+        --captioning-test coco_karpathy_test.json --captioning-val-gt coco_karpathy_val_gt.json \\
+        --captioning-test-gt coco_karpathy_test_gt.json
     xvlm-data info data/coco
 """
 
@@ -80,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
         flags = [f"--vqa-{split}"] + (["--vqa-val"] if split == "validation" else [])
         conv.add_argument(*flags, dest=f"vqa_{split}", nargs="+", type=Path, default=[], metavar="JSON",
                           help=f"VQA file(s), concatenated in order, e.g. {example}")
+    for split, example in (("train", "train"), ("validation", "val"), ("test", "test")):
+        flags = [f"--captioning-{split}"] + (["--captioning-val"] if split == "validation" else [])
+        conv.add_argument(*flags, dest=f"captioning_{split}", type=Path, default=None, metavar="JSON",
+                          help=f"COCO Karpathy captioning file, e.g. coco_karpathy_{example}.json (retrieval rows)")
+        if split != "train":
+            flags = [f"--captioning-{split}-gt"] + (["--captioning-val-gt"] if split == "validation" else [])
+            conv.add_argument(*flags, dest=f"captioning_{split}_gt", type=Path, default=None, metavar="JSON",
+                              help=f"its ground truth (COCO caption format), e.g. coco_karpathy_{example}_gt.json")
     conv.add_argument("--vqa-answer-list", type=Path, default=None, metavar="JSON",
                       help="the candidate answers of the ranking evaluation (answer_list.json)")
     conv.add_argument("--vg-image-root", type=Path, default=None,
@@ -140,6 +152,9 @@ def _convert(args: argparse.Namespace) -> int:
         nlvr2={"train": args.nlvr2_train, "validation": args.nlvr2_validation, "test": args.nlvr2_test},
         vqa={"train": args.vqa_train, "validation": args.vqa_validation, "test": args.vqa_test},
         vqa_answer_list=args.vqa_answer_list,
+        captioning={"train": args.captioning_train, "validation": args.captioning_validation,
+                    "test": args.captioning_test},
+        captioning_gt={"validation": args.captioning_validation_gt, "test": args.captioning_test_gt},
         vg_image_root=args.vg_image_root,
         refcoco_refs=args.refcoco_refs,
         refcoco_instances=args.refcoco_instances,

@@ -13,7 +13,12 @@ Inputs (official formats, see docs/data.md):
   (``nlvr_train.json``, ``nlvr_dev.json`` -> ``validation``, ``nlvr_test.json`` = test-P);
 * VQA lists ``[{"image", "question", "answer": [str] (vqa) | str (vg), "dataset"?: "vqa" | "vg" | "gqa",
   "question_id"?}]`` (``vqa_train.json``, ``vqa_val.json``, ``vg_qa.json``, test ``vqa_test.json`` without answers)
-  and the candidate answers ``answer_list.json`` (a JSON list of strings).
+  and the candidate answers ``answer_list.json`` (a JSON list of strings);
+* COCO Karpathy captioning lists (official ``dataset/coco_karpathy_dataset.py``): train
+  ``[{"image", "caption": str, "image_id": "coco_<id>"}]``, val/test ``[{"image", "caption": [str]}]`` (the
+  ``retrieval`` formats: they become ``retrieval`` rows) and the ground truth ``coco_karpathy_{val,test}_gt.json``
+  (COCO caption format ``{"annotations": [{"image_id": int, "caption": str}]}``), whose captions become the
+  references of the val/test rows.
 
 Output: the layout of :mod:`modeling_xvlm.data.schemas` (``pretrain``/``retrieval``/``grounding``/``nlvr2``/``vqa``/
 ``vqa_answers`` configs), images embedded with their original bytes. Missing or unreadable images, malformed records and unusable
@@ -28,6 +33,7 @@ import io
 import json
 import os
 import pickle
+import re
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +44,14 @@ from PIL import Image, UnidentifiedImageError
 
 from .schemas import DatasetFolderWriter, as_text_list, clip_bbox, write_json
 
-__all__ = ["ConversionSummary", "convert_official", "load_refcoco_boxes", "SPLIT_ALIASES"]
+__all__ = [
+    "ConversionSummary",
+    "convert_official",
+    "load_refcoco_boxes",
+    "coco_image_id",
+    "load_coco_caption_references",
+    "SPLIT_ALIASES",
+]
 
 #: Official split names -> Hub split names.
 SPLIT_ALIASES = {"train": "train", "val": "validation", "valid": "validation", "validation": "validation",
@@ -341,6 +354,74 @@ def _retrieval_rows(
                "captions": entry["captions"], "group": ""}
 
 
+_IMAGE_SUFFIX = re.compile(r"\.(jpe?g|png|bmp|gif|webp)$", re.IGNORECASE)
+
+
+def coco_image_id(image: str | int) -> int:
+    """The numeric COCO image id of an image path or id, as the official captioning evaluation parses it
+    (``coco_karpathy_caption_eval``: the last ``_``-separated field of the file name, extension removed).
+
+    ``"val2014/COCO_val2014_000000391895.jpg"`` -> ``391895``; ``"coco_522418"`` (a Karpathy train ``image_id``)
+    -> ``522418``; ``"391895"`` or ``391895`` -> ``391895``. Raises ValueError when the name ends in no number.
+    """
+    if isinstance(image, bool) or not isinstance(image, (int, str)):
+        raise TypeError(f"expected an image path or id (str or int), got {type(image).__name__}: {image!r}")
+    if isinstance(image, int):
+        return image
+    stem = _IMAGE_SUFFIX.sub("", image.replace("\\", "/").rsplit("/", 1)[-1])
+    digits = stem.rsplit("_", 1)[-1]
+    if not re.fullmatch(r"[0-9]+", digits):
+        raise ValueError(
+            f"no COCO image id in {image!r}: expected a file name ending in _<digits> (COCO_val2014_000000391895.jpg)"
+        )
+    return int(digits)
+
+
+def load_coco_caption_references(path: str | os.PathLike) -> dict[int, list[str]]:
+    """``{COCO image id: [captions]}`` of a COCO caption annotation file (``coco_karpathy_{val,test}_gt.json``, the
+    references of the official ``coco_caption_eval``), captions raw and in file order."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    annotations = data.get("annotations") if isinstance(data, dict) else None
+    if not isinstance(annotations, list):
+        raise ValueError(f'{path}: expected COCO caption annotations {{"annotations": [{{"image_id", "caption"}}]}}')
+    references: dict[int, list[str]] = {}
+    for i, annotation in enumerate(annotations):
+        image_id = annotation.get("image_id") if isinstance(annotation, dict) else None
+        caption = annotation.get("caption") if isinstance(annotation, dict) else None
+        if isinstance(image_id, bool) or not isinstance(image_id, int) or not isinstance(caption, str):
+            raise ValueError(f"{path}: annotations[{i}] needs an integer image_id and a caption string, "
+                             f"got {annotation!r}")
+        references.setdefault(image_id, []).append(caption)
+    return references
+
+
+def _captioning_rows(
+    path: str | os.PathLike, split: str, root: Path, reader: _ImageReader, summary: ConversionSummary,
+    max_records: int | None, references: Mapping[int, Sequence[str]] | None,
+) -> Iterator[dict[str, Any]]:
+    """COCO Karpathy captioning records as ``retrieval`` rows (the same formats). Validation/test rows need a COCO
+    id in the image file name (the official evaluation parses it: ``invalid_record`` otherwise) and, given the
+    ground truth ``references``, take its captions (``not_in_gt`` when it has none for the image)."""
+    for row in _retrieval_rows(path, split, root, reader, summary, max_records):
+        if split == "train":
+            yield row
+            continue
+        rel = row["image"]["path"]
+        try:
+            image_id = coco_image_id(rel)
+        except ValueError as error:
+            summary.skip("retrieval", split, "invalid_record", str(error))
+            continue
+        if references is not None:
+            captions = [c for c in references.get(image_id, ()) if c.strip()]
+            if not captions:
+                summary.skip("retrieval", split, "not_in_gt", f"{rel} (COCO id {image_id})")
+                continue
+            row = {**row, "captions": captions}
+        yield row
+
+
 def _grounding_rows(
     path: str | os.PathLike, split: str, root: Path, reader: _ImageReader, summary: ConversionSummary,
     boxes: Mapping[int, Mapping[str, Any]] | None, max_records: int | None,
@@ -505,6 +586,20 @@ def _split_name(name: str) -> str:
     return SPLIT_ALIASES[name]
 
 
+def _check_captioning_splits(
+    retrieval: Mapping[str, Any], captioning: Mapping[str, Any], captioning_gt: Mapping[str, Any]
+) -> None:
+    both = sorted(set(retrieval) & set(captioning))
+    if both:
+        raise ValueError(f"retrieval and captioning files both given for split(s) {both}: both become rows of "
+                         "retrieval/<split>; convert them into separate folders")
+    if "train" in captioning_gt:
+        raise ValueError("captioning ground truth is for the validation and test splits only")
+    orphans = sorted(set(captioning_gt) - set(captioning))
+    if orphans:
+        raise ValueError(f"captioning ground truth given for split(s) {orphans} without their captioning file")
+
+
 def convert_official(
     out_dir: str | os.PathLike,
     image_root: str | os.PathLike,
@@ -516,6 +611,8 @@ def convert_official(
     nlvr2: Mapping[str, str | os.PathLike] | None = None,
     vqa: Mapping[str, str | os.PathLike | Sequence[str | os.PathLike]] | None = None,
     vqa_answer_list: str | os.PathLike | None = None,
+    captioning: Mapping[str, str | os.PathLike] | None = None,
+    captioning_gt: Mapping[str, str | os.PathLike] | None = None,
     vg_image_root: str | os.PathLike | None = None,
     refcoco_refs: str | os.PathLike | None = None,
     refcoco_instances: str | os.PathLike | None = None,
@@ -545,6 +642,13 @@ def convert_official(
             question; questions and answers stored as given; a ``train`` record without answers is skipped
             (``no_answer``). ``question_id`` is the record's, else ``-(1 + position in the split)``.
         vqa_answer_list: ``answer_list.json`` (``vqa_answers`` config, split ``test``, order kept).
+        captioning: ``{"train": coco_karpathy_train.json, "val": coco_karpathy_val.json, "test":
+            coco_karpathy_test.json}`` (any subset): ``retrieval`` rows (one per image, every caption; a split given
+            here may not also be given in ``retrieval``). Validation/test images need a COCO id in the file name
+            (official ``coco_karpathy_caption_eval``; :func:`coco_image_id`).
+        captioning_gt: ``{"val": coco_karpathy_val_gt.json, "test": coco_karpathy_test_gt.json}``: the official
+            references (COCO caption format); the rows of that split take their captions from it, an image
+            without ground truth is skipped (``not_in_gt``).
         vg_image_root: the root of ``"dataset": "vg"`` images (official ``vg_root``; default: the ``vqa`` root).
             ``"vqa"`` records and those without ``dataset`` use the ``vqa`` root; ``"gqa"`` paths are used as given.
         refcoco_refs, refcoco_instances: ``refs(unc).p`` and ``instances.json`` giving the boxes (and the
@@ -564,12 +668,16 @@ def convert_official(
     grounding = {_split_name(k): v for k, v in (grounding or {}).items() if v}
     nlvr2 = {_split_name(k): v for k, v in (nlvr2 or {}).items() if v}
     vqa = {_split_name(k): _as_paths(v) for k, v in (vqa or {}).items() if _as_paths(v)}
+    captioning = {_split_name(k): v for k, v in (captioning or {}).items() if v}
+    captioning_gt = {_split_name(k): v for k, v in (captioning_gt or {}).items() if v}
+    _check_captioning_splits(retrieval, captioning, captioning_gt)
     pretrain_text, pretrain_regions = list(pretrain_text), list(pretrain_regions)
     answer_files = [vqa_answer_list] if vqa_answer_list else []
     inputs = [*pretrain_text, *pretrain_regions, *retrieval.values(), *grounding.values(), *nlvr2.values(),
-              *(p for paths in vqa.values() for p in paths), *answer_files]
+              *(p for paths in vqa.values() for p in paths), *answer_files, *captioning.values(),
+              *captioning_gt.values()]
     if not inputs:
-        raise ValueError("nothing to convert: give pre-training, retrieval, grounding, NLVR2 or VQA files")
+        raise ValueError("nothing to convert: give pre-training, retrieval, grounding, NLVR2, VQA or captioning files")
     for path in inputs:
         if not Path(path).exists():
             raise FileNotFoundError(f"input file not found: {path}")
@@ -581,6 +689,7 @@ def convert_official(
         if not (refcoco_refs and refcoco_instances):
             raise ValueError("give both refcoco_refs (refs(unc).p) and refcoco_instances (instances.json)")
         boxes = load_refcoco_boxes(refcoco_refs, refcoco_instances)
+    gt_references = {split: load_coco_caption_references(path) for split, path in captioning_gt.items()}
 
     summary = ConversionSummary()
     reader = _ImageReader(summary, verify=verify_images)
@@ -597,6 +706,10 @@ def convert_official(
                     writer.add("pretrain", "train", row)
         for split, path in retrieval.items():
             for row in _retrieval_rows(path, split, roots["retrieval"], reader, summary, max_records):
+                writer.add("retrieval", split, row)
+        for split, path in captioning.items():
+            for row in _captioning_rows(path, split, roots["retrieval"], reader, summary, max_records,
+                                        gt_references.get(split)):
                 writer.add("retrieval", split, row)
         for split, path in grounding.items():
             for row in _grounding_rows(path, split, roots["grounding"], reader, summary, boxes, max_records):

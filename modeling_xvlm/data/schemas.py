@@ -10,7 +10,9 @@ One dataset folder holds several *configurations* (subsets), each with its own `
 ``retrieval``
     Image-text retrieval (official ``dataset/re_dataset.py``, ``coco_train/val/test.json``): one row per image with ``captions`` (every
     caption of the image), ``image_id``, ``width``, ``height`` and ``group``. Training code samples one caption per
-    image, or expands the rows into pairs with :func:`modeling_xvlm.data.loading.retrieval_pairs`.
+    image, or expands the rows into pairs with :func:`modeling_xvlm.data.loading.retrieval_pairs`. Image
+    captioning (official ``dataset/coco_karpathy_dataset.py``, ``coco_karpathy_train/val/test.json``) uses the same
+    rows: ``captions`` are the training targets / the evaluation references.
 ``grounding``
     Referring-expression grounding with boxes (official ``dataset/grounding_dataset.py``, RefCOCO+): one row per expression with ``text``,
     ``bbox`` (``[x, y, w, h]`` pixels of the referent), ``ref_id``, ``image_id``, ``width``, ``height``, ``group``.

@@ -4,25 +4,31 @@
 * :mod:`.augment` / :mod:`.collators` / :mod:`.region_collators` / :mod:`.masking` / :mod:`.data` - official
   augmentations, task collators, pre-training and grounding batches, MLM masking, step-indexed data.
 * :mod:`.checkpointing` - atomic, exactly resumable checkpoints.
+* :mod:`.scst` - self-critical sequence training of the captioner (official ``Captioning_scst.py``).
 * :mod:`.train` - ``xvlm-train`` (accelerate); :mod:`.evaluate` - ``xvlm-eval``; :mod:`.main_job` - the CPU demo.
 """
 
 from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from .collators import (
     BoxSafeRegionSampler,
+    XVLMCaptioningCollator,
+    XVLMCaptioningSCSTCollator,
     XVLMGroundingTrainCollator,
     XVLMImageTextTransform,
     XVLMNLVR2Collator,
     XVLMRetrievalCollator,
     XVLMTextAssignmentCollator,
     XVLMVQACollator,
+    captioning_train_transform,
     nlvr2_train_transform,
     vqa_answer_weights,
     vqa_train_transform,
 )
+from .data import CaptionRecords
 from .masking import XVLMTextMasker, mask_token_ids
 from .region_collators import XVLMGroundingCollator, XVLMPretrainCollator, XVLMRegionSampler, mentions_left_right
 from .evaluate import (
+    evaluate_captioning,
     evaluate_grounding,
     evaluate_nlvr2,
     evaluate_retrieval,
@@ -41,14 +47,18 @@ from .recipe import (
     linear_warmup_decay,
     parameter_groups,
 )
+from .scst import XVLMSelfCriticalCaptioning, sample_captions, scst_document_frequencies, scst_loss
 from .train import TrainConfig, train
 
 __all__ = [
     "BoxSafeRegionSampler",
+    "CaptionRecords",
     "NO_DECAY_SUBSTRINGS",
     "TASK_RECIPES",
     "TaskRecipe",
     "TrainConfig",
+    "XVLMCaptioningCollator",
+    "XVLMCaptioningSCSTCollator",
     "XVLMGroundingCollator",
     "XVLMGroundingTrainCollator",
     "XVLMImageTextTransform",
@@ -56,11 +66,14 @@ __all__ = [
     "XVLMPretrainCollator",
     "XVLMRegionSampler",
     "XVLMRetrievalCollator",
+    "XVLMSelfCriticalCaptioning",
     "XVLMTextAssignmentCollator",
     "XVLMTextMasker",
     "XVLMVQACollator",
+    "captioning_train_transform",
     "create_optimizer",
     "create_scheduler",
+    "evaluate_captioning",
     "evaluate_grounding",
     "evaluate_nlvr2",
     "evaluate_retrieval",
@@ -74,7 +87,10 @@ __all__ = [
     "nlvr2_train_transform",
     "load_checkpoint",
     "parameter_groups",
+    "sample_captions",
     "save_checkpoint",
+    "scst_document_frequencies",
+    "scst_loss",
     "train",
     "vqa_answer_weights",
     "vqa_metrics",

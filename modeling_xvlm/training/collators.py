@@ -16,6 +16,11 @@
 * :class:`XVLMVQACollator` - VQA rows (``image``, ``question``, ``answers``, ``source``) ->
   ``XVLMForQuestionAnswering`` inputs: the questions, every question's unique answers with their official weights
   (:func:`vqa_answer_weights`) as ``labels``; official careful flip, then :func:`vqa_train_transform`.
+* :class:`XVLMCaptioningCollator` - image-caption rows -> ``XVLMForConditionalGeneration`` inputs: ``[CLS] prompt
+  caption [SEP]`` (official ``prompt + pre_caption(caption, 40)``), ``labels`` with the prompt and padding -100
+  (:func:`captioning_train_transform`, the retrieval ``train_transform``, for training).
+* :class:`XVLMCaptioningSCSTCollator` - image rows -> self-critical batches: the images and up to five reference
+  captions per image (official ``coco_karpathy_train_scst``) plus the batch's sampling seed.
 * :class:`XVLMTextAssignmentCollator` - image-text rows -> ``XVLMForTextAssignment`` inputs (official
   ``NLVR_pretrain.py``: the ``pretrain_transform`` images and the captions; the model draws the image pairs).
 * :class:`XVLMImageTextTransform` - the official ``pretrain_transform`` for pre-training image-text rows.
@@ -37,7 +42,8 @@ import PIL.Image
 import torch
 from transformers.feature_extraction_utils import BatchFeature
 
-from ..processing import encode_texts, load_image_rgb
+from ..modeling_xvlm_captioning import CAPTION_PROMPT
+from ..processing import encode_texts, load_image_rgb, pre_caption
 from .augment import RandomAugment, hflip, random_resized_crop
 from .region_collators import XVLMRegionSampler, mentions_left_right
 
@@ -48,7 +54,10 @@ __all__ = [
     "XVLMNLVR2Collator",
     "XVLMTextAssignmentCollator",
     "XVLMVQACollator",
+    "XVLMCaptioningCollator",
+    "XVLMCaptioningSCSTCollator",
     "BoxSafeRegionSampler",
+    "captioning_train_transform",
     "encode_questions",
     "nlvr2_label",
     "nlvr2_train_transform",
@@ -533,3 +542,152 @@ def _encode(processor, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor
         max_words=processor.max_words,
     )
     return torch.tensor(ids, dtype=torch.long), torch.tensor(att, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Captioning
+# ----------------------------------------------------------------------------------------------------------------
+
+#: Official caption word limit: `coco_karpathy_train(max_words=config['max_tokens'])`, 40 (`dataset/__init__.py`).
+CAPTION_MAX_WORDS = 40
+#: Official caption token limit: `max_tokens` 40 of `configs/Captioning.yaml` (prompt, [CLS] and [SEP] included).
+CAPTION_MAX_TOKENS = 40
+#: References per image of an SCST batch (official `coco_karpathy_train_scst`: `random.sample(captions_gt, 5)`).
+SCST_NUM_REFERENCES = 5
+
+
+def captioning_train_transform(
+    image_size: int, randaugment: bool = True, crop_scale_min: float = 0.5, careful_hflip: bool = True
+) -> XVLMImageTextTransform:
+    """The official captioning (and SCST) training transform, ``train_transform`` (``dataset/__init__.py``:
+    ``caption_coco`` / ``caption_coco_scst``), the retrieval one: RandomResizedCrop(image_size, scale=(0.5, 1))
+    (bicubic) -> horizontal flip (p = 0.5; skipped when the caption says left/right unless
+    ``careful_hflip=False``, the official behaviour) -> RandAugment(2, 7)."""
+    return XVLMImageTextTransform(
+        image_size, scale=(crop_scale_min, 1.0), careful_hflip=careful_hflip, randaugment=randaugment
+    )
+
+
+def _row_captions(row: dict, k: int, what: str) -> list[str]:
+    captions = row["caption"] if row.get("caption") is not None else row.get("captions")
+    if isinstance(captions, str):
+        captions = [captions]
+    if "image" not in row or not captions:
+        missing = "image" if "image" not in row else "caption"
+        raise ValueError(f"{what} row {k} has no {missing} (keys: {sorted(row)})")
+    return list(captions)
+
+
+class XVLMCaptioningCollator:
+    """Image-caption rows -> ``XVLMForConditionalGeneration.forward`` inputs:
+
+    * ``pixel_values`` ``(B, 3, H, W)``;
+    * ``input_ids``, ``attention_mask`` ``(B, L)``: ``[CLS] prompt caption [SEP]``
+      (``XVLMProcessor.encode_captions``: official ``prompt + pre_caption(caption, 40)``, at most 40 tokens);
+    * ``labels`` ``(B, L)``: ``input_ids`` with the prompt (``[CLS] a picture of``, official ``prompt_length``)
+      and the padding set to -100.
+
+    Rows: ``{"image", "caption": str}`` (one record per image and caption, as the official training file), or
+    ``{"image", "captions": [str]}`` / ``{"image", "caption": [str]}`` (one row per image: one caption is drawn
+    per row and batch with ``self.rng``, which the training loop seeds per batch). ``transform``: the training
+    augmentation (:func:`captioning_train_transform`); ``None`` resizes only (official ``test_transform``).
+
+    Args:
+        processor: an ``XVLMProcessor``.
+        transform: the training transform, or ``None``.
+        prompt: the text every caption starts with (official ``'a picture of '``; ``""`` for the captioning domain
+            pre-training: ``[CLS] caption [SEP]``).
+        max_words: ``pre_caption`` word limit (official 40, ``max_tokens``); max_length: token limit (official 40;
+            ``None``: the processor's ``max_length``).
+    """
+
+    def __init__(
+        self,
+        processor,
+        transform: XVLMImageTextTransform | None = None,
+        prompt: str = CAPTION_PROMPT,
+        max_words: int | None = CAPTION_MAX_WORDS,
+        max_length: int | None = CAPTION_MAX_TOKENS,
+    ) -> None:
+        self.processor = processor
+        self.transform = transform
+        self.prompt = prompt
+        self.max_words = max_words
+        self.max_length = max_length
+        prompt_length = processor.caption_prompt_length(prompt)
+        if max_length is not None and prompt_length + 2 > max_length:
+            raise ValueError(f"the prompt {prompt!r} takes {prompt_length} of the {max_length} tokens: no room for a "
+                             "caption and [SEP]")
+        self.rng = random.Random()
+
+    def __call__(self, rows: Sequence[dict]) -> BatchFeature:
+        images, captions = [], []
+        for k, r in enumerate(rows):
+            choices = _row_captions(r, k, "captioning")
+            caption = choices[0] if len(choices) == 1 else self.rng.choice(choices)
+            image = r["image"]
+            if self.transform is not None:
+                image = self.transform(image, [caption])
+            images.append(image)
+            captions.append(caption)
+        text = self.processor.encode_captions(captions, prompt=self.prompt, max_length=self.max_length,
+                                              max_words=self.max_words)
+        return BatchFeature(
+            {
+                "pixel_values": pixel_values_from_pil(images, self.processor.image_processor),
+                "input_ids": text["input_ids"],
+                "attention_mask": text["attention_mask"],
+                "labels": text["labels"],
+            }
+        )
+
+
+class XVLMCaptioningSCSTCollator:
+    """Image rows ``{"image", "captions"}`` -> self-critical batches (official ``coco_karpathy_train_scst``):
+
+    * ``pixel_values`` ``(B, 3, H, W)`` (``transform``: the official ``train_transform``,
+      :func:`captioning_train_transform`; ``None`` resizes only);
+    * ``references``: per image, ``num_references`` of its captions drawn without replacement (all of them when it
+      has fewer; official ``random.sample(captions_gt, 5)``), ``pre_caption``-cleaned (40 words), no prompt;
+    * ``sample_seed`` (a 0-d long tensor): the seed of the batch's caption sampling, drawn from ``self.rng``
+      (seeded per batch by the training loop, so a step's samples are a function of the step).
+
+    A row's ``caption`` (the record's own caption, when the rows are one per image and caption) is ignored: the
+    official SCST record only selects the image.
+    """
+
+    def __init__(
+        self,
+        processor,
+        transform: XVLMImageTextTransform | None = None,
+        max_words: int | None = CAPTION_MAX_WORDS,
+        num_references: int = SCST_NUM_REFERENCES,
+    ) -> None:
+        if num_references < 1:
+            raise ValueError(f"num_references must be at least 1, got {num_references}")
+        self.processor = processor
+        self.transform = transform
+        self.max_words = max_words
+        self.num_references = num_references
+        self.rng = random.Random()
+
+    def __call__(self, rows: Sequence[dict]) -> BatchFeature:
+        images, references = [], []
+        for k, r in enumerate(rows):
+            row = {key: v for key, v in r.items() if key != "caption"}
+            captions = _row_captions(row, k, "SCST")
+            try:
+                cleaned = [pre_caption(c, self.max_words) for c in captions]
+            except ValueError as error:
+                raise ValueError(f"SCST row {k}: {error}") from None
+            refs = self.rng.sample(cleaned, min(self.num_references, len(cleaned)))
+            image = r["image"] if self.transform is None else self.transform(r["image"], refs)
+            images.append(image)
+            references.append(refs)
+        return BatchFeature(
+            {
+                "pixel_values": pixel_values_from_pil(images, self.processor.image_processor),
+                "references": references,
+                "sample_seed": torch.tensor(self.rng.getrandbits(62), dtype=torch.long),
+            }
+        )

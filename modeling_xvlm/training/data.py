@@ -19,6 +19,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .collators import reseed
 
 __all__ = [
+    "CaptionRecords",
+    "caption_lists",
     "pretrain_image_text_row",
     "pretrain_region_row",
     "StepBatchSampler",
@@ -58,6 +60,53 @@ def pretrain_region_row(row: dict) -> dict:
     ]
     captions = list(row.get("captions") or []) or None
     return {"image": row["image"], "caption": captions, "objects": objects}
+
+
+def caption_lists(dataset: Any, n: int | None = None) -> list[list[str]]:
+    """The ``captions`` of the first ``n`` rows of a ``retrieval``-schema dataset, without decoding any image (a
+    ``datasets.Dataset`` is read by its text column)."""
+    n = len(dataset) if n is None else min(n, len(dataset))
+    names = getattr(dataset, "column_names", None)
+    if names is not None:
+        column = "captions" if "captions" in names else "caption"
+        values = dataset.select_columns([column])[:n][column]
+    else:
+        values = [dataset[i]["captions"] if "captions" in dataset[i] else dataset[i]["caption"] for i in range(n)]
+    return [[v] if isinstance(v, str) else list(v or []) for v in values]
+
+
+class CaptionRecords(Dataset):
+    """One record per (image, caption) of ``retrieval`` rows (one row per image with its ``captions``), as the
+    official captioning training file holds them (``coco_karpathy_train.json``: one record per annotation), so
+    that an epoch visits every caption once and an image as often as it has captions.
+
+    ``records[k]`` is the image's row with ``caption`` = its ``j``-th caption; the images are read only when a
+    record is. Images without captions are an error.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+        self.index: list[tuple[int, int]] = []
+        for i, captions in enumerate(caption_lists(dataset)):
+            if not captions:
+                raise ValueError(f"retrieval row {i} (image_id {_row_id(dataset, i)!r}) has no captions")
+            self.index.extend((i, j) for j in range(len(captions)))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, k: int) -> dict:
+        i, j = self.index[int(k)]
+        row = dict(self.dataset[i])
+        row["caption"] = list(row["captions"])[j]
+        return row
+
+
+def _row_id(dataset: Any, i: int) -> Any:
+    names = getattr(dataset, "column_names", None)
+    if names is not None:
+        return dataset.select_columns(["image_id"])[i]["image_id"] if "image_id" in names else i
+    return dataset[i].get("image_id", i)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,10 @@
   ranking (``XVLMForQuestionAnswering.rank_answers``, ``k_test`` 128) and the best candidate is the answer. The
   result list ``[{"question_id", "answer"}]`` is the file the VQA evaluation server takes; when the rows have
   annotator answers, :func:`vqa_metrics` adds the official exact match and the soft VQA accuracy.
+* Captioning (official ``Captioning.py::evaluation`` + ``coco_caption_eval``): images resized square, the official
+  beam search from the prompt ``[CLS] a picture of``, captions decoded as officially; the result list
+  ``[{"image_id", "caption"}]`` (deduplicated by ``image_id``) is the official result file, scored with
+  pycocoevalcap (BLEU-4, METEOR, ROUGE-L, CIDEr) next to a constant-caption and a nearest-neighbour baseline.
 
 Usage::
 
@@ -23,6 +27,7 @@ Usage::
     xvlm-eval grounding --model out/grounding --dataset my-refcoco-folder --split test
     xvlm-eval nlvr2 --model out/nlvr2 --dataset my-nlvr2-folder --split test
     xvlm-eval vqa --model out/vqa --dataset my-vqa-folder --split test --output result.json
+    xvlm-eval captioning --model out/captioning --dataset my-coco-captions --split test --output result.json
 """
 
 from __future__ import annotations
@@ -30,24 +35,30 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+import PIL.Image
 import torch
 from transformers import AutoTokenizer
 
 from ..box_ops import inclusive_pixel_iou
-from ..data import load_xvlm_dataset, synthetic_tokenizer
+from ..caption_metrics import CAPTION_METRICS, DEFAULT_CAPTION_METRICS, caption_metrics
+from ..data import coco_image_id, load_coco_caption_references, load_xvlm_dataset, synthetic_tokenizer
+from ..modeling_xvlm_captioning import XVLMForConditionalGeneration
 from ..modeling_xvlm_grounding import XVLMForGrounding
 from ..modeling_xvlm_nlvr import XVLMForImagesAndTextClassification
 from ..modeling_xvlm_retrieval import XVLMForRetrieval
 from ..modeling_xvlm_vqa import DEFAULT_K_TEST, XVLMForQuestionAnswering
-from ..processing import XVLMImageProcessorPil, XVLMProcessor, load_image_rgb
+from ..processing import XVLMImageProcessorPil, XVLMProcessor, load_image_rgb, pre_caption
 from ..retrieval import retrieval_metrics, retrieve, score_matrices
 from .collators import XVLMNLVR2Collator, encode_questions, pixel_values_from_pil
+from .data import caption_lists
 from .region_collators import XVLMGroundingCollator
 
 __all__ = [
@@ -55,6 +66,12 @@ __all__ = [
     "evaluate_grounding",
     "evaluate_nlvr2",
     "evaluate_vqa",
+    "evaluate_captioning",
+    "caption_metrics_setup",
+    "caption_result_ids",
+    "colour_histogram",
+    "most_frequent_caption",
+    "nearest_neighbour_captions",
     "grounding_accuracy",
     "majority_answer",
     "vqa_metrics",
@@ -456,6 +473,216 @@ def evaluate_vqa(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Captioning
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def java_available() -> bool:
+    """Whether a ``java`` executable is on ``PATH`` (pycocoevalcap's PTB tokenizer and METEOR need it)."""
+    return shutil.which("java") is not None
+
+
+def caption_metrics_setup(
+    metrics: Sequence[str] = DEFAULT_CAPTION_METRICS, tokenizer: str | None = None
+) -> tuple[tuple[str, ...], str, str | None]:
+    """``(metrics, tokenizer, note)`` for :func:`~modeling_xvlm.caption_metrics.caption_metrics`: ``tokenizer=None``
+    is the official PTB tokenizer when Java is on ``PATH``; without Java, the simple tokenizer and no METEOR (both
+    need Java), with a ``note`` saying so."""
+    metrics = tuple(metrics)
+    if tokenizer is not None:
+        return metrics, tokenizer, None
+    if java_available():
+        return metrics, "ptb", None
+    kept = tuple(m for m in metrics if m != "METEOR")
+    note = ("Java not found: the simple tokenizer instead of the PTB tokenizer" +
+            (", METEOR skipped" if len(kept) < len(metrics) else "") + " (install a Java runtime for the official "
+            "COCO numbers)")
+    return kept, "simple", note
+
+
+def caption_result_ids(image_ids: Sequence[Any]) -> list[Any]:
+    """The ``image_id`` of each row in the result file: the numeric COCO id (official
+    ``coco_karpathy_caption_eval``, :func:`modeling_xvlm.data.coco_image_id`) when every id has one, else the ids as
+    they are (e.g. the synthetic ``test-000012``)."""
+    try:
+        return [coco_image_id(i) for i in image_ids]
+    except (TypeError, ValueError):
+        return list(image_ids)
+
+
+def most_frequent_caption(captions_per_image: Sequence[Sequence[str]], max_words: int | None = 40) -> str:
+    """The most frequent training caption after the official ``pre_caption`` (the first one seen among ties): the
+    constant-caption baseline."""
+    counts = Counter(pre_caption(c, max_words) for captions in captions_per_image for c in captions)
+    if not counts:
+        raise ValueError("no training captions for the constant-caption baseline")
+    return counts.most_common(1)[0][0]
+
+
+def colour_histogram(image: Any, bins: int = 4, size: int = 32) -> np.ndarray:
+    """The joint RGB histogram (``bins`` per channel, L1-normalised) of ``image`` resized to ``size`` x ``size``: the
+    model-free feature of the nearest-neighbour baseline."""
+    pixels = np.asarray(load_image_rgb(image).resize((size, size), PIL.Image.Resampling.BILINEAR), dtype=np.int64)
+    q = pixels * bins // 256
+    codes = (q[..., 0] * bins + q[..., 1]) * bins + q[..., 2]
+    hist = np.bincount(codes.ravel(), minlength=bins**3).astype(np.float64)
+    return hist / hist.sum()
+
+
+def nearest_neighbour_captions(
+    train_dataset: Any, queries: Sequence[np.ndarray], max_train_images: int | None = None
+) -> list[str]:
+    """For each query histogram, the first caption of the training image with the most similar
+    :func:`colour_histogram` (histogram intersection, the first image among ties): the nearest-neighbour
+    baseline. ``max_train_images``: search the first ones only."""
+    n = len(train_dataset) if max_train_images is None else min(len(train_dataset), max_train_images)
+    captions = caption_lists(train_dataset, n)
+    keep = [i for i in range(n) if captions[i]]
+    if not keep:
+        raise ValueError("no captioned training images for the nearest-neighbour baseline")
+    bank = np.stack([colour_histogram(train_dataset[i]["image"]) for i in keep])
+    best = [int(np.minimum(bank, q[None]).sum(axis=1).argmax()) for q in queries]
+    return [captions[keep[b]][0] for b in best]
+
+
+def _caption_scores(
+    predictions: dict[Any, str], references: dict[Any, list[str]], metrics: Sequence[str], tokenizer: str
+) -> dict[str, float]:
+    return caption_metrics({i: predictions[i] for i in references}, references, metrics, tokenizer)
+
+
+@torch.no_grad()
+def evaluate_captioning(
+    model: Any,
+    processor: Any,
+    dataset: Any,
+    batch_size: int = 32,
+    max_examples: int | None = None,
+    generate_kwargs: dict[str, Any] | None = None,
+    *,
+    prompt: str | None = None,
+    official_beam_scoring: bool = True,
+    references: dict[Any, Sequence[str]] | None = None,
+    train_dataset: Any = None,
+    baseline_max_train_images: int | None = None,
+    metrics: Sequence[str] = DEFAULT_CAPTION_METRICS,
+    metrics_tokenizer: str | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, Any]:
+    """Official captioning evaluation (``Captioning.py::evaluation`` + ``coco_caption_eval``) on ``retrieval``
+    rows (``image``, ``image_id``, ``captions``: the references).
+
+    Images are resized square (bicubic, official ``test_transform``); ``model.generate`` continues the prompt
+    ``[CLS] a picture of`` (official beam search: 3 beams, lengths 5 to 20 with the prompt, from the model's
+    ``generation_config``; ``generate_kwargs`` override them); captions are decoded as officially
+    (``XVLMProcessor.post_process_captions``). The result list is deduplicated by ``image_id`` (the first row of an
+    id wins, official ``collect_result(remove_duplicate='image_id')``) and scored with pycocoevalcap
+    (:func:`~modeling_xvlm.caption_metrics.caption_metrics`: BLEU-4, METEOR, ROUGE-L, CIDEr; without Java the simple
+    tokenizer and no METEOR, see :func:`caption_metrics_setup`).
+
+    Args:
+        model: ``XVLMForConditionalGeneration``.
+        processor: ``XVLMProcessor``.
+        dataset: ``retrieval`` rows (a list of dicts or a ``datasets.Dataset``).
+        batch_size: images per ``generate`` (official ``batch_size_test`` 32).
+        max_examples: evaluate on the first ``max_examples`` rows only.
+        generate_kwargs: ``generate`` options (``num_beams``, ``max_length``, ``min_length``, ...).
+        prompt: the generation prompt; default the processor's ``prompt`` (official ``'a picture of '``, saved with
+            the processor by ``xvlm-train``; ``""`` starts from ``[CLS]``).
+        official_beam_scoring: the official 4.12.5 beam search (``False``: transformers' own).
+        references: ``{result image_id: [captions]}`` (e.g. ``load_coco_caption_references`` of the official
+            ``_gt.json``) instead of the rows' ``captions``.
+        train_dataset: training ``retrieval`` rows for the baselines: the most frequent training caption for every
+            image (``constant``) and the first caption of the training image with the closest colour histogram
+            (``nearest_neighbour``, model-free); ``None``: no baselines.
+        baseline_max_train_images: the nearest-neighbour search looks at the first ones only.
+        metrics, metrics_tokenizer: see :func:`caption_metrics_setup`.
+        device: the model's device (default: where the model is).
+
+    Returns:
+        ``results`` (``[{"image_id", "caption"}]``, the official result file), the metrics (fractions, as
+        pycocoevalcap: ``BLEU-4``, ``METEOR``, ``ROUGE-L``, ``CIDEr``; absent without references),
+        ``metrics_tokenizer``, ``metrics_note`` (``None`` or why the numbers are not the official ones),
+        ``baselines`` (``{"constant": {"caption", metrics...}, "nearest_neighbour": {metrics...}}`` with
+        ``train_dataset``), ``num_examples``, ``num_images`` (after deduplication) and ``seconds``.
+    """
+    start = time.perf_counter()
+    n = len(dataset) if max_examples is None else min(len(dataset), max_examples)
+    if n == 0:
+        raise ValueError("no captioning rows to evaluate")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        captions, histograms, rows_refs, ids = _generate_captions(
+            model, processor, dataset, n, batch_size, device, prompt, official_beam_scoring,
+            dict(generate_kwargs or {}), histograms=train_dataset is not None,
+        )
+    finally:
+        model.train(was_training)
+    result_ids = caption_result_ids(ids)
+    first_of: dict[Any, int] = {}
+    for k, image_id in enumerate(result_ids):
+        first_of.setdefault(image_id, k)
+    results = [{"image_id": i, "caption": captions[k]} for i, k in first_of.items()]
+    if references is not None:
+        refs = {i: list(references[i]) for i in first_of if i in references}
+        if len(refs) < len(first_of):
+            missing = [i for i in first_of if i not in references]
+            raise ValueError(f"{len(missing)} evaluated images have no references (e.g. {missing[:5]})")
+    else:
+        refs = {i: rows_refs[k] for i, k in first_of.items() if rows_refs[k]}
+    metrics, tokenizer, note = caption_metrics_setup(metrics, metrics_tokenizer)
+    output: dict[str, Any] = {"results": results}
+    if refs:
+        if len(refs) < len(first_of):
+            note = (note + "; " if note else "") + f"{len(first_of) - len(refs)} images without references not scored"
+        predictions = {r["image_id"]: r["caption"] for r in results}
+        output.update(_caption_scores(predictions, refs, metrics, tokenizer))
+        if train_dataset is not None:
+            output["baselines"] = _caption_baselines(train_dataset, first_of, histograms, refs, metrics, tokenizer,
+                                                     baseline_max_train_images)
+    output.update(metrics_tokenizer=tokenizer, metrics_note=note, num_examples=n, num_images=len(results),
+                  seconds=time.perf_counter() - start)
+    return output
+
+
+def _generate_captions(
+    model: Any, processor: Any, dataset: Any, n: int, batch_size: int, device: torch.device, prompt: str | None,
+    official_beam_scoring: bool, options: dict[str, Any], histograms: bool,
+) -> tuple[list[str], list[np.ndarray], list[list[str]], list[Any]]:
+    """The captions of the first ``n`` rows, their colour histograms (when asked), references and ids."""
+    captions: list[str] = []
+    features: list[np.ndarray] = []
+    references: list[list[str]] = []
+    ids: list[Any] = []
+    for first in range(0, n, batch_size):
+        rows = [dataset[i] for i in range(first, min(first + batch_size, n))]
+        images = [load_image_rgb(r["image"]) for r in rows]
+        pixel_values = pixel_values_from_pil(images, processor.image_processor).to(device)
+        prompts = processor.caption_prompt(len(rows), prompt).to(device)
+        out = model.generate(pixel_values, input_ids=prompts, official_beam_scoring=official_beam_scoring, **options)
+        captions.extend(processor.post_process_captions(out, prompt))
+        if histograms:
+            features.extend(colour_histogram(image) for image in images)
+        references.extend(list(r.get("captions") or []) for r in rows)
+        ids.extend(r.get("image_id", first + k) for k, r in enumerate(rows))
+    return captions, features, references, ids
+
+
+def _caption_baselines(
+    train_dataset: Any, first_of: dict[Any, int], histograms: list[np.ndarray], refs: dict[Any, list[str]],
+    metrics: Sequence[str], tokenizer: str, max_train_images: int | None,
+) -> dict[str, Any]:
+    constant = most_frequent_caption(caption_lists(train_dataset))
+    nearest = nearest_neighbour_captions(train_dataset, [histograms[k] for k in first_of.values()], max_train_images)
+    return {
+        "constant": {"caption": constant, **_caption_scores({i: constant for i in refs}, refs, metrics, tokenizer)},
+        "nearest_neighbour": _caption_scores(dict(zip(first_of, nearest)), refs, metrics, tokenizer),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Reporting
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -500,6 +727,26 @@ def vqa_table(metrics: dict[str, Any]) -> str:
     return f"{table}\n{metrics['num_examples']} questions, k_test {metrics['k_test']}"
 
 
+def captioning_table(metrics: dict[str, Any]) -> str:
+    """The caption metrics (x100, as papers report them) of the model and, when computed, the baselines."""
+    names = [m for m in CAPTION_METRICS if m in metrics]
+    baselines = metrics.get("baselines") or {}
+    header = ["metric (x100)", "model"] + (["constant caption", "nearest neighbour (colour)"] if baselines else [])
+    rows = []
+    for name in names:
+        row = [name, 100.0 * metrics[name]]
+        if baselines:
+            row += [100.0 * baselines["constant"][name], 100.0 * baselines["nearest_neighbour"][name]]
+        rows.append(row)
+    table = format_table(rows, header)
+    extra = f"\n{metrics['num_images']} images, {metrics['metrics_tokenizer']} tokenizer"
+    if baselines:
+        extra += f"; constant caption: {baselines['constant']['caption']!r}"
+    if metrics.get("metrics_note"):
+        extra += f"\nnote: {metrics['metrics_note']}"
+    return table + extra
+
+
 def grounding_table(metrics: dict[str, Any]) -> str:
     rows = [["all", metrics["acc@0.5"], metrics["mean_iou"], metrics["num_examples"]]]
     for g, m in (metrics.get("groups") or {}).items():
@@ -541,19 +788,22 @@ def load_processor(model_path: str, tokenizer: str | None = None, image_size: in
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xvlm-eval",
-        description="Evaluate an X-VLM model with the official retrieval / grounding / NLVR2 / VQA protocols; prints "
+        description="Evaluate an X-VLM model with the official retrieval / grounding / NLVR2 / VQA / captioning "
+        "protocols; prints "
         "a table and writes JSON.",
     )
-    parser.add_argument("task", choices=["retrieval", "grounding", "nlvr2", "vqa"])
+    parser.add_argument("task", choices=["retrieval", "grounding", "nlvr2", "vqa", "captioning"])
     parser.add_argument("--model", required=True, help="model folder or Hub id (save_pretrained format)")
     parser.add_argument("--dataset", default=None, help="dataset folder or Hub id (default: the synthetic dataset)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--tokenizer", default=None, help="only when the model folder has no processor")
     parser.add_argument("--k-test", type=int, default=128, help="retrieval: ITC candidates re-ranked by ITM; vqa: "
                         "candidate answers re-scored per question (official 128)")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 32 for vqa (official), 64 otherwise")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 32 for vqa and captioning (official), "
+                        "64 otherwise")
     parser.add_argument("--max-examples", type=int, default=None,
-                        help="images (retrieval) / expressions (grounding) / sentences (nlvr2) / questions (vqa)")
+                        help="images (retrieval, captioning) / expressions (grounding) / sentences (nlvr2) / "
+                        "questions (vqa)")
     parser.add_argument("--answer-list", default=None, help="vqa: JSON list of candidate answers (default: the "
                         "dataset's answer list)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -564,8 +814,26 @@ def build_parser() -> argparse.ArgumentParser:
                         help="retrieval: precision of the image/text encoders (default: --precision); fp32 keeps "
                         "the fp32 ITC candidates, so a bf16 re-ranking keeps the fp32 top-1 exactly")
     parser.add_argument("--output", default=None, help="JSON file for the metrics (vqa: the official result file, "
-                        "a list of {question_id, answer}; default: print only)")
-    parser.add_argument("--metrics-output", default=None, help="vqa: JSON file for the metrics")
+                        "a list of {question_id, answer}; captioning: a list of {image_id, caption}; default: print "
+                        "only)")
+    parser.add_argument("--metrics-output", default=None, help="vqa, captioning: JSON file for the metrics")
+    g = parser.add_argument_group("captioning")
+    g.add_argument("--num-beams", type=int, default=None, help="default: the model's generation config (official 3)")
+    g.add_argument("--max-length", type=int, default=None, help="total length with the prompt (official 20)")
+    g.add_argument("--min-length", type=int, default=None, help="total length with the prompt (official 5)")
+    g.add_argument("--official-beam-scoring", action=argparse.BooleanOptionalAction, default=True,
+                   help="the official transformers-4.12.5 beam search (--no-official-beam-scoring: transformers' own)")
+    g.add_argument("--prompt", default=None, help="generation prompt (default: the processor's, official "
+                   "'a picture of '; '' for none)")
+    g.add_argument("--references", default=None, help="COCO caption ground truth (official coco_karpathy_test_gt.json) "
+                   "instead of the rows' captions")
+    g.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                   help="constant-caption and nearest-neighbour baselines from --train-split")
+    g.add_argument("--train-split", default="train", help="the training split the baselines draw from")
+    g.add_argument("--baseline-train-images", type=int, default=None,
+                   help="nearest-neighbour baseline: search the first N training images only")
+    g.add_argument("--metrics-tokenizer", choices=["ptb", "simple"], default=None,
+                   help="default: ptb (official) when Java is installed, else simple (and no METEOR)")
     return parser
 
 
@@ -605,16 +873,47 @@ def _main_vqa(args: argparse.Namespace, model: Any, processor: Any, dataset: Any
     return 0
 
 
+def _main_captioning(args: argparse.Namespace, model: Any, processor: Any, dataset: Any, device: str) -> int:
+    options = {k: v for k, v in (("num_beams", args.num_beams), ("max_length", args.max_length),
+                                 ("min_length", args.min_length)) if v is not None}
+    references = None
+    if args.references:
+        references = load_coco_caption_references(args.references)
+    train_dataset = load_xvlm_dataset(args.dataset, "retrieval", args.train_split) if args.baselines else None
+    metrics = evaluate_captioning(
+        model, processor, dataset, args.batch_size or 32, args.max_examples, options, prompt=args.prompt,
+        official_beam_scoring=args.official_beam_scoring, references=references, train_dataset=train_dataset,
+        baseline_max_train_images=args.baseline_train_images, metrics_tokenizer=args.metrics_tokenizer,
+        device=device,
+    )
+    results = metrics.pop("results")
+    if "CIDEr" in metrics:
+        print(captioning_table(metrics))
+    else:
+        print(f"{metrics['num_images']} images captioned (no references: submit the result file)")
+    if args.output:
+        _write_json(args.output, results)
+    if args.metrics_output:
+        _write_json(args.metrics_output, {"task": args.task, "model": args.model,
+                                          "dataset": args.dataset or "synthetic", "split": args.split,
+                                          "generate_kwargs": options, **metrics})
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cls = {"retrieval": XVLMForRetrieval, "grounding": XVLMForGrounding,
-           "nlvr2": XVLMForImagesAndTextClassification, "vqa": XVLMForQuestionAnswering}[args.task]
+           "nlvr2": XVLMForImagesAndTextClassification, "vqa": XVLMForQuestionAnswering,
+           "captioning": XVLMForConditionalGeneration}[args.task]
     model = cls.from_pretrained(args.model).to(device)
     processor = load_processor(args.model, args.tokenizer, model.config.image_size, model.config.patch_stride)
-    dataset = load_xvlm_dataset(args.dataset, args.task, args.split)
+    config_name = "retrieval" if args.task == "captioning" else args.task  # captioning data are retrieval rows
+    dataset = load_xvlm_dataset(args.dataset, config_name, args.split)
     if args.task == "vqa":
         return _main_vqa(args, model, processor, dataset, device)
+    if args.task == "captioning":
+        return _main_captioning(args, model, processor, dataset, device)
     batch_size = args.batch_size or 64
     if args.task == "retrieval":
         metrics = evaluate_retrieval(model, processor, dataset, args.k_test, batch_size, args.max_examples, device,

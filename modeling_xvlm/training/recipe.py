@@ -30,6 +30,17 @@ Where each value comes from:
   ``k_test: 128``; the lr multiplier applies to the answer decoder's cross-attention key/value
   (``models/model_vqa.py``: ``init_params``, only when their input width, the text width, differs from the vision
   width, i.e. when they are newly initialised); no gradient clipping (``VQA.py``).
+* ``captioning``: ``configs/Captioning.yaml``: ``optimizer: {opt: adamW, lr: 1e-5, weight_decay: 0.01, lr_mult: 2}``,
+  ``schedular: {sched: linear, epochs: 5, num_warmup_steps: 0.1}``, ``batch_size_train: 32`` (per GPU),
+  ``label_smoothing: 0.1``, ``max_tokens: 40``; the multiplier has no effect (``models/model_captioning.py`` builds
+  ``XVLMBase`` without any new layer, so ``init_params`` stays empty); no gradient clipping (``Captioning.py``).
+* ``captioning-pretrain``: ``configs/Captioning_pretrain_O1.yaml`` (``Captioning_pretrain.py``): lr 3e-5, weight
+  decay 0.01, lr_mult 2 (no effect, as above), 2 epochs, warm-up 0.1, image-text batches of 128 per GPU, apex O1 with
+  ``CLIP_GRAD_NORM`` 1.0; no prompt and no label smoothing (``models/model_captioning_pretrain.py``).
+* ``captioning-scst``: ``configs/Captioning_scst.yaml`` (``Captioning_scst.py``): lr 1e-5, weight decay 0.01, lr_mult
+  2 (no effect), linear schedule with warm-up 0.1 over ``num_training_steps: 44275`` ("8855 * 5 epochs": 5 epochs
+  of one record per training caption at 8 x 8 GPUs), ``batch_size_train: 8``, ``sc_train_sample_n: 5``,
+  ``eval_steps: 500``; no clipping.
 """
 
 from __future__ import annotations
@@ -143,6 +154,16 @@ TASK_RECIPES: dict[str, TaskRecipe] = {
     # linear, 10 epochs, warm-up 0.1, batch 24 per GPU, k_test 128; fp32, no clipping (VQA.py).
     "vqa": TaskRecipe(lr=5e-5, lr_mult=2.0, epochs=10, warmup=0.1, batch_size=24, new_params_get_lr_mult=True,
                       extra={"k_test": 128}),
+    # Captioning.yaml: adamW lr 1e-5, wd 0.01 (lr_mult 2: no new layer), linear, 5 epochs, warm-up 0.1, batch 32 per
+    # GPU, label smoothing 0.1; fp32, no clipping (Captioning.py).
+    "captioning": TaskRecipe(lr=1e-5, lr_mult=2.0, epochs=5, warmup=0.1, batch_size=32,
+                             extra={"label_smoothing": 0.1}),
+    # Captioning_pretrain_O1.yaml: lr 3e-5, 2 epochs, warm-up 0.1, batch 128, CLIP_GRAD_NORM 1.0; no smoothing.
+    "captioning-pretrain": TaskRecipe(lr=3e-5, lr_mult=2.0, epochs=2, warmup=0.1, batch_size=128, max_grad_norm=1.0,
+                                      extra={"label_smoothing": 0.0}),
+    # Captioning_scst.yaml: lr 1e-5, warm-up 0.1 of 44,275 steps (5 epochs of caption records), batch 8, 5 samples.
+    "captioning-scst": TaskRecipe(lr=1e-5, lr_mult=2.0, epochs=5, warmup=0.1, batch_size=8,
+                                  extra={"num_samples": 5, "eval_steps": 500}),
 }
 
 #: The new layers of each fine-tuning task with an ``init_params`` list (official ``models/model_nlvr.py``,
@@ -156,7 +177,7 @@ HEAD_PARAMETER_PATTERNS: dict[str, tuple[str, ...]] = {
 
 def get_recipe(task: str, **overrides: Any) -> TaskRecipe:
     """The official recipe of ``task`` (``pretrain``, ``retrieval``, ``grounding``, ``nlvr2``, ``nlvr2-pretrain``,
-    ``vqa``) with ``overrides`` applied
+    ``vqa``, ``captioning``, ``captioning-pretrain``, ``captioning-scst``) with ``overrides`` applied
     (``None`` values are ignored, so CLI defaults of ``None`` keep the official value)."""
     if task not in TASK_RECIPES:
         raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASK_RECIPES)}")

@@ -12,13 +12,21 @@ Tasks:
   ``NLVR_pretrain.py``) on the image-text rows of the ``pretrain`` config.
 * ``vqa`` - answer-decoder fine-tuning of ``XVLMForQuestionAnswering`` on the ``vqa`` config (official ``VQA.py``:
   weighted answer NLL); evaluation: the official answer ranking, VQA accuracy and exact match.
+* ``captioning`` - caption fine-tuning of ``XVLMForConditionalGeneration`` on ``retrieval`` rows (official
+  ``Captioning.py``: ``[CLS] a picture of caption [SEP]``, prompt excluded from the loss, label smoothing 0.1; one
+  record per (image, caption)); evaluation: the official beam search, BLEU-4 / METEOR / ROUGE-L / CIDEr.
+* ``captioning-pretrain`` - the official captioning domain pre-training (``Captioning_pretrain.py``) on the
+  image-text rows of the ``pretrain`` config: ``[CLS] caption [SEP]``, no prompt, no label smoothing.
+* ``captioning-scst`` - self-critical sequence training of a captioner (official ``Captioning_scst.py``, see
+  :mod:`.scst`): CIDEr-D reward of 5 samples per image against the greedy caption's.
 
 For the NLVR2 tasks, ``--model tiny|base`` builds the NLVR2 text stack (``nlvr2_config``); a ``--model`` folder with
 the pre-training text stack (a pre-training / retrieval checkpoint) is loaded with ``from_pretraining`` (the
 official fusion-layer duplication), one with the NLVR2 stack (e.g. a text-assignment run) with ``from_pretrained``.
 For ``vqa``, ``--model tiny|base`` builds ``XVLMForQuestionAnswering`` (answer ``[CLS]``/``[SEP]`` ids from the
 tokenizer), a VQA folder loads with ``from_pretrained`` and any other X-VLM folder goes through
-``XVLMForQuestionAnswering.from_pretraining`` (the official pre-training -> VQA initialisation).
+``XVLMForQuestionAnswering.from_pretraining`` (the official pre-training -> VQA initialisation). The captioning
+tasks do the same with ``XVLMForConditionalGeneration`` (``captioning-scst`` starts from a captioning model).
 
 Models come from a preset (``--model tiny|base``, from scratch), a ``save_pretrained`` folder / Hub id
 (``--model path``), or Swin + BERT checkpoints (``--vision-model`` + ``--text-model``). Data come from a dataset
@@ -60,31 +68,46 @@ from ..initialization import build_from_vision_text_pretrained
 from ..processing import XVLMImageProcessorPil, XVLMProcessor
 from ..tasks import TASKS as TASK_TABLE
 from .checkpointing import latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
+from ..caption_metrics import CiderD, load_official_document_frequencies
+from ..modeling_xvlm_captioning import CAPTION_PROMPT, XVLMForConditionalGeneration
 from ..modeling_xvlm_nlvr import nlvr2_config
 from ..modeling_xvlm_vqa import DEFAULT_K_TEST, XVLMForQuestionAnswering
 from .collators import (
     BoxSafeRegionSampler,
+    XVLMCaptioningCollator,
+    XVLMCaptioningSCSTCollator,
     XVLMGroundingTrainCollator,
     XVLMImageTextTransform,
     XVLMNLVR2Collator,
     XVLMRetrievalCollator,
     XVLMTextAssignmentCollator,
     XVLMVQACollator,
+    captioning_train_transform,
     nlvr2_train_transform,
     vqa_train_transform,
 )
 from .data import (
+    CaptionRecords,
     PretrainImageTextCollator,
     StepBatchSampler,
+    caption_lists,
     derive_seed,
     make_loader,
     pretrain_image_text_row,
     pretrain_region_row,
 )
-from .evaluate import evaluate_grounding, evaluate_nlvr2, evaluate_retrieval, evaluate_vqa, load_answer_list
+from .evaluate import (
+    evaluate_captioning,
+    evaluate_grounding,
+    evaluate_nlvr2,
+    evaluate_retrieval,
+    evaluate_vqa,
+    load_answer_list,
+)
 from .masking import XVLMTextMasker
 from .recipe import TaskRecipe, create_optimizer, create_scheduler, get_recipe, new_parameter_names
 from .region_collators import XVLMPretrainCollator, XVLMRegionSampler
+from .scst import XVLMSelfCriticalCaptioning, scst_document_frequencies
 
 __all__ = [
     "TASKS",
@@ -95,18 +118,25 @@ __all__ = [
     "build_processor",
     "build_task_data",
     "main",
+    "set_decoder_special_tokens",
     "train",
 ]
 
 #: The tasks `xvlm-train` trains (rows of `modeling_xvlm.tasks.TASKS`).
-TASKS = ("pretrain", "retrieval", "grounding", "nlvr2", "nlvr2-pretrain", "vqa")
+TASKS = ("pretrain", "retrieval", "grounding", "nlvr2", "nlvr2-pretrain", "vqa", "captioning", "captioning-pretrain",
+         "captioning-scst")
 #: The tasks whose model has the NLVR2 text stack (doubled fusion layers).
 NLVR2_TASKS = ("nlvr2", "nlvr2-pretrain")
+#: The tasks that train `XVLMForConditionalGeneration` (the `captioning` row of `modeling_xvlm.tasks.TASKS`).
+CAPTIONING_TASKS = ("captioning", "captioning-pretrain", "captioning-scst")
 #: Tasks that start from an X-VLM checkpoint (or a preset), never from Swin + BERT.
-XVLM_CHECKPOINT_TASKS = (*NLVR2_TASKS, "vqa")
+XVLM_CHECKPOINT_TASKS = (*NLVR2_TASKS, "vqa", *CAPTIONING_TASKS)
 #: Candidates re-ranked in the in-training evaluation when `--k-test` is not given (vqa: official `k_test`).
 DEFAULT_EVAL_K_TEST = {"retrieval": 16, "vqa": DEFAULT_K_TEST}
-LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "loss_mlm", "loss_bbox_l1", "loss_bbox_giou")
+#: The prompt of each captioning task when `--prompt` is not given (official `configs/Captioning*.yaml`).
+DEFAULT_PROMPTS = {"captioning": CAPTION_PROMPT, "captioning-pretrain": "", "captioning-scst": CAPTION_PROMPT}
+LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "loss_mlm", "loss_bbox_l1", "loss_bbox_giou", "reward_sample",
+             "reward_greedy")
 
 
 @dataclass
@@ -143,6 +173,11 @@ class TrainConfig:
     region_batch_texts: int | None = None
     region_max_images: int | None = None
     max_regions: int = 5
+    # captioning
+    prompt: str | None = None  # None: DEFAULT_PROMPTS of the task (SCST: the captioner's)
+    label_smoothing: float | None = None  # None: the recipe's (captioning 0.1, captioning-pretrain 0)
+    scst_samples: int | None = None  # None: the recipe's (5)
+    cider_document_frequencies: str | None = None  # official coco-train-words.p; None: from the training captions
     # augmentation
     randaugment: bool = True
     careful_hflip: bool = True
@@ -206,12 +241,13 @@ def build_processor(cfg: TrainConfig, image_size: int, patch_size: int) -> XVLMP
 def build_model(cfg: TrainConfig, tokenizer_size: int | None = None, tokenizer: Any = None):
     """The task's model from a preset (new weights), a ``save_pretrained`` folder / Hub id, or Swin + BERT.
 
-    ``tokenizer`` (presets): for ``vqa`` its ``[CLS]`` / ``[SEP]`` ids become the answer decoder's
-    ``bos_token_id`` / ``eos_token_id``."""
-    cls = TASK_TABLE[cfg.task].model_class
+    ``tokenizer`` (presets): for ``vqa`` and the captioning tasks its ``[CLS]`` / ``[SEP]`` ids become the
+    decoder's ``bos_token_id`` / ``eos_token_id``."""
+    cls = TASK_TABLE["captioning" if cfg.task in CAPTIONING_TASKS else cfg.task].model_class
     nlvr2 = cfg.task in NLVR2_TASKS
     if (cfg.vision_model or cfg.text_model) and cfg.task in XVLM_CHECKPOINT_TASKS:
-        raise SystemExit(f"{cfg.task} starts from an X-VLM checkpoint (official NLVR.py / NLVR_pretrain.py / VQA.py): "
+        raise SystemExit(f"{cfg.task} starts from an X-VLM checkpoint (official NLVR.py / NLVR_pretrain.py / VQA.py / "
+                         "Captioning*.py): "
                          "pass --model <pre-training folder or Hub id>, not --vision-model / --text-model")
     if cfg.vision_model or cfg.text_model:
         if not (cfg.vision_model and cfg.text_model):
@@ -222,7 +258,7 @@ def build_model(cfg: TrainConfig, tokenizer_size: int | None = None, tokenizer: 
         overrides = json.loads(json.dumps(cfg.config_overrides or {}))
         if tokenizer_size is not None:
             overrides.setdefault("text_config", {}).setdefault("vocab_size", tokenizer_size)
-        if cfg.task == "vqa" and tokenizer is not None:
+        if (cfg.task == "vqa" or cfg.task in CAPTIONING_TASKS) and tokenizer is not None:
             text = overrides.setdefault("text_config", {})
             text.setdefault("bos_token_id", tokenizer.cls_token_id)
             text.setdefault("eos_token_id", tokenizer.sep_token_id)
@@ -230,6 +266,8 @@ def build_model(cfg: TrainConfig, tokenizer_size: int | None = None, tokenizer: 
         return cls(nlvr2_config(config) if nlvr2 else config)
     if cfg.task == "vqa":
         return _vqa_model_from_checkpoint(cfg.model)
+    if cfg.task in CAPTIONING_TASKS:
+        return _captioning_model_from_checkpoint(cfg.model, cfg.task)
     if nlvr2 and not XVLMConfig.from_pretrained(cfg.model).text_config.tie_cross_attention_pairs:
         return cls.from_pretraining(cfg.model)  # a pre-training text stack: the official fusion-layer duplication
     return cls.from_pretrained(cfg.model)
@@ -247,9 +285,26 @@ def _vqa_model_from_checkpoint(path: str):
     return XVLMForQuestionAnswering.from_pretraining(path)
 
 
-def set_answer_special_tokens(model: Any, tokenizer: Any) -> None:
-    """Give a VQA model without them the tokenizer's ``[CLS]`` / ``[SEP]`` ids as ``bos_token_id`` /
-    ``eos_token_id`` (what ``generate`` starts and stops with)."""
+def _captioning_model_from_checkpoint(path: str, task: str):
+    """A captioning folder with ``from_pretrained``; any other X-VLM folder (pre-training, retrieval, base model) with
+    ``XVLMForConditionalGeneration.from_pretraining`` (official ``model_captioning.load_pretrained``:
+    ``text_encoder.*`` -> ``text_decoder.*``). SCST starts from a captioning model (official ``Captioning_scst.py``
+    loads a fine-tuned captioner)."""
+    config = XVLMConfig.from_pretrained(path)
+    if "XVLMForConditionalGeneration" in (config.architectures or []):
+        return XVLMForConditionalGeneration.from_pretrained(path)
+    if task == "captioning-scst":
+        raise SystemExit(f"{path} holds no captioning model: captioning-scst starts from a captioner (the output of "
+                         "xvlm-train captioning)")
+    if config.text_config.tie_cross_attention_pairs:
+        raise SystemExit(f"{path} holds an NLVR2 model (doubled fusion layers): captioning starts from a "
+                         "pre-training, retrieval or base X-VLM checkpoint")
+    return XVLMForConditionalGeneration.from_pretraining(path)
+
+
+def set_decoder_special_tokens(model: Any, tokenizer: Any) -> None:
+    """Give a decoder model (VQA's answer decoder, the captioner) without them the tokenizer's ``[CLS]`` / ``[SEP]``
+    ids as ``bos_token_id`` / ``eos_token_id`` (what ``generate`` starts and stops with)."""
     for config in (model.config.text_config, model.text_decoder.config):
         if config.bos_token_id is None:
             config.bos_token_id = tokenizer.cls_token_id
@@ -295,7 +350,26 @@ class TrainingCallback:
 
 
 def _batch_size_of(batch: dict[str, torch.Tensor]) -> int:
-    return int(batch["input_ids"].shape[0])
+    return int((batch["input_ids"] if "input_ids" in batch else batch["pixel_values"]).shape[0])
+
+
+def _core_model(model: Any) -> Any:
+    """The saved / evaluated model: the captioner inside an SCST wrapper, else the model itself."""
+    return model.captioner if isinstance(model, XVLMSelfCriticalCaptioning) else model
+
+
+def _scst_model(cfg: TrainConfig, model: Any, processor: XVLMProcessor, rows: CaptionRecords, recipe: TaskRecipe,
+                say: Callable[[str], None]) -> XVLMSelfCriticalCaptioning:
+    """The captioner wrapped for SCST, its CIDEr-D reward weighted by the training captions' document frequencies
+    (or the official ``coco-train-words.p`` given by ``--cider-document-frequencies``)."""
+    if cfg.cider_document_frequencies:
+        frequencies = load_official_document_frequencies(cfg.cider_document_frequencies)
+    else:
+        frequencies = scst_document_frequencies(caption_lists(rows.dataset))
+    say(f"SCST reward: CIDEr-D with the document frequencies of {frequencies.num_documents} images")
+    samples = cfg.scst_samples or recipe.extra["num_samples"]
+    return XVLMSelfCriticalCaptioning(model, processor, CiderD(frequencies), prompt=processor.prompt,
+                                      num_samples=samples, max_length=model.generation_config.max_length)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -342,6 +416,34 @@ def _pretrain_data(cfg: TrainConfig, processor: XVLMProcessor, size: int, extra:
     )
 
 
+def task_prompt(cfg: TrainConfig, processor: XVLMProcessor) -> str:
+    """The caption prompt of a captioning task: ``--prompt``; else for SCST the captioner's (its processor's
+    ``prompt``), for the others the task's (official ``'a picture of '``; none for the domain pre-training)."""
+    if cfg.prompt is not None:
+        return cfg.prompt
+    if cfg.task == "captioning-scst":
+        return processor.prompt
+    return DEFAULT_PROMPTS[cfg.task]
+
+
+def _captioning_data(cfg: TrainConfig, processor: XVLMProcessor, size: int, data: dict | None) -> TaskData:
+    """`captioning` / `captioning-scst`: the `retrieval` rows as one record per (image, caption) (official
+    `coco_karpathy_train(_scst)`), official `train_transform`; `captioning-pretrain`: the `pretrain` image-text rows,
+    one caption drawn per image and batch, official `pretrain_transform` (scale 0.2-1)."""
+    if cfg.task == "captioning-pretrain":
+        rows = _subset(_load_split(cfg, "pretrain", cfg.train_split, data), cfg.max_train_examples)
+        crop_min = 0.2 if cfg.crop_scale_min is None else cfg.crop_scale_min
+        transform = captioning_train_transform(size, cfg.randaugment, crop_min, cfg.careful_hflip)
+        return TaskData(rows, XVLMCaptioningCollator(processor, transform, prompt=processor.prompt),
+                        pretrain_image_text_row)
+    rows = CaptionRecords(_subset(_load_split(cfg, "retrieval", cfg.train_split, data), cfg.max_train_examples))
+    crop_min = 0.5 if cfg.crop_scale_min is None else cfg.crop_scale_min
+    transform = captioning_train_transform(size, cfg.randaugment, crop_min, cfg.careful_hflip)
+    if cfg.task == "captioning-scst":
+        return TaskData(rows, XVLMCaptioningSCSTCollator(processor, transform))
+    return TaskData(rows, XVLMCaptioningCollator(processor, transform, prompt=processor.prompt))
+
+
 def build_task_data(
     cfg: TrainConfig, processor: XVLMProcessor, size: int, recipe: TaskRecipe, data: dict | None = None
 ) -> TaskData:
@@ -366,6 +468,8 @@ def build_task_data(
         crop_min = 0.5 if cfg.crop_scale_min is None else cfg.crop_scale_min  # official train_transform_wohflip
         transform = vqa_train_transform(size, randaugment=cfg.randaugment, crop_scale_min=crop_min)
         return TaskData(rows, XVLMVQACollator(processor, transform, careful_hflip=cfg.careful_hflip))
+    if cfg.task in CAPTIONING_TASKS:
+        return _captioning_data(cfg, processor, size, data)
     if cfg.task == "nlvr2-pretrain":
         rows = _subset(_load_split(cfg, "pretrain", cfg.train_split, data), cfg.max_train_examples)
         crop_min = 0.2 if cfg.crop_scale_min is None else cfg.crop_scale_min  # official pretrain_transform
@@ -404,8 +508,17 @@ def _model_and_processor(cfg: TrainConfig) -> tuple[Any, XVLMProcessor]:
         tokenizer = _load_tokenizer(cfg)
     model = build_model(cfg, None if tokenizer is None else len(tokenizer), tokenizer)
     processor = build_processor(cfg, model.config.image_size, model.config.patch_stride)
-    if cfg.task == "vqa":
-        set_answer_special_tokens(model, processor.tokenizer)
+    if cfg.task == "vqa" or cfg.task in CAPTIONING_TASKS:
+        set_decoder_special_tokens(model, processor.tokenizer)
+    if cfg.task in CAPTIONING_TASKS:
+        # saved with the processor: xvlm-eval and the pipelines caption with the training prompt
+        processor.prompt = task_prompt(cfg, processor)
+        # saved with the model (SCST has no caption loss: the model's is kept)
+        smoothing = cfg.label_smoothing
+        if smoothing is None:
+            smoothing = get_recipe(cfg.task).extra.get("label_smoothing")
+        if smoothing is not None:
+            model.config.label_smoothing = float(smoothing)
     if cfg.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
@@ -521,10 +634,11 @@ class _TrainingLoop:
         cfg, accelerator = self.cfg, self.accelerator
         results: dict[str, Any] = {}
         if accelerator.is_main_process:
-            unwrapped = accelerator.unwrap_model(self.model)
+            unwrapped = _core_model(accelerator.unwrap_model(self.model))
             kinds = {"pretrain": ["retrieval"] + (["grounding"] if cfg.regions else []),
                      "retrieval": ["retrieval"], "grounding": ["grounding"], "nlvr2": ["nlvr2"],
-                     "nlvr2-pretrain": [], "vqa": ["vqa"]}[cfg.task]
+                     "nlvr2-pretrain": [], "vqa": ["vqa"], "captioning": ["captioning"],
+                     "captioning-pretrain": [], "captioning-scst": ["captioning"]}[cfg.task]
             for kind in kinds:
                 rows = self._eval_rows(kind)
                 if rows is None:
@@ -539,6 +653,8 @@ class _TrainingLoop:
                     results["eval/accuracy"] = m["accuracy"]
                 elif kind == "vqa":
                     results.update(self._evaluate_vqa(unwrapped, rows, k_test))
+                elif kind == "captioning":
+                    results.update(self._evaluate_captioning(unwrapped, rows))
                 else:
                     m = evaluate_grounding(unwrapped, self.processor, rows, cfg.eval_batch_size,
                                            cfg.eval_max_examples)
@@ -561,6 +677,17 @@ class _TrainingLoop:
             return {}
         return {"eval/vqa_accuracy": m["vqa_accuracy"], "eval/exact_match": m["exact_match"]}
 
+    def _evaluate_captioning(self, model: Any, rows: Any) -> dict[str, float]:
+        m = evaluate_captioning(model, self.processor, rows, self.cfg.eval_batch_size, self.cfg.eval_max_examples)
+        if "CIDEr" not in m:
+            self.say(f"the {self.cfg.eval_split!r} split has no reference captions: no caption metrics (use "
+                     "xvlm-eval captioning for the result file)")
+            return {}
+        if m["metrics_note"] and not self.eval_sets.get("caption_note_said"):
+            self.say(m["metrics_note"])
+            self.eval_sets["caption_note_said"] = True
+        return {f"eval/{k}": m[k] for k in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr") if k in m}
+
     def _answer_list(self) -> list[str] | None:
         """The candidate answers: `data[("vqa", "answer_list")]`, else the dataset's answer list."""
         if "vqa_answer_list" not in self.eval_sets:
@@ -577,8 +704,9 @@ class _TrainingLoop:
 
     def _eval_rows(self, kind: str) -> Any:
         if kind not in self.eval_sets:
+            config_name = "retrieval" if kind == "captioning" else kind  # captioning data are retrieval rows
             try:
-                self.eval_sets[kind] = _load_split(self.cfg, kind, self.cfg.eval_split, self.data)
+                self.eval_sets[kind] = _load_split(self.cfg, config_name, self.cfg.eval_split, self.data)
             except (ValueError, FileNotFoundError) as error:
                 self.say(f"no {kind!r} {self.cfg.eval_split!r} split to evaluate on ({error}); skipped")
                 self.eval_sets[kind] = None
@@ -645,6 +773,9 @@ def _finish(cfg: TrainConfig, loop: _TrainingLoop, started: float) -> dict[str, 
         accelerator.wait_for_everyone()
         unwrapped = accelerator.unwrap_model(loop.model)
         state_dict = accelerator.get_state_dict(loop.model)
+        if isinstance(unwrapped, XVLMSelfCriticalCaptioning):  # save the captioner itself
+            unwrapped = unwrapped.captioner
+            state_dict = {k.removeprefix("captioner."): v for k, v in state_dict.items()}
         if accelerator.is_main_process:
             unwrapped.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
             loop.processor.save_pretrained(output_dir)
@@ -693,6 +824,8 @@ def train(
     recipe = get_recipe(cfg.task, lr=cfg.lr, lr_mult=cfg.lr_mult, weight_decay=cfg.weight_decay, warmup=cfg.warmup,
                         epochs=cfg.epochs, batch_size=cfg.batch_size)
     task_data = build_task_data(cfg, processor, model.config.image_size, recipe, data)
+    if cfg.task == "captioning-scst":
+        model = _scst_model(cfg, model, processor, task_data.rows, recipe, say)
     micro_per_epoch = len(task_data.rows) // (recipe.batch_size * accelerator.num_processes)
     if micro_per_epoch < 1:
         raise SystemExit(f"{len(task_data.rows)} training examples are fewer than one global batch "
@@ -724,15 +857,16 @@ def _bool_flag(parser: argparse.ArgumentParser, name: str, default: bool, help: 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xvlm-train",
-        description="Train X-VLM (pre-training; retrieval, grounding, NLVR2 or VQA fine-tuning; NLVR2 "
-        "text-assignment pre-training) with accelerate. Without "
+        description="Train X-VLM (pre-training; retrieval, grounding, NLVR2, VQA or captioning fine-tuning; NLVR2 "
+        "text-assignment and captioning domain pre-training; captioning SCST) with accelerate. Without "
         "arguments: the CPU demo job (pre-train a tiny X-VLM on the synthetic dataset, fine-tune and evaluate it).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("task", choices=TASKS)
     g = parser.add_argument_group("model")
     g.add_argument("--model", default="tiny", help="preset (tiny, base: new weights), or a save_pretrained folder / Hub "
-                   "id (NLVR2 tasks and vqa: a pre-training checkpoint is converted with from_pretraining)")
+                   "id (NLVR2, vqa and captioning tasks: a pre-training checkpoint is converted with "
+                   "from_pretraining)")
     g.add_argument("--config-overrides", default=None, help="JSON merged into the preset, e.g. "
                    "'{\"text_config\": {\"num_hidden_layers\": 4, \"fusion_layer\": 2}}'")
     g.add_argument("--vision-model", default=None, help="Swin checkpoint (with --text-model: official initialisation)")
@@ -761,11 +895,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--region-batch-texts", type=int, default=None)
     g.add_argument("--region-max-images", type=int, default=None)
     g.add_argument("--max-regions", type=int, default=5)
+    g = parser.add_argument_group("captioning")
+    g.add_argument("--prompt", default=None, help="caption prompt, saved with the processor (default: 'a picture "
+                   "of ', official; none for captioning-pretrain; captioning-scst: the captioner's)")
+    g.add_argument("--label-smoothing", type=float, default=None,
+                   help="caption loss label smoothing (default: 0.1 for captioning, 0 for captioning-pretrain)")
+    g.add_argument("--scst-samples", type=int, default=None, help="captioning-scst: samples per image (official 5)")
+    g.add_argument("--cider-document-frequencies", default=None, help="captioning-scst: the official cached CIDEr-D "
+                   "document frequencies (coco-train-words.p; default: counted from the training captions)")
     g = parser.add_argument_group("augmentation")
     _bool_flag(g, "randaugment", True, "official RandAugment(2, 7) (box-safe operations for boxes)")
     _bool_flag(g, "careful-hflip", True, "do not flip images whose texts mention left/right")
-    g.add_argument("--crop-scale-min", type=float, default=None, help="RandomResizedCrop scale (pretrain and "
-                   "nlvr2-pretrain 0.2, retrieval, nlvr2 and vqa 0.5; 1 = plain resize)")
+    g.add_argument("--crop-scale-min", type=float, default=None, help="RandomResizedCrop scale (pretrain, "
+                   "nlvr2-pretrain and captioning-pretrain 0.2, retrieval, nlvr2, vqa, captioning and captioning-scst "
+                   "0.5; 1 = plain resize)")
     _bool_flag(g, "grounding-crop", True, "box-aware random crop for grounding")
     g = parser.add_argument_group("system")
     g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
