@@ -73,6 +73,10 @@ BERT_TEXT_FIELDS = (
 )
 
 
+#: `to_dict` entries that are not constructor fields.
+_DERIVED_FIELDS = ("model_type", "transformers_version", "architectures")
+
+
 class XVLMTextConfig(PreTrainedConfig):
     r"""Configuration of the X-VLM text encoder and cross-modal fusion encoder (one BERT-style stack).
 
@@ -160,6 +164,17 @@ class XVLMTextConfig(PreTrainedConfig):
     def num_fusion_layers(self) -> int:
         """Number of fusion layers (run by `fuse`)."""
         return self.num_hidden_layers - self.fusion_layer
+
+    @property
+    def pad_id(self) -> int:
+        """`pad_token_id`, 0 when unset (the padding id of labels and generated sequences)."""
+        return 0 if self.pad_token_id is None else int(self.pad_token_id)
+
+    def with_changes(self, **changes: Any) -> XVLMTextConfig:
+        """A new config with these fields changed and the others as here (the NLVR2 stack, the VQA and caption
+        decoders are derived this way)."""
+        fields = {k: v for k, v in self.to_dict().items() if k not in _DERIVED_FIELDS}
+        return XVLMTextConfig(**{**fields, **changes})
 
 
 def _vision_total_stride(vision_config: SwinConfig) -> int:

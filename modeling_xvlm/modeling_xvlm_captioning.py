@@ -45,7 +45,6 @@ DEFAULT_NUM_BEAMS = 3
 DEFAULT_MAX_LENGTH = 20
 DEFAULT_MIN_LENGTH = 5
 
-_DERIVED_FIELDS = ("model_type", "transformers_version", "architectures")
 #: `generate` options the official beam search and greedy decoding understand (others need the stock decoding).
 _OFFICIAL_OPTIONS = {
     "num_beams", "max_length", "max_new_tokens", "min_length", "length_penalty", "early_stopping",
@@ -58,9 +57,7 @@ def captioning_decoder_config(config: XVLMConfig) -> XVLMTextConfig:
     """The caption decoder's config (official `model_captioning.py`: `BertLMHeadModel` on the text encoder's
     config): the text config with causal self-attention in every layer; the same `fusion_layer`, layers and
     cross-attention width (the vision width)."""
-    fields = {k: v for k, v in config.text_config.to_dict().items() if k not in _DERIVED_FIELDS}
-    fields.update(is_decoder=True, tie_cross_attention_pairs=False, use_cache=True)
-    return XVLMTextConfig(**fields)
+    return config.text_config.with_changes(is_decoder=True, tie_cross_attention_pairs=False, use_cache=True)
 
 
 def caption_labels(
@@ -277,22 +274,18 @@ class XVLMForConditionalGeneration(XVLMPreTrainedModel, GenerationMixin):
             raise ValueError(f"label_smoothing must be in [0, 1), got {smoothing}.")
         return smoothing
 
-    def _pad_id(self) -> int:
-        pad = self.config.text_config.pad_token_id
-        return 0 if pad is None else int(pad)
-
     def _targets(
         self, labels: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     ) -> torch.Tensor:
         if labels is None:
-            return caption_labels(input_ids, attention_mask, pad_token_id=self._pad_id())
+            return caption_labels(input_ids, attention_mask, pad_token_id=self.config.text_config.pad_id)
         labels = torch.as_tensor(labels, device=input_ids.device).long()
         if labels.shape != input_ids.shape:
             raise ValueError(
                 f"labels must have the shape of input_ids {tuple(input_ids.shape)} (the caption ids with prompt and "
                 f"padding as -100, see caption_labels), got {tuple(labels.shape)}."
             )
-        return labels.masked_fill(labels == self._pad_id(), IGNORE_INDEX)
+        return labels.masked_fill(labels == self.config.text_config.pad_id, IGNORE_INDEX)
 
     # -- generation ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -376,7 +369,7 @@ class XVLMForConditionalGeneration(XVLMPreTrainedModel, GenerationMixin):
                 "model.config.text_config.eos_token_id = tokenizer.sep_token_id."
             )
         options["eos_token_id"] = eos
-        options.setdefault("pad_token_id", self._pad_id())
+        options.setdefault("pad_token_id", self.config.text_config.pad_id)
         return options
 
     def _official_generate(

@@ -37,12 +37,9 @@ def nlvr2_text_config(text_config: XVLMTextConfig) -> XVLMTextConfig:
     per image) with tied key/value pairs. A config that is already the NLVR2 one is returned as it is."""
     if text_config.tie_cross_attention_pairs:
         return text_config
-    fields = text_config.to_dict()
-    n_cross = text_config.num_hidden_layers - text_config.fusion_layer
-    fields.update(num_hidden_layers=text_config.fusion_layer + 2 * n_cross, tie_cross_attention_pairs=True)
-    for key in ("model_type", "transformers_version", "architectures"):
-        fields.pop(key, None)
-    return XVLMTextConfig(**fields)
+    return text_config.with_changes(
+        num_hidden_layers=text_config.fusion_layer + 2 * text_config.num_fusion_layers, tie_cross_attention_pairs=True
+    )
 
 
 def nlvr2_config(config: XVLMConfig) -> XVLMConfig:

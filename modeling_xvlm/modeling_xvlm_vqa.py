@@ -28,7 +28,6 @@ DEFAULT_K_TEST = 128
 #: `generate`'s default answer length (`generation_config.max_new_tokens`): VQA answers are a few words.
 DEFAULT_MAX_NEW_TOKENS = 10
 
-_DERIVED_FIELDS = ("model_type", "transformers_version", "architectures")
 
 
 def vqa_decoder_config(config: XVLMConfig) -> XVLMTextConfig:
@@ -36,8 +35,7 @@ def vqa_decoder_config(config: XVLMConfig) -> XVLMTextConfig:
     every layer, cross-attention in every layer (`fusion_layer = 0`) to states of the text width, and
     `config.num_decoder_layers` layers (default: the number of fusion layers)."""
     text = config.text_config
-    fields = {k: v for k, v in text.to_dict().items() if k not in _DERIVED_FIELDS}
-    fields.update(
+    return text.with_changes(
         is_decoder=True,
         fusion_layer=0,
         num_hidden_layers=config.num_decoder_layers or text.num_fusion_layers,
@@ -45,7 +43,6 @@ def vqa_decoder_config(config: XVLMConfig) -> XVLMTextConfig:
         tie_cross_attention_pairs=False,
         use_cache=True,
     )
-    return XVLMTextConfig(**fields)
 
 
 def decoder_init_state(text_state: dict[str, torch.Tensor], config: XVLMConfig) -> dict[str, torch.Tensor]:
@@ -266,10 +263,6 @@ class XVLMForQuestionAnswering(XVLMHeadMixin, XVLMPreTrainedModel, GenerationMix
         return output
 
     # -- answer inputs ------------------------------------------------------------------------------------------
-    def _pad_id(self) -> int:
-        pad = self.config.text_config.pad_token_id
-        return 0 if pad is None else int(pad)
-
     def _decoder_inputs(
         self,
         decoder_input_ids: torch.Tensor | None,
@@ -281,9 +274,9 @@ class XVLMForQuestionAnswering(XVLMHeadMixin, XVLMPreTrainedModel, GenerationMix
             if labels.dim() != 2:
                 raise ValueError(f"labels must be answer token ids of shape (num_answers, La), got {tuple(labels.shape)}.")
             # The official targets: the answer ids with padding as -100.
-            labels = labels.masked_fill(labels == self._pad_id(), IGNORE_INDEX)
+            labels = labels.masked_fill(labels == self.config.text_config.pad_id, IGNORE_INDEX)
         if decoder_input_ids is None:
-            decoder_input_ids = labels.masked_fill(labels == IGNORE_INDEX, self._pad_id())
+            decoder_input_ids = labels.masked_fill(labels == IGNORE_INDEX, self.config.text_config.pad_id)
             if decoder_attention_mask is None:
                 decoder_attention_mask = (labels != IGNORE_INDEX).long()
         elif labels is not None and tuple(labels.shape) != tuple(decoder_input_ids.shape):
@@ -408,7 +401,7 @@ class XVLMForQuestionAnswering(XVLMHeadMixin, XVLMPreTrainedModel, GenerationMix
         k = candidate_ids.shape[1]
         ids = answer_input_ids[candidate_ids.flatten()]
         mask = None if answer_attention_mask is None else answer_attention_mask[candidate_ids.flatten()]
-        targets = ids.masked_fill(ids == self._pad_id(), IGNORE_INDEX)
+        targets = ids.masked_fill(ids == self.config.text_config.pad_id, IGNORE_INDEX)
         return self.decode_answers(question_states, question_mask, k, ids, mask, labels=targets).loss
 
     def _check_candidates(self, answer_input_ids: torch.Tensor, answer_attention_mask: torch.Tensor | None) -> None:
@@ -452,7 +445,7 @@ class XVLMForQuestionAnswering(XVLMHeadMixin, XVLMPreTrainedModel, GenerationMix
         if "generation_config" not in generate_kwargs:  # the head's settings apply (the decoder's own do not)
             diff = self.generation_config.to_diff_dict()
             options = {k: v for k, v in diff.items() if not k.startswith("_") and k != "transformers_version"}
-        options.update(eos_token_id=eos, pad_token_id=self._pad_id(), bos_token_id=bos)
+        options.update(eos_token_id=eos, pad_token_id=self.config.text_config.pad_id, bos_token_id=bos)
         options.update(generate_kwargs)
         return self.text_decoder.generate(
             input_ids=start,

@@ -315,7 +315,20 @@ class _Gallery:
         return self.encoded
 
 
-class XVLMImageTextRetrievalPipeline(_XVLMInputsMixin, Pipeline):
+class _XVLMPipeline(_XVLMInputsMixin, Pipeline):
+    """The package's own pipelines: the model's `XVLMProcessor` (or tokenizer + image processor) does the inputs."""
+
+    _load_processor = None
+    _load_image_processor = None
+    _load_feature_extractor = False
+    _load_tokenizer = None
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._setup_processor()
+
+
+class XVLMImageTextRetrievalPipeline(_XVLMPipeline):
     """`pipeline("image-text-retrieval")`: rank a small gallery for each query (official `Retrieval.py` protocol).
 
     - text -> image: `retriever("a dog on a sofa", images=[img0, img1, ...])`;
@@ -329,14 +342,6 @@ class XVLMImageTextRetrievalPipeline(_XVLMInputsMixin, Pipeline):
     "text"}` sorted by `score` (the ITM logit, or the ITC similarity without re-ranking).
     """
 
-    _load_processor = None
-    _load_image_processor = None
-    _load_feature_extractor = False
-    _load_tokenizer = None
-
-    def __init__(self, **kwargs: Any):
-        super().__init__(**kwargs)
-        self._setup_processor()
 
     def __call__(self, inputs: Any = None, images: list[Any] | None = None, texts: list[str] | None = None,
                  **kwargs: Any):
@@ -437,7 +442,7 @@ def image_text_inputs(image: Any, text: str | list[str] | None, key: str) -> Any
     return [{"image": image, key: t} for t in text]
 
 
-class XVLMVisualGroundingPipeline(_XVLMInputsMixin, Pipeline):
+class XVLMVisualGroundingPipeline(_XVLMPipeline):
     """`pipeline("visual-grounding")`: one box per (image, referring expression) with `XVLMForGrounding`.
 
     - `grounder(image, "the dog on the left")` -> one result;
@@ -450,14 +455,6 @@ class XVLMVisualGroundingPipeline(_XVLMInputsMixin, Pipeline):
     `"preview"` (a PIL copy of the image with the box drawn; `preview=False` skips it)}`.
     """
 
-    _load_processor = None
-    _load_image_processor = None
-    _load_feature_extractor = False
-    _load_tokenizer = None
-
-    def __init__(self, **kwargs: Any):
-        super().__init__(**kwargs)
-        self._setup_processor()
 
     def __call__(self, image: Any, text: str | list[str] | None = None, **kwargs: Any):
         return super().__call__(image_text_inputs(image, text, "text"), **kwargs)
@@ -527,7 +524,7 @@ class _Candidates:
         return self.encoded[0].to(pipe.device), self.encoded[1].to(pipe.device)
 
 
-class XVLMVisualQuestionAnsweringPipeline(_XVLMInputsMixin, Pipeline):
+class XVLMVisualQuestionAnsweringPipeline(_XVLMPipeline):
     """`pipeline("xvlm-vqa")`: VQA with `XVLMForQuestionAnswering` by the official ranking of a candidate answer
     list (`model.rank_answers`, official `VQA.py` evaluation).
 
@@ -546,14 +543,8 @@ class XVLMVisualQuestionAnsweringPipeline(_XVLMInputsMixin, Pipeline):
     first.
     """
 
-    _load_processor = None
-    _load_image_processor = None
-    _load_feature_extractor = False
-    _load_tokenizer = None
-
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
-        self._setup_processor()
         if not _is_xvlm_processor(self.processor):
             raise ValueError("xvlm-vqa needs an XVLMProcessor (processor=...): it cleans the questions and encodes "
                              "the candidate answers.")
