@@ -13,6 +13,10 @@ PLAIN = ["eager/fp32", "sdpa/fp32", "eager/bf16", "sdpa/bf16"]
 COMPILED = ["sdpa/fp32/compile", "sdpa/bf16/compile"]
 
 
+#: cases with a table of their own (not the variant tables)
+OWN_TABLES = ("retrieval_eval", "attention_kernels", "vqa_rank")
+
+
 def _ms(seconds: float | None) -> str:
     if seconds is None:
         return "n/a"
@@ -61,7 +65,7 @@ def render_main_table(data: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, case in data["cases"].items():
-        if key.startswith(("retrieval_eval", "attention_kernels")):
+        if key.startswith(OWN_TABLES):
             continue
         info = case.get("case", {})
         title = f"{info.get('title', key)} (`{key}`)"
@@ -92,7 +96,7 @@ def render_throughput_table(data: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for key, case in data["cases"].items():
-        if key.startswith("retrieval_eval") or "results" not in case:
+        if key.startswith(OWN_TABLES) or "results" not in case:
             continue
         results = _variant_results(case)
         unit = case.get("case", {}).get("unit", "items")
@@ -112,7 +116,7 @@ def render_cpu_table(data: dict[str, Any]) -> str:
         "|---|---|" + "---|" * (len(names) + 2),
     ]
     for key, case in data["cases"].items():
-        if key.startswith("retrieval_eval") or "results" not in case:
+        if key.startswith(OWN_TABLES) or "results" not in case:
             continue
         results = case["results"]
         if not any((r or {}).get("cpu_median_s") for r in results.values()):
@@ -135,7 +139,7 @@ def render_memory_table(data: dict[str, Any]) -> str:
         "|---|" + "---|" * len(names),
     ]
     for key, case in data["cases"].items():
-        if key.startswith("retrieval_eval") or "results" not in case:
+        if key.startswith(OWN_TABLES) or "results" not in case:
             continue
         results = _variant_results(case)
         cells = []
@@ -149,7 +153,7 @@ def render_memory_table(data: dict[str, Any]) -> str:
 def render_agreement_table(data: dict[str, Any]) -> str:
     lines = ["| benchmark | variant | reference | agreement |", "|---|---|---|---|"]
     for key, case in data["cases"].items():
-        if key.startswith("retrieval_eval") or "results" not in case:
+        if key.startswith(OWN_TABLES) or "results" not in case:
             continue
         agreements = dict(case.get("agreement", {}))
         for name, value in case.get("compile", {}).items():
@@ -262,6 +266,32 @@ def render_retrieval_tables(data: dict[str, Any]) -> str:
                 )
             blocks.append("")
     return "\n".join(blocks)
+
+
+def render_answer_ranking_table(data: dict[str, Any]) -> str:
+    rows = []
+    for key, case in data.get("cases", {}).items():
+        if not key.startswith("vqa_rank"):
+            continue
+        if "results" not in case:
+            rows.append(f"| `{key}` | n/a: {_short(case.get('skipped') or case.get('error') or 'not run', 120)} ||||||")
+            continue
+        official, fast = case["results"].get("official/fp32/sdpa"), case["results"].get("fast/fp32/sdpa")
+        agreement = case.get("agreement", {})
+        rows.append(
+            f"| `{key}` | {_cell(official)} | {_cell(fast)} | {_both(official, fast)} | "
+            f"{_fmt(_speedup(official, fast, 'cpu_median_s'))} | "
+            f"{'yes' if agreement.get('same_chosen_answers') else 'no'} / "
+            f"{'yes' if agreement.get('same_rankings') else 'no'} | {agreement.get('score_max_abs_diff', float('nan')):.2e} |"
+        )
+    if not rows:
+        return "n/a: not run"
+    return "\n".join([
+        "| case | official order (ms) | first-step cache (ms) | speed-up (best) | CPU-time speed-up "
+        "| same answers / rankings | largest score gap |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+    ])
 
 
 def render_kernel_table(data: dict[str, Any]) -> str:
@@ -453,6 +483,10 @@ def render_tables(data: dict[str, Any]) -> str:
         "### 6. Retrieval evaluation, official protocol vs fast path",
         "",
         render_retrieval_tables(data),
+        "",
+        "### 7. VQA answer ranking, official order vs first-step cache (fp32, sdpa)",
+        "",
+        render_answer_ranking_table(data),
         "",
         "### Attention kernels",
         "",

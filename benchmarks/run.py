@@ -35,11 +35,12 @@ def log(message: str) -> None:
 
 
 def every_case(quick: bool) -> list:
+    from .answer_ranking import answer_ranking_cases
     from .attention_kernels import AttentionKernelsCase
     from .cases import all_cases
     from .retrieval_eval import retrieval_cases
 
-    return all_cases(quick) + retrieval_cases(quick) + [AttentionKernelsCase(quick)]
+    return all_cases(quick) + retrieval_cases(quick) + answer_ranking_cases(quick) + [AttentionKernelsCase(quick)]
 
 
 def _find_case(key: str, quick: bool):

@@ -32,12 +32,13 @@ from .relative_position import (
     not_a_knot_spline_matrix,
     source_grid,
 )
-from .safe_load import UnsafeCheckpointError, load_official_checkpoint, split_checkpoint
+from .safe_load import CorruptCheckpointError, UnsafeCheckpointError, load_official_checkpoint, split_checkpoint
 
 __all__ = [
     "ArchitectureInference",
     "ConversionError",
     "ConversionResult",
+    "CorruptCheckpointError",
     "HEAD_CLASS_NAMES",
     "NEW_HEADS",
     "NLVR2_TASKS",

@@ -92,9 +92,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import HfApi
+from huggingface_hub import constants as hub_constants
 from transformers import BertTokenizer
 
-from modeling_xvlm import XVLMImageProcessorPil, XVLMProcessor, create_model_card
+from modeling_xvlm import XVLMProcessor, create_model_card
 from modeling_xvlm.configuration_xvlm import XVLMConfig
 from modeling_xvlm.modeling_xvlm_captioning import CAPTION_PROMPT, captioning_init_state
 from modeling_xvlm.modeling_xvlm_nlvr import nlvr2_config
@@ -102,6 +104,7 @@ from modeling_xvlm.modeling_xvlm_vqa import decoder_init_state
 from modeling_xvlm.tasks import TASKS as MODEL_TASKS
 
 from .infer import DECODER as CAPTION_TEXT_PREFIX
+from .official_checkpoints import OfficialCheckpoint, official_checkpoint
 from .infer import ArchitectureInference, infer_architecture, is_captioning, text_prefix
 from .official_config import OfficialConfig, parse_official_config, read_official_config
 from .relative_position import interpolate_relative_position_bias_table, window_from_table
@@ -118,8 +121,15 @@ __all__ = [
     "build_config",
     "convert_checkpoint",
     "convert_state_dict",
+    "DEFAULT_TOKENIZER",
     "detect_task",
+    "detect_task_with_evidence",
     "head_class",
+    "hub_offline",
+    "check_hub_reachable",
+    "conversion_command",
+    "load_tokenizer",
+    "push_folder",
     "load_into_model",
     "write_model_card",
 ]
@@ -220,32 +230,49 @@ class ConversionResult:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def detect_task(state_dict: Mapping[str, Any]) -> str:
-    """Guess the official model class of a state dict: captioning (`text_decoder.*` without `text_encoder.*`;
-    fine-tuned or domain pre-training alike), NLVR2 (`cls_head`), TA pre-training for NLVR2 (`ta_head`), VQA
-    (`text_decoder.*` next to `text_encoder.*`), pre-training (has `text_encoder.bert.` / the MLM head), grounding
-    (box head without ITM head) or retrieval (ITM head)."""
-    keys = list(state_dict)
-    if is_captioning(state_dict):
-        return "captioning"
-    if any(k.startswith("cls_head.") for k in keys):
-        return "nlvr2"
-    if any(k.startswith("ta_head.") for k in keys):
-        return "nlvr2-pretrain"
-    if any(k.startswith("text_decoder.") for k in keys):
-        return "vqa"
-    if any(k.startswith(("text_encoder.bert.", "text_encoder.cls.")) for k in keys):
-        return "pretrain"
-    has_itm = any(k.startswith("itm_head.") for k in keys)
-    has_bbox = any(k.startswith("bbox_head.") for k in keys)
-    if has_bbox and not has_itm:
-        return "grounding"
-    if has_itm:
-        return "retrieval"
+def _has(state_dict: Mapping[str, Any], *prefixes: str) -> bool:
+    return any(key.startswith(prefixes) for key in state_dict)
+
+
+#: The official model classes in the order `detect_task` tries them: (task, test on the state dict, the evidence
+#: printed by `xvlm-convert`). The first test that holds names the task.
+_DETECTION_RULES: tuple[tuple[str, Callable[[Mapping[str, Any]], bool], str], ...] = (
+    ("captioning", is_captioning, "text_decoder.* without text_encoder.* (models/model_captioning.py)"),
+    ("nlvr2", lambda sd: _has(sd, "cls_head."), "cls_head.* (models/model_nlvr.py)"),
+    ("nlvr2-pretrain", lambda sd: _has(sd, "ta_head."), "ta_head.* (models/model_nlvr_pretrain.py)"),
+    ("vqa", lambda sd: _has(sd, "text_decoder."), "text_decoder.* next to text_encoder.* (models/model_vqa.py)"),
+    (
+        "pretrain",
+        lambda sd: _has(sd, "text_encoder.bert.", "text_encoder.cls."),
+        "text_encoder.bert.* and the MLM head text_encoder.cls.* (models/model_pretrain.py)",
+    ),
+    (
+        "grounding",
+        lambda sd: _has(sd, "bbox_head.") and not _has(sd, "itm_head."),
+        "bbox_head.* without itm_head.* (models/model_bbox.py)",
+    ),
+    ("retrieval", lambda sd: _has(sd, "itm_head."), "itm_head.* (models/model_retrieval.py; also the weakly supervised RefCOCO+ model)"),
+)
+
+
+def detect_task_with_evidence(state_dict: Mapping[str, Any]) -> tuple[str, str]:
+    """`(task, evidence)`: the official model class of a state dict (see `detect_task`) and the keys that tell it."""
+    for task, test, evidence in _DETECTION_RULES:
+        if test(state_dict):
+            return task, evidence
     raise ConversionError(
         "Cannot tell which official model this checkpoint comes from (no itm_head, bbox_head, cls_head, ta_head, "
         "text_decoder or MLM head): pass --task explicitly."
     )
+
+
+def detect_task(state_dict: Mapping[str, Any]) -> str:
+    """Guess the official model class of a state dict: captioning (`text_decoder.*` without `text_encoder.*`;
+    fine-tuned or domain pre-training alike), NLVR2 (`cls_head`), TA pre-training for NLVR2 (`ta_head`), VQA
+    (`text_decoder.*` next to `text_encoder.*`), pre-training (has `text_encoder.bert.` / the MLM head), grounding
+    (box head without ITM head) or retrieval (ITM head; the weakly supervised RefCOCO+ model is a retrieval
+    model too, official `Grounding.py`)."""
+    return detect_task_with_evidence(state_dict)[0]
 
 
 _VISION_RULES: list[tuple[re.Pattern[str], str]] = [
@@ -1174,21 +1201,74 @@ def _text_inputs(task: str) -> str:
     return "texts\n`[CLS] tokens` without `[SEP]` (use `XVLMProcessor`)"
 
 
+def _official_result_section(task: str, official: OfficialCheckpoint | None) -> str:
+    """The model card's "Official result" section: the official README's result of the checkpoint (`official`),
+    or, when it is not named, those of every released checkpoint of the task."""
+    from .official_checkpoints import OFFICIAL_CHECKPOINTS
+
+    source = "the official README (results image `x-vlm-results.png`, the paper's Tables 2 and 3)"
+    if official is not None:
+        result = official.result or "the official README reports none for this checkpoint"
+        return (
+            f"Converted from the official checkpoint **{official.readme_name}** (`xvlm-convert --official "
+            f"{official.name}`, trained at {official.image_size} px with `{official.config}`). Result reported by "
+            f"{source}: {result}.\n\nThese are the official model's numbers; this conversion reproduces its outputs "
+            "(see Conversion), it was not re-evaluated on the benchmark here."
+        )
+    rows = [row for row in OFFICIAL_CHECKPOINTS.values() if row.task == task and row.result]
+    listed = "\n".join(f"- {row.readme_name} (`--official {row.name}`): {row.result}" for row in rows)
+    return (
+        "Which released checkpoint this is was not recorded (convert with `xvlm-convert --official NAME` to record "
+        f"it). The results {source} reports for the released `{task}` checkpoints:\n\n{listed or '- none'}"
+    )
+
+
+def conversion_command(
+    result: ConversionResult, tokenizer: str | None = None, official: OfficialCheckpoint | None = None,
+    config: str | os.PathLike | None = None,
+) -> str:
+    """The `xvlm-convert` command line that reproduces this conversion (written into the model card)."""
+    source_name = os.path.basename(result.source) if result.source else "CHECKPOINT"
+    parts = ["xvlm-convert", "--checkpoint", source_name, "--task", result.task]
+    if result.config is not None:
+        parts += ["--image-size", str(result.config.image_size)]
+    if config is not None:
+        parts += ["--config", os.path.basename(os.fspath(config))]
+    parts += ["--tokenizer", tokenizer] if tokenizer else ["--no-tokenizer"]
+    if official is not None:
+        parts += ["--official", official.name]
+    return " ".join(parts + ["--output", "OUTPUT"])
+
+
 def write_model_card(
     output_dir: str | os.PathLike,
     result: ConversionResult,
     base_model: str | None = None,
     repo_id: str | None = None,
+    official: OfficialCheckpoint | str | None = None,
+    command: str | None = None,
 ) -> Any:
     """Write `README.md` with `modeling_xvlm.create_model_card`: the task row's metadata (library, pipeline tag)
-    plus the base model, the source file and its sha256, and a "Conversion" section.
+    plus the base model, the source file and its sha256, an "Official result" section (the official README's
+    numbers of `official`, a row of `official_checkpoints.OFFICIAL_CHECKPOINTS`, or of every released checkpoint of
+    the task) and a "Conversion" section (what was converted and `command`, the command that did it).
 
     `repo_id` (default: the folder name) is used in the title and the usage snippets.
     """
     output_dir = os.fspath(output_dir)
+    if isinstance(official, str):
+        official = _official_row(official, result.task)
     source_name = os.path.basename(result.source) if result.source else "an official X-VLM state dict"
     config = copy.deepcopy(result.config)
     config.architectures = [HEAD_CLASS_NAMES[result.task]]  # selects the task row of the card
+    command = command or conversion_command(result, official=official)
+    metadata = {
+        "original_checkpoint": source_name,
+        "original_checkpoint_sha256": result.source_sha256,
+        "original_repository": "https://github.com/zengyan-97/X-VLM",
+    }
+    if official is not None:
+        metadata["original_checkpoint_name"] = official.readme_name
     card = create_model_card(
         repo_id or os.path.basename(os.path.normpath(os.path.abspath(output_dir))),
         config,
@@ -1199,15 +1279,61 @@ def write_model_card(
             f"`{result.source_sha256 or 'n/a'}`) of [zengyan-97/X-VLM](https://github.com/zengyan-97/X-VLM) with "
             f"`xvlm-convert --task {result.task}`. {MODEL_TASKS[result.task].summary}"
         ),
-        sections=[("Conversion", _conversion_notes(result))],
-        metadata={
-            "original_checkpoint": source_name,
-            "original_checkpoint_sha256": result.source_sha256,
-            "original_repository": "https://github.com/zengyan-97/X-VLM",
-        },
+        sections=[
+            ("Official result", _official_result_section(result.task, official)),
+            ("Conversion", f"Converted with\n\n```bash\n{command}\n```\n\n{_conversion_notes(result)}"),
+        ],
+        metadata=metadata,
     )
     card.save(os.path.join(output_dir, "README.md"))
     return card
+
+
+def _official_row(name: str, task: str | None) -> OfficialCheckpoint:
+    """The `OFFICIAL_CHECKPOINTS` row `name`, checked against the task being converted."""
+    try:
+        row = official_checkpoint(name)
+    except KeyError as error:
+        raise ConversionError(str(error.args[0])) from None
+    if task is not None and row.task != task:
+        raise ConversionError(
+            f"--official {name} is the official {row.readme_name} checkpoint, which converts with --task {row.task}, "
+            f"not --task {task}."
+        )
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Hub
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_hub_reachable(repo_id: str) -> None:
+    """Fail at once (before any conversion work) when `--push-to-hub` cannot work: the Hub is offline."""
+    if hub_offline():
+        raise ConversionError(
+            f"--push-to-hub {repo_id}: the Hub is offline (HF_HUB_OFFLINE=1), so nothing can be uploaded. Unset "
+            "HF_HUB_OFFLINE (and log in with `hf auth login`), or convert without --push-to-hub and upload the "
+            "folder later with `hf upload REPO FOLDER`."
+        )
+
+
+def push_folder(output_dir: str | os.PathLike, repo_id: str, api: HfApi | None = None, private: bool | None = None) -> str:
+    """Upload a written folder (model, processor, tokenizer, model card) to the Hub repo `repo_id` with
+    huggingface_hub's own API: `HfApi.create_repo(exist_ok=True)` then `HfApi.upload_folder`.
+
+    Returns the repo URL. `api` defaults to `HfApi()` (the token of `hf auth login` / `HF_TOKEN`).
+    """
+    check_hub_reachable(repo_id)
+    api = api or HfApi()
+    url = api.create_repo(repo_id, repo_type="model", exist_ok=True, private=private)
+    api.upload_folder(
+        repo_id=repo_id,
+        repo_type="model",
+        folder_path=os.fspath(output_dir),
+        commit_message="Convert an official X-VLM checkpoint (xvlm-convert)",
+    )
+    return str(url)
 
 
 #: VQA questions as the official evaluation reads them (`dataset/vqa_dataset.py` test split: `pre_question` with
@@ -1215,17 +1341,56 @@ def write_model_card(
 VQA_MAX_WORDS = 50
 
 
-def _build_processor(tokenizer_dir: str, config: XVLMConfig, task: str) -> XVLMProcessor:
+#: `xvlm-convert --tokenizer` default: the tokenizer the official configs name (`text_encoder: data/bert-base-uncased`).
+DEFAULT_TOKENIZER = "bert-base-uncased"
+
+
+def hub_offline() -> bool:
+    """Whether the Hub is switched off (`HF_HUB_OFFLINE=1`), read at call time (huggingface_hub reads it at import)."""
+    flag = os.environ.get("HF_HUB_OFFLINE", "")
+    return bool(hub_constants.HF_HUB_OFFLINE) or flag.upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _is_tokenizer_folder(path: Path) -> bool:
+    return path.is_dir() and ((path / "vocab.txt").is_file() or (path / "tokenizer.json").is_file())
+
+
+def load_tokenizer(
+    name_or_path: str | os.PathLike, from_hub: Callable[[str], Any] | None = None
+) -> Any:
+    """The BERT tokenizer of the converted model: a local folder (with `vocab.txt` or `tokenizer.json`) if
+    `name_or_path` is one, else the Hub repo of that name (`bert-base-uncased` by default on the command line).
+
+    `from_hub` downloads a Hub tokenizer (default `BertTokenizer.from_pretrained`; injectable for tests). Raises
+    `ConversionError` saying which of the two failed: no such folder, and the Hub offline or unreachable.
+    """
+    name = os.fspath(name_or_path)
+    path = Path(name)
+    if _is_tokenizer_folder(path):
+        return BertTokenizer.from_pretrained(name)
+    if path.exists() or name.startswith((".", "/", "~")) or name.endswith(("/", os.sep)):
+        raise ConversionError(f"--tokenizer {name!r} must be a folder with a BERT vocab.txt (or tokenizer.json).")
+    fix = (
+        f"download it once (`hf download {name} --local-dir {name.rsplit('/', 1)[-1]}` where the Hub is reachable) "
+        f"and pass the folder as --tokenizer, or convert without a processor (--no-tokenizer)"
+    )
+    if hub_offline():
+        raise ConversionError(
+            f"--tokenizer {name!r}: no such local folder, and the Hub is offline (HF_HUB_OFFLINE=1): {fix}."
+        )
+    try:
+        return (from_hub or BertTokenizer.from_pretrained)(name)
+    except (OSError, ValueError) as error:  # transformers raises OSError for unreachable / unknown repos
+        raise ConversionError(
+            f"--tokenizer {name!r}: no such local folder, and loading it from the Hub failed "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): {fix}."
+        ) from None
+
+
+def _build_processor(tokenizer: Any, config: XVLMConfig, task: str) -> XVLMProcessor:
     """The `XVLMProcessor` of the converted model: PIL image processor at its size and the BERT tokenizer; for
     `vqa` the official test-time question cleaning (`pre_question`, 50 words, no truncation below the position
     limit); every other task (captioning included) the standard text settings."""
-    vocab = Path(tokenizer_dir)
-    if not vocab.is_dir() or not ((vocab / "vocab.txt").is_file() or (vocab / "tokenizer.json").is_file()):
-        raise ConversionError(f"--tokenizer {tokenizer_dir!r} must be a folder with a BERT vocab.txt (or tokenizer.json).")
-    tokenizer = BertTokenizer.from_pretrained(tokenizer_dir)
-    image_processor = XVLMImageProcessorPil(
-        size={"height": config.image_size, "width": config.image_size}, patch_size=config.patch_stride
-    )
     text: dict[str, Any] = {}
     if task == "vqa":
         text = {
@@ -1233,7 +1398,7 @@ def _build_processor(tokenizer_dir: str, config: XVLMConfig, task: str) -> XVLMP
             "max_words": VQA_MAX_WORDS,
             "max_length": config.text_config.max_position_embeddings,
         }
-    return XVLMProcessor(image_processor=image_processor, tokenizer=tokenizer, **text)
+    return XVLMProcessor.from_model_config(config, tokenizer=tokenizer, **text)
 
 
 def _set_special_tokens(config: XVLMConfig, tokenizer: Any) -> None:
@@ -1325,27 +1490,21 @@ def _write_folder(
     model: torch.nn.Module,
     result: ConversionResult,
     processor: XVLMProcessor | None,
-    push_to_hub: str | None,
-    base_model: str | None,
+    card: dict[str, Any],
     verify: bool,
     say: Callable[[str], None],
 ) -> None:
-    """Save model (+ code files), processor and model card; verify the reload; push if asked."""
+    """Save model (+ code files), processor (+ tokenizer) and model card (`card`: `write_model_card` keywords);
+    verify the reload."""
     os.makedirs(output_dir, exist_ok=True)
     model.save_pretrained(output_dir)
     if processor is not None:
         processor.save_pretrained(output_dir)
-    card = write_model_card(output_dir, result, base_model=base_model, repo_id=push_to_hub)
+    write_model_card(output_dir, result, **card)
     if verify:
         _verify_saved(output_dir, model, result.task)
         say(f"Verified: {output_dir} reloads with from_pretrained and every tensor is identical.")
     say(f"Wrote {output_dir}")
-    if push_to_hub:
-        model.push_to_hub(push_to_hub)
-        if processor is not None:
-            processor.push_to_hub(push_to_hub)
-        card.push_to_hub(push_to_hub)
-        say(f"Pushed to https://huggingface.co/{push_to_hub}")
 
 
 def convert_checkpoint(
@@ -1355,64 +1514,93 @@ def convert_checkpoint(
     image_size: int | None = None,
     window_size: int | None = None,
     config: str | os.PathLike | None = None,
-    tokenizer: str | os.PathLike | None = None,
+    tokenizer: Any = None,
     push_to_hub: str | None = None,
     base_model: str | None = None,
     verify: bool = True,
     log: Callable[[str], None] | None = print,
+    official: str | None = None,
+    hub_api: HfApi | None = None,
+    command: str | None = None,
 ) -> tuple[torch.nn.Module, ConversionResult]:
     """Convert an official X-VLM checkpoint into a Hugging Face model (and folder).
 
     Args:
         checkpoint: path of an official `.th` / `.pth` (or `.safetensors`) file, or an already loaded checkpoint
             dict (`{'model': state_dict, ...}` or a state dict).
-        output_dir: folder to write (`config.json`, `model.safetensors`, `README.md`, processor files); `None`
-            only builds and returns the model.
+        output_dir: folder to write (`config.json`, `model.safetensors`, `README.md`, processor and tokenizer
+            files); `None` only builds and returns the model.
         task: `"pretrain"`, `"retrieval"`, `"grounding"`, `"vqa"`, `"captioning"`, `"nlvr2"` or `"nlvr2-pretrain"`;
-            `None` detects it from the keys.
+            `None` detects it from the keys (`detect_task_with_evidence`; logged with the evidence).
         image_size: input size of the converted model (e.g. 384 for a 224 pre-training checkpoint fine-tuned at
             384); default: the checkpoint's.
         window_size: Swin window of the converted model (default: see `build_config`).
         config: an official task YAML (its `vision_config` / `text_config` JSONs are read too).
-        tokenizer: a folder with a BERT `vocab.txt`; writes an `XVLMProcessor` (for `vqa` with the official question
-            cleaning) and sets `text_config.bos_token_id` / `eos_token_id` to its [CLS] / [SEP] ids (what VQA and
-            caption generation start from and stop at).
-        push_to_hub: a Hub repo id; the model, processor and card are pushed with `push_to_hub`.
+        tokenizer: a BERT tokenizer, a folder with its `vocab.txt`, or a Hub id (`load_tokenizer`); writes an
+            `XVLMProcessor` (for `vqa` with the official question cleaning) and sets `text_config.bos_token_id` /
+            `eos_token_id` to its [CLS] / [SEP] ids (what VQA and caption generation start from and stop at).
+            `None`: no processor.
+        push_to_hub: a Hub repo id: the written folder is uploaded with `HfApi.create_repo` + `upload_folder`
+            (`push_folder`); offline (`HF_HUB_OFFLINE=1`) this fails before any conversion work.
         base_model: Hub id written as `base_model` in the model card.
         verify: re-read the written folder with `from_pretrained` and compare every tensor.
         log: where progress messages go (`None`: silent).
+        official: the released checkpoint this is (a key of `official_checkpoints.OFFICIAL_CHECKPOINTS`): its
+            official result goes into the model card, and its task is the default `task`.
+        hub_api: the `HfApi` of the upload (default `HfApi()`).
+        command: the command line recorded in the model card (default: an equivalent `xvlm-convert` line).
 
     Returns:
         `(model, result)`.
     """
     say = log or (lambda message: None)
+    if push_to_hub:
+        if output_dir is None:
+            raise ConversionError("push_to_hub needs an output_dir to write the folder first.")
+        check_hub_reachable(push_to_hub)
+    row = _official_row(official, task) if official is not None else None
     state_dict, embedded_raw, source, sha = _read_checkpoint(checkpoint)
+    tokenizer_name = os.fspath(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else None
+    if tokenizer_name is not None:
+        tokenizer = load_tokenizer(tokenizer_name)
     if task is None:
-        task = detect_task(state_dict)
-        say(f"Detected task: {task}")
+        task, evidence = detect_task_with_evidence(state_dict)
+        say(f"Detected task: {task} -> {HEAD_CLASS_NAMES[task]} (the checkpoint has {evidence})")
+        if row is not None and row.task != task:
+            raise ConversionError(
+                f"--official {row.name} converts with --task {row.task}, but the keys say {task}: check the file."
+            )
     if task not in TASKS:
         raise ConversionError(f"Unknown task {task!r}; choose one of {TASKS}.")
-    official = _read_task_config(config)
-    embedded = _official_from_checkpoint(embedded_raw, source) if official is None else None
+    official_config = _read_task_config(config)
+    embedded = _official_from_checkpoint(embedded_raw, source) if official_config is None else None
     model_config, inference = build_config(
-        state_dict, official, image_size=image_size, window_size=window_size, embedded=embedded, log=say, task=task
+        state_dict, official_config, image_size=image_size, window_size=window_size, embedded=embedded, log=say,
+        task=task,
     )
-    processor = _build_processor(os.fspath(tokenizer), model_config, task) if tokenizer else None
+    processor = _build_processor(tokenizer, model_config, task) if tokenizer is not None else None
     if processor is not None:
         _set_special_tokens(model_config, processor.tokenizer)
     elif task in ("vqa", "captioning"):
-        say("No --tokenizer: text_config.bos_token_id / eos_token_id stay unset (generate() needs [CLS] / [SEP]).")
+        say("No tokenizer: text_config.bos_token_id / eos_token_id stay unset (generate() needs [CLS] / [SEP]).")
     result = _convert_weights(state_dict, task, model_config, inference)
     result.source, result.source_sha256 = source, sha
     if task != _safe_detect(state_dict):
         result.notes.append(f"converted a {_safe_detect(state_dict)} checkpoint for the {task} task")
     model = _build_model(result)
     if task == "captioning":
-        _set_caption_decoding(model, official or embedded, result)
+        _set_caption_decoding(model, official_config or embedded, result)
     say(result.summary())
 
     if output_dir is not None:
-        _write_folder(os.fspath(output_dir), model, result, processor, push_to_hub, base_model, verify, say)
-    elif push_to_hub:
-        raise ConversionError("push_to_hub needs an output_dir to write the folder first.")
+        card = {
+            "base_model": base_model,
+            "repo_id": push_to_hub,
+            "official": row,
+            "command": command or conversion_command(result, tokenizer_name, row, config),
+        }
+        _write_folder(os.fspath(output_dir), model, result, processor, card, verify, say)
+        if push_to_hub:
+            url = push_folder(output_dir, push_to_hub, api=hub_api)
+            say(f"Pushed {output_dir} to {url}")
     return model, result

@@ -4,7 +4,9 @@ Official checkpoints are `torch.save` pickles: `{'model': state_dict, 'config': 
 They are opened with `torch.load(..., weights_only=True)`, whose restricted unpickler only rebuilds tensors and
 plain containers (dict, list, tuple, str, numbers, None, OrderedDict). A file that needs anything else (a class,
 a function, `os.system`, ...) is refused with `UnsafeCheckpointError`; it is never unpickled in full.
-`.safetensors` files are read with `safetensors` (no pickle at all).
+`.safetensors` files are read with `safetensors` (no pickle at all). A file that is not a readable checkpoint at
+all (random bytes, a truncated or empty file, a damaged zip archive or safetensors header) raises
+`CorruptCheckpointError` instead: it is damaged, not dangerous.
 """
 
 from __future__ import annotations
@@ -15,13 +17,24 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-__all__ = ["UnsafeCheckpointError", "load_official_checkpoint", "split_checkpoint"]
+__all__ = ["CorruptCheckpointError", "UnsafeCheckpointError", "load_official_checkpoint", "split_checkpoint"]
 
 
 class UnsafeCheckpointError(RuntimeError):
     """The checkpoint needs full unpickling (arbitrary code execution) and was refused."""
+
+
+class CorruptCheckpointError(ValueError):
+    """The file cannot be read as a checkpoint: corrupt, truncated, empty, or not a checkpoint at all."""
+
+
+_CORRUPT = (
+    "{path!r} is not a readable checkpoint: it is corrupt, truncated, empty or not a torch.save / safetensors file "
+    "({reason})"
+)
 
 
 _REFUSAL = (
@@ -43,28 +56,50 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def _unpickling_failure(path: str, error: pickle.UnpicklingError) -> Exception:
+    """`UnsafeCheckpointError` when the pickle names a class or function (a GLOBAL the weights-only unpickler
+    refuses); `CorruptCheckpointError` for anything else (bytes that are no valid pickle)."""
+    text = str(error)
+    if "GLOBAL" in text or "Unsupported global" in text:
+        return UnsafeCheckpointError(_REFUSAL.format(path=path, reason=_first_line(error)))
+    return CorruptCheckpointError(_CORRUPT.format(path=path, reason=_weights_only_reason(error)))
+
+
+def _weights_only_reason(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = next((line for line in lines if line.startswith(("Unsupported", "invalid", "Weights only"))
+                   and not line.startswith("Weights only load failed")), None)
+    return f"{type(error).__name__}: {detail or (lines[0] if lines else 'no data')}"
+
+
 def load_official_checkpoint(path: str | os.PathLike) -> Any:
     """Read a checkpoint file safely and return the loaded object (usually a dict).
 
     Raises:
         FileNotFoundError: the file does not exist.
         UnsafeCheckpointError: the pickle needs more than `weights_only=True` allows.
+        CorruptCheckpointError: the file is no readable checkpoint (random bytes, truncated, empty).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Checkpoint file not found: {path!r}")
     if path.endswith(".safetensors"):
-        return load_file(path, device="cpu")
+        try:
+            return load_file(path, device="cpu")
+        except (SafetensorError, OSError, ValueError) as error:
+            raise CorruptCheckpointError(_CORRUPT.format(path=path, reason=_first_line(error))) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as mmap_error:
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, EOFError) as mmap_error:
         if isinstance(mmap_error, pickle.UnpicklingError):
-            raise UnsafeCheckpointError(_REFUSAL.format(path=path, reason=_first_line(mmap_error))) from None
+            raise _unpickling_failure(path, mmap_error) from None
         # mmap only works for the zip format (torch >= 1.6); legacy files are read without it.
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise UnsafeCheckpointError(_REFUSAL.format(path=path, reason=_first_line(error))) from None
+        raise _unpickling_failure(path, error) from None
+    except (RuntimeError, EOFError, ValueError, UnicodeDecodeError) as error:
+        raise CorruptCheckpointError(_CORRUPT.format(path=path, reason=_weights_only_reason(error))) from None
 
 
 def split_checkpoint(obj: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:

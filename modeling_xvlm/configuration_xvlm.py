@@ -214,6 +214,10 @@ class XVLMConfig(PreTrainedConfig):
         label_smoothing: label smoothing of the caption loss (`XVLMForConditionalGeneration`; official: target
             `1 - s`, every other token `s / vocab`); `None` (default): 0.1, the official fine-tuning value
             (`configs/Captioning.yaml`); the captioning domain pre-training uses 0.
+        gradcam_layer: index in the whole text stack of the fusion layer whose cross-attention
+            `XVLMForRetrieval.compute_gradcam` reads (official `block_num` of `Grounding.py`); `None` (default): the
+            fourth fusion layer, `fusion_layer + 3` (9 for X-VLM-base, the official run script's value), or the last
+            layer of a smaller stack.
     """
 
     model_type = "xvlm"
@@ -239,6 +243,7 @@ class XVLMConfig(PreTrainedConfig):
     num_decoder_layers: int | None = None
     official_answer_scoring: bool = True
     label_smoothing: float | None = None
+    gradcam_layer: int | None = None
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
@@ -286,6 +291,20 @@ class XVLMConfig(PreTrainedConfig):
             raise ValueError(f"temperature_init must be positive, got {self.temperature_init}.")
         if self.num_decoder_layers is not None and self.num_decoder_layers < 1:
             raise ValueError(f"num_decoder_layers must be at least 1, got {self.num_decoder_layers}.")
+        text = self.text_config
+        if self.gradcam_layer is not None and not text.fusion_layer <= self.gradcam_layer < text.num_hidden_layers:
+            raise ValueError(
+                f"gradcam_layer ({self.gradcam_layer}) must be a fusion layer, in [{text.fusion_layer}, "
+                f"{text.num_hidden_layers})."
+            )
+
+    @property
+    def default_gradcam_layer(self) -> int:
+        """The Grad-CAM layer: `gradcam_layer`, or `fusion_layer + 3` (9 for base) capped at the last layer."""
+        if self.gradcam_layer is not None:
+            return self.gradcam_layer
+        text = self.text_config
+        return min(text.fusion_layer + 3, text.num_hidden_layers - 1)
 
     @property
     def vision_width(self) -> int:

@@ -38,6 +38,7 @@ __all__ = [
     "gather_no_grad",
     "image_text_contrastive_loss",
     "image_text_matching_loss",
+    "mask_excluded_boxes",
     "masked_lm_loss",
     "sample_hard_negatives",
 ]
@@ -292,6 +293,35 @@ def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+#: The target that replaces a whole-image entry's box before the box losses are computed (any finite box would do).
+WHOLE_IMAGE_BOX = (0.5, 0.5, 1.0, 1.0)
+
+
+def mask_excluded_boxes(
+    target_boxes: torch.Tensor, is_image: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(targets, weight)`: the `(B, 4)` targets with the rows `is_image` excludes replaced by `WHOLE_IMAGE_BOX`, and
+    the `(B,)` box-loss weight `1 - is_image` (all ones without `is_image`).
+
+    The replacement happens before any arithmetic, so a NaN or garbage target on an excluded row can reach neither
+    the loss nor its gradient (a zero weight applied afterwards would not help: `NaN * 0 = NaN`). `is_image` must
+    hold only 0 and 1 (`ValueError` otherwise)."""
+    if is_image is None:
+        return target_boxes, torch.ones(target_boxes.shape[0], dtype=target_boxes.dtype, device=target_boxes.device)
+    is_image = torch.as_tensor(is_image, device=target_boxes.device).view(-1)
+    if is_image.shape[0] != target_boxes.shape[0]:
+        raise ValueError(f"is_image has {is_image.shape[0]} entries for {target_boxes.shape[0]} boxes.")
+    if not bool(((is_image == 0) | (is_image == 1)).all()):
+        raise ValueError(
+            f"is_image must hold 0 (a region, box losses on) or 1 (the whole image, no box loss), got values "
+            f"{torch.unique(is_image).tolist()[:8]}."
+        )
+    excluded = is_image.bool()
+    placeholder = torch.tensor(WHOLE_IMAGE_BOX, dtype=target_boxes.dtype, device=target_boxes.device)
+    targets = torch.where(excluded[:, None], placeholder, target_boxes)
+    return targets, (~excluded).to(target_boxes.dtype)
+
+
 def bbox_losses(
     pred_boxes: torch.Tensor,
     target_boxes: torch.Tensor,
@@ -323,7 +353,7 @@ def bbox_losses(
             f"pred_boxes and target_boxes must both be (B, 4), got {tuple(pred_boxes.shape)} and "
             f"{tuple(target_boxes.shape)}."
         )
-    target_boxes = target_boxes.to(pred_boxes.dtype)
+    target_boxes, weight = mask_excluded_boxes(target_boxes.to(pred_boxes.dtype), is_image)
     l1 = (pred_boxes - target_boxes).abs().sum(dim=1)
     pred_xyxy = box_convert(pred_boxes, "cxcywh", "xyxy")
     target_xyxy = box_convert(target_boxes, "cxcywh", "xyxy")
@@ -337,12 +367,6 @@ def bbox_losses(
     else:
         giou = torch.where(degenerate, torch.zeros_like(giou), giou)
 
-    if is_image is None:
-        weight = torch.ones_like(l1)
-    else:
-        weight = 1.0 - is_image.to(l1.dtype).view(-1)
-        if weight.shape[0] != l1.shape[0]:
-            raise ValueError(f"is_image has {weight.shape[0]} entries for {l1.shape[0]} boxes.")
     num_boxes = weight.sum()
     if float(num_boxes) == 0.0:
         zero = pred_boxes.sum() * 0.0

@@ -222,9 +222,21 @@ class XVLMModel(XVLMPreTrainedModel):
         self.text_model.embeddings.word_embeddings = value
 
     # -- validation ---------------------------------------------------------------------------------------------
-    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`pixel_values` checked (type, shape, floating dtype, finite) and cast to the vision encoder's dtype.
+
+        A floating dtype other than the encoder's (float64 into a float32 model) is cast, as
+        `BatchFeature.to(dtype)` does; integer or boolean pixels are raw images and raise a `TypeError` naming the
+        processor."""
         if not isinstance(pixel_values, torch.Tensor):
             raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}.")
+        if not pixel_values.is_floating_point():
+            raise TypeError(
+                f"pixel_values have dtype {pixel_values.dtype}: the model takes normalised floating-point pixels. "
+                "Prepare images with XVLMProcessor / XVLMImageProcessor (it resizes, rescales and normalises them)."
+            )
+        if pixel_values.dim() >= 1 and pixel_values.shape[0] == 0:
+            raise ValueError("pixel_values is an empty batch (0 images): pass at least one image.")
         size = self.config.image_size
         channels = self.config.vision_config.num_channels
         if pixel_values.dim() != 4 or pixel_values.shape[1] != channels:
@@ -236,6 +248,10 @@ class XVLMModel(XVLMPreTrainedModel):
                 f"pixel_values are {pixel_values.shape[-2]}x{pixel_values.shape[-1]} but this model was built for "
                 f"{size}x{size} images: resize them with XVLMImageProcessor (size={size})."
             )
+        if not bool(torch.isfinite(pixel_values).all()):
+            raise ValueError("pixel_values contain NaN or infinite values.")
+        dtype = next(self.vision_model.parameters()).dtype
+        return pixel_values if pixel_values.dtype == dtype else pixel_values.to(dtype)
 
     def _require_projections(self) -> None:
         if self.vision_proj is None:
@@ -246,7 +262,7 @@ class XVLMModel(XVLMPreTrainedModel):
         """The visual sequence `[mean patch; patches]`, `(batch, 1 + P, vision_width)`, without projection.
 
         `output_attentions` / `output_hidden_states` in `kwargs` return Swin's attentions / hidden states."""
-        self._check_pixel_values(pixel_values)
+        pixel_values = self._check_pixel_values(pixel_values)
         vision = self.vision_model(pixel_values=pixel_values, return_dict=True, **_output_flags(kwargs))
         patches = vision.last_hidden_state  # after Swin's final LayerNorm, as the official CLS-like token needs
         sequence = torch.cat([patches.mean(dim=1, keepdim=True), patches], dim=1)
@@ -276,9 +292,13 @@ class XVLMModel(XVLMPreTrainedModel):
     def _check_regions(self, n_images: int, region_masks: torch.Tensor, image_index: torch.Tensor) -> None:
         expected = 1 + self.config.num_patches
         if region_masks.dim() != 2 or region_masks.shape[1] != expected:
+            size, stride = self.config.image_size, self.config.patch_stride
             raise ValueError(
                 f"region_masks must have shape (num_regions, {expected}) = (R, 1 + num_patches), got "
-                f"{tuple(region_masks.shape)}."
+                f"{tuple(region_masks.shape)}: this model reads {size}px images on a {size // stride}x"
+                f"{size // stride} patch grid. Build the masks with a processor that fits the model, "
+                f"XVLMProcessor.from_model_config(model.config, tokenizer=...), i.e. an image processor with "
+                f"size={{'height': {size}, 'width': {size}}} and patch_size={stride}."
             )
         if image_index.dim() != 1 or image_index.shape[0] != region_masks.shape[0]:
             raise ValueError(
@@ -287,6 +307,11 @@ class XVLMModel(XVLMPreTrainedModel):
             )
         if image_index.numel() and (int(image_index.min()) < 0 or int(image_index.max()) >= n_images):
             raise ValueError(f"image_index values must be in [0, {n_images}), got {image_index.tolist()}.")
+        if not bool(((region_masks == 0) | (region_masks == 1)).all()):
+            raise ValueError(
+                "region_masks must be binary (1 for [CLS] and the patches inside each box, 0 elsewhere), got values "
+                f"{torch.unique(region_masks).tolist()[:8]}: build them with XVLMProcessor (boxes=...)."
+            )
         empty = (region_masks[:, 1:] == 0).all(dim=1)
         if bool(empty.any()):
             raise ValueError(
@@ -465,6 +490,9 @@ def head_kwargs(model: nn.Module, kwargs: dict[str, Any], pixel_values: Any, inp
         raise TypeError(f"{type(model).__name__}.forward() got unexpected keyword argument(s): {', '.join(unknown)}.")
     if pixel_values is None or input_ids is None:
         raise ValueError(f"{type(model).__name__}.forward needs pixel_values and input_ids.")
+    for name, value in (("pixel_values", pixel_values), ("input_ids", input_ids)):
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == 0:
+            raise ValueError(f"{type(model).__name__}.forward got an empty batch ({name} has 0 rows).")
     return _output_flags(kwargs)
 
 

@@ -12,7 +12,14 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_xvlm import XVLMConfig
-from .losses import IGNORE_INDEX, bbox_losses, distributed_world, image_text_contrastive_loss, masked_lm_loss
+from .losses import (
+    IGNORE_INDEX,
+    bbox_losses,
+    distributed_world,
+    image_text_contrastive_loss,
+    mask_excluded_boxes,
+    masked_lm_loss,
+)
 from .modeling_xvlm import (
     XVLMHeadMixin,
     XVLMModel,
@@ -324,11 +331,14 @@ class XVLMForPretraining(XVLMHeadMixin, XVLMPreTrainedModel):
         pred_boxes = self.bbox_head(fused_full[:, 0]).sigmoid()
         if labels is None:
             return pred_boxes, None, None
-        labels = check_box_targets(labels, n_texts).to(pred_boxes.device)
+        labels = torch.as_tensor(labels, device=pred_boxes.device)
         if is_image is not None:
             is_image = torch.as_tensor(is_image, device=pred_boxes.device).view(-1)
             if is_image.shape[0] != n_texts:
                 raise ValueError(f"is_image must have shape ({n_texts},), got {tuple(is_image.shape)}.")
+            if tuple(labels.shape) == (n_texts, 4):  # whole-image rows replaced first: they are not checked
+                labels = mask_excluded_boxes(labels.float(), is_image)[0]
+        labels = check_box_targets(labels, n_texts)
         loss_l1, loss_giou = bbox_losses(
             pred_boxes, labels, is_image, official_batch_zeroing=self.config.official_giou_batch_zeroing
         )

@@ -217,6 +217,74 @@ class XVLMForRetrieval(XVLMHeadMixin, XVLMPreTrainedModel):
             text_embeds = self.xvlm.encode_text(input_ids, attention_mask).last_hidden_state
         return retrieval.itm_scores(self, image_embeds, text_embeds, attention_mask, image_index, image_attention_mask)
 
+    def compute_gradcam(
+        self,
+        pixel_values: torch.FloatTensor,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        layer: int | None = None,
+        real_tokens_only: bool = False,
+    ) -> torch.Tensor:
+        """Grad-CAM map of each (image b, text b) pair on the patch grid (official weakly supervised grounding,
+        `Grounding.py::val` with `gradcam_mode='itm'`).
+
+        The cross-attention probabilities `A` `(B, heads, L, 1 + P)` of fusion layer `layer` times the gradient
+        of the summed ITM "match" logits with respect to them, clamped at 0; the image [CLS] column is dropped and
+        padded text positions are zeroed; the product is averaged over heads, then over the `L` text positions.
+        Call `model.eval()` first as the official evaluation does (dropout would make the map random). Parameter
+        gradients are not touched (`.grad` stays as it was), and it works under `torch.no_grad()`.
+
+        Args:
+            pixel_values: `(B, 3, H, W)`; input_ids, attention_mask: `(B, L)` (official: padded to the longest).
+            layer: index of the fusion layer in the whole text stack (official `block_num`); default
+                `config.default_gradcam_layer` (9 for X-VLM-base).
+            real_tokens_only: `False` (official): the mean over text positions divides by the padded length `L`,
+                so a pair's map is scaled by its real length / `L` and depends on the longest text of its batch;
+                `True` divides by the pair's own number of real tokens (a batch-independent map).
+
+        Returns:
+            `(B, grid_h, grid_w)` float32 maps (`grid = image_size / patch_stride`: 12 x 12 at 384 px), for
+            `XVLMProcessor.post_process_gradcam`.
+        """
+        text_config = self.config.text_config
+        layer = self.config.default_gradcam_layer if layer is None else int(layer)
+        if not text_config.fusion_layer <= layer < text_config.num_hidden_layers:
+            raise ValueError(
+                f"layer must be a fusion layer, in [{text_config.fusion_layer}, {text_config.num_hidden_layers}), "
+                f"got {layer}."
+            )
+        if pixel_values.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"compute_gradcam pairs image b with text b: got {pixel_values.shape[0]} images and "
+                f"{input_ids.shape[0]} texts."
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        with torch.no_grad():
+            image = self.xvlm.encode_image(pixel_values).last_hidden_state
+            text = self.xvlm.encode_text(input_ids, attention_mask).last_hidden_state
+        with torch.enable_grad():
+            # A leaf image sequence puts the attention probabilities in the graph even with frozen parameters;
+            # only the fusion layers (the ones downstream of the probabilities) need a graph.
+            image = image.detach().requires_grad_(True)
+            # output_attentions makes the text layers use eager attention, whose probabilities are recorded
+            # (with their graph) as `cross_attentions`, one per fusion layer.
+            fusion = self.xvlm.fuse(
+                text.detach(), attention_mask, image, return_dict=True, output_attentions=True
+            )
+            probs = fusion.cross_attentions[layer - text_config.fusion_layer]
+            match = self.itm_head(fusion.last_hidden_state[:, 0])[:, 1].sum()
+            (grads,) = torch.autograd.grad(match, probs)
+        side = self.config.image_size // self.config.patch_stride
+        batch, heads, length, _ = probs.shape
+        mask = attention_mask.to(probs.dtype).view(batch, 1, length, 1, 1)
+        cams = probs.detach()[..., 1:].reshape(batch, heads, length, side, side) * mask
+        grads = grads[..., 1:].clamp(min=0).reshape(batch, heads, length, side, side) * mask
+        per_token = (cams * grads).mean(1)
+        if real_tokens_only:
+            return (per_token.sum(1) / attention_mask.sum(1).clamp(min=1).to(per_token.dtype)[:, None, None]).float()
+        return per_token.mean(1).float()
+
     @torch.no_grad()
     def rank(
         self,

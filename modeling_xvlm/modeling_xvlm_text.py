@@ -43,6 +43,21 @@ from .losses import IGNORE_INDEX
 EncoderStates = torch.Tensor | Sequence[torch.Tensor]
 
 
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int, name: str = "input_ids") -> None:
+    """Raise a `TypeError` / `ValueError` unless `input_ids` are integer token ids in `[0, vocab_size)` (what the
+    word embedding can look up; instead of the embedding's bare `IndexError`)."""
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise TypeError(f"{name} must be integer token ids, got dtype {input_ids.dtype}.")
+    if input_ids.numel() == 0:
+        return
+    low, high = (int(v) for v in torch.aminmax(input_ids))
+    if low < 0 or high >= vocab_size:
+        raise ValueError(
+            f"{name} must be token ids in [0, {vocab_size}) (the text vocabulary), got values in [{low}, {high}]: "
+            "tokenize with the model's tokenizer (XVLMProcessor), or resize the embeddings after adding tokens."
+        )
+
+
 class XVLMTextEmbeddings(nn.Module):
     """Word + absolute position + token type (always 0) embeddings, then LayerNorm and dropout (as BERT)."""
 
@@ -435,7 +450,10 @@ class XVLMTextModel(XVLMTextPreTrainedModel):
             layers = range(self.config.fusion_layer)
         else:
             layers = range(self.config.num_hidden_layers)
-            encoder_attention_mask = self._encoder_masks(encoder_hidden_states, encoder_attention_mask, hidden.dtype)
+            if encoder_hidden_states is None:  # cross-attention keys/values from the cache: its key mask as given
+                encoder_attention_mask = expand_key_mask(encoder_attention_mask, hidden.dtype)
+            else:
+                encoder_attention_mask = self._encoder_masks(encoder_hidden_states, encoder_attention_mask, hidden.dtype)
         hidden = self.encoder(
             hidden, self_mask, encoder_hidden_states, encoder_attention_mask, layers, cache=cache, **kwargs
         )
@@ -512,6 +530,10 @@ class XVLMTextModel(XVLMTextPreTrainedModel):
         shape = tuple(input_ids.shape if input_ids is not None else inputs_embeds.shape[:2])
         if len(shape) != 2:
             raise ValueError(f"input_ids must have shape (batch, seq_len), got {shape}.")
+        if shape[0] == 0:
+            raise ValueError("input_ids is an empty batch (0 texts): pass at least one text.")
+        if input_ids is not None:
+            check_token_ids(input_ids, self.config.vocab_size)
         if shape[1] > self.config.max_position_embeddings:
             raise ValueError(
                 f"Sequence length {shape[1]} exceeds max_position_embeddings={self.config.max_position_embeddings}."

@@ -8,6 +8,7 @@ official ranking over a candidate list (`rank_answers`) or generated freely (`ge
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -324,6 +325,7 @@ class XVLMForQuestionAnswering(XVLMHeadMixin, XVLMPreTrainedModel, GenerationMix
         answer_attention_mask: torch.Tensor | None = None,
         k: int = DEFAULT_K_TEST,
         official_answer_scoring: bool | None = None,
+        reuse_first_step: bool = True,
     ) -> XVLMAnswerRankingOutput:
         """The official answer ranking (`model_vqa.rank_answer`) of every question over one candidate list.
 
@@ -338,6 +340,11 @@ class XVLMForQuestionAnswering(XVLMHeadMixin, XVLMPreTrainedModel, GenerationMix
             answer_input_ids, answer_attention_mask: `(C, La)` the candidates `[CLS] answer [SEP]`, tokenised once
                 (`XVLMProcessor.encode_answers`) and reused for every batch.
             k: candidates re-scored per question (official `k_test`: 128), at most `C`.
+            reuse_first_step: decode the `k` candidates from the first stage's KV cache (the `[CLS]` step and the
+                question's cross-attention keys/values, computed once per question instead of once per candidate),
+                grouped by length so that no padding is decoded; `False` decodes every candidate from `[CLS]` with
+                the question states tiled `k` times, as the official code does. Same rankings, scores equal within
+                float rounding (tests: 1e-5); about 6x faster at X-VLM-base size (docs/benchmarks.md).
 
         Returns:
             `XVLMAnswerRankingOutput` with `candidate_indices`, `probabilities` and `scores`, `(B, min(k, C))`.
@@ -345,7 +352,13 @@ class XVLMForQuestionAnswering(XVLMHeadMixin, XVLMPreTrainedModel, GenerationMix
         question, _ = self.encode_questions(pixel_values, input_ids, attention_mask)
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         return self.rank_candidates(
-            question.last_hidden_state, mask, answer_input_ids, answer_attention_mask, k, official_answer_scoring
+            question.last_hidden_state,
+            mask,
+            answer_input_ids,
+            answer_attention_mask,
+            k,
+            official_answer_scoring,
+            reuse_first_step,
         )
 
     @torch.no_grad()
@@ -357,6 +370,7 @@ class XVLMForQuestionAnswering(XVLMHeadMixin, XVLMPreTrainedModel, GenerationMix
         answer_attention_mask: torch.Tensor | None = None,
         k: int = DEFAULT_K_TEST,
         official_answer_scoring: bool | None = None,
+        reuse_first_step: bool = True,
     ) -> XVLMAnswerRankingOutput:
         """`rank_answers` from already encoded questions `(B, Lq, hidden)` and their mask `(B, Lq)`."""
         self._check_candidates(answer_input_ids, answer_attention_mask)
@@ -364,9 +378,17 @@ class XVLMForQuestionAnswering(XVLMHeadMixin, XVLMPreTrainedModel, GenerationMix
         k = min(int(k), answer_input_ids.shape[0])
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}.")
-        first_probs = self.first_token_probabilities(question_states, question_mask, answer_input_ids)
-        top_probs, top_ids = first_probs.topk(k, dim=1)
-        answer_loss = self.candidate_losses(question_states, question_mask, answer_input_ids, answer_attention_mask, top_ids)
+        first_logits, cache = self._first_step(question_states, question_mask, answer_input_ids, reuse_first_step)
+        first_ids = answer_input_ids[:, 1]
+        top_probs, top_ids = first_logits.softmax(-1).index_select(1, first_ids).topk(k, dim=1)
+        if cache is None:  # the official order (or no cache: gradient checkpointing in training mode)
+            answer_loss = self.candidate_losses(
+                question_states, question_mask, answer_input_ids, answer_attention_mask, top_ids
+            )
+        else:
+            first_nll = -first_logits.log_softmax(-1).gather(1, first_ids[top_ids])
+            later_nll = self._continuation_losses(cache, question_mask, answer_input_ids, answer_attention_mask, top_ids)
+            answer_loss = first_nll.flatten() + later_nll
         scores = -answer_loss.view(top_ids.shape)
         if official:
             scores = scores + top_probs.log()
@@ -379,15 +401,65 @@ class XVLMForQuestionAnswering(XVLMHeadMixin, XVLMPreTrainedModel, GenerationMix
         self, question_states: torch.Tensor, question_mask: torch.Tensor, answer_input_ids: torch.LongTensor
     ) -> torch.Tensor:
         """`(B, C)` the probability of each candidate's first answer token after `[CLS]` (one decoder step)."""
+        logits, _ = self._first_step(question_states, question_mask, answer_input_ids, use_cache=False)
+        return F.softmax(logits, dim=-1).index_select(1, answer_input_ids[:, 1])
+
+    def _first_step(
+        self,
+        question_states: torch.Tensor,
+        question_mask: torch.Tensor,
+        answer_input_ids: torch.LongTensor,
+        use_cache: bool,
+    ) -> tuple[torch.Tensor, Any]:
+        """`(B, vocab)` fp32 logits of the decoder on `[CLS]` alone, and its KV cache when `use_cache`."""
         start = answer_input_ids[0, 0].repeat(question_states.shape[0], 1)
-        logits = self.text_decoder(
+        out = self.text_decoder(
             input_ids=start,
             encoder_hidden_states=question_states,
             encoder_attention_mask=question_mask,
-            use_cache=False,
+            use_cache=use_cache,
             return_dict=True,
-        ).logits[:, 0]
-        return F.softmax(logits.float(), dim=-1).index_select(1, answer_input_ids[:, 1])
+        )
+        return out.logits[:, 0].float(), out.cache
+
+    def _continuation_losses(
+        self,
+        first_step_cache: Any,
+        question_mask: torch.Tensor,
+        answer_input_ids: torch.LongTensor,
+        answer_attention_mask: torch.Tensor | None,
+        candidate_ids: torch.LongTensor,
+    ) -> torch.Tensor:
+        """`(B * k,)` summed NLL of the candidates' tokens after the first one, decoded from the `[CLS]` step's
+        KV cache (its self-attention entry and the question's cross-attention keys/values).
+
+        Candidates are decoded in groups of one length, each without padding and without its last token (which
+        predicts nothing): an answer of `n` word pieces costs `n` decoder positions, not the list's padded width.
+        """
+        k = candidate_ids.shape[1]
+        ids = answer_input_ids[candidate_ids.flatten()]
+        pad = self.config.text_config.pad_id
+        real = (ids != pad) if answer_attention_mask is None else answer_attention_mask[candidate_ids.flatten()].bool()
+        lengths = real.sum(dim=1)
+        losses = torch.zeros(ids.shape[0], dtype=torch.float, device=ids.device)
+        for length in lengths.unique().tolist():
+            if length < 3:  # `[CLS] token`: the first step predicted all there is
+                continue
+            rows = (lengths == length).nonzero().flatten()
+            questions = rows // k
+            cache = copy.deepcopy(first_step_cache)
+            cache.batch_select_indices(questions)
+            hidden = self.text_decoder.text_model(
+                input_ids=ids[rows, 1 : length - 1],
+                encoder_attention_mask=question_mask[questions],
+                cache=cache,
+                use_cache=True,
+            ).last_hidden_state
+            targets = ids[rows, 2:length]
+            logits = self.text_decoder.lm_head(hidden).float()
+            token_nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+            losses[rows] = (token_nll * (targets != pad)).sum(dim=1)
+        return losses
 
     def candidate_losses(
         self,

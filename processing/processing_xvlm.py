@@ -217,6 +217,30 @@ class XVLMProcessor(ProcessorMixin):
         self.prompt = prompt
 
     @classmethod
+    def from_model_config(
+        cls, config: Any, tokenizer: Any, backend: str = "pil", **kwargs: Any
+    ) -> XVLMProcessor:
+        """A processor that fits a model: the image processor resizes to `config.image_size` and builds region
+        masks on the model's patch grid (`config.patch_stride`, the Swin output stride), so its `pixel_values`
+        and `region_masks` have the shapes the model checks.
+
+        Args:
+            config: an `XVLMConfig` (e.g. `model.config`).
+            tokenizer: a BERT tokenizer (`BertTokenizer.from_pretrained("bert-base-uncased")` or a local folder).
+            backend: `"pil"` (`XVLMImageProcessorPil`, default) or `"torchvision"` (`XVLMImageProcessor`).
+            kwargs: the other `XVLMProcessor` settings (`max_length`, `text_preprocessing`, ...).
+        """
+        for name in ("image_size", "patch_stride"):
+            if not isinstance(getattr(config, name, None), int):
+                raise TypeError(f"config must be an XVLMConfig (with an int {name}), got {type(config).__name__}.")
+        if backend not in ("pil", "torchvision"):
+            raise ValueError(f"backend must be 'pil' or 'torchvision', got {backend!r}.")
+        image_class = XVLMImageProcessor if backend == "torchvision" else XVLMImageProcessorPil
+        size = config.image_size
+        image_processor = image_class(size={"height": size, "width": size}, patch_size=config.patch_stride)
+        return cls(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
+
+    @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
         """Load the sub-processors directly (works with or without the Auto registration).
 

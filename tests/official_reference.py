@@ -643,3 +643,68 @@ def vqa_rank_answer(
         "scores": torch.gather(scores, 1, rerank),
         "first_probabilities": first_probs,
     }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Weakly supervised grounding (`Grounding.py::val`, gradcam_mode 'itm'; `dataset/utils.py::grounding_eval`)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def gradcam_official(
+    sd: StateDict,
+    image_embeds: Tensor,
+    input_ids: Tensor,
+    text_atts: Tensor,
+    spec: TextSpec,
+    block_num: int,
+    num_patches: int,
+) -> Tensor:
+    """`[B, n, n]` Grad-CAM maps: `xbert` saves the cross-attention probabilities of layer `block_num` (before
+    dropout) with a hook on their gradient; `loss = itm_head(multi_modal[:, 0])[:, 1].sum()` is back-propagated;
+    `cams = attn[:, :, :, 1:] * mask`, `grads = grad[:, :, :, 1:].clamp(min=0) * mask`, both reshaped to
+    `[B, heads, L, n, n]`; `(cams * grads).mean(1).mean(1)` (padded positions count in the mean over L)."""
+    p = text_prefix(sd) + "encoder.layer."
+    x = bert_embeddings(sd, input_ids, spec)
+    self_mask = (1.0 - text_atts[:, None, None, :].to(x.dtype)) * -10000.0
+    image_embeds = image_embeds.detach().requires_grad_(True)
+    cross_mask = torch.zeros(image_embeds.shape[0], 1, 1, image_embeds.shape[1])
+    saved: dict[str, Tensor] = {}
+    b, length, hidden = x.shape
+    head_dim = hidden // spec.num_heads
+    for layer in range(spec.num_layers):
+        x = _bert_attention(sd, f"{p}{layer}.attention", x, x, self_mask, spec)
+        if layer >= spec.fusion_layer:
+            prefix = f"{p}{layer}.crossattention"
+            q = _linear(sd, prefix + ".self.query", x).view(b, length, spec.num_heads, head_dim).transpose(1, 2)
+            kv_len = image_embeds.shape[1]
+            k = _linear(sd, prefix + ".self.key", image_embeds).view(b, kv_len, spec.num_heads, head_dim).transpose(1, 2)
+            v = _linear(sd, prefix + ".self.value", image_embeds).view(b, kv_len, spec.num_heads, head_dim).transpose(1, 2)
+            probs = (q @ k.transpose(-1, -2) / math.sqrt(head_dim) + cross_mask).softmax(dim=-1)
+            if layer == block_num:
+                probs.retain_grad()
+                saved["attn"] = probs
+            context = (probs @ v).transpose(1, 2).reshape(b, length, hidden)
+            x = _layer_norm(sd, prefix + ".output.LayerNorm", _linear(sd, prefix + ".output.dense", context) + x, spec.eps)
+        h = F.gelu(_linear(sd, f"{p}{layer}.intermediate.dense", x))
+        x = _layer_norm(sd, f"{p}{layer}.output.LayerNorm", _linear(sd, f"{p}{layer}.output.dense", h) + x, spec.eps)
+    mlp_head(sd, "itm_head", x[:, 0])[:, 1].sum().backward()
+    attn = saved["attn"]
+    mask = text_atts.view(b, 1, -1, 1, 1)
+    cams = attn.detach()[:, :, :, 1:].reshape(b, spec.num_heads, -1, num_patches, num_patches) * mask
+    grads = attn.grad[:, :, :, 1:].clamp(min=0).reshape(b, spec.num_heads, -1, num_patches, num_patches) * mask
+    return (cams * grads).mean(1).mean(1)
+
+
+def grounding_choose_official(cam: Tensor, dets: list[list[float]], height: int, width: int) -> tuple[list[float], Tensor]:
+    """`grounding_eval` for one expression: bicubic up-sampling to `(height, width)`, each det `(x, y, w, h)` scored
+    `mask[int(y):int(y + h), int(x):int(x + w)].sum() / (w * h) ** 0.5`, the first box beating a running maximum
+    from 0. Returns (chosen det `[x, y, w, h]`, all scores)."""
+    n = cam.shape[-1]
+    mask = F.interpolate(cam.view(1, 1, n, n), size=(height, width), mode="bicubic").squeeze()
+    max_score, pred_box, scores = 0, None, []
+    for det in dets:
+        score = mask[int(det[1]):int(det[1] + det[3]), int(det[0]):int(det[0] + det[2])].sum() / (det[2] * det[3]) ** 0.5
+        scores.append(score)
+        if score > max_score:
+            pred_box, max_score = det[:4], score
+    return pred_box, torch.stack(scores)

@@ -354,3 +354,45 @@ def test_pretraining_from_vision_text_pretrained_takes_bert_mlm_head(tmp_path):
     torch.testing.assert_close(
         grounding.xvlm.text_model.embeddings.word_embeddings.weight, state["bert.embeddings.word_embeddings.weight"]
     )
+
+
+# -- pre-training box targets are checked as grounding's; excluded rows cannot poison the loss --------------------
+
+
+def test_pretraining_nan_target_on_an_excluded_row_leaves_loss_and_gradients_finite():
+    config = _config()
+    model = XVLMForPretraining(config).train()
+    batch = _region_batch(config)
+    reference = model(**batch)
+    poisoned = batch["labels"].clone()
+    poisoned[0] = float("nan")  # row 0 is the whole-image caption (is_image = 1)
+    out = model(**{**batch, "labels": poisoned})
+    torch.testing.assert_close(out.loss_bbox_l1, reference.loss_bbox_l1)
+    torch.testing.assert_close(out.loss_bbox_giou, reference.loss_bbox_giou)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize(
+    "row, value, match",
+    [(1, [float("nan")] * 4, "NaN or infinite"), (2, [40.0, 30.0, 20.0, 20.0], r"normalised to \[0, 1\]"),
+     (3, [0.5, 0.5, -0.2, 0.3], r"normalised to \[0, 1\]")],
+)
+def test_pretraining_rejects_bad_targets_on_region_rows(row, value, match):
+    config = _config()
+    model = XVLMForPretraining(config).eval()
+    batch = _region_batch(config)
+    labels = batch["labels"].clone()
+    labels[row] = torch.tensor(value)
+    with pytest.raises(ValueError, match=match):
+        model(**{**batch, "labels": labels})
+
+
+def test_pretraining_is_image_must_be_zero_or_one():
+    config = _config()
+    model = XVLMForPretraining(config).eval()
+    batch = _region_batch(config)
+    with pytest.raises(ValueError, match=r"is_image must hold 0 .* or 1"):
+        model(**{**batch, "is_image": torch.tensor([2, 0, 0, 0])})
+    with pytest.raises(ValueError, match=r"is_image must hold 0 .* or 1"):
+        model(**{**batch, "is_image": torch.tensor([0.5, 0.0, 0.0, 0.0])})

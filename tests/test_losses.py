@@ -196,3 +196,22 @@ def test_bbox_zero_area_boxes_are_finite():
     assert torch.isfinite(l1) and torch.isfinite(giou)
     (l1 + giou).backward()
     assert torch.isfinite(pred.grad).all()
+
+
+def test_bbox_losses_mask_excluded_rows_before_computing():
+    pred = torch.tensor([[0.5, 0.5, 0.4, 0.4], [0.3, 0.3, 0.2, 0.2], [0.6, 0.4, 0.3, 0.5]], requires_grad=True)
+    target = torch.tensor([[0.5, 0.5, 0.5, 0.5], [float("nan")] * 4, [0.6, 0.5, 0.3, 0.4]])
+    l1, giou = bbox_losses(pred, target, is_image=torch.tensor([0, 1, 0]))
+    l1_ref, giou_ref = bbox_losses(pred[[0, 2]].detach(), target[[0, 2]])
+    torch.testing.assert_close(l1, l1_ref)
+    torch.testing.assert_close(giou, giou_ref)
+    (l1 + giou).backward()
+    assert torch.isfinite(pred.grad).all() and pred.grad[1].abs().sum() == 0
+
+
+def test_bbox_losses_is_image_must_be_binary():
+    pred = torch.tensor([[0.5, 0.5, 0.4, 0.4]] * 2)
+    with pytest.raises(ValueError, match="is_image must hold 0"):
+        bbox_losses(pred, pred.clone(), is_image=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="2 entries for 2 boxes|1 entries for 2 boxes"):
+        bbox_losses(pred, pred.clone(), is_image=torch.tensor([1]))

@@ -347,3 +347,89 @@ def test_from_vision_text_pretrained(tmp_path):
     assert "text_model.encoder.layer.1.crossattention.self.key.weight" in new
     assert not any("attention.self.query" in k and "crossattention" not in k for k in new)
     assert not any(k.startswith("vision_model.") for k in new)
+
+
+# -- input checks shared by every head's forward (one helper each: pixels, token ids, empty batches) ---------------
+
+
+def _every_head() -> list:
+    from modeling_xvlm import (
+        XVLMForConditionalGeneration,
+        XVLMForGrounding,
+        XVLMForImagesAndTextClassification,
+        XVLMForPretraining,
+        XVLMForQuestionAnswering,
+        XVLMForRetrieval,
+    )
+    from modeling_xvlm.modeling_xvlm_nlvr import nlvr2_config
+
+    config = XVLMConfig.from_preset("tiny")
+    nlvr = nlvr2_config(XVLMConfig.from_preset("tiny", text_config={"num_hidden_layers": 3}))
+    return [("base", XVLMModel(config)), ("retrieval", XVLMForRetrieval(config)),
+            ("grounding", XVLMForGrounding(config)), ("pretraining", XVLMForPretraining(config)),
+            ("vqa", XVLMForQuestionAnswering(config)), ("nlvr2", XVLMForImagesAndTextClassification(nlvr)),
+            ("captioning", XVLMForConditionalGeneration(config))]
+
+
+@pytest.fixture(scope="module")
+def every_head():
+    return [(name, model.eval()) for name, model in _every_head()]
+
+
+def _head_inputs(name: str, tiny_inputs: dict) -> dict:
+    batch = dict(tiny_inputs)
+    if name == "nlvr2":  # (B, 2, 3, H, W) image pairs
+        batch["pixel_values"] = torch.stack([batch["pixel_values"], batch["pixel_values"].flip(0)], dim=1)
+    return batch
+
+
+def test_every_head_rejects_out_of_vocabulary_token_ids(every_head, tiny_inputs):
+    for name, model in every_head:
+        batch = _head_inputs(name, tiny_inputs)
+        vocab = model.config.text_config.vocab_size
+        bad = batch["input_ids"].clone()
+        bad[0, 1] = vocab + 3
+        with pytest.raises(ValueError, match=rf"input_ids must be token ids in \[0, {vocab}\).*{vocab + 3}"):
+            model(**{**batch, "input_ids": bad})
+        bad[0, 1] = -1
+        with pytest.raises(ValueError, match="token ids"):
+            model(**{**batch, "input_ids": bad})
+        with pytest.raises(TypeError, match="integer token ids"):
+            model(**{**batch, "input_ids": batch["input_ids"].float()})
+
+
+def test_every_head_rejects_an_empty_batch(every_head, tiny_inputs):
+    for name, model in every_head:
+        batch = _head_inputs(name, tiny_inputs)
+        empty = {**batch, "pixel_values": batch["pixel_values"][:0], "input_ids": batch["input_ids"][:0],
+                 "attention_mask": batch["attention_mask"][:0]}
+        with pytest.raises(ValueError, match="empty batch"):
+            model(**empty)
+
+
+def test_every_head_rejects_integer_pixels_and_casts_other_float_dtypes(every_head, tiny_inputs):
+    for name, model in every_head:
+        batch = _head_inputs(name, tiny_inputs)
+        raw = (batch["pixel_values"] * 50 + 128).clamp(0, 255).to(torch.uint8)
+        with pytest.raises(TypeError, match="XVLMProcessor"):
+            model(**{**batch, "pixel_values": raw})
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            model(**{**batch, "pixel_values": batch["pixel_values"].clone().fill_(float("nan"))})
+        with torch.no_grad():  # float64 pixels into a float32 model: the documented cast, same result
+            reference, cast = model(**batch), model(**{**batch, "pixel_values": batch["pixel_values"].double()})
+        first = next(k for k, v in reference.items() if isinstance(v, torch.Tensor))
+        torch.testing.assert_close(cast[first], reference[first], msg=name)
+
+
+def test_region_masks_must_be_binary(tiny_config):
+    model = XVLMModel(tiny_config).eval()
+    pixel_values = torch.randn(1, 3, tiny_config.image_size, tiny_config.image_size)
+    masks = torch.ones(2, 1 + tiny_config.num_patches)
+    masks[1, 5] = 0.5
+    with pytest.raises(ValueError, match="region_masks must be binary"):
+        model.get_region_features(pixel_values, masks, torch.tensor([0, 0]))
+    masks[1, 5] = 2.0
+    with pytest.raises(ValueError, match="region_masks must be binary"):
+        model.get_region_features(pixel_values, masks, torch.tensor([0, 0]))
+    masks[1, 5] = 1.0
+    assert model.get_region_features(pixel_values, masks, torch.tensor([0, 0])).pooler_output.shape[0] == 2

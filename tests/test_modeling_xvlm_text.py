@@ -60,7 +60,10 @@ def test_causal_mask_with_padding_matches_an_explicit_mask():
 
 @pytest.mark.parametrize("cross_width", ["vision", "text"])
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
-def test_cache_equals_no_cache(cross_width, implementation):
+@pytest.mark.parametrize("states_each_step", [True, False])
+def test_cache_equals_no_cache(cross_width, implementation, states_each_step):
+    """Later steps may pass the encoder states again or only their mask (the keys/values are in the cache);
+    either way the padded encoder positions stay masked."""
     hidden = 16
     width = 12 if cross_width == "vision" else hidden  # the VQA decoder reads question states of the text width
     config = _text_config(is_decoder=True, fusion_layer=0, encoder_width=width)
@@ -78,8 +81,8 @@ def test_cache_equals_no_cache(cross_width, implementation):
         assert cache.get_seq_length() == 3
         for t in range(3, 7):
             out = model(ids[:, t : t + 1], attention_mask=torch.ones(2, t + 1, dtype=torch.long),
-                        encoder_hidden_states=encoder, encoder_attention_mask=encoder_mask, cache=cache,
-                        use_cache=True)
+                        encoder_hidden_states=encoder if states_each_step else None,
+                        encoder_attention_mask=encoder_mask, cache=cache, use_cache=True)
             cache = out.cache
             steps.append(out.logits)
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)

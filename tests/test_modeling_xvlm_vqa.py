@@ -178,6 +178,25 @@ def test_ranking_is_per_question_and_candidates_outside_the_first_stage_never_wi
         assert set(both.candidate_indices[b].tolist()) == set(allowed[b].tolist())
 
 
+@pytest.mark.parametrize("with_mask", [True, False])
+@pytest.mark.parametrize("lengths", [(1, 2, 3), (1,)])
+def test_ranking_from_the_first_step_cache_equals_the_official_order(model, tiny_inputs, with_mask, lengths):
+    """`reuse_first_step` (cache of the [CLS] step, padding columns trimmed) against the official order (question
+    states tiled k times, every candidate decoded from [CLS]): same candidates, same scores."""
+    generator = torch.Generator().manual_seed(5)
+    rows = [torch.randint(5, 60, (lengths[i % len(lengths)],), generator=generator).tolist() for i in range(10)]
+    candidates = _answers(rows)
+    mask = (candidates != PAD).long() if with_mask else None
+    for k in (1, 4, 10):
+        fast = model.rank_answers(**tiny_inputs, answer_input_ids=candidates, answer_attention_mask=mask, k=k)
+        slow = model.rank_answers(
+            **tiny_inputs, answer_input_ids=candidates, answer_attention_mask=mask, k=k, reuse_first_step=False
+        )
+        assert torch.equal(fast.candidate_indices, slow.candidate_indices)
+        assert torch.allclose(fast.scores, slow.scores, atol=1e-5)
+        assert torch.allclose(fast.probabilities, slow.probabilities, atol=1e-5)
+
+
 def test_rank_answers_rejects_bad_candidates(model, tiny_inputs):
     with pytest.raises(ValueError, match="encode_answers"):
         model.rank_answers(**tiny_inputs, answer_input_ids=torch.tensor([CLS, 7, SEP]))

@@ -365,6 +365,7 @@ def test_vqa_conversion_round_trip(vqa_official, tmp_path):
         vqa={"train": [ann / "vqa_train.json", ann / "vg_qa.json"], "val": ann / "vqa_val.json",
              "test": ann / "vqa_test.json"},
         vqa_answer_list=ann / "answer_list.json",
+        allow_outside_root=True,  # official GQA records give absolute paths
     )
     assert summary.written == {"vqa": {"train": 4, "validation": 1, "test": 1}, "vqa_answers": {"test": 5}}
     assert summary.skipped == {"vqa": {"train": 4, "test": 1}, "vqa_answers": {"test": 1}}
@@ -378,7 +379,7 @@ def test_vqa_conversion_round_trip(vqa_official, tmp_path):
         (-7, "What is on the table?", ["a cup"], "vg"),  # a VG answer string becomes a one-element list
         (-8, "Is the sky blue?", ["yes"], "gqa"),
     ]
-    assert [r["image_id"] for r in train[:3]] == ["train2014/a.jpg", "train2014/b.png", "1.jpg"]
+    assert [r["image_id"] for r in train] == ["train2014/a.jpg", "train2014/b.png", "1.jpg", "n1.png"]
     assert all(r["group"] == "" for r in train)
     roots = [vqa_official["coco"] / "train2014/a.jpg", vqa_official["coco"] / "train2014/b.png",
              vqa_official["vg"] / "1.jpg", tmp_path / "gqa/n1.png"]
@@ -403,7 +404,8 @@ def test_vqa_conversion_round_trip(vqa_official, tmp_path):
 def test_vqa_vg_records_default_to_the_vqa_root_and_bad_answer_lists_fail(vqa_official, tmp_path):
     ann = vqa_official["ann"]
     (vqa_official["coco"] / "1.jpg").write_bytes(vqa_official["files"][vqa_official["vg"] / "1.jpg"])
-    summary = convert_official(tmp_path / "a", vqa_official["coco"], vqa={"train": ann / "vg_qa.json"})
+    summary = convert_official(tmp_path / "a", vqa_official["coco"], vqa={"train": ann / "vg_qa.json"},
+                               allow_outside_root=True)  # the GQA record's absolute path
     assert summary.written == {"vqa": {"train": 2}} and summary.num_skipped == 0
     (ann / "bad_list.json").write_text(json.dumps({"answers": ["yes"]}))
     with pytest.raises(ValueError, match="expected a JSON list of answer strings"):
@@ -422,7 +424,9 @@ def test_cli_convert_official_vqa(vqa_official, tmp_path, capsys):
     ])
     printed = capsys.readouterr().out
     assert status == 0
-    assert "vqa/train: 4 rows written, 4 skipped" in printed
+    # the GQA record's absolute path leaves --image-root: refused without --allow-outside-image-root
+    assert "vqa/train: 3 rows written, 5 skipped" in printed
+    assert "outside the image root: " in printed
     assert "vqa/test: 1 rows written, 1 skipped" in printed
     assert "vqa_answers/test: 5 rows written, 1 skipped" in printed
     assert [r["question_id"] for r in _rows(out, "vqa", "validation", tmp_path)] == [2001]

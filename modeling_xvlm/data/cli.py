@@ -25,6 +25,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..cli_errors import cli_errors
 from .schemas import CONFIG_NAMES, IMAGE_COLUMNS
 
 __all__ = ["main", "build_parser"]
@@ -107,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--max-records", type=int, default=None, help="read at most N records per input")
     conv.add_argument("--shard-size-mb", type=int, default=500, help="approximate Parquet shard size")
     conv.add_argument("--overwrite", action="store_true")
+    conv.add_argument("--allow-outside-image-root", action="store_true",
+                      help="read image paths that leave their image root (absolute or ../); they are stored by file "
+                      "name only. Default: such records are skipped and counted (outside_image_root)")
+    conv.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                      help="progress bars (rows written per configuration and split)")
 
     info = sub.add_parser("info", help="print the configurations, splits, row counts and features of a dataset")
     info.add_argument("path", nargs="?", default=None, help="dataset folder or Hub id (default: synthetic)")
@@ -165,6 +171,8 @@ def _convert(args: argparse.Namespace) -> int:
         max_records=args.max_records,
         overwrite=args.overwrite,
         max_shard_bytes=args.shard_size_mb * 1024 * 1024,
+        allow_outside_root=args.allow_outside_image_root,
+        progress=args.progress,
     )
     print(summary.format())
     print(f"Summary written to {Path(args.out) / 'conversion_summary.json'}")
@@ -189,17 +197,11 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``xvlm-data``; returns the exit status."""
+    """Entry point of ``xvlm-data``; returns the exit status (bad input: one line on stderr and 2, see
+    `modeling_xvlm.cli_errors`)."""
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "synthetic":
-            return _synthetic(args)
-        if args.command == "convert-official":
-            return _convert(args)
-        return _info(args)
-    except (FileExistsError, FileNotFoundError, ValueError) as error:
-        print(f"xvlm-data {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    run = {"synthetic": _synthetic, "convert-official": _convert}.get(args.command, _info)
+    return cli_errors(f"xvlm-data {args.command}")(run)(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -20,6 +20,12 @@ Inputs (official formats, see docs/data.md):
   (COCO caption format ``{"annotations": [{"image_id": int, "caption": str}]}``), whose captions become the
   references of the val/test rows.
 
+Image paths are relative to their image root: a path that leaves it (absolute, or ``..`` above the root) is
+refused (``outside_image_root``) unless ``allow_outside_root=True`` (``--allow-outside-image-root``), and then stored
+by its file name only, so that no local path outside the root ends up in the dataset. Every per-image failure
+(missing file, undecodable or truncated data, an image over PIL's decompression-bomb limit ``Image.MAX_IMAGE_PIXELS``
+-> ``image_too_large``) skips the record and is counted; the summary names the files.
+
 Output: the layout of :mod:`modeling_xvlm.data.schemas` (``pretrain``/``retrieval``/``grounding``/``nlvr2``/``vqa``/
 ``vqa_answers`` configs), images embedded with their original bytes. Missing or unreadable images, malformed records and unusable
 boxes are counted, skipped, and reported in :class:`ConversionSummary` (printed by the CLI and written to ``conversion_summary.json``).
@@ -28,19 +34,20 @@ boxes are counted, skipped, and reported in :class:`ConversionSummary` (printed 
 from __future__ import annotations
 
 import base64
-import binascii
 import io
 import json
 import os
 import pickle
 import re
+import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+from tqdm.auto import tqdm
 
 from .schemas import DatasetFolderWriter, as_text_list, clip_bbox, write_json
 
@@ -69,6 +76,8 @@ class ConversionSummary:
     reasons: Counter = field(default_factory=Counter)
     missing_images: list[str] = field(default_factory=list)
     corrupt_images: list[str] = field(default_factory=list)
+    oversized_images: list[str] = field(default_factory=list)
+    outside_root_images: list[str] = field(default_factory=list)
     boxes_clipped: int = 0
     boxes_dropped: int = 0
     examples: dict[str, list[str]] = field(default_factory=dict)
@@ -98,8 +107,12 @@ class ConversionSummary:
             "skip_reasons": dict(self.reasons),
             "missing_images": len(self.missing_images),
             "corrupt_images": len(self.corrupt_images),
+            "oversized_images": len(self.oversized_images),
+            "outside_root_images": len(self.outside_root_images),
             "missing_image_examples": self.missing_images[:_MAX_EXAMPLES],
             "corrupt_image_examples": self.corrupt_images[:_MAX_EXAMPLES],
+            "oversized_image_examples": self.oversized_images[:_MAX_EXAMPLES],
+            "outside_root_image_examples": self.outside_root_images[:_MAX_EXAMPLES],
             "boxes_clipped": self.boxes_clipped,
             "boxes_dropped": self.boxes_dropped,
             "examples": self.examples,
@@ -121,6 +134,13 @@ class ConversionSummary:
             lines.append(f"    missing: {path}")
         for path in self.corrupt_images[:5]:
             lines.append(f"    corrupt: {path}")
+        if self.oversized_images or self.outside_root_images:
+            lines.append(f"  images over the decompression-bomb limit: {len(self.oversized_images)}; paths outside "
+                         f"the image root (refused): {len(self.outside_root_images)}")
+        for path in self.oversized_images[:5]:
+            lines.append(f"    too large: {path}")
+        for path in self.outside_root_images[:5]:
+            lines.append(f"    outside the image root: {path}")
         if self.reasons:
             reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.reasons.items()))
             lines.append(f"  skipped records by reason: {reasons}")
@@ -128,24 +148,56 @@ class ConversionSummary:
         return "\n".join(lines)
 
 
-class _ImageReader:
-    """Reads and verifies images once per path; remembers failures; keeps a few recent images in memory."""
+def _escapes_root(relpath: str) -> bool:
+    """Whether an annotation's image path leaves its image root: absolute, or ``..`` above it (lexically)."""
+    if os.path.isabs(relpath):
+        return True
+    norm = os.path.normpath(relpath)
+    return norm == os.pardir or norm.startswith(os.pardir + os.sep)
 
-    def __init__(self, summary: ConversionSummary, verify: bool, cache_size: int = 64) -> None:
+
+class _ImageReader:
+    """Reads and verifies images once per path; remembers failures; keeps a few recent images in memory.
+
+    Every failure of one image (unreadable, undecodable, over the decompression-bomb limit, outside the image root)
+    is a reason string for the caller to skip and count, never an exception."""
+
+    def __init__(self, summary: ConversionSummary, verify: bool, cache_size: int = 64,
+                 allow_outside_root: bool = False) -> None:
         self.summary = summary
         self.verify = verify
+        self.allow_outside_root = allow_outside_root
         self.cache_size = cache_size
         self._cache: OrderedDict[str, tuple[bytes, int, int]] = OrderedDict()
         self._failed: dict[str, str] = {}
 
     def _decode(self, data: bytes) -> tuple[int, int]:
-        with Image.open(io.BytesIO(data)) as image:
-            if self.verify:
-                image.load()  # a full decode: truncated files fail here
-            return image.size
+        with warnings.catch_warnings():  # PIL warns above MAX_IMAGE_PIXELS and raises above twice that
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                if self.verify:
+                    image.load()  # a full decode: truncated files fail here
+                return image.size
 
-    def read_path(self, path: Path, display: str) -> tuple[dict[str, Any], int, int] | str:
-        """``({"bytes", "path"}, width, height)`` or the failure reason ``"missing_image"`` / ``"corrupt_image"``."""
+    def _decode_failure(self, error: Exception, display: str) -> str:
+        """Record why an image could not be decoded; the skip reason."""
+        if isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+            self.summary.oversized_images.append(f"{display} ({error})")
+            return "image_too_large"
+        self.summary.corrupt_images.append(f"{display} ({type(error).__name__}: {error})")
+        return "corrupt_image"
+
+    def read_path(self, root: Path, relpath: str) -> tuple[dict[str, Any], int, int] | str:
+        """``({"bytes", "path"}, width, height)`` of ``root / relpath``, or the failure reason ``"missing_image"`` /
+        ``"corrupt_image"`` / ``"image_too_large"`` / ``"outside_image_root"``. ``path`` is ``relpath`` as given,
+        or only the file name for a path outside ``root`` (allowed with ``allow_outside_root``)."""
+        display = relpath
+        if _escapes_root(relpath):
+            if not self.allow_outside_root:
+                self.summary.outside_root_images.append(relpath)
+                return "outside_image_root"
+            display = Path(relpath).name  # never store a local path outside the root
+        path = root / relpath  # an absolute relpath replaces root
         key = str(path)
         if key in self._failed:
             return self._failed[key]
@@ -161,10 +213,9 @@ class _ImageReader:
             return "missing_image"
         try:
             width, height = self._decode(data)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-            self._failed[key] = "corrupt_image"
-            self.summary.corrupt_images.append(f"{display} ({type(error).__name__}: {error})")
-            return "corrupt_image"
+        except Exception as error:  # noqa: BLE001 - any failure of one image skips that image only
+            self._failed[key] = self._decode_failure(error, display)
+            return self._failed[key]
         self._cache[key] = (data, width, height)
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
@@ -174,15 +225,9 @@ class _ImageReader:
         try:
             data = base64.b64decode(text, validate=False)
             width, height = self._decode(data)
-        except (binascii.Error, UnidentifiedImageError, OSError, ValueError, SyntaxError, TypeError) as error:
-            self.summary.corrupt_images.append(f"{display} ({type(error).__name__}: {error})")
-            return "corrupt_image"
+        except Exception as error:  # noqa: BLE001 - any failure of one image skips that image only
+            return self._decode_failure(error, display)
         return {"bytes": data, "path": None}, width, height
-
-
-def _resolve(root: Path, relpath: str) -> Path:
-    path = Path(relpath)
-    return path if path.is_absolute() else root / path
 
 
 def _iter_json_lines(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, int, str]]:
@@ -210,11 +255,15 @@ def _load_json_list(path: str | os.PathLike) -> list[dict[str, Any]]:
     return data
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle that names a class or function (code to run), refused by `_PlainDataUnpickler`."""
+
+
 class _PlainDataUnpickler(pickle.Unpickler):
     """Unpickles only built-in containers and scalars: any global (class or function) lookup is refused."""
 
     def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(
+        raise _RefusedGlobal(
             f"refusing to load {module}.{name} from a RefCOCO refs pickle: only plain lists, dicts, strings and "
             "numbers are allowed"
         )
@@ -226,17 +275,38 @@ def load_refcoco_boxes(refs_path: str | os.PathLike, instances_path: str | os.Pa
     This is what the official code reads through ``REFER`` (``refToAnn[ref_id]['bbox']``, ``Refs[ref_id]['split']``).
     ``refs(unc).p`` is a pickle of plain lists and dicts; it is read with an unpickler that refuses every class and
     function (see `_PlainDataUnpickler`), so a tampered file raises instead of running code.
+
+    Raises:
+        pickle.UnpicklingError: the refs pickle names a class or function (refused, never run).
+        ValueError: a refs file that is no readable pickle (random bytes, truncated, empty), or files whose contents are not the RefCOCO structures (naming the file).
     """
-    with open(refs_path, "rb") as f:
-        refs = _PlainDataUnpickler(f).load()
+    try:
+        with open(refs_path, "rb") as f:
+            refs = _PlainDataUnpickler(f).load()
+    except _RefusedGlobal:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
+            UnicodeDecodeError, MemoryError) as error:
+        raise ValueError(f"{refs_path}: not a readable RefCOCO refs pickle ({type(error).__name__}: {error})") from None
     with open(instances_path, encoding="utf-8") as f:
         instances = json.load(f)
-    boxes = {int(a["id"]): a["bbox"] for a in instances.get("annotations", [])}
+    try:
+        boxes = {int(a["id"]): a["bbox"] for a in instances.get("annotations", [])}
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{instances_path}: expected COCO instances {{'annotations': [{{'id', 'bbox'}}]}} "
+                         f"({type(error).__name__}: {error})") from None
+    if not isinstance(refs, list):
+        raise ValueError(f"{refs_path}: expected a list of RefCOCO refs, got {type(refs).__name__}")
     out: dict[int, dict[str, Any]] = {}
-    for ref in refs:
-        ann_id = int(ref["ann_id"])
-        if ann_id in boxes:
-            out[int(ref["ref_id"])] = {"bbox": [float(v) for v in boxes[ann_id]], "split": str(ref.get("split", ""))}
+    for i, ref in enumerate(refs):
+        try:
+            ann_id = int(ref["ann_id"])
+            if ann_id in boxes:
+                out[int(ref["ref_id"])] = {"bbox": [float(v) for v in boxes[ann_id]],
+                                           "split": str(ref.get("split", ""))}
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{refs_path}: ref {i} is not a RefCOCO ref with ann_id / ref_id "
+                             f"({type(error).__name__}: {error})") from None
     return out
 
 
@@ -292,8 +362,8 @@ def _pretrain_rows(
             if rel is None:
                 summary.skip("pretrain", "train", "invalid_record", f"{where}: no image field ({keys})")
                 continue
-            image = reader.read_path(_resolve(root, rel), rel)
-            image_id = str(record.get("image_id", rel))
+            image = reader.read_path(root, rel)
+            image_id = str(record.get("image_id", image[0]["path"] if not isinstance(image, str) else ""))
         if isinstance(image, str):
             summary.skip("pretrain", "train", image, where)
             continue
@@ -342,15 +412,16 @@ def _retrieval_rows(
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             summary.skip("retrieval", split, "invalid_record", f"{where}: {error}")
             continue
-        entry = grouped.setdefault(rel, {"image_id": str(record.get("image_id", rel)), "captions": []})
+        entry = grouped.setdefault(rel, {"image_id": record.get("image_id"), "captions": []})
         entry["captions"].extend(captions)
     for rel, entry in grouped.items():
-        image = reader.read_path(_resolve(root, rel), rel)
+        image = reader.read_path(root, rel)
         if isinstance(image, str):
             summary.skip("retrieval", split, image, rel)
             continue
         image_dict, width, height = image
-        yield {"image": image_dict, "image_id": entry["image_id"], "width": width, "height": height,
+        image_id = str(entry["image_id"]) if entry["image_id"] is not None else image_dict["path"]
+        yield {"image": image_dict, "image_id": image_id, "width": width, "height": height,
                "captions": entry["captions"], "group": ""}
 
 
@@ -442,7 +513,7 @@ def _grounding_rows(
         if bbox is None:
             summary.skip("grounding", split, "no_bbox", f"{where}: ref_id {ref_id}")
             continue
-        image = reader.read_path(_resolve(root, rel), rel)
+        image = reader.read_path(root, rel)
         if isinstance(image, str):
             summary.skip("grounding", split, image, rel)
             continue
@@ -451,7 +522,7 @@ def _grounding_rows(
         if box is None:
             summary.skip("grounding", split, "invalid_bbox", f"{where}: {bbox}")
             continue
-        yield {"image": image_dict, "image_id": str(record.get("image_id", rel)), "width": width, "height": height,
+        yield {"image": image_dict, "image_id": str(record.get("image_id", image_dict["path"])), "width": width, "height": height,
                "text": text, "bbox": box, "ref_id": ref_id, "group": group}
 
 
@@ -489,7 +560,7 @@ def _nlvr2_rows(
             continue
         pair = []
         for rel in images:
-            image = reader.read_path(_resolve(root, rel), rel)
+            image = reader.read_path(root, rel)
             if isinstance(image, str):
                 summary.skip("nlvr2", split, image, f"{where}: {rel}")
                 break
@@ -549,12 +620,13 @@ def _vqa_rows(
             except (TypeError, ValueError) as error:
                 summary.skip("vqa", split, "invalid_record", f"{where}: {error}")
                 continue
-            image_path = Path(rel) if source == "gqa" else _resolve(roots["vg" if source == "vg" else "vqa"], rel)
-            image = reader.read_path(image_path, rel)
+            root = Path() if source == "gqa" else roots["vg" if source == "vg" else "vqa"]  # gqa: path as given
+            image = reader.read_path(root, rel)
             if isinstance(image, str):
                 summary.skip("vqa", split, image, f"{where}: {rel}")
                 continue
-            yield {"question_id": question_id, "image": image[0], "image_id": str(record.get("image_id", rel)),
+            yield {"question_id": question_id, "image": image[0],
+                   "image_id": str(record.get("image_id", image[0]["path"])),
                    "question": question, "answers": answers, "source": source, "group": ""}
 
 
@@ -624,6 +696,8 @@ def convert_official(
     overwrite: bool = False,
     max_shard_bytes: int = 500 * 1024 * 1024,
     pretty_name: str = "X-VLM dataset (converted from the official JSON files)",
+    allow_outside_root: bool = False,
+    progress: bool = False,
 ) -> ConversionSummary:
     """Convert official X-VLM JSON files into an X-VLM dataset folder at ``out_dir``.
 
@@ -660,6 +734,9 @@ def convert_official(
             ``image``); caption_key: their caption field (``caption``; ``desc`` for captioning data).
         verify_images: fully decode every image (catches truncated files; slower).
         max_records: read at most this many records of each input (for smoke tests).
+        allow_outside_root: read image paths that leave their image root (absolute, ``..``); stored by file name.
+            Without it such records are skipped (``outside_image_root``).
+        progress: a progress bar (rows written) per configuration and split.
 
     Returns:
         The :class:`ConversionSummary`, also written to ``out_dir/conversion_summary.json``.
@@ -692,37 +769,34 @@ def convert_official(
     gt_references = {split: load_coco_caption_references(path) for split, path in captioning_gt.items()}
 
     summary = ConversionSummary()
-    reader = _ImageReader(summary, verify=verify_images)
+    reader = _ImageReader(summary, verify=verify_images, allow_outside_root=allow_outside_root)
     sources = ", ".join(Path(p).name for p in inputs)
     writer = DatasetFolderWriter(
         out_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes, pretty_name=pretty_name,
         card_body=f"Converted with `xvlm-data convert-official` from the official X-VLM files: {sources}.",
     )
+    jobs: list[tuple[str, str, Iterator[dict[str, Any]]]] = [
+        ("pretrain", "train", _pretrain_rows(paths, kind, roots["pretrain"], reader, summary, image_key, caption_key,
+                                             max_records))
+        for kind, paths in (("image_text", pretrain_text), ("regions", pretrain_regions)) if paths
+    ]
+    jobs += [("retrieval", split, _retrieval_rows(path, split, roots["retrieval"], reader, summary, max_records))
+             for split, path in retrieval.items()]
+    jobs += [("retrieval", split, _captioning_rows(path, split, roots["retrieval"], reader, summary, max_records,
+                                                   gt_references.get(split))) for split, path in captioning.items()]
+    jobs += [("grounding", split, _grounding_rows(path, split, roots["grounding"], reader, summary, boxes,
+                                                  max_records)) for split, path in grounding.items()]
+    jobs += [("nlvr2", split, _nlvr2_rows(path, split, roots["nlvr2"], reader, summary, max_records))
+             for split, path in nlvr2.items()]
+    jobs += [("vqa", split, _vqa_rows(paths, split, roots, reader, summary, max_records))
+             for split, paths in vqa.items()]
+    if vqa_answer_list:
+        jobs.append(("vqa_answers", "test", _vqa_answer_rows(vqa_answer_list, summary)))
     with writer:
-        for kind, paths in (("image_text", pretrain_text), ("regions", pretrain_regions)):
-            if paths:
-                for row in _pretrain_rows(paths, kind, roots["pretrain"], reader, summary, image_key, caption_key,
-                                          max_records):
-                    writer.add("pretrain", "train", row)
-        for split, path in retrieval.items():
-            for row in _retrieval_rows(path, split, roots["retrieval"], reader, summary, max_records):
-                writer.add("retrieval", split, row)
-        for split, path in captioning.items():
-            for row in _captioning_rows(path, split, roots["retrieval"], reader, summary, max_records,
-                                        gt_references.get(split)):
-                writer.add("retrieval", split, row)
-        for split, path in grounding.items():
-            for row in _grounding_rows(path, split, roots["grounding"], reader, summary, boxes, max_records):
-                writer.add("grounding", split, row)
-        for split, path in nlvr2.items():
-            for row in _nlvr2_rows(path, split, roots["nlvr2"], reader, summary, max_records):
-                writer.add("nlvr2", split, row)
-        for split, paths in vqa.items():
-            for row in _vqa_rows(paths, split, roots, reader, summary, max_records):
-                writer.add("vqa", split, row)
-        if vqa_answer_list:
-            for row in _vqa_answer_rows(vqa_answer_list, summary):
-                writer.add("vqa_answers", "test", row)
+        for config, split, rows in jobs:  # the generators read their inputs lazily, one job after the other
+            for row in tqdm(rows, desc=f"{config}/{split}", unit=" rows", disable=not progress, mininterval=1.0,
+                            dynamic_ncols=True):
+                writer.add(config, split, row)
     summary.written = {c: dict(s) for c, s in writer.counts.items()}
     write_json(Path(out_dir) / _SUMMARY_FILE, summary.to_dict())
     return summary

@@ -9,7 +9,8 @@ Layout (``root`` is ``<output_dir>/checkpoints``)::
         scheduler.pt                 LR scheduler state dict
         scaler.pt                    fp16 GradScaler state (only with fp16 mixed precision)
         rng_state_<rank>.pt          python / numpy / torch (and CUDA) RNG states of each process
-        trainer_state.json           step counters (the data position), arguments, metrics; written last
+        trainer_state.json           step counters (the data position), arguments, metrics
+        manifest.json                size and sha256 of every other file of the folder; written last
 
 Atomicity: a checkpoint is written into ``root/.tmp-step-...``, every file is fsynced, the folder is renamed to
 ``step-...`` and only then ``latest`` is replaced (write ``latest.tmp`` + ``os.replace``). A process killed at any
@@ -19,14 +20,21 @@ stored as a tensor for that reason).
 
 With FSDP or DeepSpeed the model/optimizer/scheduler go through ``accelerator.save_state`` / ``load_state`` (they
 hold sharded states) inside the same temporary-folder-and-rename scheme.
+
+Verification: `load_checkpoint` first checks the folder against its manifest (every listed file present, with its
+size and sha256) and raises `CheckpointError` naming the files that differ, so a corrupted, truncated or edited
+file is never loaded. `newest_valid_checkpoint` walks the checkpoints from the newest down and returns the first
+that verifies, reporting each one it skips (what ``xvlm-train --resume`` uses).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +46,11 @@ from safetensors.torch import load_model, save_model
 __all__ = [
     "CHECKPOINT_PREFIX",
     "LATEST_FILE",
+    "MANIFEST_FILE",
+    "CheckpointError",
+    "newest_valid_checkpoint",
+    "verify_checkpoint",
+    "write_manifest",
     "capture_rng_state",
     "restore_rng_state",
     "save_checkpoint",
@@ -51,6 +64,11 @@ CHECKPOINT_PREFIX = "step-"
 LATEST_FILE = "latest"
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be resumed from: incomplete, or its files differ from its manifest."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -137,6 +155,87 @@ def _uses_accelerate_state(accelerator: Any) -> bool:
 def _barrier(accelerator: Any) -> None:
     if accelerator is not None:
         accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Manifest
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+    """Write ``folder/manifest.json``: ``{"files": {relative path: {"size", "sha256"}}}`` of every file under
+    ``folder`` (the manifest itself excluded); returns it."""
+    folder = Path(folder)
+    files = {
+        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE
+    }
+    manifest = {"format": 1, "files": files}
+    with open(folder / MANIFEST_FILE, "w", encoding="utf-8") as handle:
+        json.dump(manifest, handle, indent=2, sort_keys=True)
+    return manifest
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Check a checkpoint folder against its manifest; `CheckpointError` naming every missing, resized or changed
+    file (or the missing / unreadable manifest)."""
+    path = Path(path)
+    manifest_file = path / MANIFEST_FILE
+    if not manifest_file.is_file():
+        raise CheckpointError(f"{path} has no {MANIFEST_FILE}: it is incomplete (or was written before manifests "
+                              "existed) and cannot be verified")
+    try:
+        files = json.loads(manifest_file.read_text(encoding="utf-8"))["files"]
+        expected = {str(k): (int(v["size"]), str(v["sha256"])) for k, v in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{manifest_file} is not a valid checkpoint manifest ({error})") from None
+    problems = []
+    for name, (size, digest) in sorted(expected.items()):
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{name} is missing")
+        elif file.stat().st_size != size:
+            problems.append(f"{name} has {file.stat().st_size} bytes, the manifest says {size}")
+        elif _sha256(file) != digest:
+            problems.append(f"{name} has changed (sha256 differs from the manifest)")
+    if problems:
+        raise CheckpointError(f"{path} does not match its manifest: " + "; ".join(problems))
+
+
+def newest_valid_checkpoint(root: str | os.PathLike, say: Callable[[str], None] = print) -> Path | None:
+    """The newest checkpoint under ``root`` that verifies (`verify_checkpoint`), starting from the one ``latest``
+    names; each newer one that fails is reported through ``say``. ``None`` when ``root`` holds no checkpoint;
+    `CheckpointError` when there are checkpoints but none verifies."""
+    root = Path(root)
+    candidates = list_checkpoints(root)[::-1]
+    pointer = root / LATEST_FILE
+    if pointer.is_file():
+        named = root / pointer.read_text(encoding="utf-8", errors="replace").strip()
+        candidates = [named] + [c for c in candidates if c != named and c.name < named.name]
+    if not candidates:
+        return None
+    failures = []
+    for candidate in candidates:
+        try:
+            if not (candidate / STATE_FILE).is_file():
+                raise CheckpointError(f"{candidate} is not a complete checkpoint")
+            verify_checkpoint(candidate)
+        except CheckpointError as error:
+            failures.append(str(error))
+            say(f"skipping checkpoint {candidate.name}: {error}")
+            continue
+        if failures:
+            say(f"falling back to {candidate.name}, the newest checkpoint that verifies")
+        return candidate
+    raise CheckpointError(f"no checkpoint under {root} verifies: " + " | ".join(failures))
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
@@ -229,6 +328,7 @@ def save_checkpoint(
         state["world_size"] = 1 if accelerator is None else accelerator.num_processes
         with open(tmp / STATE_FILE, "w", encoding="utf-8") as handle:
             json.dump(state, handle, indent=2, sort_keys=True, default=str)
+        write_manifest(tmp)
         _fsync_tree(tmp)
         if final.exists():  # re-saving a step (e.g. after a resume): move the old copy out of the way first
             trash = root / f".tmp-old-{name}"
@@ -259,16 +359,29 @@ def load_checkpoint(
     scheduler: Any | None = None,
     accelerator: Any = None,
     restore_rng: bool = True,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` into ``model`` / ``optimizer`` / ``scheduler`` (and the
     GradScaler of ``accelerator``), restore this process's RNG states, and return the trainer state.
 
     Restore the RNG last, right before training continues, for an exact resume (``restore_rng=False`` and
-    :func:`restore_rng_state` let the caller do that).
+    :func:`restore_rng_state` let the caller do that). ``verify=False`` skips the manifest check (for a caller
+    that has just run `verify_checkpoint`).
+
+    Raises:
+        CheckpointError: the folder does not match its manifest (`verify_checkpoint`) or its trainer state is not
+            a JSON object; nothing is loaded then.
     """
     path = Path(path)
-    with open(path / STATE_FILE, encoding="utf-8") as handle:
-        state = json.load(handle)
+    if verify:
+        verify_checkpoint(path)
+    try:
+        with open(path / STATE_FILE, encoding="utf-8") as handle:
+            state = json.load(handle)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path / STATE_FILE} is not valid JSON ({error})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path / STATE_FILE} holds a {type(state).__name__}, not the trainer state object")
     rank = 0 if accelerator is None else accelerator.process_index
     world = 1 if accelerator is None else accelerator.num_processes
     if state.get("world_size", world) != world:
@@ -280,7 +393,10 @@ def load_checkpoint(
         accelerator.load_state(str(path / "accelerate_state"))
     else:
         unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
-        load_model(unwrapped, str(path / MODEL_FILE), strict=True)
+        try:
+            load_model(unwrapped, str(path / MODEL_FILE), strict=True)
+        except RuntimeError as error:  # missing / unexpected / mis-shaped keys: another model's checkpoint
+            raise CheckpointError(f"{path / MODEL_FILE} does not fit this model: {error}") from None
         if optimizer is not None:
             optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
         if scheduler is not None:

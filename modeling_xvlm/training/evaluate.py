@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -48,6 +49,7 @@ import torch
 from transformers import AutoTokenizer
 
 from ..box_ops import inclusive_pixel_iou
+from ..cli_errors import cli_errors, ensure_writable_dir
 from ..caption_metrics import CAPTION_METRICS, DEFAULT_CAPTION_METRICS, caption_metrics
 from ..data import coco_image_id, load_coco_caption_references, load_xvlm_dataset, synthetic_tokenizer
 from ..modeling_xvlm_captioning import XVLMForConditionalGeneration
@@ -900,8 +902,14 @@ def _main_captioning(args: argparse.Namespace, model: Any, processor: Any, datas
     return 0
 
 
+@cli_errors("xvlm-eval")
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``xvlm-eval``; bad input is one line on stderr and exit status 2 (`modeling_xvlm.cli_errors`).
+    The folders of ``--output`` / ``--metrics-output`` are checked for writing before anything is evaluated."""
     args = build_parser().parse_args(argv)
+    for target in (args.output, getattr(args, "metrics_output", None)):
+        if target:
+            ensure_writable_dir(os.path.dirname(os.path.abspath(target)), f"the folder of {target!r}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cls = {"retrieval": XVLMForRetrieval, "grounding": XVLMForGrounding,
            "nlvr2": XVLMForImagesAndTextClassification, "vqa": XVLMForQuestionAnswering,

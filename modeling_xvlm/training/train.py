@@ -62,12 +62,20 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
+from ..cli_errors import cli_errors, ensure_writable_dir
 from ..configuration_xvlm import XVLMConfig
 from ..data import load_xvlm_dataset, retrieval_pairs, synthetic_tokenizer
 from ..initialization import build_from_vision_text_pretrained
 from ..processing import XVLMImageProcessorPil, XVLMProcessor
 from ..tasks import TASKS as TASK_TABLE
-from .checkpointing import latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
+from .checkpointing import (
+    CheckpointError,
+    load_checkpoint,
+    newest_valid_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from ..caption_metrics import CiderD, load_official_document_frequencies
 from ..modeling_xvlm_captioning import CAPTION_PROMPT, XVLMForConditionalGeneration
 from ..modeling_xvlm_nlvr import nlvr2_config
@@ -198,6 +206,7 @@ class TrainConfig:
     save_every: int | None = None
     save_total_limit: int | None = 2
     resume: str | None = None
+    allow_config_change: bool = False  # resume even if the run's configuration differs from the checkpoint's
     log_every: int = 10
     log_with: list[str] = field(default_factory=list)
     project_name: str = "xvlm"
@@ -533,19 +542,65 @@ class _ResumePoint:
     rng_state: Any = None
 
 
+#: `TrainConfig` fields a resumed run may change (where files go, what is logged / evaluated / saved, how data are
+#: loaded); every other field defines the run and must equal the checkpoint's (`resume_config_differences`).
+RESUME_MAY_CHANGE = frozenset({
+    "output_dir", "resume", "allow_config_change", "num_workers", "eval_every", "eval_at_end", "eval_max_examples",
+    "eval_split", "k_test", "eval_batch_size", "save_every", "save_total_limit", "log_every", "log_with",
+    "project_name", "progress", "save_final", "cpu",
+})
+
+
+def resume_config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``"name: checkpoint value -> this run's value"`` for each field outside `RESUME_MAY_CHANGE` that differs
+    between the configuration saved in a checkpoint and the resuming run's (``to_dict()`` of each)."""
+    missing = object()
+    names = sorted((set(saved) | set(current)) - RESUME_MAY_CHANGE)
+    return [f"{name}: {saved.get(name, missing)!r} -> {current.get(name, missing)!r}".replace(repr(missing), "unset")
+            for name in names if saved.get(name, missing) != current.get(name, missing)]
+
+
 def _resume(cfg: TrainConfig, ckpt_root: Path, model, optimizer, scheduler, accelerator, say) -> _ResumePoint:
+    """Load the checkpoint ``--resume`` names (``latest``: the newest that verifies, falling back past corrupt
+    ones); refuse (``CheckpointError``) when the run's configuration differs from the checkpoint's, unless
+    ``allow_config_change``."""
     if not cfg.resume:
         return _ResumePoint()
-    path = latest_checkpoint(ckpt_root) if cfg.resume in ("latest", "auto") else Path(cfg.resume)
-    if path is None:
-        say(f"no checkpoint in {ckpt_root}: starting from scratch")
-        return _ResumePoint()
-    state = load_checkpoint(path, model, optimizer, scheduler, accelerator, restore_rng=False)
+    if cfg.resume in ("latest", "auto"):
+        path = newest_valid_checkpoint(ckpt_root, say)  # verified
+        if path is None:
+            say(f"no checkpoint in {ckpt_root}: starting from scratch")
+            return _ResumePoint()
+    else:
+        path = Path(cfg.resume)
+        if not (path / "trainer_state.json").is_file():
+            raise CheckpointError(f"--resume {path}: not a checkpoint folder (no trainer_state.json)")
+        verify_checkpoint(path)
+    saved_config = _saved_config(path)
+    differences = resume_config_differences(saved_config, json.loads(json.dumps(cfg.to_dict(), default=str)))
+    if differences and not cfg.allow_config_change:
+        raise CheckpointError(
+            f"{path} was written by a run with a different configuration, so resuming would not continue that run: "
+            + "; ".join(differences) + ". Pass the same options, or --allow-config-change to resume anyway."
+        )
+    if differences:
+        say("resuming with a changed configuration (--allow-config-change): " + "; ".join(differences))
+    state = load_checkpoint(path, model, optimizer, scheduler, accelerator, restore_rng=False, verify=False)
     say(f"resumed from {path} at step {int(state['step'])}")
     return _ResumePoint(
         int(state["step"]), int(state.get("region_micro_steps", 0)), list(state.get("eval_history", [])),
         state["_rng"],
     )
+
+
+def _saved_config(path: Path) -> dict[str, Any]:
+    """The `TrainConfig` dict a checkpoint's trainer state records (``{}`` when it records none)."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path} has no readable trainer_state.json ({error})") from None
+    config = state.get("config") if isinstance(state, dict) else None
+    return config if isinstance(config, dict) else {}
 
 
 class _TrainingLoop:
@@ -817,8 +872,10 @@ def train(
     started = time.perf_counter()
     accelerator = _make_accelerator(cfg)
     say = (log or (lambda msg: print(msg, flush=True))) if accelerator.is_main_process else (lambda msg: None)
-    if accelerator.is_main_process:
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:  # fail now, not at the first checkpoint or the final save
+        ensure_writable_dir(cfg.output_dir)
+        if cfg.save_every:
+            ensure_writable_dir(Path(cfg.output_dir) / "checkpoints", "checkpoint folder")
     set_seed(cfg.seed)  # identical initialisation on every process
     model, processor = _model_and_processor(cfg)
     recipe = get_recipe(cfg.task, lr=cfg.lr, lr_mult=cfg.lr_mult, weight_decay=cfg.weight_decay, warmup=cfg.warmup,
@@ -928,6 +985,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-total-limit", type=int, default=2)
     g.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="resume from <output-dir>/checkpoints/latest, or from the given checkpoint folder")
+    g.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though seed, batch size, learning rate, schedule, data or model options "
+                   "differ from the checkpoint's run (the differences are printed)")
     g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--log-with", nargs="*", default=[], help="accelerate trackers (tensorboard, wandb, ...)")
     g.add_argument("--project-name", default="xvlm")
@@ -944,8 +1004,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in values.items() if k in names})
 
 
+@cli_errors("xvlm-train")
 def main(argv: Sequence[str] | None = None) -> int:
-    """Train one task (`xvlm-train <task> ...`; `modeling_xvlm.training.cli` adds the demo job)."""
+    """Train one task (`xvlm-train <task> ...`; `modeling_xvlm.training.cli` adds the demo job). Bad input
+    (corrupt or mismatched checkpoints, unreadable data, an output folder that cannot be written) is one line on
+    stderr and exit status 2 (`modeling_xvlm.cli_errors`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     summary = train(config_from_args(args))
