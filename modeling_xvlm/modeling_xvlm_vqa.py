@@ -344,7 +344,7 @@ class XVLMForQuestionAnswering(XVLMHeadMixin, XVLMPreTrainedModel, GenerationMix
                 question's cross-attention keys/values, computed once per question instead of once per candidate),
                 grouped by length so that no padding is decoded; `False` decodes every candidate from `[CLS]` with
                 the question states tiled `k` times, as the official code does. Same rankings, scores equal within
-                float rounding (tests: 1e-5); about 6x faster at X-VLM-base size (docs/benchmarks.md).
+                float rounding (tests: 1e-5); benchmark 7 of docs/benchmarks.md times both.
 
         Returns:
             `XVLMAnswerRankingOutput` with `candidate_indices`, `probabilities` and `scores`, `(B, min(k, C))`.
