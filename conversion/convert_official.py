@@ -83,7 +83,6 @@ loader ignores them the same way).
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -94,6 +93,7 @@ from typing import Any
 import torch
 from huggingface_hub import HfApi
 from huggingface_hub import constants as hub_constants
+from huggingface_hub.utils.sha import sha_fileobj
 from transformers import BertTokenizer
 
 from modeling_xvlm import XVLMProcessor, create_model_card
@@ -1144,11 +1144,8 @@ def load_into_model(result: ConversionResult, model: torch.nn.Module) -> None:
 
 
 def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return sha_fileobj(handle).hex()
 
 
 def _conversion_notes(result: ConversionResult) -> str:

@@ -29,7 +29,6 @@ that verifies, reporting each one it skips (what ``xvlm-train --resume`` uses).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -41,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate.utils import DistributedType
+from huggingface_hub.utils.sha import sha_fileobj
 from safetensors.torch import load_model, save_model
 
 __all__ = [
@@ -163,11 +163,8 @@ def _barrier(accelerator: Any) -> None:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return sha_fileobj(handle).hex()
 
 
 def write_manifest(folder: str | os.PathLike) -> dict[str, Any]:
