@@ -1450,7 +1450,7 @@ def _read_checkpoint(
     source = os.fspath(checkpoint)
     loaded = load_official_checkpoint(source)
     sha = _sha256(source)
-    state_dict, embedded_raw = split_checkpoint(loaded)
+    state_dict, embedded_raw = split_checkpoint(loaded, source)
     return state_dict, embedded_raw, source, sha
 
 

@@ -102,11 +102,14 @@ def load_official_checkpoint(path: str | os.PathLike) -> Any:
         raise CorruptCheckpointError(_CORRUPT.format(path=path, reason=_weights_only_reason(error))) from None
 
 
-def split_checkpoint(obj: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+def split_checkpoint(obj: Any, source: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """Return `(state_dict, embedded_config)` from a loaded checkpoint (`{'model': ..., 'config': ...}` or a bare
-    state dict). A `module.` prefix on every key (a DistributedDataParallel state dict) is removed."""
+    state dict). A `module.` prefix on every key (a DistributedDataParallel state dict) is removed. ``source`` (the
+    file) is named in the errors."""
+    where = f"{source!r}: " if source else ""
     if not isinstance(obj, Mapping):
-        raise ValueError(f"A checkpoint must be a dict (state dict or {{'model': ...}}), got {type(obj).__name__}.")
+        raise ValueError(f"{where}a checkpoint must be a dict (state dict or {{'model': ...}}), got "
+                         f"{type(obj).__name__}.")
     config = None
     if "model" in obj and isinstance(obj["model"], Mapping):
         state_dict = obj["model"]
@@ -118,7 +121,7 @@ def split_checkpoint(obj: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any] 
     bad = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
     if bad:
         raise ValueError(
-            f"The state dict has entries that are not tensors: {bad[:20]}{' ...' if len(bad) > 20 else ''}. "
+            f"{where}the state dict has entries that are not tensors: {bad[:20]}{' ...' if len(bad) > 20 else ''}. "
             "Pass an official X-VLM checkpoint ({'model': state_dict, 'config': ...}) or a bare state dict."
         )
     state_dict = dict(state_dict)

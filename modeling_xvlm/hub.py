@@ -4,9 +4,11 @@
 
 - registers the configs with `AutoConfig` and each model class with the Auto class of its row (`AutoModel` ->
   `XVLMModel`, `AutoModelForZeroShotImageClassification` -> `XVLMForRetrieval`, `AutoModelForPreTraining` ->
-  `XVLMForPretraining`, `AutoModelForVisualQuestionAnswering` -> `XVLMForQuestionAnswering`; `XVLMForGrounding`
-  has no task Auto class) through transformers' public `register` API, keeping any mapping another module already
-  made for `XVLMConfig` (nothing of transformers is replaced). `AutoModelForImageTextToText` (what transformers'
+  `XVLMForPretraining` or `XVLMForTextAssignment`, `AutoModelForZeroShotObjectDetection` -> `XVLMForGrounding`,
+  `AutoModelForSequenceClassification` -> `XVLMForImagesAndTextClassification`,
+  `AutoModelForVisualQuestionAnswering` -> `XVLMForQuestionAnswering`; :func:`local_auto_classes`) through
+  transformers' public `register` API, keeping any mapping another module already made for `XVLMConfig` (nothing
+  of transformers is replaced). `AutoModel` is the base model for every checkpoint, locally and as remote code. `AutoModelForImageTextToText` (what transformers'
   `"image-text-to-text"` pipeline loads) maps `XVLMConfig` to both generative heads, `generative_heads()`:
   transformers' auto classes take a tuple of classes for one config class and load the one named in
   `config.architectures` (`XVLMForConditionalGeneration` for a captioning folder, `XVLMForQuestionAnswering` for a
@@ -111,12 +113,10 @@ def register_xvlm() -> dict[str, str]:
     _register_config(XVLMConfig)
     _register_config(XVLMTextConfig)
     _register_local("AutoModel", XVLMTextConfig, XVLMTextModel)
-    for row in all_rows():
-        if row.auto_class is not None and row.auto_class != GENERATIVE_AUTO_CLASS:
-            _register_local(row.auto_class, XVLMConfig, row.model_class)
-    # One config class, two generative heads: transformers' `_get_model_class` picks from the tuple by
-    # `config.architectures` (the first when none matches), and the pipelines' model check knows both names.
-    _register_local(GENERATIVE_AUTO_CLASS, XVLMConfig, generative_heads())
+    # One config class, several heads for some Auto classes: transformers' `_get_model_class` picks from the tuple
+    # by `config.architectures` (the first when none matches), and the pipelines' model check knows every name.
+    for auto_name, heads in local_auto_classes().items():
+        _register_local(auto_name, XVLMConfig, heads[0] if len(heads) == 1 else heads)
     _register_processors_local()
 
     registered: dict[str, str] = {}
@@ -135,6 +135,21 @@ def register_xvlm() -> dict[str, str]:
 
     register_pipelines(grounding_model_class=TASKS["grounding"].model_class)
     return registered
+
+
+def local_auto_classes() -> dict[str, tuple[type[XVLMPreTrainedModel], ...]]:
+    """`{Auto class name: head classes}` registered locally for `XVLMConfig` (task-table order, so the first row's
+    head is the default when `config.architectures` names none); `GENERATIVE_AUTO_CLASS` is `generative_heads()`.
+
+    Several heads share an Auto class (`AutoModelForPreTraining`: `XVLMForPretraining` and the NLVR2 text
+    assignment head): transformers loads the one named in `config.architectures`, as the remote-code `auto_map` of
+    that checkpoint does."""
+    groups: dict[str, tuple[type[XVLMPreTrainedModel], ...]] = {}
+    for row in all_rows():
+        if row.auto_class is not None and row.auto_class != GENERATIVE_AUTO_CLASS:
+            groups[row.auto_class] = groups.get(row.auto_class, ()) + (row.model_class,)
+    groups[GENERATIVE_AUTO_CLASS] = generative_heads()
+    return groups
 
 
 def generative_heads() -> tuple[type[XVLMPreTrainedModel], ...]:
@@ -460,6 +475,7 @@ __all__ = [
     "create_model_card",
     "generative_heads",
     "load_eval_results",
+    "local_auto_classes",
     "register_xvlm",
     "ships_flat",
 ]

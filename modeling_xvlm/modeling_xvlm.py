@@ -188,6 +188,17 @@ class XVLMPreTrainedModel(XVLMTextPreTrainedModel):
             handle.remove()
         self._require_grads_hooks = []
 
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        """`PreTrainedModel.save_pretrained`; a head registered for remote code also writes
+        `auto_map["AutoModel"]` = `XVLMModel`, so that `AutoModel` loads the base model of every checkpoint with
+        `trust_remote_code=True` as it does with the package installed (`XVLMModel`'s module ships with every
+        head)."""
+        if self._auto_class is not None and self._auto_class != "AutoModel":
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map["AutoModel"] = f"{__name__.rsplit('.', 1)[-1]}.XVLMModel"
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
 
 
 class XVLMModel(XVLMPreTrainedModel):

@@ -247,7 +247,9 @@ class XVLMForRetrieval(XVLMHeadMixin, XVLMPreTrainedModel):
             `XVLMProcessor.post_process_gradcam`.
         """
         text_config = self.config.text_config
-        layer = self.config.default_gradcam_layer if layer is None else int(layer)
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
+            raise TypeError(f"layer must be an int (the fusion layer's index in the text stack), got {layer!r}.")
+        layer = self.config.default_gradcam_layer if layer is None else layer
         if not text_config.fusion_layer <= layer < text_config.num_hidden_layers:
             raise ValueError(
                 f"layer must be a fusion layer, in [{text_config.fusion_layer}, {text_config.num_hidden_layers}), "

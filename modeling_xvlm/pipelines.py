@@ -2,13 +2,17 @@
 visual question answering and captioning.
 
 - ``"zero-shot-image-classification"``: :class:`XVLMZeroShotImageClassificationPipeline`, with `XVLMModel` or
-  `XVLMForRetrieval` (which can re-rank the labels with its ITM head), chosen with `pipeline_class=`;
+  `XVLMForRetrieval` (which can re-rank the labels with its ITM head);
+- ``"zero-shot-object-detection"``: :class:`XVLMZeroShotObjectDetectionPipeline`, with `XVLMForGrounding` (one box
+  per candidate label);
+- ``"feature-extraction"``: :class:`XVLMFeatureExtractionPipeline`, text or image states of any X-VLM checkpoint;
 - ``"image-text-retrieval"``: :class:`XVLMImageTextRetrievalPipeline`, with `XVLMModel` or `XVLMForRetrieval`;
-- ``"visual-grounding"``: :class:`XVLMVisualGroundingPipeline`, with `XVLMForGrounding`;
+- ``"visual-grounding"``: :class:`XVLMVisualGroundingPipeline`, with `XVLMForGrounding` (the box head), or
+  `XVLMForRetrieval` with `method="gradcam"` and candidate boxes (official weakly supervised grounding);
 - ``"xvlm-vqa"``: :class:`XVLMVisualQuestionAnsweringPipeline`, with `XVLMForQuestionAnswering` (the official
   ranking of a candidate answer list).
 
-Importing `modeling_xvlm` registers those three (new tasks) with `transformers.pipelines.PIPELINE_REGISTRY`.
+Importing `modeling_xvlm` registers the three new tasks with `transformers.pipelines.PIPELINE_REGISTRY`.
 Free-form VQA answers and captions need no X-VLM pipeline: transformers' own ``"image-text-to-text"`` pipeline
 runs `XVLMForQuestionAnswering.generate` or `XVLMForConditionalGeneration.generate` (`AutoModelForImageTextToText`
 maps `XVLMConfig` to both heads and loads the one of `config.architectures`); the text is the question, or the
@@ -19,10 +23,13 @@ The zero-shot class subclasses transformers' `ZeroShotImageClassificationPipelin
 (CLIP, SigLIP, ...) to it unchanged; for X-VLM it tokenises like the official code (`[CLS] tokens`, no [SEP],
 `pre_caption` cleaning, through `XVLMProcessor`) and can re-rank the best labels with the ITM head.
 
-Registration adds the two new tasks and leaves transformers' own tasks alone: `"zero-shot-image-classification"`
-stays transformers' pipeline; pass `pipeline_class=XVLMZeroShotImageClassificationPipeline` for the X-VLM one. A
-pipeline saved with `save_pretrained` records its class (`custom_pipelines`), so
-`pipeline(task, model=folder, trust_remote_code=True)` loads it again.
+Registration adds the new tasks; of transformers' own tasks it changes only those the model cards name
+(`CARD_TASKS`: `"zero-shot-image-classification"`, `"zero-shot-object-detection"` ->
+:class:`XVLMZeroShotObjectDetectionPipeline`, `"feature-extraction"` -> :class:`XVLMFeatureExtractionPipeline`), whose classes cannot run X-VLM: their registered
+class becomes a dispatcher that builds the X-VLM class for X-VLM models and transformers' own class, unchanged,
+for every other model, so `pipeline(card_tag, model=folder)` works for every X-VLM checkpoint. `pipeline_class=`
+still picks a class explicitly. A zero-shot classification pipeline saved with `save_pretrained` records its
+class (`custom_pipelines`), so `pipeline(task, model=folder, trust_remote_code=True)` loads it again.
 
 All four batch with the standard `batch_size=` argument. Encoding, ITM scores and ranking are those of
 `modeling_xvlm.retrieval` (`encode_images`, `encode_texts`, `itm_scores`, `retrieve`); the VQA ranking is the
@@ -39,25 +46,30 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from transformers import (
-    AutoModel,
     AutoModelForVisualQuestionAnswering,
     AutoModelForZeroShotImageClassification,
+    AutoModelForZeroShotObjectDetection,
     Pipeline,
 )
 from transformers.image_transforms import to_pil_image
 from transformers.image_utils import load_image
 from transformers.pipelines import PIPELINE_REGISTRY
+from transformers.pipelines.feature_extraction import FeatureExtractionPipeline
 from transformers.pipelines.image_text_to_text import ImageTextToTextPipeline
 from transformers.pipelines.zero_shot_image_classification import ZeroShotImageClassificationPipeline
+from transformers.pipelines.zero_shot_object_detection import ZeroShotObjectDetectionPipeline
 
 from .retrieval import EncodedImages, EncodedTexts, encode_images, encode_texts, itm_scores, retrieve
 
 __all__ = [
+    "CARD_TASKS",
+    "XVLMFeatureExtractionPipeline",
     "XVLMImageTextRetrievalPipeline",
     "XVLMImageTextToTextPipeline",
     "XVLMVisualGroundingPipeline",
     "XVLMVisualQuestionAnsweringPipeline",
     "XVLMZeroShotImageClassificationPipeline",
+    "XVLMZeroShotObjectDetectionPipeline",
     "register_pipelines",
 ]
 
@@ -289,6 +301,149 @@ class XVLMZeroShotImageClassificationPipeline(_XVLMInputsMixin, ZeroShotImageCla
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Zero-shot object detection (the grounding card's task) and feature extraction (the pre-training card's)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class XVLMZeroShotObjectDetectionPipeline(_XVLMInputsMixin, ZeroShotObjectDetectionPipeline):
+    """`pipeline("zero-shot-object-detection", model=grounding_folder)` with `XVLMForGrounding`: one box per
+    candidate label (each label is a referring expression, encoded and cleaned as the official grounding code).
+
+    `detector(image, candidate_labels=["the man on the left", "a dog"])` -> `[{"score", "label", "box": {"xmin",
+    "ymin", "xmax", "ymax"}}]`, transformers' format (int pixels of the original image), one entry per label in
+    label order: X-VLM's bbox head gives no confidence, so every `score` is 1.0 (`threshold` >= 1 drops them all,
+    `top_k` keeps the first labels). The boxes are those of `post_process_grounded_object_detection`, computed in
+    one forward pass over all the labels of an image. Lists of images and `[{"image", "candidate_labels"}]` work
+    as in transformers' pipeline.
+    """
+
+    _load_processor = None
+    _load_image_processor = None
+    _load_tokenizer = None
+
+    def __init__(self, **kwargs: Any):
+        Pipeline.__init__(self, **kwargs)  # transformers' model-type check does not know X-VLM
+        if type(self.model).__name__ != "XVLMForGrounding":
+            raise ValueError(
+                f"{type(self).__name__} needs XVLMForGrounding (it predicts one box per text), got "
+                f"{type(self.model).__name__}."
+            )
+        self._setup_processor()
+
+    def preprocess(self, inputs, timeout=None):
+        labels = inputs["candidate_labels"]
+        labels = labels.split(",") if isinstance(labels, str) else labels  # transformers' convention
+        if not isinstance(labels, (list, tuple)) or not labels or not all(isinstance(x, str) for x in labels):
+            raise ValueError(f"candidate_labels must be a non-empty list of strings, got {labels!r}.")
+        pixel_values, (image,) = self._encode_images([inputs["image"]], timeout)
+        input_ids, attention_mask = self._encode_texts(list(labels))
+        n = len(labels)
+        meta = {"labels": list(labels), "size": (image.height, image.width)}
+        yield {
+            "is_last": True,
+            "pixel_values": pixel_values.expand(n, *pixel_values.shape[1:]),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "meta": [meta],
+        }
+
+    def _forward(self, model_inputs):
+        meta = _unwrap(model_inputs.pop("meta"))
+        is_last = model_inputs.pop("is_last")
+        outputs = self.model(**model_inputs)
+        return {"pred_boxes": outputs.pred_boxes, "meta": meta, "is_last": is_last}
+
+    def postprocess(self, model_outputs, threshold: float = 0.1, top_k: int | None = None):
+        results = []
+        for output in model_outputs:
+            meta = _single(output["meta"])
+            detections = self.image_processor.post_process_grounded_object_detection(
+                output["pred_boxes"], threshold=threshold, target_sizes=[meta["size"]] * len(meta["labels"]),
+                text_labels=meta["labels"],
+            )
+            for detection in detections:
+                for score, label, box in zip(detection["scores"], detection["text_labels"], detection["boxes"]):
+                    results.append({"score": score.item(), "label": label, "box": self._get_bounding_box(box)})
+        results.sort(key=lambda r: r["score"], reverse=True)  # stable: label order among equal scores
+        return results[:top_k] if top_k else results
+
+
+class XVLMFeatureExtractionPipeline(_XVLMInputsMixin, FeatureExtractionPipeline):
+    """`pipeline("feature-extraction", model=folder)` for any X-VLM checkpoint (`AutoModel` loads its
+    `XVLMModel`): a text gives the text-encoder states `(1, L, hidden)` (`XVLMModel.encode_text`, the official
+    `[CLS] tokens` encoding), an image (PIL, array or tensor) the image sequence `(1, 1 + P, vision_width)`
+    (`encode_image`). As transformers' pipeline: nested lists, or tensors with `return_tensors=True`."""
+
+    _load_processor = None
+    _load_image_processor = None
+    _load_tokenizer = None
+
+    def __init__(self, **kwargs: Any):
+        Pipeline.__init__(self, **kwargs)
+        if not _is_xvlm(self.model):
+            raise ValueError(f"{type(self).__name__} is for X-VLM models, got {type(self.model).__name__}.")
+        self._setup_processor()
+
+    def _sanitize_parameters(self, return_tensors=None, timeout=None, **kwargs):
+        preprocess_params = {"timeout": timeout} if timeout is not None else {}
+        postprocess_params = {"return_tensors": return_tensors} if return_tensors is not None else {}
+        return preprocess_params, {}, postprocess_params
+
+    def preprocess(self, inputs, timeout=None):
+        if isinstance(inputs, str):
+            input_ids, attention_mask = self._encode_texts([inputs])
+            return {"input_ids": input_ids, "attention_mask": attention_mask}
+        if isinstance(inputs, (Image.Image, np.ndarray, torch.Tensor)):
+            return {"pixel_values": self._encode_images([inputs], timeout)[0]}
+        raise ValueError(f"feature-extraction inputs are texts or images, got {type(inputs).__name__}.")
+
+    def _forward(self, model_inputs):
+        base = self.model.base_model
+        if "pixel_values" in model_inputs:
+            return {"features": base.encode_image(model_inputs["pixel_values"]).last_hidden_state}
+        text = base.encode_text(model_inputs["input_ids"], model_inputs["attention_mask"])
+        return {"features": text.last_hidden_state}
+
+    def postprocess(self, model_outputs, return_tensors: bool = False):
+        features = model_outputs["features"]
+        return features if return_tensors else features.tolist()
+
+
+class _TaskDispatcher:
+    """The registered class of a transformers task that X-VLM model cards name: `pipeline(task, model=...)` builds
+    `ours` for an X-VLM model and transformers' own class (`theirs`) for every other model, unchanged (the object
+    is of that class). The component flags `pipeline()` reads are the union of both classes' (`None`: load when
+    possible)."""
+
+    ours: type = Pipeline
+    theirs: type = Pipeline
+    _load_processor = _load_image_processor = _load_video_processor = _load_feature_extractor = _load_tokenizer = None
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        target = cls.ours if _is_xvlm(kwargs.get("model")) else cls.theirs
+        return target(*args, **kwargs)  # not an instance of `cls`: Python calls no second __init__
+
+
+_LOAD_FLAGS = (
+    "_load_processor", "_load_image_processor", "_load_video_processor", "_load_feature_extractor", "_load_tokenizer"
+)
+
+
+def _union_flag(a: bool | None, b: bool | None) -> bool | None:
+    if a is True or b is True:
+        return True
+    return None if a is None or b is None else False
+
+
+def _dispatcher(theirs: type, ours: type) -> type:
+    flags = {
+        name: _union_flag(getattr(theirs, name), getattr(ours, name))
+        for name in _LOAD_FLAGS
+    }
+    return type(f"XVLMOr{theirs.__name__}", (_TaskDispatcher,), {"ours": ours, "theirs": theirs, **flags})
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Image-text retrieval over a small gallery
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -427,6 +582,24 @@ def draw_box(image: Image.Image, box: list[float], label: str | None = None, col
     return preview
 
 
+def heatmap_colors(values: np.ndarray) -> np.ndarray:
+    """`(H, W)` values in [0, 1] -> `(H, W, 3)` uint8 colours of a blue-cyan-yellow-red ("jet"-like) scale."""
+    x = np.clip(values, 0.0, 1.0)[..., None]
+    rgb = np.clip(1.5 - np.abs(4.0 * x - np.array([3.0, 2.0, 1.0])), 0.0, 1.0)
+    return (rgb * 255).round().astype(np.uint8)
+
+
+def draw_heatmap(image: Image.Image, cam: torch.Tensor, alpha: float = 0.5) -> Image.Image:
+    """A copy of `image` (RGB) blended with a `(grid_h, grid_w)` map, up-sampled bicubically to the image size as the
+    official box ranking does; the map is clamped at 0 and scaled by its maximum (an all-zero map draws blue)."""
+    width, height = image.size
+    up = torch.nn.functional.interpolate(cam.detach().float().cpu()[None, None], size=(height, width),
+                                         mode="bicubic")[0, 0].clamp(min=0)
+    peak = float(up.max())
+    colors = heatmap_colors((up / peak).numpy() if peak > 0 else up.numpy())
+    return Image.blend(image.convert("RGB"), Image.fromarray(colors, mode="RGB"), alpha)
+
+
 def image_text_inputs(image: Any, text: str | list[str] | None, key: str) -> Any:
     """A pipeline call's `(image, text)` as pipeline inputs: `{"image", key}` dicts, one per pair (one text per
     image of a list, or several texts for one image); `text=None` passes `image` on as the dict(s) themselves."""
@@ -443,28 +616,66 @@ def image_text_inputs(image: Any, text: str | list[str] | None, key: str) -> Any
 
 
 class XVLMVisualGroundingPipeline(_XVLMPipeline):
-    """`pipeline("visual-grounding")`: one box per (image, referring expression) with `XVLMForGrounding`.
+    """`pipeline("visual-grounding")`: one box per (image, referring expression).
 
     - `grounder(image, "the dog on the left")` -> one result;
     - `grounder(image, ["the dog", "the cat"])` -> one result per expression (same image);
     - `grounder([img0, img1], ["text 0", "text 1"], batch_size=2)` or
       `grounder([{"image": img0, "text": "..."}, ...])` -> one result per pair.
 
+    `method="box"` (the default for `XVLMForGrounding`): the box head's prediction (official `Grounding_bbox.py`).
+    `method="gradcam"` (the default for `XVLMForRetrieval`, the official weakly supervised RefCOCO+ checkpoint;
+    load it with `XVLMForRetrieval.from_pretrained` and pass `model=`): the candidate box that the expression's
+    Grad-CAM map covers best (official `Grounding.py`: `model.compute_gradcam`, layer `gradcam_layer`, default the
+    config's, then `XVLMProcessor.post_process_gradcam`); the candidates are pixel `[x, y, w, h]` boxes (official
+    `dets.json`), given as `candidate_boxes=` for every pair of the call or as a pair's `"candidate_boxes"` key.
+    A batch pads its texts to the longest, which scales each official map (docs/parity.md); `batch_size=1` (the
+    default) does not pad.
+
     Each result is `{"box": {"xmin", "ymin", "xmax", "ymax"}` (int pixels of the original image, as transformers'
-    detection pipelines), `"box_xyxy"` (float pixels), `"box_cxcywh_normalized"` (the model output), `"text"` and
-    `"preview"` (a PIL copy of the image with the box drawn; `preview=False` skips it)}`.
+    detection pipelines), `"box_xyxy"` (float pixels), `"text"` and `"preview"` (a PIL copy of the image with the
+    box drawn, over the heat map for Grad-CAM; `preview=False` skips it)}`, plus `"box_cxcywh_normalized"` (the
+    model output) for boxes, or `"scores"` (every candidate's), `"index"` (the chosen candidate) and `"gradcam"`
+    (the `(grid_h, grid_w)` map) for Grad-CAM.
     """
 
 
     def __call__(self, image: Any, text: str | list[str] | None = None, **kwargs: Any):
         return super().__call__(image_text_inputs(image, text, "text"), **kwargs)
 
-    def _sanitize_parameters(self, preview=None, timeout=None, **kwargs):
-        preprocess_params = {"timeout": timeout} if timeout is not None else {}
-        postprocess_params = {"preview": preview} if preview is not None else {}
-        return preprocess_params, {}, postprocess_params
+    def _sanitize_parameters(self, preview=None, timeout=None, method=None, candidate_boxes=None,
+                             gradcam_layer=None, **kwargs):
+        method = method or ("gradcam" if hasattr(self.model, "compute_gradcam") else "box")
+        if method not in ("box", "gradcam"):
+            raise ValueError(f"method must be 'box' or 'gradcam', got {method!r}.")
+        if method == "gradcam" and not hasattr(self.model, "compute_gradcam"):
+            raise ValueError(
+                f"method='gradcam' needs a retrieval model (XVLMForRetrieval), got {type(self.model).__name__}."
+            )
+        # A checkpoint loaded by path (`pipeline(task, model="folder")` loads XVLMForGrounding) that was saved as a
+        # retrieval model: its box head would be random.
+        loaded = bool(getattr(self.model.config, "_name_or_path", ""))
+        architectures = getattr(self.model.config, "architectures", None) or []
+        if method == "box" and loaded and architectures == ["XVLMForRetrieval"]:
+            raise ValueError(
+                f"this checkpoint is a retrieval model (config.architectures {architectures}), loaded as "
+                f"{type(self.model).__name__} without a trained box head: load it with "
+                "XVLMForRetrieval.from_pretrained, pass model=..., and ground with method='gradcam' and candidate_boxes."
+            )
+        if method == "box" and not hasattr(self.model, "bbox_head"):
+            raise ValueError(
+                f"method='box' needs a grounding model (XVLMForGrounding), got {type(self.model).__name__}; "
+                "a retrieval model grounds with method='gradcam' and candidate_boxes."
+            )
+        preprocess_params = {"method": method, "candidate_boxes": candidate_boxes}
+        if timeout is not None:
+            preprocess_params["timeout"] = timeout
+        postprocess_params = {"method": method}
+        if preview is not None:
+            postprocess_params["preview"] = preview
+        return preprocess_params, {"method": method, "gradcam_layer": gradcam_layer}, postprocess_params
 
-    def preprocess(self, inputs, timeout=None):
+    def preprocess(self, inputs, timeout=None, method: str = "box", candidate_boxes=None):
         if not isinstance(inputs, dict) or "image" not in inputs or "text" not in inputs:
             raise ValueError("visual-grounding inputs are (image, text) or dicts {'image': ..., 'text': ...}.")
         if not isinstance(inputs["text"], str):
@@ -472,15 +683,27 @@ class XVLMVisualGroundingPipeline(_XVLMPipeline):
         pixel_values, (image,) = self._encode_images([inputs["image"]], timeout)
         input_ids, attention_mask = self._encode_texts([inputs["text"]])
         meta = {"image": image, "text": inputs["text"]}
+        if method == "gradcam":
+            boxes = inputs.get("candidate_boxes", candidate_boxes)
+            if boxes is None:
+                raise ValueError("method='gradcam' ranks candidate boxes: pass candidate_boxes=[[x, y, w, h], ...] "
+                                 "(pixels of the original image) or a 'candidate_boxes' key per input.")
+            meta["candidate_boxes"] = boxes
         return {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask, "meta": [meta]}
 
-    def _forward(self, model_inputs):
+    def _forward(self, model_inputs, method: str = "box", gradcam_layer: int | None = None):
         metas = _unwrap(model_inputs.pop("meta"))
+        if method == "gradcam":
+            maps = self.model.compute_gradcam(**model_inputs, layer=gradcam_layer)
+            return {"gradcam": maps, "meta": metas}
         outputs = self.model(**model_inputs)
         return {"pred_boxes": outputs.pred_boxes, "meta": metas}
 
-    def postprocess(self, model_outputs, preview: bool = True):
+    def postprocess(self, model_outputs, preview: bool = True, method: str = "box"):
         meta = _single(model_outputs["meta"])
+        if method == "gradcam":
+            cam = model_outputs["gradcam"]
+            return self._postprocess_gradcam(cam.reshape(-1, *cam.shape[-2:])[0], meta, preview)
         cx, cy, w, h = model_outputs["pred_boxes"].reshape(-1, 4)[0].float().tolist()
         width, height = meta["image"].size
         # Official Grounding_bbox.py: (cx, w) scale with the image width, (cy, h) with its height.
@@ -493,6 +716,25 @@ class XVLMVisualGroundingPipeline(_XVLMPipeline):
         }
         if preview:
             result["preview"] = draw_box(meta["image"], xyxy, meta["text"])
+        return result
+
+    def _postprocess_gradcam(self, cam: torch.Tensor, meta: dict[str, Any], preview: bool) -> dict[str, Any]:
+        if not _is_xvlm_processor(self.processor):
+            raise ValueError("method='gradcam' needs the XVLMProcessor (processor=...) for post_process_gradcam.")
+        width, height = meta["image"].size
+        chosen = self.processor.post_process_gradcam(cam[None].float().cpu(), [meta["candidate_boxes"]],
+                                                     [(height, width)])[0]
+        xyxy = chosen["box"].tolist()
+        result = {
+            "box": dict(zip(("xmin", "ymin", "xmax", "ymax"), (int(round(v)) for v in xyxy))),
+            "box_xyxy": xyxy,
+            "scores": chosen["scores"].tolist(),
+            "index": chosen["index"],
+            "gradcam": cam.float().cpu(),
+            "text": meta["text"],
+        }
+        if preview:
+            result["preview"] = draw_box(draw_heatmap(meta["image"], cam), xyxy, meta["text"])
         return result
 
 
@@ -655,13 +897,14 @@ def register_pipelines(grounding_model_class: type | None = None) -> None:
     `"xvlm-vqa"` (loaded with `AutoModelForVisualQuestionAnswering`).
 
     `grounding_model_class` (`XVLMForGrounding`) is the class `pipeline("visual-grounding", model="path")` loads
-    locally; a pipeline saved with `save_pretrained` records `AutoModel` instead, which loads the head through the
-    checkpoint's remote code (`auto_map`).
+    locally; a pipeline saved with `save_pretrained` records `AutoModelForZeroShotObjectDetection` instead, which
+    loads the head through the checkpoint's remote code (`auto_map`; `AutoModel` is the base model there).
 
-    transformers' own tasks are left as they are (no task is overwritten, no logger silenced):
-    `"zero-shot-image-classification"` and `"image-text-to-text"` stay transformers' pipelines;
-    :class:`XVLMZeroShotImageClassificationPipeline` (also recorded by its `save_pretrained`, `custom_pipelines`)
-    and :class:`XVLMImageTextToTextPipeline` are chosen with `pipeline_class=`.
+    transformers' tasks that the model cards name and whose class cannot run X-VLM (`CARD_TASKS`:
+    `"zero-shot-image-classification"`, `"zero-shot-object-detection"`, `"feature-extraction"`) get a dispatcher:
+    X-VLM models get the X-VLM class, every other model transformers' own class, unchanged. No logger is silenced;
+    `"image-text-to-text"` stays transformers' pipeline (:class:`XVLMImageTextToTextPipeline` is chosen with
+    `pipeline_class=`).
     """
     tasks = PIPELINE_REGISTRY.supported_tasks
     if tasks.get("image-text-retrieval", {}).get("impl") is not XVLMImageTextRetrievalPipeline:
@@ -675,12 +918,14 @@ def register_pipelines(grounding_model_class: type | None = None) -> None:
         PIPELINE_REGISTRY.register_pipeline(
             "visual-grounding",
             pipeline_class=XVLMVisualGroundingPipeline,
-            pt_model=grounding_model_class or AutoModel,
+            pt_model=grounding_model_class or AutoModelForZeroShotObjectDetection,
             type="multimodal",
         )
         # What `pipe.save_pretrained` writes into `config.custom_pipelines`: class names that transformers exports.
         XVLMVisualGroundingPipeline._registered_impl = {
-            "visual-grounding": {"impl": XVLMVisualGroundingPipeline, "pt": (AutoModel,), "type": "multimodal"}
+            "visual-grounding": {
+                "impl": XVLMVisualGroundingPipeline, "pt": (AutoModelForZeroShotObjectDetection,), "type": "multimodal"
+            }
         }
     if tasks.get("xvlm-vqa", {}).get("impl") is not XVLMVisualQuestionAnsweringPipeline:
         PIPELINE_REGISTRY.register_pipeline(
@@ -689,9 +934,25 @@ def register_pipelines(grounding_model_class: type | None = None) -> None:
             pt_model=AutoModelForVisualQuestionAnswering,
             type="multimodal",
         )
+    for task, (theirs, ours) in CARD_TASKS.items():
+        entry = tasks.get(task)
+        if entry is None or entry["impl"] not in (theirs, f"{theirs.__module__}.{theirs.__qualname__}"):
+            continue  # not transformers' own class any more (already dispatched, or someone else's): kept
+        # The entry itself is updated (its model classes and default kept) rather than re-registered, which would
+        # log an "Overwriting" warning at every `import modeling_xvlm`.
+        tasks[task] = {**entry, "impl": _dispatcher(theirs, ours)}
 
 
-# Not registered (the task is transformers'): what `save_pretrained` records, so that the saved folder loads it.
+#: transformers' tasks that X-VLM model cards name (`pipeline_tag`) whose own class cannot run X-VLM:
+#: `{task: (transformers' class, the X-VLM class)}`. `register_pipelines` makes `pipeline(task, model=...)` build
+#: the X-VLM class for X-VLM models and transformers' class, unchanged, for every other model (`_TaskDispatcher`).
+CARD_TASKS = {
+    "zero-shot-image-classification": (ZeroShotImageClassificationPipeline, XVLMZeroShotImageClassificationPipeline),
+    "zero-shot-object-detection": (ZeroShotObjectDetectionPipeline, XVLMZeroShotObjectDetectionPipeline),
+    "feature-extraction": (FeatureExtractionPipeline, XVLMFeatureExtractionPipeline),
+}
+
+# What `save_pretrained` records, so that the saved folder loads it (the registered class is the dispatcher).
 XVLMZeroShotImageClassificationPipeline._registered_impl = {
     "zero-shot-image-classification": {
         "impl": XVLMZeroShotImageClassificationPipeline,

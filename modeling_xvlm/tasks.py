@@ -26,7 +26,10 @@ class XVLMTask:
         name: the task name used by `xvlm-convert --task`, `xvlm-train` and the model card.
         model_class: the head class.
         auto_class: the transformers Auto class that loads the head locally (`None`: no fitting task Auto class).
-        remote_auto_class: the `auto_map` key under which the head loads as remote code (`trust_remote_code=True`).
+            Several rows may share one: the Auto class then loads the head named in `config.architectures`.
+        remote_auto_class: the `auto_map` key under which the head loads as remote code (`trust_remote_code=True`),
+            the same as `auto_class` for every head: `AutoModel` is the base model's (`XVLMModel`) in every
+            checkpoint, with or without the package (`XVLMPreTrainedModel.save_pretrained` writes that entry).
         pipeline_tag: the Hub task id of the model card (`None`: no Hub task fits; the card then has none).
         summary: one sentence for the model card: what the checkpoint does.
         intended_use: the model card's "Intended use" section.
@@ -69,9 +72,9 @@ features = model.xvlm.get_image_features(inputs["pixel_values"]).pooler_output
 
 _NLVR2_USAGE = """```python
 import torch
-from transformers import AutoModel, AutoProcessor
+from transformers import AutoModelForSequenceClassification, AutoProcessor
 
-model = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True)  # XVLMForImagesAndTextClassification
+model = AutoModelForSequenceClassification.from_pretrained("{repo_id}", trust_remote_code=True)  # the NLVR2 head
 processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)
 inputs = processor(images=[left_image, right_image], text=["The left image has more dogs than the right one."])
 pixel_values = inputs["pixel_values"].unsqueeze(0)  # (1, 2, 3, H, W): the pair of one sentence
@@ -145,8 +148,8 @@ TASKS: dict[str, XVLMTask] = {
         XVLMTask(
             "grounding",
             XVLMForGrounding,
-            None,
-            "AutoModel",
+            "AutoModelForZeroShotObjectDetection",  # one box per text: per candidate label in that pipeline
+            "AutoModelForZeroShotObjectDetection",
             "zero-shot-object-detection",
             "X-VLM for referring-expression grounding: one box per text from the fused [CLS].",
             intended_use="Referring-expression grounding: one box per (image, expression) pair.",
@@ -157,7 +160,7 @@ TASKS: dict[str, XVLMTask] = {
             XVLMForQuestionAnswering,
             "AutoModelForVisualQuestionAnswering",
             "AutoModelForVisualQuestionAnswering",
-            "visual-question-answering",
+            "image-text-to-text",  # transformers 5 removed its "visual-question-answering" pipeline for this one
             "X-VLM for visual question answering: an answer decoder reads the question's fused states; answers are "
             "ranked over a candidate list (official protocol) or generated.",
             intended_use="Visual question answering (VQA v2): the official ranking of a candidate answer list "
@@ -169,7 +172,7 @@ TASKS: dict[str, XVLMTask] = {
             XVLMForConditionalGeneration,
             "AutoModelForImageTextToText",
             "AutoModelForImageTextToText",
-            "image-to-text",
+            "image-text-to-text",  # transformers 5 redirects "image-to-text" here (with a mis-formatted warning)
             "X-VLM for image captioning: the text stack as a causal decoder cross-attending to the image patches, "
             "with the official beam search.",
             intended_use="Image captioning (COCO Karpathy): captions after the official prompt `a picture of `, "
@@ -179,8 +182,8 @@ TASKS: dict[str, XVLMTask] = {
         XVLMTask(
             "nlvr2",
             XVLMForImagesAndTextClassification,
-            None,
-            "AutoModel",
+            "AutoModelForSequenceClassification",  # a sentence classified (true / false) against its image pair
+            "AutoModelForSequenceClassification",
             None,  # no Hub task classifies a sentence against a pair of images
             "X-VLM for NLVR2: is a sentence true of a pair of images? A 2-way head on the fused [CLS] of a text stack "
             "whose fusion layers alternate between the two images.",
@@ -191,8 +194,8 @@ TASKS: dict[str, XVLMTask] = {
         XVLMTask(
             "nlvr2-pretrain",
             XVLMForTextAssignment,
-            None,
-            "AutoModel",
+            "AutoModelForPreTraining",  # shared with XVLMForPretraining, picked by `config.architectures`
+            "AutoModelForPreTraining",
             None,  # a pre-training objective, not a Hub task
             "X-VLM text-assignment (TA) domain pre-training for NLVR2: for a sentence and a pair of images, is its "
             "image the left one, the right one, or neither?",

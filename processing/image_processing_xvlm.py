@@ -19,6 +19,7 @@ zero-size or out-of-range inputs raise a ``ValueError`` naming ``images[i]``.
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -313,36 +314,144 @@ class _XVLMImageProcessorMixin:
         Args:
             outputs: a model output with ``pred_boxes`` ``(B, 4)`` (sigmoid ``cxcywh`` normalised to the model
                 input), a dict with that key, or the tensor itself.
-            target_sizes: ``(B, 2)`` ``(height, width)`` of each original image; ``None`` keeps normalised
-                coordinates.
+            target_sizes: ``(B, 2)`` ``(height, width)`` of each original image (a tensor or ``B`` pairs); ``None``
+                keeps normalised coordinates.
             box_format: output format, ``"xyxy"`` (default, like ``post_process_object_detection``), ``"xywh"``
                 (the official evaluation format) or ``"cxcywh"``.
 
         Returns:
             ``B`` dicts ``{"boxes": (1, 4) float tensor}``. No ``"scores"``: the X-VLM bbox head predicts one box
             per text without a confidence. Boxes are not clipped (the official evaluation does not clip).
+            :meth:`post_process_grounded_object_detection` gives the OWL-ViT / Grounding DINO format instead.
         """
-        if isinstance(outputs, torch.Tensor):
-            pred = outputs
-        elif isinstance(outputs, dict):
-            pred = outputs["pred_boxes"]
-        else:
-            pred = outputs.pred_boxes
-        pred = pred.detach()
-        if pred.ndim == 1:
-            pred = pred[None]
-        if pred.ndim != 2 or pred.shape[-1] != 4:
-            raise ValueError(f"pred_boxes must have shape (B, 4), got {tuple(pred.shape)}")
+        pred = _pred_boxes(outputs)
         boxes = box_convert(pred.float(), "cxcywh", box_format)
         if target_sizes is not None:
-            sizes = torch.as_tensor(target_sizes, dtype=torch.float32, device=pred.device).reshape(-1, 2)
-            if sizes.shape[0] != pred.shape[0]:
-                raise ValueError(
-                    f"target_sizes has {sizes.shape[0]} entries but there are {pred.shape[0]} predicted boxes"
-                )
+            sizes = _target_sizes(target_sizes, pred.shape[0]).to(pred.device)
             h, w = sizes[:, 0], sizes[:, 1]
             boxes = boxes * torch.stack((w, h, w, h), dim=-1)
         return [{"boxes": b[None]} for b in boxes]
+
+    def post_process_object_detection(
+        self,
+        outputs: Any,
+        threshold: float = 0.1,
+        target_sizes: torch.Tensor | Sequence[Sequence[int]] | None = None,
+    ) -> list[dict[str, torch.Tensor]]:
+        """transformers' detection format (what its ``"zero-shot-object-detection"`` pipeline reads): per row
+        ``{"scores": (n,), "labels": (n,) long, "boxes": (n, 4) pixel xyxy}`` with ``n`` 1, or 0 when the score is
+        not above ``threshold``. The one box of a row has score 1.0 and label 0 (its text): the X-VLM bbox head
+        gives no confidence. Arguments as :meth:`post_process_grounded_object_detection`."""
+        boxes = self.post_process_grounding(outputs, target_sizes=target_sizes, box_format="xyxy")
+        results = []
+        for row in boxes:
+            scores = torch.ones(1, dtype=row["boxes"].dtype, device=row["boxes"].device)
+            keep = scores > threshold
+            labels = torch.zeros(1, dtype=torch.long, device=scores.device)
+            results.append({"scores": scores[keep], "labels": labels[keep], "boxes": row["boxes"][keep]})
+        return results
+
+    def post_process_grounded_object_detection(
+        self,
+        outputs: Any,
+        threshold: float = 0.1,
+        target_sizes: torch.Tensor | Sequence[Sequence[int]] | None = None,
+        text_labels: Sequence[str | Sequence[str]] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Grounding boxes in the format of OWL-ViT's and Grounding DINO's method of the same name.
+
+        Each row of ``outputs`` is one (image, text) pair: X-VLM predicts one box per text.
+
+        Args:
+            outputs: ``XVLMForGroundingOutput``, a dict with ``pred_boxes`` or the ``(B, 4)`` tensor.
+            threshold: boxes whose score is not above it are dropped (the score is always 1.0, see below).
+            target_sizes: ``(height, width)`` of each original image: a ``(B, 2)`` tensor or ``B`` pairs;
+                ``None`` keeps coordinates normalised to ``[0, 1]``.
+            text_labels: the text of each row (a str, or a one-element list as OWL-ViT's per-image lists).
+
+        Returns:
+            ``B`` dicts ``{"scores": (n,) float, "labels": (n,) long, "boxes": (n, 4) x0, y0, x1, y1,
+            "text_labels": list of n str or None}``, ``n`` 1 (0 when dropped by ``threshold``). ``scores`` are 1.0
+            and ``labels`` 0 (the row's text): the X-VLM bbox head gives no confidence.
+        """
+        results = self.post_process_object_detection(outputs, threshold=threshold, target_sizes=target_sizes)
+        if text_labels is None:
+            for result in results:
+                result["text_labels"] = None
+            return results
+        if isinstance(text_labels, str) or not isinstance(text_labels, Sequence):
+            raise ValueError("text_labels must be a list with one text per row of pred_boxes")
+        if len(text_labels) != len(results):
+            raise ValueError(
+                f"text_labels has {len(text_labels)} entries but there are {len(results)} predicted boxes"
+            )
+        for i, (result, text) in enumerate(zip(results, text_labels)):
+            if not isinstance(text, str):
+                if isinstance(text, Sequence) and len(text) == 1 and isinstance(text[0], str):
+                    text = text[0]
+                else:
+                    raise ValueError(
+                        f"text_labels[{i}] must be one str (X-VLM predicts one box per text), got {text!r}"
+                    )
+            result["text_labels"] = [text] * len(result["labels"])
+        return results
+
+
+def _pred_boxes(outputs: Any) -> torch.Tensor:
+    """``pred_boxes`` ``(B, 4)`` of a model output, a dict or the tensor itself (one box ``(4,)`` is one row)."""
+    if isinstance(outputs, torch.Tensor):
+        pred = outputs
+    elif isinstance(outputs, dict):
+        if "pred_boxes" not in outputs:
+            raise ValueError(f"outputs has no 'pred_boxes' (keys: {sorted(outputs)})")
+        pred = outputs["pred_boxes"]
+    elif hasattr(outputs, "pred_boxes"):
+        pred = outputs.pred_boxes
+    else:
+        raise ValueError(
+            f"outputs must be a model output, a dict with 'pred_boxes' or a tensor, got {type(outputs).__name__}"
+        )
+    pred = torch.as_tensor(pred).detach()
+    if pred.ndim == 1:
+        pred = pred[None]
+    if pred.ndim != 2 or pred.shape[-1] != 4:
+        raise ValueError(f"pred_boxes must have shape (B, 4), got {tuple(pred.shape)}")
+    return pred
+
+
+def _is_size_pair(pair: Any) -> bool:
+    if isinstance(pair, (torch.Tensor, np.ndarray)):
+        return tuple(pair.shape) == (2,)
+    if isinstance(pair, Sequence) and not isinstance(pair, str) and len(pair) == 2:
+        return all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in pair)
+    return False
+
+
+def _target_sizes(target_sizes: Any, batch_size: int) -> torch.Tensor:
+    """``target_sizes`` (a ``(B, 2)`` tensor / array or ``B`` ``(height, width)`` pairs) as a float ``(B, 2)``
+    tensor; a ``ValueError`` names what is wrong (shape, length, non-positive or non-finite sizes)."""
+    if isinstance(target_sizes, (torch.Tensor, np.ndarray)):
+        sizes = torch.as_tensor(target_sizes)
+        if sizes.ndim != 2 or sizes.shape[-1] != 2:
+            raise ValueError(
+                f"target_sizes must have shape (batch_size, 2) (height, width), got {tuple(sizes.shape)}"
+            )
+    elif isinstance(target_sizes, Sequence) and not isinstance(target_sizes, str):
+        for i, pair in enumerate(target_sizes):
+            if not _is_size_pair(pair):
+                raise ValueError(f"target_sizes[{i}] must be a (height, width) pair of numbers, got {pair!r}")
+        sizes = torch.tensor([[float(v) for v in pair] for pair in target_sizes]).reshape(-1, 2)
+    else:
+        raise ValueError(
+            "target_sizes must be a (batch_size, 2) tensor or a list of (height, width) pairs, got "
+            f"{type(target_sizes).__name__}"
+        )
+    if sizes.shape[0] != batch_size:
+        raise ValueError(f"target_sizes has {sizes.shape[0]} entries but there are {batch_size} predicted boxes")
+    sizes = sizes.float()
+    if not torch.isfinite(sizes).all() or (sizes <= 0).any():
+        raise ValueError(f"target_sizes must be positive (height, width), got {sizes.tolist()}")
+    return sizes
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
+from .gradcam import post_process_gradcam
 from .image_processing_xvlm import XVLMImageProcessor, XVLMImageProcessorPil, load_image_rgb, load_images_rgb
 from .text import pre_caption, pre_question
 
@@ -444,6 +445,29 @@ class XVLMProcessor(ProcessorMixin):
     ) -> list[dict[str, torch.Tensor]]:
         """See :meth:`XVLMImageProcessorPil.post_process_grounding`."""
         return self.image_processor.post_process_grounding(outputs, target_sizes=target_sizes, box_format=box_format)
+
+    def post_process_grounded_object_detection(
+        self,
+        outputs: Any,
+        threshold: float = 0.1,
+        target_sizes: Any = None,
+        text_labels: Sequence[str | Sequence[str]] | None = None,
+    ) -> list[dict[str, Any]]:
+        """OWL-ViT / Grounding DINO format: per (image, text) row ``{"scores", "labels", "boxes" (pixel xyxy),
+        "text_labels"}``. See :meth:`XVLMImageProcessorPil.post_process_grounded_object_detection`."""
+        return self.image_processor.post_process_grounded_object_detection(
+            outputs, threshold=threshold, target_sizes=target_sizes, text_labels=text_labels
+        )
+
+    def post_process_gradcam(
+        self, maps: Any, candidate_boxes: Any, target_sizes: Any
+    ) -> list[dict[str, Any]]:
+        """Weakly supervised grounding (official ``grounding_eval``): per pair, every candidate's score (the
+        bicubically up-sampled Grad-CAM map summed inside the box / sqrt(box area)), the chosen ``index`` and its
+        ``box`` in pixel x0, y0, x1, y1. ``maps`` ``(B, grid_h, grid_w)`` from ``XVLMForRetrieval.compute_gradcam``;
+        ``candidate_boxes`` per pair in pixel ``[x, y, w, h]`` (official ``dets.json``); ``target_sizes`` per pair
+        ``(height, width)`` of the original image. See :func:`gradcam.post_process_gradcam`."""
+        return post_process_gradcam(maps, candidate_boxes, target_sizes)
 
     def encode_answers(self, answers: Sequence[str], return_tensors: str | None = "pt") -> BatchFeature:
         """Tokenise VQA answers as the official code: ``[CLS] answer [SEP]``, padded to the longest, no cleaning

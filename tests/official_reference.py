@@ -708,3 +708,13 @@ def grounding_choose_official(cam: Tensor, dets: list[list[float]], height: int,
         if score > max_score:
             pred_box, max_score = det[:4], score
     return pred_box, torch.stack(scores)
+
+
+def compute_iou_official(box1: list[float], box2: list[float]) -> float:
+    """`dataset/utils.py::computeIoU` of two `[x, y, w, h]` boxes (inclusive pixels, exclusive areas)."""
+    inter_x1 = max(box1[0], box2[0])
+    inter_y1 = max(box1[1], box2[1])
+    inter_x2 = min(box1[0] + box1[2] - 1, box2[0] + box2[2] - 1)
+    inter_y2 = min(box1[1] + box1[3] - 1, box2[1] + box2[3] - 1)
+    inter = (inter_x2 - inter_x1 + 1) * (inter_y2 - inter_y1 + 1) if inter_x1 < inter_x2 and inter_y1 < inter_y2 else 0
+    return float(inter) / (box1[2] * box1[3] + box2[2] * box2[3] - inter)

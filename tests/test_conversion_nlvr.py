@@ -327,7 +327,9 @@ def test_cli_nlvr2_end_to_end(tmp_path, capsys):
     readme = (out / "README.md").read_text()
     assert "XVLMForImagesAndTextClassification" in readme
     config = json.loads((out / "config.json").read_text())
-    assert config["auto_map"]["AutoModel"] == "modeling_xvlm_nlvr.XVLMForImagesAndTextClassification"
+    assert config["auto_map"]["AutoModelForSequenceClassification"] == (
+        "modeling_xvlm_nlvr.XVLMForImagesAndTextClassification")
+    assert config["auto_map"]["AutoModel"] == "modeling_xvlm.XVLMModel"
     assert config["text_config"]["tie_cross_attention_pairs"] is True
     model = head_class("nlvr2").from_pretrained(out).eval()
     left, right, ids, atts = _inputs(arch, seed=7)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForPreTraining, AutoModelForZeroShotImageClassification
 
-from modeling_xvlm import XVLMConfig, XVLMForGrounding, XVLMForPretraining, XVLMForRetrieval, XVLMModel
+from modeling_xvlm import (XVLMConfig, XVLMForGrounding, XVLMForPretraining, XVLMForRetrieval, XVLMForTextAssignment,
+                          XVLMModel)
 
 
 def _config(**kwargs) -> XVLMConfig:
@@ -303,7 +304,12 @@ def test_pretraining_tied_decoder_save_load_and_resize(tmp_path):
 def test_auto_classes_and_base_checkpoint_loads_into_heads(tmp_path):
     config = _config()
     assert type(AutoModelForZeroShotImageClassification.from_config(config)) is XVLMForRetrieval
-    assert type(AutoModelForPreTraining.from_config(config)) is XVLMForPretraining
+    from modeling_xvlm.modeling_xvlm_nlvr import nlvr2_config
+
+    # one Auto class, two heads: config.architectures picks
+    for head, head_config in ((XVLMForPretraining, config), (XVLMForTextAssignment, nlvr2_config(config))):
+        named = XVLMConfig.from_dict({**head_config.to_dict(), "architectures": [head.__name__]})
+        assert type(AutoModelForPreTraining.from_config(named)) is head
     assert type(AutoModel.from_config(config)) is XVLMModel
     base = XVLMModel(config)
     base.save_pretrained(tmp_path)

@@ -19,7 +19,9 @@ from transformers import (
     AutoModelForPreTraining,
     AutoModelForVisualQuestionAnswering,
     AutoModelForZeroShotImageClassification,
+    AutoModelForZeroShotObjectDetection,
     AutoProcessor,
+    pipeline,
 )
 
 import modeling_xvlm
@@ -60,7 +62,7 @@ MODEL_CASES = [
     (XVLMModel, AutoModel),
     (XVLMForRetrieval, AutoModelForZeroShotImageClassification),
     (XVLMForPretraining, AutoModelForPreTraining),
-    (XVLMForGrounding, None),
+    (XVLMForGrounding, AutoModelForZeroShotObjectDetection),
     (XVLMForQuestionAnswering, AutoModelForVisualQuestionAnswering),
     (XVLMForConditionalGeneration, AutoModelForImageTextToText),
 ]
@@ -207,6 +209,7 @@ def test_saved_file_set_is_what_push_to_hub_uploads(tiny_tokenizer, tiny_config,
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_xvlm.XVLMConfig",
+        "AutoModel": "modeling_xvlm.XVLMModel",  # AutoModel is the base model of every checkpoint
         "AutoModelForZeroShotImageClassification": "modeling_xvlm_retrieval.XVLMForRetrieval",
     }
     assert config["architectures"] == ["XVLMForRetrieval"]
@@ -222,12 +225,13 @@ def test_grounding_checkpoint_auto_map(tiny_config, tmp_path) -> None:
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map == {
         "AutoConfig": "configuration_xvlm.XVLMConfig",
-        "AutoModel": "modeling_xvlm_grounding.XVLMForGrounding",
+        "AutoModel": "modeling_xvlm.XVLMModel",
+        "AutoModelForZeroShotObjectDetection": "modeling_xvlm_grounding.XVLMForGrounding",
     }
     assert {"modeling_xvlm_grounding.py", "modeling_xvlm.py", "box_ops.py"} <= set(os.listdir(tmp_path))
-    # Locally the package's own classes win: AutoModel is the base model, the head loads with its class.
+    # Locally as through remote code: AutoModel is the base model, the head loads with its task Auto class.
     assert type(AutoModel.from_pretrained(tmp_path)) is XVLMModel
-    assert type(XVLMForGrounding.from_pretrained(tmp_path)) is XVLMForGrounding
+    assert type(AutoModelForZeroShotObjectDetection.from_pretrained(tmp_path)) is XVLMForGrounding
 
 
 def test_image_text_to_text_maps_both_generative_heads(tiny_config, tmp_path) -> None:
@@ -354,8 +358,8 @@ def test_model_card_vqa(tiny_config) -> None:
                "num_examples": 100, "k_test": 128, "seconds": 12.5}
     card = create_model_card("org/xvlm-base-vqa", XVLMForQuestionAnswering(tiny_config), eval_results=metrics)
     data = card.data.to_dict()
-    assert data["pipeline_tag"] == "visual-question-answering"
-    assert "visual-question-answering" in data["tags"]
+    assert data["pipeline_tag"] == "image-text-to-text"  # transformers 5 removed "visual-question-answering"
+    assert "image-text-to-text" in data["tags"]
     results = {r.metric_type: r for r in card.data.eval_results}
     assert set(results) == {"vqa_accuracy", "exact_match"}  # no strings, no bookkeeping (counts, seconds)
     assert results["vqa_accuracy"].task_type == "visual-question-answering"
@@ -377,7 +381,8 @@ def test_model_card_captioning(tiny_config) -> None:
     card = create_model_card("org/xvlm-coco-captioning", XVLMForConditionalGeneration(tiny_config),
                              eval_results=metrics)
     data = card.data.to_dict()
-    assert data["pipeline_tag"] == "image-to-text" and "image-to-text" in data["tags"]
+    # transformers 5 redirects "image-to-text" to this task
+    assert data["pipeline_tag"] == "image-text-to-text" and "image-text-to-text" in data["tags"]
     results = {r.metric_type: r for r in card.data.eval_results}
     assert set(results) == {"BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
     assert results["CIDEr"].task_type == "image-to-text" and results["CIDEr"].task_name == "Image captioning"
@@ -425,3 +430,116 @@ def test_load_eval_results_shapes(tmp_path) -> None:
     path = tmp_path / "r.json"
     path.write_text(json.dumps([{"txt_r1": 3}]))
     assert load_eval_results(os.fspath(path))[0]["metrics"] == {"txt_r1": 3.0}
+
+
+# ------------------------------------------------------------------------------- card pipeline tags, AutoModel
+
+
+def _head_config(row, tiny_tokenizer):
+    """A tiny config for the row's head: generation needs the [CLS] / [SEP] ids, NLVR2 heads their text stack."""
+    from modeling_xvlm.modeling_xvlm_nlvr import nlvr2_config
+
+    config = XVLMConfig.from_preset("tiny", text_config={"bos_token_id": tiny_tokenizer.cls_token_id,
+                                                         "eos_token_id": tiny_tokenizer.sep_token_id})
+    return nlvr2_config(config) if row.name.startswith("nlvr2") else config
+
+
+def _saved_head(row, tiny_tokenizer, folder):
+    config = _head_config(row, tiny_tokenizer)
+    model = row.model_class(config).eval()
+    model.save_pretrained(folder)
+    processor = tiny_processor(tiny_tokenizer, config)
+    processor.save_pretrained(folder)
+    return model, processor
+
+
+CARD_ROWS = [row for row in all_rows() if row.pipeline_tag is not None]
+
+
+@pytest.mark.parametrize("row", CARD_ROWS, ids=lambda row: row.name)
+def test_every_card_pipeline_tag_loads_and_runs(row, tiny_tokenizer, rgb_image, tmp_path) -> None:
+    """`pipeline(card.pipeline_tag, model=folder)` works for the checkpoint of every head whose card has a tag, and
+    answers what the model computes directly."""
+    model, processor = _saved_head(row, tiny_tokenizer, tmp_path)
+    tag = create_model_card("org/xvlm-tiny", model).data.pipeline_tag
+    assert tag == row.pipeline_tag
+    pipe = pipeline(tag, model=str(tmp_path))
+    with torch.no_grad():
+        if tag == "zero-shot-object-detection":  # one box per label: the processor's post-processing
+            labels = ["the red circle", "a dog on the left"]
+            result = pipe(rgb_image, candidate_labels=labels)
+            inputs = processor(images=[rgb_image, rgb_image], text=labels)
+            direct = processor.post_process_grounded_object_detection(
+                model(**inputs), target_sizes=[(rgb_image.height, rgb_image.width)] * 2, text_labels=labels
+            )
+            assert [r["label"] for r in result] == labels and [r["score"] for r in result] == [1.0, 1.0]
+            for r, d in zip(result, direct):
+                assert list(r["box"].values()) == d["boxes"][0].int().tolist()
+            assert pipe(rgb_image, candidate_labels=labels, threshold=1.0) == []
+        elif tag == "feature-extraction":  # the base model's text-encoder states, and an image's sequence
+            assert type(pipe.model) is XVLMModel
+            inputs = processor(images=[rgb_image], text=["a red circle"])
+            text = pipe("a red circle", return_tensors=True)
+            expected = model.base_model.encode_text(inputs["input_ids"], inputs["attention_mask"]).last_hidden_state
+            torch.testing.assert_close(text, expected)
+            assert pipe("a red circle") == expected.tolist()
+            image = pipe(rgb_image, return_tensors=True)
+            torch.testing.assert_close(image, model.base_model.encode_image(inputs["pixel_values"]).last_hidden_state)
+        elif tag == "zero-shot-image-classification":  # the ITC softmax over the labels
+            result = pipe(rgb_image, candidate_labels=["red", "dog"])
+            assert sorted(r["label"] for r in result) == ["dog", "red"]
+            assert abs(sum(r["score"] for r in result) - 1.0) < 1e-5
+        else:  # image-text-to-text: free-form VQA answers or captions
+            text = "a picture of " if row.name == "captioning" else "what color is the circle?"
+            result = pipe(rgb_image, text=text, return_full_text=False)
+            assert result[0]["input_text"] == text and isinstance(result[0]["generated_text"], str)
+            assert type(pipe.model) is row.model_class
+
+
+def test_card_task_dispatch_leaves_other_models_to_transformers(tiny_tokenizer) -> None:
+    """The card tasks' registered class builds transformers' own pipeline for a non-X-VLM model."""
+    from transformers import BertConfig, BertModel
+    from transformers.pipelines import PIPELINE_REGISTRY, FeatureExtractionPipeline
+
+    from modeling_xvlm.pipelines import CARD_TASKS
+
+    bert = BertModel(BertConfig(vocab_size=len(tiny_tokenizer), hidden_size=16, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=32)).eval()
+    extractor = pipeline("feature-extraction", model=bert, tokenizer=tiny_tokenizer)
+    assert type(extractor) is FeatureExtractionPipeline
+    with torch.no_grad():
+        expected = bert(**tiny_tokenizer("a red circle", return_tensors="pt")).last_hidden_state
+    torch.testing.assert_close(extractor("a red circle", return_tensors=True), expected)
+    for task, (theirs, ours) in CARD_TASKS.items():
+        entry = PIPELINE_REGISTRY.supported_tasks[task]
+        assert entry["impl"].theirs is theirs and entry["impl"].ours is ours
+        assert entry["default"] and entry["pt"]  # transformers' default model and Auto classes are kept
+    register_xvlm()  # idempotent: the dispatcher is not wrapped twice
+    assert PIPELINE_REGISTRY.supported_tasks["feature-extraction"]["impl"].theirs is FeatureExtractionPipeline
+
+
+@pytest.mark.parametrize("row", list(TASKS.values()), ids=lambda row: row.name)
+def test_automodel_is_the_base_model_of_every_head_checkpoint(row, tiny_tokenizer, tmp_path) -> None:
+    """`AutoModel` gives `XVLMModel` with the head's base weights, the row's Auto class gives the head itself, and
+    `auto_map` says the same for remote code (tests/test_remote_code.py loads them without the package)."""
+    model, _ = _saved_head(row, tiny_tokenizer, tmp_path)
+    base = AutoModel.from_pretrained(tmp_path)
+    assert type(base) is XVLMModel
+    head_base, loaded = model.base_model.state_dict(), base.state_dict()
+    common = head_base.keys() & loaded.keys()
+    vision = {k for k in loaded if k.startswith("vision_model.")}
+    assert vision and vision <= common  # every head keeps the image encoder under its base model
+    assert all(torch.equal(loaded[k], head_base[k]) for k in common)
+    head = getattr(transformers_module(), row.auto_class).from_pretrained(tmp_path)
+    assert type(head) is row.model_class
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModel"] == "modeling_xvlm.XVLMModel"
+    module = row.model_class.__module__.rsplit(".", 1)[-1]
+    assert auto_map[row.remote_auto_class] == f"{module}.{row.model_class.__name__}"
+    assert row.remote_auto_class == row.auto_class or row.name == "captioning"
+
+
+def transformers_module():
+    import transformers
+
+    return transformers

@@ -146,6 +146,83 @@ def test_post_process_grounding_inverts_normalisation() -> None:
         p.post_process_grounding(pred, target_sizes=[(480, 640)])
 
 
+# original 480 x 640 (H x W) image, box xywh (64, 48, 320, 240); 100 x 200 image, the whole image
+KNOWN_PRED = torch.tensor([[(64 + 160) / 640, (48 + 120) / 480, 320 / 640, 240 / 480], [0.5, 0.5, 1.0, 1.0]])
+KNOWN_XYXY = torch.tensor([[64.0, 48.0, 384.0, 288.0], [0.0, 0.0, 200.0, 100.0]])
+
+
+@pytest.mark.parametrize("backend", [XVLMImageProcessorPil, XVLMImageProcessor])
+def test_post_process_grounded_object_detection_format(backend) -> None:
+    """The OWL-ViT / Grounding DINO list of dicts: one box per (image, text) row, pixel xyxy."""
+    p = backend()
+    sizes = [(480, 640), (100, 200)]
+    out = p.post_process_grounded_object_detection(
+        {"pred_boxes": KNOWN_PRED}, target_sizes=sizes, text_labels=["the man", ["a dog"]]
+    )
+    assert isinstance(out, list) and len(out) == 2
+    for i, result in enumerate(out):
+        assert set(result) == {"scores", "labels", "boxes", "text_labels"}
+        assert result["boxes"].shape == (1, 4) and result["boxes"].dtype == torch.float32
+        assert result["scores"].shape == (1,) and result["scores"].tolist() == [1.0]
+        assert result["labels"].dtype == torch.long and result["labels"].tolist() == [0]
+        torch.testing.assert_close(result["boxes"][0], KNOWN_XYXY[i])
+        # the same numbers as the existing conversion
+        torch.testing.assert_close(result["boxes"], p.post_process_grounding(KNOWN_PRED, target_sizes=sizes)[i]["boxes"])
+    assert [r["text_labels"] for r in out] == [["the man"], ["a dog"]]
+    # tensor target sizes; no text labels -> None (OWL-ViT); no target sizes -> normalised xyxy
+    tensor_out = p.post_process_grounded_object_detection(KNOWN_PRED, target_sizes=torch.tensor(sizes))
+    assert all(r["text_labels"] is None for r in tensor_out)
+    torch.testing.assert_close(torch.cat([r["boxes"] for r in tensor_out]), KNOWN_XYXY)
+    normalised = p.post_process_grounded_object_detection(KNOWN_PRED)
+    torch.testing.assert_close(normalised[1]["boxes"], torch.tensor([[0.0, 0.0, 1.0, 1.0]]))
+    # threshold: the score is 1.0, so a threshold at or above it drops the box (empty, well-shaped tensors)
+    dropped = p.post_process_grounded_object_detection(KNOWN_PRED, threshold=1.0, text_labels=["a", "b"])
+    assert dropped[0]["boxes"].shape == (0, 4) and dropped[0]["scores"].shape == (0,)
+    assert dropped[0]["text_labels"] == []
+    # post_process_object_detection (what transformers' zero-shot-object-detection pipeline calls): same values
+    detection = p.post_process_object_detection({"pred_boxes": KNOWN_PRED}, threshold=0.1, target_sizes=sizes)
+    assert set(detection[0]) == {"scores", "labels", "boxes"}
+    torch.testing.assert_close(detection[0]["boxes"], out[0]["boxes"])
+
+
+@pytest.mark.parametrize(
+    "target_sizes,match",
+    [
+        ([(480, 640)], "2 predicted boxes"),                       # wrong length vs batch
+        (torch.tensor([[480, 640]]), "1 entries"),
+        (torch.tensor([480, 640, 100, 200]), r"shape \(batch_size, 2\)"),  # flat: was silently reshaped
+        (torch.zeros(2, 3), r"shape \(batch_size, 2\)"),
+        ([(480, 640, 3), (100, 200, 3)], r"target_sizes\[0\] must be a \(height, width\) pair"),
+        ([(480, 640), "100x200"], r"target_sizes\[1\]"),
+        ([480, 640], r"target_sizes\[0\]"),                        # a flat pair for a batch of 2
+        ([(480, 640), (0, 200)], "positive"),
+        (torch.tensor([[480.0, 640.0], [float("nan"), 200.0]]), "positive"),
+        ("480x640", "list of"),
+        (640, "list of"),
+    ],
+)
+def test_post_process_target_sizes_are_validated(target_sizes, match) -> None:
+    p = XVLMImageProcessorPil()
+    for method in (p.post_process_grounded_object_detection, p.post_process_object_detection,
+                   p.post_process_grounding):
+        with pytest.raises(ValueError, match=match):
+            method(KNOWN_PRED, target_sizes=target_sizes)
+
+
+def test_post_process_grounded_object_detection_bad_outputs_and_labels() -> None:
+    p = XVLMImageProcessorPil()
+    with pytest.raises(ValueError, match=r"shape \(B, 4\)"):
+        p.post_process_grounded_object_detection(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="pred_boxes"):
+        p.post_process_grounded_object_detection({"logits": KNOWN_PRED})
+    with pytest.raises(ValueError, match="text_labels has 1 entries"):
+        p.post_process_grounded_object_detection(KNOWN_PRED, text_labels=["a"])
+    with pytest.raises(ValueError, match=r"text_labels\[1\] must be one str"):
+        p.post_process_grounded_object_detection(KNOWN_PRED, text_labels=["a", ["b", "c"]])
+    with pytest.raises(ValueError, match="one text per row"):
+        p.post_process_grounded_object_detection(KNOWN_PRED, text_labels="a")
+
+
 def test_save_load_round_trip(tmp_path) -> None:
     p = XVLMImageProcessorPil(size={"height": 224, "width": 224}, patch_size=16)
     p.save_pretrained(tmp_path)

@@ -597,3 +597,61 @@ def test_cli_convert_official_captioning(karpathy_official, tmp_path, capsys):
         "--captioning-test", str(ann / "coco_karpathy_test.json"),
     ])
     assert status == 2 and "both given for split(s) ['test']" in capsys.readouterr().err
+
+
+# -- per-image failures are skipped and counted; paths never leave the image root -------------------------------
+
+
+def _blank_png(size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("1", size).save(buffer, format="PNG")  # a few KB for millions of pixels: a decompression bomb
+    return buffer.getvalue()
+
+
+def test_decompression_bombs_are_skipped_and_counted(tmp_path, monkeypatch, capsys):
+    # PIL warns above MAX_IMAGE_PIXELS and raises above twice that; a lower limit makes both cases small here.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "ok.png").write_bytes(_image_bytes(1, (32, 24), "PNG"))
+    (root / "warn.png").write_bytes(_blank_png((1200, 1200)))  # 1.44 M pixels: over the limit
+    (root / "bomb.png").write_bytes(_blank_png((2000, 2000)))  # 4 M pixels: over twice the limit
+    ann = tmp_path / "test.json"
+    ann.write_text(json.dumps([{"image": name, "caption": [name]} for name in ("warn.png", "ok.png", "bomb.png")]))
+    out = tmp_path / "out"
+    status = xvlm_data(["convert-official", "--out", str(out), "--image-root", str(root), "--retrieval-test",
+                        str(ann)])
+    printed = capsys.readouterr().out
+    assert status == 0
+    assert [r["captions"] for r in _rows(out, "retrieval", "test", tmp_path)] == [["ok.png"]]
+    report = json.loads((out / "conversion_summary.json").read_text())
+    assert report["skip_reasons"] == {"image_too_large": 2} and report["oversized_images"] == 2
+    assert [e.split(" ")[0] for e in report["oversized_image_examples"]] == ["warn.png", "bomb.png"]
+    assert "too large: warn.png" in printed and "too large: bomb.png" in printed
+
+
+def test_paths_outside_the_image_root_are_refused_unless_allowed(tmp_path, capsys):
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "in.png").write_bytes(_image_bytes(1, (16, 16), "PNG"))
+    (tmp_path / "secret.png").write_bytes(_image_bytes(2, (16, 16), "PNG"))
+    records = [{"image": "in.png", "caption": ["inside"]}, {"image": "../secret.png", "caption": ["dot-dot"]},
+               {"image": str(tmp_path / "secret.png"), "caption": ["absolute"]}]
+    ann = tmp_path / "test.json"
+    ann.write_text(json.dumps(records))
+    summary = convert_official(tmp_path / "refused", root, retrieval={"test": ann})
+    rows = _rows(tmp_path / "refused", "retrieval", "test", tmp_path)
+    assert [r["captions"] for r in rows] == [["inside"]]
+    assert summary.reasons == {"outside_image_root": 2}
+    assert summary.outside_root_images == ["../secret.png", str(tmp_path / "secret.png")]
+
+    status = xvlm_data(["convert-official", "--out", str(tmp_path / "allowed"), "--image-root", str(root),
+                        "--retrieval-test", str(ann), "--allow-outside-image-root"])
+    assert status == 0, capsys.readouterr().err
+    rows = list(load_xvlm_dataset(tmp_path / "allowed", "retrieval", "test", cache_dir=str(tmp_path / "hf"))
+                .cast_column("image", datasets.Image(decode=False)))
+    assert len(rows) == 3
+    stored = json.dumps([{k: v for k, v in r.items() if k != "image"} for r in rows]) + json.dumps(
+        [r["image"]["path"] for r in rows])
+    assert [r["image"]["path"] for r in rows] == ["in.png", "secret.png", "secret.png"]
+    assert str(tmp_path) not in stored and ".." not in stored  # no local path outside the root is published

@@ -528,3 +528,20 @@ def test_caption_prompt_survives_save_and_load(processor, tmp_path) -> None:
     processor.prompt = "a picture of "
     processor.save_pretrained(tmp_path / "default")
     assert XVLMProcessor.from_pretrained(tmp_path / "default").prompt == "a picture of "
+
+
+def test_post_process_grounded_object_detection_inverts_prepare_boxes(processor) -> None:
+    """The OWL-ViT / Grounding DINO format on the processor: the boxes `processor(boxes=...)` normalised come back
+    in pixels (xyxy), one dict per (image, text) row, with the row's text."""
+    xywh = torch.tensor([[8.0, 12.0, 24.0, 18.0], [32.0, 24.0, 32.0, 24.0]])
+    out = processor(images=[img(), img()], text=["a dog", "the cat"], boxes=xywh.tolist())
+    results = processor.post_process_grounded_object_detection(
+        {"pred_boxes": out["labels"]}, target_sizes=[(48, 64), (48, 64)], text_labels=["a dog", "the cat"]
+    )
+    assert [sorted(r) for r in results] == [["boxes", "labels", "scores", "text_labels"]] * 2
+    torch.testing.assert_close(torch.cat([r["boxes"] for r in results]), box_convert(xywh, "xywh", "xyxy"))
+    legacy = processor.post_process_grounding(out["labels"], target_sizes=[(48, 64), (48, 64)])
+    assert all(torch.equal(r["boxes"], b["boxes"]) for r, b in zip(results, legacy))
+    assert [r["text_labels"] for r in results] == [["a dog"], ["the cat"]]
+    with pytest.raises(ValueError, match="target_sizes"):
+        processor.post_process_grounded_object_detection(out["labels"], target_sizes=[(48, 64)])

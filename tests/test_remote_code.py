@@ -69,6 +69,7 @@ except ModuleNotFoundError:
 import torch
 from PIL import Image
 from transformers import (AutoConfig, AutoModel, AutoModelForImageTextToText, AutoModelForPreTraining,
+                          AutoModelForSequenceClassification, AutoModelForZeroShotObjectDetection,
                           AutoModelForVisualQuestionAnswering, AutoModelForZeroShotImageClassification, AutoProcessor,
                           pipeline)
 
@@ -118,7 +119,8 @@ with torch.no_grad():
     same("XVLMForRetrieval.logits_per_image", out.logits_per_image, expected["retrieval_itc"])
     same("XVLMForRetrieval.itm_logits", out.itm_logits, expected["retrieval_itm"])
 
-    grounding = AutoModel.from_pretrained(os.path.join(root, "grounding"), trust_remote_code=True).eval()
+    grounding = AutoModelForZeroShotObjectDetection.from_pretrained(os.path.join(root, "grounding"),
+                                                                    trust_remote_code=True).eval()
     assert type(grounding).__name__ == "XVLMForGrounding", type(grounding)
     remote(grounding)
     same("XVLMForGrounding.pred_boxes", grounding(**inputs).pred_boxes, expected["grounding"])
@@ -131,16 +133,31 @@ with torch.no_grad():
     # NLVR2 heads: (B, 2, 3, H, W) pairs; the TA head on fixed pairs
     pair_values = torch.stack([inputs["pixel_values"], inputs["pixel_values"].flip(0)], dim=1)
     text = {k: inputs[k] for k in ("input_ids", "attention_mask")}
-    nlvr2 = AutoModel.from_pretrained(os.path.join(root, "nlvr2"), trust_remote_code=True).eval()
+    nlvr2 = AutoModelForSequenceClassification.from_pretrained(os.path.join(root, "nlvr2"),
+                                                               trust_remote_code=True).eval()
     assert type(nlvr2).__name__ == "XVLMForImagesAndTextClassification", type(nlvr2)
     remote(nlvr2)
     same("XVLMForImagesAndTextClassification.logits", nlvr2(pixel_values=pair_values, **text).logits,
          expected["nlvr2"])
-    text_assignment = AutoModel.from_pretrained(os.path.join(root, "nlvr2_pretrain"), trust_remote_code=True).eval()
+    text_assignment = AutoModelForPreTraining.from_pretrained(os.path.join(root, "nlvr2_pretrain"),
+                                                              trust_remote_code=True).eval()
     assert type(text_assignment).__name__ == "XVLMForTextAssignment", type(text_assignment)
     remote(text_assignment)
     same("XVLMForTextAssignment.logits", text_assignment(pixel_values=inputs["pixel_values"], **text,
          pair_index=torch.tensor([[0, 1], [1, 0]])).logits, expected["nlvr2_pretrain"])
+
+    # AutoModel on a head's checkpoint: the base XVLMModel with the head's base weights, as without remote code
+    for name, head in (("retrieval", retrieval), ("grounding", grounding), ("pretraining", pretraining),
+                       ("nlvr2", nlvr2), ("nlvr2_pretrain", text_assignment)):
+        auto = AutoModel.from_pretrained(os.path.join(root, name), trust_remote_code=True)
+        assert type(auto).__name__ == "XVLMModel", (name, type(auto))
+        remote(auto)
+        head_state = head.xvlm.state_dict()
+        auto_state = auto.state_dict()
+        assert all(k in head_state for k in auto_state if k.startswith(("vision_model.", "text_model."))), name
+        shared = sorted(auto_state.keys() & head_state.keys())
+        same(f"AutoModel({name})", torch.cat([auto_state[k].flatten().float() for k in shared]),
+             torch.cat([head_state[k].flatten().float() for k in shared]))
 
     # VQA head: forward with answers, the official ranking and generation
     vqa = AutoModelForVisualQuestionAnswering.from_pretrained(os.path.join(root, "vqa"), trust_remote_code=True).eval()
@@ -321,7 +338,7 @@ def test_pipeline_folders_record_custom_pipelines(remote_folders) -> None:
     grounding = json.loads((root / "grounding_pipeline" / "config.json").read_text())["custom_pipelines"]
     assert grounding["visual-grounding"] == {
         "impl": "pipelines.XVLMVisualGroundingPipeline",
-        "pt": ["AutoModel"],
+        "pt": ["AutoModelForZeroShotObjectDetection"],
         "type": "multimodal",
     }
     assert (root / "grounding_pipeline" / "pipelines.py").is_file()
@@ -390,6 +407,7 @@ def test_fresh_interpreter_loads_everything_as_remote_code(remote_folders, tmp_p
         "XVLMForRetrieval.itm_logits",
         "XVLMForGrounding.pred_boxes",
         "XVLMForPretraining.xvlm",
+        *(f"AutoModel({name})" for name in ("retrieval", "grounding", "pretraining", "nlvr2", "nlvr2_pretrain")),
         "XVLMForImagesAndTextClassification.logits",
         "XVLMForTextAssignment.logits",
         "XVLMForQuestionAnswering.logits",

@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help='image root of VQA records with "dataset": "vg" (default: the vqa image root)')
     conv.add_argument("--refcoco-refs", type=Path, default=None, help="refs(unc).p (boxes of grounding records)")
     conv.add_argument("--refcoco-instances", type=Path, default=None, help="instances.json of RefCOCO+")
+    conv.add_argument("--refcoco-dets", type=Path, default=None,
+                      help="dets.json of RefCOCO+ (detections per image: the grounding rows' candidate_boxes, "
+                      "ranked by xvlm-eval grounding --method gradcam)")
     for config in _IMAGE_CONFIGS:
         conv.add_argument(f"--{config}-image-root", type=Path, default=None,
                           help=f"image root for the {config} inputs (default --image-root)")
@@ -164,6 +167,7 @@ def _convert(args: argparse.Namespace) -> int:
         vg_image_root=args.vg_image_root,
         refcoco_refs=args.refcoco_refs,
         refcoco_instances=args.refcoco_instances,
+        refcoco_dets=args.refcoco_dets,
         image_roots={c: getattr(args, f"{c}_image_root") for c in _IMAGE_CONFIGS},
         image_key=args.image_key,
         caption_key=args.caption_key,

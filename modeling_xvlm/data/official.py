@@ -8,7 +8,9 @@ Inputs (official formats, see docs/data.md):
 * retrieval lists: train ``[{"image", "caption": str, "image_id"}]`` (grouped into one row per image), val/test
   ``[{"image", "caption": [str]}]``;
 * RefCOCO+ lists ``[{"image", "text", "ref_id"}]`` whose boxes come from ``refs(unc).p`` + ``instances.json`` (or
-  records that carry ``bbox`` themselves, as the VLUE files do);
+  records that carry ``bbox`` themselves, as the VLUE files do), and optionally the detections of weakly supervised
+  grounding, ``refcoco+/dets.json`` ``{image_id: [[x, y, w, h, ...], ...]}`` (or ``dets`` in each VLUE record),
+  which become the rows' ``candidate_boxes``;
 * NLVR2 lists ``[{"images": [left, right], "sentence", "label": "True" | "False", "identifier"?}]``
   (``nlvr_train.json``, ``nlvr_dev.json`` -> ``validation``, ``nlvr_test.json`` = test-P);
 * VQA lists ``[{"image", "question", "answer": [str] (vqa) | str (vg), "dataset"?: "vqa" | "vg" | "gqa",
@@ -49,12 +51,13 @@ from typing import Any
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .schemas import DatasetFolderWriter, as_text_list, clip_bbox, write_json
+from .schemas import DatasetFolderWriter, as_text_list, candidate_boxes_problems, clip_bbox, write_json
 
 __all__ = [
     "ConversionSummary",
     "convert_official",
     "load_refcoco_boxes",
+    "load_refcoco_dets",
     "coco_image_id",
     "load_coco_caption_references",
     "SPLIT_ALIASES",
@@ -80,6 +83,8 @@ class ConversionSummary:
     outside_root_images: list[str] = field(default_factory=list)
     boxes_clipped: int = 0
     boxes_dropped: int = 0
+    candidate_boxes_dropped: int = 0
+    images_without_dets: int = 0
     examples: dict[str, list[str]] = field(default_factory=dict)
 
     def skip(self, config: str, split: str, reason: str, detail: str = "") -> None:
@@ -115,6 +120,8 @@ class ConversionSummary:
             "outside_root_image_examples": self.outside_root_images[:_MAX_EXAMPLES],
             "boxes_clipped": self.boxes_clipped,
             "boxes_dropped": self.boxes_dropped,
+            "candidate_boxes_dropped": self.candidate_boxes_dropped,
+            "images_without_dets": self.images_without_dets,
             "examples": self.examples,
         }
 
@@ -145,6 +152,9 @@ class ConversionSummary:
             reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.reasons.items()))
             lines.append(f"  skipped records by reason: {reasons}")
         lines.append(f"  boxes clipped to the image: {self.boxes_clipped}; boxes dropped: {self.boxes_dropped}")
+        if self.candidate_boxes_dropped or self.images_without_dets:
+            lines.append(f"  candidate boxes dropped (per row): {self.candidate_boxes_dropped}; rows whose image has "
+                         f"no detections: {self.images_without_dets}")
         return "\n".join(lines)
 
 
@@ -303,11 +313,73 @@ def load_refcoco_boxes(refs_path: str | os.PathLike, instances_path: str | os.Pa
             ann_id = int(ref["ann_id"])
             if ann_id in boxes:
                 out[int(ref["ref_id"])] = {"bbox": [float(v) for v in boxes[ann_id]],
-                                           "split": str(ref.get("split", ""))}
+                                           "split": str(ref.get("split", "")), "image_id": ref.get("image_id")}
         except (AttributeError, KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{refs_path}: ref {i} is not a RefCOCO ref with ann_id / ref_id "
                              f"({type(error).__name__}: {error})") from None
     return out
+
+
+def load_refcoco_dets(path: str | os.PathLike) -> dict[str, list[list[float]]]:
+    """Read the official ``refcoco+/dets.json`` (``{image_id: [[x, y, w, h, ...], ...]}``, pixel boxes of a detector
+    that weakly supervised grounding ranks, ``Grounding.py`` / ``grounding_eval``): image id (a string, as the
+    official ``dets[str(image_id)]``) -> the boxes' first four numbers.
+
+    Raises:
+        ValueError: a file that is not such a mapping (naming the file and the entry).
+    """
+    with open(path, encoding="utf-8") as f:
+        try:
+            dets = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not a JSON file ({error})") from None
+    if not isinstance(dets, dict):
+        raise ValueError(f"{path}: expected a JSON object {{image_id: [[x, y, w, h, ...], ...]}}, "
+                         f"got {type(dets).__name__}")
+    out = {}
+    for image_id, boxes in dets.items():
+        if not isinstance(boxes, list) or not all(isinstance(b, list) and len(b) >= 4 for b in boxes):
+            raise ValueError(f"{path}: entry {image_id!r} is not a list of [x, y, w, h, ...] detections")
+        out[str(image_id)] = [b[:4] for b in boxes]
+    return out
+
+
+def _candidate_boxes(dets: Any, summary: ConversionSummary) -> list[list[float]]:
+    """Detections -> candidate boxes, kept unclipped (the official score uses the full area); a box that cannot be
+    scored (not four finite numbers, a non-positive size, a negative start) is dropped and counted."""
+    kept = []
+    for det in dets if isinstance(dets, list) else []:
+        try:
+            box = [float(v) for v in det[:4]]
+        except (TypeError, ValueError):
+            box = None
+        if box is None or candidate_boxes_problems([box]):
+            summary.candidate_boxes_dropped += 1
+            continue
+        kept.append(box)
+    return kept
+
+
+def _has_dets(path: str | os.PathLike) -> bool:
+    """Whether a grounding file's records carry their own detections (the VLUE files' ``dets``)."""
+    try:
+        records = _load_json_list(path)
+    except ValueError:
+        return False  # reported when its rows are read
+    return any(isinstance(r, dict) and "dets" in r for r in records)
+
+
+def _dets_image_id(ref: Mapping[str, Any] | None, record: Mapping[str, Any], rel: str) -> str | None:
+    """The COCO image id that keys ``dets.json``: the ref's (official ``refer.Refs[ref_id]['image_id']``), else the
+    record's ``image_id``, else the number at the end of the file name."""
+    if ref and ref.get("image_id") is not None:
+        return str(ref["image_id"])
+    if record.get("image_id") is not None:
+        return str(record["image_id"])
+    try:
+        return str(coco_image_id(rel))
+    except ValueError:
+        return None
 
 
 def _checked_box(bbox: Any, width: int, height: int, summary: ConversionSummary) -> list[float] | None:
@@ -496,7 +568,10 @@ def _captioning_rows(
 def _grounding_rows(
     path: str | os.PathLike, split: str, root: Path, reader: _ImageReader, summary: ConversionSummary,
     boxes: Mapping[int, Mapping[str, Any]] | None, max_records: int | None,
+    dets: Mapping[str, Sequence[Sequence[float]]] | None = None, with_candidates: bool = False,
 ) -> Iterator[dict[str, Any]]:
+    """``with_candidates``: every row gets ``candidate_boxes`` (``[]`` when none is known), so that all splits of
+    the ``grounding`` config share one schema."""
     records = _load_json_list(path)[: max_records]
     for i, record in enumerate(records):
         where = f"{Path(path).name}[{i}]"
@@ -522,8 +597,17 @@ def _grounding_rows(
         if box is None:
             summary.skip("grounding", split, "invalid_bbox", f"{where}: {bbox}")
             continue
-        yield {"image": image_dict, "image_id": str(record.get("image_id", image_dict["path"])), "width": width, "height": height,
-               "text": text, "bbox": box, "ref_id": ref_id, "group": group}
+        row = {"image": image_dict, "image_id": str(record.get("image_id", image_dict["path"])), "width": width,
+               "height": height, "text": text, "bbox": box, "ref_id": ref_id, "group": group}
+        if with_candidates:
+            if "dets" in record:
+                found = record["dets"]
+            else:
+                found = (dets or {}).get(_dets_image_id(ref, record, rel) or "")
+                if found is None:
+                    summary.images_without_dets += 1
+            row["candidate_boxes"] = _candidate_boxes(found or [], summary)
+        yield row
 
 
 def _nlvr2_label(value: Any) -> int:
@@ -688,6 +772,7 @@ def convert_official(
     vg_image_root: str | os.PathLike | None = None,
     refcoco_refs: str | os.PathLike | None = None,
     refcoco_instances: str | os.PathLike | None = None,
+    refcoco_dets: str | os.PathLike | None = None,
     image_roots: Mapping[str, str | os.PathLike] | None = None,
     image_key: str | None = None,
     caption_key: str = "caption",
@@ -727,6 +812,9 @@ def convert_official(
             ``"vqa"`` records and those without ``dataset`` use the ``vqa`` root; ``"gqa"`` paths are used as given.
         refcoco_refs, refcoco_instances: ``refs(unc).p`` and ``instances.json`` giving the boxes (and the
             ``val``/``testA``/``testB`` group) of grounding records that carry no ``bbox``.
+        refcoco_dets: the official ``refcoco+/dets.json``: every grounding row gets the detections of its image
+            (keyed by the ref's COCO image id) as ``candidate_boxes`` for Grad-CAM grounding (``[]`` when the image
+            has none, counted as ``images_without_dets``). Records with their own ``dets`` (VLUE) keep those.
         image_roots: per-config roots (``{"pretrain": ..., "retrieval": ..., "grounding": ..., "nlvr2": ...,
             "vqa": ...}``)
             overriding ``image_root``.
@@ -767,6 +855,9 @@ def convert_official(
             raise ValueError("give both refcoco_refs (refs(unc).p) and refcoco_instances (instances.json)")
         boxes = load_refcoco_boxes(refcoco_refs, refcoco_instances)
     gt_references = {split: load_coco_caption_references(path) for split, path in captioning_gt.items()}
+    if refcoco_dets is not None and not Path(refcoco_dets).exists():
+        raise FileNotFoundError(f"input file not found: {refcoco_dets}")
+    dets = load_refcoco_dets(refcoco_dets) if refcoco_dets is not None else None
 
     summary = ConversionSummary()
     reader = _ImageReader(summary, verify=verify_images, allow_outside_root=allow_outside_root)
@@ -784,8 +875,11 @@ def convert_official(
              for split, path in retrieval.items()]
     jobs += [("retrieval", split, _captioning_rows(path, split, roots["retrieval"], reader, summary, max_records,
                                                    gt_references.get(split))) for split, path in captioning.items()]
+    # Candidate boxes for every grounding split when dets.json is given or a (VLUE) file carries its own `dets`.
+    with_candidates = dets is not None or any(_has_dets(path) for path in grounding.values())
     jobs += [("grounding", split, _grounding_rows(path, split, roots["grounding"], reader, summary, boxes,
-                                                  max_records)) for split, path in grounding.items()]
+                                                  max_records, dets, with_candidates))
+             for split, path in grounding.items()]
     jobs += [("nlvr2", split, _nlvr2_rows(path, split, roots["nlvr2"], reader, summary, max_records))
              for split, path in nlvr2.items()]
     jobs += [("vqa", split, _vqa_rows(paths, split, roots, reader, summary, max_records))

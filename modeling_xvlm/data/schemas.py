@@ -15,7 +15,9 @@ One dataset folder holds several *configurations* (subsets), each with its own `
     rows: ``captions`` are the training targets / the evaluation references.
 ``grounding``
     Referring-expression grounding with boxes (official ``dataset/grounding_dataset.py``, RefCOCO+): one row per expression with ``text``,
-    ``bbox`` (``[x, y, w, h]`` pixels of the referent), ``ref_id``, ``image_id``, ``width``, ``height``, ``group``.
+    ``bbox`` (``[x, y, w, h]`` pixels of the referent), ``ref_id``, ``image_id``, ``width``, ``height``, ``group``;
+    optionally ``candidate_boxes`` (``[[x, y, w, h], ...]`` pixels: the detections that weakly supervised Grad-CAM
+    grounding ranks, official ``refcoco+/dets.json``; ``[]`` when a row has none).
 
 ``nlvr2``
     Natural Language for Visual Reasoning (official ``dataset/nlvr_dataset.py``, ``nlvr_train/dev/test.json``): one
@@ -69,6 +71,7 @@ __all__ = [
     "PRETRAIN_FEATURES",
     "RETRIEVAL_FEATURES",
     "GROUNDING_FEATURES",
+    "OPTIONAL_FEATURES",
     "NLVR2_FEATURES",
     "VQA_FEATURES",
     "VQA_ANSWERS_FEATURES",
@@ -80,6 +83,7 @@ __all__ = [
     "validate_record",
     "as_text_list",
     "clip_bbox",
+    "candidate_boxes_problems",
     "DatasetFolderWriter",
     "write_dataset_card",
 ]
@@ -155,6 +159,13 @@ VQA_FEATURES = Features(
 
 VQA_ANSWERS_FEATURES = Features({"answer": Value("string")})
 
+#: Optional columns of a configuration: a folder may lack them; when present they have this type. ``grounding``:
+#: ``candidate_boxes``, the pixel ``[x, y, w, h]`` detections ranked by Grad-CAM grounding (official ``dets.json``),
+#: in float64 as the official JSON numbers, since the box score slices the map at ``int(y + h)``, ``int(x + w)``.
+OPTIONAL_FEATURES: dict[str, dict[str, Any]] = {
+    "grounding": {"candidate_boxes": List(List(Value("float64"), length=4))}
+}
+
 _FEATURES: dict[str, Features] = {
     "pretrain": PRETRAIN_FEATURES,
     "retrieval": RETRIEVAL_FEATURES,
@@ -177,11 +188,18 @@ class SchemaMismatchError(ValueError):
     """A dataset does not have the features that an X-VLM configuration requires."""
 
 
-def get_features(config_name: str) -> Features:
-    """Return the ``datasets.Features`` of configuration ``config_name`` (a fresh copy)."""
+def get_features(config_name: str, optional: Iterable[str] = ()) -> Features:
+    """Return the ``datasets.Features`` of configuration ``config_name`` (a fresh copy), with the ``optional``
+    columns named (:data:`OPTIONAL_FEATURES`) appended."""
     if config_name not in _FEATURES:
         raise KeyError(f"Unknown X-VLM dataset configuration {config_name!r}; expected one of {list(CONFIG_NAMES)}.")
-    return _FEATURES[config_name].copy()
+    features = _FEATURES[config_name].copy()
+    known = OPTIONAL_FEATURES.get(config_name, {})
+    for name in optional:
+        if name not in known:
+            raise KeyError(f"{name!r} is no optional column of {config_name!r}; expected one of {sorted(known)}.")
+        features[name] = known[name]
+    return features
 
 
 def _describe(feature: Any) -> str:
@@ -223,7 +241,8 @@ def feature_mismatches(features: Mapping[str, Any], config_name: str) -> list[st
 
     Extra columns are allowed (a user may add their own); missing columns and columns of another type are reported.
     """
-    expected = get_features(config_name)
+    optional = [name for name in OPTIONAL_FEATURES.get(config_name, {}) if name in features]
+    expected = get_features(config_name, optional)
     problems: list[str] = []
     for name, feature in expected.items():
         if name not in features:
@@ -340,6 +359,22 @@ def validate_record(record: Mapping[str, Any], config_name: str) -> list[str]:
         problems += _bbox_problems(record["bbox"], width, height, "bbox")
         if not isinstance(record["ref_id"], int):
             problems.append(f"ref_id must be an integer, got {record['ref_id']!r}")
+        problems += candidate_boxes_problems(record.get("candidate_boxes", []))
+    return problems
+
+
+def candidate_boxes_problems(boxes: Any) -> list[str]:
+    """Candidate boxes: ``[x, y, w, h]`` with a positive size and ``x, y >= 0`` (the official score slices the map
+    from ``int(y)``, ``int(x)``); unlike ``bbox`` they may extend past the image (the official score keeps the full
+    area), so they are stored unclipped."""
+    if not isinstance(boxes, Sequence) or isinstance(boxes, str):
+        return [f"candidate_boxes must be a list of [x, y, w, h] boxes, got {boxes!r}"]
+    problems = []
+    for i, box in enumerate(boxes):
+        found = _bbox_problems(box, None, None, f"candidate_boxes[{i}]")
+        if not found and (box[0] < 0 or box[1] < 0):
+            found = [f"candidate_boxes[{i}] {list(box)} starts at a negative coordinate"]
+        problems += found
     return problems
 
 
@@ -487,6 +522,7 @@ class DatasetFolderWriter:
         self.card_metadata = dict(card_metadata or {})
         self.validate = validate
         self._writers: dict[tuple[str, str], _ShardedParquetWriter] = {}
+        self._optional: dict[str, list[str]] = {}
         self.files: dict[str, dict[str, list[str]]] = {}
         self.counts: dict[str, dict[str, int]] = {}
         self._closed = False
@@ -502,13 +538,22 @@ class DatasetFolderWriter:
                             None)
                 raise ValueError(f"invalid {config_name!r} record {name!r}: " + "; ".join(problems))
         key = (config_name, split)
+        # One schema per configuration (`load_dataset` reads every split with one): the config's first record
+        # decides its optional columns; a later record without one gets it empty, one that brings a new one fails.
+        optional = [name for name in OPTIONAL_FEATURES.get(config_name, {}) if name in record]
+        expected = self._optional.setdefault(config_name, optional)
+        if set(optional) - set(expected):
+            raise ValueError(
+                f"{config_name!r}: optional columns {expected} in the first record but {optional} in this one "
+                f"({split}); give a column in the first record of a configuration (empty if need be) or in none."
+            )
         if key not in self._writers:
             self._writers[key] = _ShardedParquetWriter(
-                self.out_dir / config_name, split, get_features(config_name), self.max_shard_bytes,
+                self.out_dir / config_name, split, get_features(config_name, expected), self.max_shard_bytes,
                 self.row_group_size,
             )
         writer = self._writers[key]
-        row = dict(record)
+        row = {**{name: [] for name in expected}, **record}
         for name in IMAGE_COLUMNS.get(config_name, ()):
             if isinstance(row.get(name), (bytes, bytearray)):
                 row[name] = {"bytes": bytes(row[name]), "path": None}
@@ -561,7 +606,11 @@ def _split_order(key: tuple[str, str]) -> tuple[int, int, str]:
 def _schema_markdown() -> str:
     lines = []
     for config in CONFIG_NAMES:
-        lines.append(f"- `{config}`: " + ", ".join(f"`{k}`: {_describe(v)}" for k, v in get_features(config).items()))
+        line = f"- `{config}`: " + ", ".join(f"`{k}`: {_describe(v)}" for k, v in get_features(config).items())
+        optional = OPTIONAL_FEATURES.get(config, {})
+        if optional:
+            line += "; optional " + ", ".join(f"`{k}`: {_describe(v)}" for k, v in optional.items())
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -7,7 +7,11 @@
 * Grounding (official ``Grounding_bbox.py``): the predicted ``(cx, cy, w, h)`` is mapped back to pixels of the
   original image and compared with the ground truth by the official inclusive-pixel IoU (``computeIoU``); a
   prediction is correct when IoU >= 0.5. Accuracy is reported overall and per ``group`` (RefCOCO+ ``val`` /
-  ``testA`` / ``testB``, synthetic ``seen`` / ``heldout``).
+  ``testA`` / ``testB``, synthetic ``seen`` / ``heldout``). ``method="gradcam"`` (official ``Grounding.py``,
+  weakly supervised, on a retrieval model): the Grad-CAM map of each expression
+  (``XVLMForRetrieval.compute_gradcam``, texts padded to the longest of batches of 20 as officially) ranks the
+  row's ``candidate_boxes`` (official ``dets.json``; ``XVLMProcessor.post_process_gradcam``), and the chosen box is
+  scored the same way.
 * NLVR2 (official ``NLVR.py::evaluate``): evaluation transform (square bicubic resize) for both images, the
   predicted class is the argmax of the 2-way logits, accuracy = mean of ``prediction == label`` over the split
   (percent; the official per-batch accuracies are averaged weighted by batch size, which is the same number).
@@ -25,6 +29,7 @@ Usage::
 
     xvlm-eval retrieval --model out/retrieval --split test --k-test 128 --output retrieval.json
     xvlm-eval grounding --model out/grounding --dataset my-refcoco-folder --split test
+    xvlm-eval grounding --method gradcam --model out/refcoco-weak --dataset my-refcoco-folder --split test
     xvlm-eval nlvr2 --model out/nlvr2 --dataset my-nlvr2-folder --split test
     xvlm-eval vqa --model out/vqa --dataset my-vqa-folder --split test --output result.json
     xvlm-eval captioning --model out/captioning --dataset my-coco-captions --split test --output result.json
@@ -227,39 +232,105 @@ def _predict_boxes(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model.bbox_head(fused[:, 0]).sigmoid()
 
 
+#: Grounding methods of :func:`evaluate_grounding` (``xvlm-eval grounding --method``).
+GROUNDING_METHODS = ("box", "gradcam")
+#: The official evaluation batch of weakly supervised grounding (``configs/Grounding.yaml``); it matters, because
+#: texts are padded to the longest of the batch and the official map averages over the padded positions.
+GRADCAM_BATCH_SIZE = 20
+
+
+def _row_candidates(row: dict[str, Any], position: int) -> list[list[float]]:
+    boxes = row.get("candidate_boxes")
+    if not boxes:
+        raise ValueError(
+            f"grounding row {position} (ref_id {row.get('ref_id')!r}) has no candidate_boxes: --method gradcam ranks "
+            "candidate boxes (convert the official dets.json with `xvlm-data convert-official --refcoco-dets`)"
+        )
+    return [[float(v) for v in box] for box in boxes]
+
+
+def _gradcam_boxes(
+    model: Any, processor: Any, batch: dict[str, torch.Tensor], target_sizes: torch.Tensor,
+    candidates: list[list[list[float]]], gradcam_layer: int | None, real_tokens_only: bool,
+) -> list[torch.Tensor]:
+    """Pixel ``xywh`` candidate chosen by each pair's Grad-CAM map (official ``Grounding.py`` + ``grounding_eval``)."""
+    maps = model.compute_gradcam(
+        batch["pixel_values"], batch["input_ids"], batch["attention_mask"], layer=gradcam_layer,
+        real_tokens_only=real_tokens_only,
+    ).cpu()
+    chosen = processor.post_process_gradcam(maps, candidates, target_sizes)
+    return [torch.tensor(boxes[c["index"]], dtype=torch.float64) for boxes, c in zip(candidates, chosen)]
+
+
+def _candidate_chance(gt_xywh: torch.Tensor, candidates: list[list[list[float]]]) -> float:
+    """Acc@0.5 (percent) of picking a candidate box uniformly at random (the expected value)."""
+    fractions = [
+        float((inclusive_pixel_iou(gt.expand(len(boxes), 4), torch.tensor(boxes, dtype=torch.float64)) >= 0.5)
+              .double().mean())
+        for gt, boxes in zip(gt_xywh, candidates)
+    ]
+    return 100.0 * sum(fractions) / len(fractions) if fractions else 0.0
+
+
 @torch.no_grad()
 def evaluate_grounding(
     model: Any,
     processor: Any,
     dataset: Any,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     max_examples: int | None = None,
     device: torch.device | str | None = None,
     return_predictions: bool = False,
+    method: str = "box",
+    gradcam_layer: int | None = None,
+    real_tokens_only: bool = False,
 ) -> dict[str, Any]:
-    """Official box-grounding evaluation on a ``grounding``-schema dataset (rows ``image``, ``text``, ``bbox``
-    (xywh pixels), optional ``group``).
+    """Official grounding evaluation on a ``grounding``-schema dataset (rows ``image``, ``text``, ``bbox``
+    (xywh pixels), optional ``group``, and ``candidate_boxes`` for ``method="gradcam"``).
+
+    ``method``: ``"box"`` (official ``Grounding_bbox.py``: the box head's prediction; a grounding model) or
+    ``"gradcam"`` (official ``Grounding.py``: the candidate box that the Grad-CAM map of fusion layer
+    ``gradcam_layer`` (default ``config.default_gradcam_layer``) covers best; a retrieval model;
+    ``real_tokens_only`` as in ``compute_gradcam``). ``batch_size`` default: 64 for boxes, the official 20 for
+    Grad-CAM (the official map depends on the batch's padding).
 
     Returns ``acc@0.5`` (percent), ``mean_iou``, per-group accuracy, ``prior_baseline`` (Acc@0.5 of always
     predicting the mean ground-truth box of this set, in normalised coordinates: a generous "no model" level),
-    ``num_examples`` and ``seconds`` (with ``return_predictions``, also ``predictions``: pixel ``xywh`` boxes).
+    for ``"gradcam"`` also ``chance`` (Acc@0.5 of a random candidate box), ``method``, ``num_examples`` and
+    ``seconds`` (with ``return_predictions``, also ``predictions``: pixel ``xywh`` boxes).
     """
+    if method not in GROUNDING_METHODS:
+        raise ValueError(f"method must be one of {GROUNDING_METHODS}, got {method!r}")
+    if method == "gradcam" and not hasattr(model, "compute_gradcam"):
+        raise ValueError(
+            f"method 'gradcam' needs a retrieval model (XVLMForRetrieval, official Grounding.py), got "
+            f"{type(model).__name__}"
+        )
+    if batch_size is None:
+        batch_size = GRADCAM_BATCH_SIZE if method == "gradcam" else 64
     start = time.perf_counter()
     was_training = model.training
     model.eval()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     collator = XVLMGroundingCollator(processor, box_format="xywh", return_target_sizes=True)
     n = len(dataset) if max_examples is None else min(len(dataset), max_examples)
-    preds, gts, groups, norm_targets, sizes = [], [], [], [], []
+    preds, gts, groups, norm_targets, sizes, all_candidates = [], [], [], [], [], []
     for first in range(0, n, batch_size):
         rows = [dataset[i] for i in range(first, min(first + batch_size, n))]
+        if method == "gradcam":
+            candidates = [_row_candidates(r, first + j) for j, r in enumerate(rows)]
         batch = collator(rows)
         target_sizes = batch.pop("target_sizes")
         norm_targets.append(batch.pop("labels"))
         batch = {k: v.to(device) for k, v in batch.items()}
-        pred = _predict_boxes(model, batch).float().cpu()
-        boxes = processor.post_process_grounding(pred, target_sizes=target_sizes, box_format="xywh")
-        preds.extend(b["boxes"][0] for b in boxes)
+        if method == "gradcam":
+            preds.extend(_gradcam_boxes(model, processor, batch, target_sizes, candidates, gradcam_layer,
+                                        real_tokens_only))
+            all_candidates.extend(candidates)
+        else:
+            pred = _predict_boxes(model, batch).float().cpu()
+            boxes = processor.post_process_grounding(pred, target_sizes=target_sizes, box_format="xywh")
+            preds.extend(b["boxes"][0] for b in boxes)
         gts.extend(torch.tensor(list(r["bbox"]), dtype=torch.float64) for r in rows)
         groups.extend(str(r.get("group", "") or "") for r in rows)
         sizes.append(target_sizes)
@@ -274,6 +345,9 @@ def evaluate_grounding(
         [(cx - w / 2) * hw[:, 1], (cy - h / 2) * hw[:, 0], w * hw[:, 1], h * hw[:, 0]], dim=1
     )
     result["prior_baseline"] = grounding_accuracy(gt_xywh, prior_xywh)["acc@0.5"]
+    if method == "gradcam":
+        result["chance"] = _candidate_chance(gt_xywh, all_candidates)
+    result["method"] = method
     result["seconds"] = time.perf_counter() - start
     if return_predictions:
         result["predictions"] = pred_xywh.tolist()
@@ -756,7 +830,8 @@ def grounding_table(metrics: dict[str, Any]) -> str:
     table = format_table(rows, ["group", "Acc@0.5", "mean IoU", "n"])
     extra = f"\nprior baseline (mean box) Acc@0.5 {metrics['prior_baseline']:.2f}"
     if "chance" in metrics:
-        extra += f"; random-object chance {metrics['chance']:.2f}"
+        what = "random-candidate" if metrics.get("method") == "gradcam" else "random-object"
+        extra += f"; {what} chance {metrics['chance']:.2f}"
     return table + extra
 
 
@@ -809,6 +884,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--answer-list", default=None, help="vqa: JSON list of candidate answers (default: the "
                         "dataset's answer list)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--method", choices=list(GROUNDING_METHODS), default="box",
+                        help="grounding: 'box' (a grounding model's box head, official Grounding_bbox.py) or "
+                        "'gradcam' (a retrieval model's Grad-CAM map ranking the rows' candidate_boxes, official "
+                        "Grounding.py; batch size default 20 as officially)")
+    parser.add_argument("--gradcam-layer", type=int, default=None,
+                        help="grounding --method gradcam: the fusion layer (official block_num; default the "
+                        "config's default_gradcam_layer, 9 for base)")
+    parser.add_argument("--real-tokens-only", action="store_true",
+                        help="grounding --method gradcam: average the map over each text's real tokens (official: "
+                        "over the padded length)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="retrieval: precision of the ITM re-ranking (bf16: autocast, near ties re-scored in "
                         "fp32 so that each query keeps the fp32 top-1 among its candidates)")
@@ -909,12 +994,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for target in (args.output, getattr(args, "metrics_output", None)):
         if target:
-            ensure_writable_dir(os.path.dirname(os.path.abspath(target)), f"the folder of {target!r}")
+            ensure_writable_dir(os.path.dirname(os.path.abspath(target)), "the --output folder")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cls = {"retrieval": XVLMForRetrieval, "grounding": XVLMForGrounding,
+    if args.method != "box" and args.task != "grounding":
+        raise ValueError(f"--method {args.method} is for the grounding task only")
+    grounding_cls = XVLMForRetrieval if args.method == "gradcam" else XVLMForGrounding
+    cls = {"retrieval": XVLMForRetrieval, "grounding": grounding_cls,
            "nlvr2": XVLMForImagesAndTextClassification, "vqa": XVLMForQuestionAnswering,
            "captioning": XVLMForConditionalGeneration}[args.task]
     model = cls.from_pretrained(args.model).to(device)
+    architectures = getattr(model.config, "architectures", None) or []
+    if args.method == "gradcam" and architectures and "XVLMForRetrieval" not in architectures:
+        raise ValueError(
+            f"--method gradcam needs a retrieval checkpoint (XVLMForRetrieval, official Grounding.py); {args.model} "
+            f"holds {architectures}"
+        )
     processor = load_processor(args.model, args.tokenizer, model.config.image_size, model.config.patch_stride)
     config_name = "retrieval" if args.task == "captioning" else args.task  # captioning data are retrieval rows
     dataset = load_xvlm_dataset(args.dataset, config_name, args.split)
@@ -922,7 +1016,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main_vqa(args, model, processor, dataset, device)
     if args.task == "captioning":
         return _main_captioning(args, model, processor, dataset, device)
-    batch_size = args.batch_size or 64
+    batch_size = args.batch_size or (GRADCAM_BATCH_SIZE if args.method == "gradcam" else 64)
     if args.task == "retrieval":
         metrics = evaluate_retrieval(model, processor, dataset, args.k_test, batch_size, args.max_examples, device,
                                      precision=args.precision, encode_precision=args.encode_precision)
@@ -931,7 +1025,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics = evaluate_nlvr2(model, processor, dataset, batch_size, args.max_examples, device)
         print(nlvr2_table(metrics))
     else:
-        metrics = evaluate_grounding(model, processor, dataset, batch_size, args.max_examples, device)
+        metrics = evaluate_grounding(model, processor, dataset, batch_size, args.max_examples, device,
+                                     method=args.method, gradcam_layer=args.gradcam_layer,
+                                     real_tokens_only=args.real_tokens_only)
         print(grounding_table(metrics))
     metrics = {"task": args.task, "model": args.model, "dataset": args.dataset or "synthetic", "split": args.split,
                **metrics}
