@@ -240,3 +240,14 @@ def test_auto_image_processor(tmp_path) -> None:
     loaded = AutoImageProcessor.from_pretrained(tmp_path)
     assert isinstance(loaded, XVLMImageProcessorPil) and loaded.patch_size == 16
     assert isinstance(AutoImageProcessor.from_pretrained(tmp_path, backend="torchvision"), XVLMImageProcessor)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_non_finite_images_are_rejected(bad, kind) -> None:
+    array = np.full((16, 16, 3), 0.5, dtype=np.float32)
+    array[3, 4, 1] = bad
+    image = array if kind == "numpy" else torch.from_numpy(array).permute(2, 0, 1)
+    for processor in (XVLMImageProcessorPil(), XVLMImageProcessor()):
+        with pytest.raises(ValueError, match="NaN or infinite pixel values"):
+            processor(images=[image], return_tensors="pt")

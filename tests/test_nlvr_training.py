@@ -226,6 +226,17 @@ def test_train_nlvr2_and_resume(tmp_path):
     again = XVLMForImagesAndTextClassification.from_pretrained(tmp_path / "nlvr2-resumed")
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
+    # the same checkpoint guarantees as every task: a changed run is refused, a changed file is never loaded
+    from modeling_xvlm.training.checkpointing import CheckpointError
+
+    step2 = tmp_path / "nlvr2" / "checkpoints" / "step-00000002"
+    with pytest.raises(CheckpointError, match="seed: 42 -> 3"):
+        train(TrainConfig(task="nlvr2", max_steps=3, save_every=2, seed=3, resume=str(step2),
+                          **_common(tmp_path, "nlvr2-seed")), data=data)
+    (step2 / "optimizer.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="optimizer.pt has 0 bytes"):
+        train(TrainConfig(task="nlvr2", max_steps=3, save_every=2, resume=str(step2),
+                          **_common(tmp_path, "nlvr2-bad")), data=data)
 
 
 def test_train_nlvr2_from_pretraining_folder(tmp_path, processor):

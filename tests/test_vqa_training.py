@@ -372,6 +372,17 @@ def test_train_vqa_and_resume(tmp_path):
     again = XVLMForQuestionAnswering.from_pretrained(tmp_path / "vqa-resumed")
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
+    # the same checkpoint guarantees as every task: a changed run is refused, a changed file is never loaded
+    from modeling_xvlm.training.checkpointing import CheckpointError
+
+    step2 = tmp_path / "vqa" / "checkpoints" / "step-00000002"
+    with pytest.raises(CheckpointError, match="lr: None -> 0.5"):
+        train(TrainConfig(max_steps=3, save_every=2, lr=0.5, resume=str(step2), **_common(tmp_path, "vqa-lr")),
+              data=data)
+    weights = step2 / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))
+    with pytest.raises(CheckpointError, match="model.safetensors has changed"):
+        train(TrainConfig(max_steps=3, save_every=2, resume=str(step2), **_common(tmp_path, "vqa-bad")), data=data)
 
 
 def test_train_vqa_from_pretraining_folder(tmp_path, processor):
