@@ -38,7 +38,7 @@ def bad_checkpoints(tmp_path) -> dict[str, Path]:
     files = {"random_bytes": tmp_path / "random.pth", "truncated": tmp_path / "truncated.pth",
              "empty": tmp_path / "empty.pth", "not_a_dict": tmp_path / "list.pth",
              "bad_safetensors": tmp_path / "bad.safetensors"}
-    files["random_bytes"].write_bytes(os.urandom(4096))
+    files["random_bytes"].write_bytes(bytes(__import__("random").Random(0).randrange(256) for _ in range(4096)))
     files["truncated"].write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     files["empty"].write_bytes(b"")
     torch.save([torch.zeros(2), 1], files["not_a_dict"])
@@ -97,11 +97,36 @@ def test_xvlm_data_refuses_a_refcoco_pickle_with_code(tmp_path, capsys):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("refs", [os.urandom(512), pickle.dumps([{"ann_id": 5}])[:-3], pickle.dumps({"a": 1})])
+@pytest.mark.parametrize("refs", [b"B\xff\xff\xff\xff\xff\xff\xff\x7f" + bytes(8),  # BINBYTES: OverflowError
+                                  pickle.dumps([{"ann_id": 5}])[:-3], pickle.dumps({"a": 1})])
 def test_xvlm_data_reports_unreadable_refcoco_refs(tmp_path, refs, capsys):
     assert xvlm_data(_refcoco_inputs(tmp_path, refs)) == 2
     err = _one_line_error(capsys, "xvlm-data convert-official", "refs.p")
     assert "refusing" not in err
+
+
+def test_random_bytes_as_a_checkpoint_are_one_clear_error(tmp_path):
+    from modeling_xvlm.conversion.safe_load import CorruptCheckpointError, UnsafeCheckpointError, load_official_checkpoint
+
+    rng = __import__("random").Random(1)
+    for i in range(100):
+        path = tmp_path / f"{i}.pth"
+        path.write_bytes(bytes(rng.randrange(256) for _ in range(256)))
+        with pytest.raises((CorruptCheckpointError, UnsafeCheckpointError)):
+            load_official_checkpoint(path)
+
+
+def test_random_bytes_as_refcoco_refs_are_one_clear_error(tmp_path):
+    from modeling_xvlm.data.official import load_refcoco_boxes
+
+    (tmp_path / "instances.json").write_text(json.dumps({"annotations": []}))
+    rng = __import__("random").Random(0)
+    for i in range(200):  # whatever the bytes, a ValueError or the refusal, never another exception
+        (tmp_path / "refs.p").write_bytes(bytes(rng.randrange(256) for _ in range(64)))
+        try:
+            load_refcoco_boxes(tmp_path / "refs.p", tmp_path / "instances.json")
+        except (ValueError, pickle.UnpicklingError):
+            pass
 
 
 def test_xvlm_train_reports_a_corrupt_resume_checkpoint(tmp_path, capsys):
