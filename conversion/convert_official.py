@@ -1353,13 +1353,15 @@ def _is_tokenizer_folder(path: Path) -> bool:
 
 
 def load_tokenizer(
-    name_or_path: str | os.PathLike, from_hub: Callable[[str], Any] | None = None
+    name_or_path: str | os.PathLike, from_hub: Callable[..., Any] | None = None
 ) -> Any:
     """The BERT tokenizer of the converted model: a local folder (with `vocab.txt` or `tokenizer.json`) if
-    `name_or_path` is one, else the Hub repo of that name (`bert-base-uncased` by default on the command line).
+    `name_or_path` is one, else the Hub repo of that name (`bert-base-uncased` by default on the command line; with
+    `HF_HUB_OFFLINE=1` only a copy in the Hugging Face cache).
 
-    `from_hub` downloads a Hub tokenizer (default `BertTokenizer.from_pretrained`; injectable for tests). Raises
-    `ConversionError` saying which of the two failed: no such folder, and the Hub offline or unreachable.
+    `from_hub(name, local_files_only=...)` loads a Hub tokenizer (default `BertTokenizer.from_pretrained`; injectable
+    for tests). Raises `ConversionError` (one line) saying what was tried: the local folder, and the Hub (offline
+    and not cached, or the download failed).
     """
     name = os.fspath(name_or_path)
     path = Path(name)
@@ -1367,20 +1369,24 @@ def load_tokenizer(
         return BertTokenizer.from_pretrained(name)
     if path.exists() or name.startswith((".", "/", "~")) or name.endswith(("/", os.sep)):
         raise ConversionError(f"--tokenizer {name!r} must be a folder with a BERT vocab.txt (or tokenizer.json).")
-    fix = (
-        f"download it once (`hf download {name} --local-dir {name.rsplit('/', 1)[-1]}` where the Hub is reachable) "
-        f"and pass the folder as --tokenizer, or convert without a processor (--no-tokenizer)"
-    )
-    if hub_offline():
-        raise ConversionError(
-            f"--tokenizer {name!r}: no such local folder, and the Hub is offline (HF_HUB_OFFLINE=1): {fix}."
-        )
+    offline = hub_offline()
     try:
-        return (from_hub or BertTokenizer.from_pretrained)(name)
-    except (OSError, ValueError) as error:  # transformers raises OSError for unreachable / unknown repos
+        tokenizer = (from_hub or BertTokenizer.from_pretrained)(name, local_files_only=offline)
+        if tokenizer.vocab_size <= len(tokenizer.all_special_ids):
+            # transformers 5 builds a tokenizer of the special tokens alone when it finds no vocabulary file
+            raise OSError("no vocabulary file found")
+        return tokenizer
+    except (OSError, ValueError) as error:  # transformers raises OSError for unreachable / unknown / uncached repos
+        if offline:
+            hub = "the Hub is offline (HF_HUB_OFFLINE=1) and the Hugging Face cache has no copy"
+        else:
+            reason = str(error).splitlines()[0] if str(error) else ""
+            hub = f"loading it from the Hub failed ({type(error).__name__}: {reason})"
         raise ConversionError(
-            f"--tokenizer {name!r}: no such local folder, and loading it from the Hub failed "
-            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): {fix}."
+            f"--tokenizer {name!r}: tried the local folder {path.absolute()} (no such folder with a vocab.txt) and "
+            f"the Hub repo {name} ({hub}). Download it once where the Hub is reachable (`hf download {name} "
+            f"vocab.txt tokenizer_config.json --local-dir {path.name}`) and pass the folder as --tokenizer, or "
+            "convert without a processor (--no-tokenizer)."
         ) from None
 
 
@@ -1388,6 +1394,11 @@ def _build_processor(tokenizer: Any, config: XVLMConfig, task: str) -> XVLMProce
     """The `XVLMProcessor` of the converted model: PIL image processor at its size and the BERT tokenizer; for
     `vqa` the official test-time question cleaning (`pre_question`, 50 words, no truncation below the position
     limit); every other task (captioning included) the standard text settings."""
+    if len(tokenizer) > config.text_config.vocab_size:
+        raise ConversionError(
+            f"The tokenizer has {len(tokenizer)} tokens but the checkpoint's word embeddings only "
+            f"{config.text_config.vocab_size}: pass the tokenizer the checkpoint was trained with (--tokenizer)."
+        )
     text: dict[str, Any] = {}
     if task == "vqa":
         text = {
