@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from modeling_xvlm.processing import XVLMImageProcessorPil, XVLMProcessor
+from modeling_xvlm.processing import XVLMProcessor
 from PIL import Image
 from transformers import BertTokenizer, pipeline
 from transformers.image_utils import load_image
@@ -31,10 +31,7 @@ def tiny_weak_grounder():
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
     tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)})
     config = XVLMConfig.from_preset("tiny")
-    size = config.image_size
-    processor = XVLMProcessor(
-        XVLMImageProcessorPil(size={"height": size, "width": size}, patch_size=config.patch_stride), tokenizer
-    )
+    processor = XVLMProcessor.from_model_config(config, tokenizer=tokenizer)
     return pipeline("visual-grounding", model=XVLMForRetrieval(config).eval(), processor=processor)
 
 

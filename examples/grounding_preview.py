@@ -18,7 +18,7 @@ from transformers import BertTokenizer, pipeline
 
 import modeling_xvlm  # noqa: F401  (registers the "visual-grounding" pipeline)
 from modeling_xvlm import XVLMConfig, XVLMForGrounding
-from modeling_xvlm.processing import XVLMImageProcessorPil, XVLMProcessor
+from modeling_xvlm.processing import XVLMProcessor
 
 
 def tiny_grounder():
@@ -27,10 +27,7 @@ def tiny_grounder():
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
     tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)})
     config = XVLMConfig.from_preset("tiny")
-    size = config.image_size
-    processor = XVLMProcessor(
-        XVLMImageProcessorPil(size={"height": size, "width": size}, patch_size=config.patch_stride), tokenizer
-    )
+    processor = XVLMProcessor.from_model_config(config, tokenizer=tokenizer)
     return pipeline("visual-grounding", model=XVLMForGrounding(config).eval(), processor=processor)
 
 

@@ -68,17 +68,14 @@ def docs_workdir(tmp_path_factory):
     """A scratch directory with the stand-in checkpoints and images (see the module docstring)."""
     import modeling_xvlm
     from modeling_xvlm import XVLMConfig
-    from modeling_xvlm.processing import XVLMImageProcessorPil, XVLMProcessor
+    from modeling_xvlm.processing import XVLMProcessor
     from transformers import BertTokenizer
 
     root = tmp_path_factory.mktemp("docs")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *VOCAB_WORDS]
     tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)})
     config = XVLMConfig.from_preset("tiny")
-    size = config.image_size
-    processor = XVLMProcessor(
-        XVLMImageProcessorPil(size={"height": size, "width": size}, patch_size=config.patch_stride), tokenizer
-    )
+    processor = XVLMProcessor.from_model_config(config, tokenizer=tokenizer)
     torch.manual_seed(0)
     for name, class_name in STAND_INS.items():
         getattr(modeling_xvlm, class_name)(config).save_pretrained(root / name)
