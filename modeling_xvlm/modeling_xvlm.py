@@ -34,6 +34,7 @@ from .configuration_xvlm import XVLMConfig
 from .initialization import build_from_vision_text_pretrained
 from .losses import image_text_contrastive_loss, image_text_matching_loss, sample_hard_negatives
 from .modeling_xvlm_text import EncoderStates, XVLMTextModel, XVLMTextPreTrainedModel
+from .retrieval import RetrievalOutput, retrieve
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -201,16 +202,34 @@ class XVLMPreTrainedModel(XVLMTextPreTrainedModel):
 
 
 
+#: Heads whose official model is trained without the contrastive loss: their checkpoints have no `vision_proj`,
+#: `text_proj` or `temp` (official `model_bbox.py`, `model_vqa.py`, `model_nlvr.py`, `model_nlvr_pretrain.py`,
+#: `model_captioning.py`; the text-assignment head keeps its `vision_proj` beside the base model).
+HEADS_WITHOUT_ITC = frozenset({
+    "XVLMForGrounding", "XVLMForQuestionAnswering", "XVLMForImagesAndTextClassification", "XVLMForTextAssignment",
+    "XVLMForConditionalGeneration",
+})
+
+
+def _saved_without_itc(config: XVLMConfig) -> str | None:
+    """The head that saved `config` (its `architectures`) when that head has no ITC projections, else `None`."""
+    return next((name for name in config.architectures or () if name in HEADS_WITHOUT_ITC), None)
+
+
 class XVLMModel(XVLMPreTrainedModel):
     """X-VLM base model: image, region and text encoders, the fusion encoder and the ITC projections.
 
     Args:
         config: the model configuration.
-        add_projections: create `vision_proj`, `text_proj` and `temp` (the ITC space). The grounding head builds
-            its base model without them, as the official box model has none.
+        add_projections: create `vision_proj`, `text_proj` and `temp` (the ITC space). `None` (the default): unless
+            `config.architectures` names a head in `HEADS_WITHOUT_ITC`, so that `XVLMModel.from_pretrained` /
+            `AutoModel` on such a checkpoint has no untrained projections (`get_image_features` then raises a
+            `ValueError` naming the head, instead of returning features of random weights). The heads pass it.
     """
 
-    def __init__(self, config: XVLMConfig, add_projections: bool = True):
+    def __init__(self, config: XVLMConfig, add_projections: bool | None = None):
+        if add_projections is None:
+            add_projections = _saved_without_itc(config) is None
         super().__init__(config)
         self.vision_model = SwinModel(config.vision_config, add_pooling_layer=False)
         shrink_swin_windows(self.vision_model, config.vision_config)
@@ -265,8 +284,16 @@ class XVLMModel(XVLMPreTrainedModel):
         return pixel_values if pixel_values.dtype == dtype else pixel_values.to(dtype)
 
     def _require_projections(self) -> None:
-        if self.vision_proj is None:
-            raise ValueError("This XVLMModel was built with add_projections=False and has no ITC projections.")
+        if self.vision_proj is not None:
+            return
+        head = _saved_without_itc(self.config)
+        if head is not None:
+            raise ValueError(
+                f"This XVLMModel has no ITC projections (vision_proj, text_proj): its checkpoint was saved by {head}, "
+                "whose official model is trained without the contrastive loss. ITC features and rankings come from "
+                "a pre-training or retrieval checkpoint; encode_image / encode_text give the unprojected sequences."
+            )
+        raise ValueError("This XVLMModel was built with add_projections=False and has no ITC projections.")
 
     # -- encoders ---------------------------------------------------------------------------------------------
     def encode_image(self, pixel_values: torch.FloatTensor, **kwargs: Any) -> BaseModelOutputWithPooling:
@@ -458,6 +485,35 @@ class XVLMModel(XVLMPreTrainedModel):
             vision_model_output=image,
         )
 
+    @torch.no_grad()
+    def rank(
+        self,
+        pixel_values: torch.FloatTensor,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        k: int = 16,
+        batch_size: int = 64,
+        precision: str = "fp32",
+    ) -> RetrievalOutput:
+        """Rank a gallery by ITC alone: the top `k` texts of every image and images of every text, best first.
+
+        This is the candidate stage of `XVLMForRetrieval.rank` without its ITM re-ranking
+        (`modeling_xvlm.retrieval.retrieve(..., rerank=False)`): every image and text is encoded once, in batches of
+        `batch_size`, in `precision` ("fp32", or "bf16" autocast on the model's device); the similarities are
+        computed in fp32.
+
+        Returns:
+            `RetrievalOutput` with `i2t_indices` / `i2t_scores` `(n_images, min(k, n_texts))`, `t2i_indices` /
+            `t2i_scores` `(n_texts, min(k, n_images))` and `similarity` `(n_images, n_texts)`. The scores are ITC
+            cosine similarities (no temperature; `forward`'s `logits_per_image` divides them by `temp`, the same
+            order); `num_pairs_scored` is 0.
+        """
+        self._require_projections()
+        return retrieve(
+            self, pixel_values, input_ids, attention_mask, k=k, batch_size=batch_size, precision="fp32",
+            encode_precision=precision, rerank=False,
+        )
+
     # -- construction from Swin + BERT ---------------------------------------------------------------------------
     @classmethod
     def from_vision_text_pretrained(
@@ -552,8 +608,47 @@ def slice_output(output: BaseModelOutputWithCrossAttentions, rows: int) -> BaseM
     )
 
 
-class XVLMHeadMixin:
-    """Shared by the heads: embedding accessors delegating to `self.xvlm` and `from_vision_text_pretrained`."""
+class XVLMFeaturesMixin:
+    """`get_image_features` / `get_text_features` on a head, as `CLIPModel` has them: those of its base model
+    `self.xvlm`, with the same arguments and results (`BaseModelOutputWithPooling`, the L2-normalised ITC feature as
+    `pooler_output`; a tuple with `return_dict=False`), i.e. the features of an `XVLMModel` with the head's weights.
+
+    A head whose official model is trained without the contrastive loss has no ITC projections (`vision_proj`,
+    `text_proj`); the methods then raise a `ValueError` with the head's `_no_itc_features` (why, and what to use
+    instead) rather than return features of untrained weights.
+    """
+
+    #: Why this head has no ITC features, for the error of `get_*_features` (`None`: it has them).
+    _no_itc_features: str | None = None
+
+    def _itc_model(self, method: str, projection: str) -> XVLMModel:
+        """The base model if it has the `projection` (`vision_proj` / `text_proj`) that `method` needs; else the
+        `ValueError` naming the head."""
+        xvlm = getattr(self, "xvlm", None)
+        if getattr(xvlm, projection, None) is None:
+            reason = self._no_itc_features or f"its base model has no `{projection}`."
+            raise ValueError(
+                f"{type(self).__name__}.{method} needs the ITC projection `{projection}`, which this head does not "
+                f"have: {reason}"
+            )
+        return xvlm
+
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs: Any) -> BaseModelOutputWithPooling:
+        """`XVLMModel.get_image_features` of the base model: the image sequence `(batch, 1 + P, vision_width)` and
+        its ITC feature `(batch, projection_dim)` as `pooler_output`."""
+        return self._itc_model("get_image_features", "vision_proj").get_image_features(pixel_values, **kwargs)
+
+    def get_text_features(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> BaseModelOutputWithPooling:
+        """`XVLMModel.get_text_features` of the base model: text-encoder states `(batch, L, hidden)` and the ITC
+        feature `(batch, projection_dim)` as `pooler_output`."""
+        return self._itc_model("get_text_features", "text_proj").get_text_features(input_ids, attention_mask, **kwargs)
+
+
+class XVLMHeadMixin(XVLMFeaturesMixin):
+    """Shared by the heads: embedding accessors delegating to `self.xvlm`, the base model's feature getters
+    (`XVLMFeaturesMixin`) and `from_vision_text_pretrained`."""
 
     xvlm: XVLMModel
 

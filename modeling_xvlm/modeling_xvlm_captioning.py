@@ -23,6 +23,7 @@ from transformers.utils import ModelOutput, can_return_tuple
 from .configuration_xvlm import XVLMConfig, XVLMTextConfig
 from .losses import IGNORE_INDEX
 from .modeling_xvlm import (
+    XVLMFeaturesMixin,
     XVLMModel,
     XVLMPreTrainedModel,
     head_kwargs,
@@ -136,7 +137,7 @@ class XVLMForConditionalGenerationOutput(ModelOutput):
         return nested_to_tuple(self, ("vision_model_output",))
 
 
-class XVLMForConditionalGeneration(XVLMPreTrainedModel, GenerationMixin):
+class XVLMForConditionalGeneration(XVLMFeaturesMixin, XVLMPreTrainedModel, GenerationMixin):
     """X-VLM image captioning (official `models/model_captioning.py`): the X-VLM image encoder (`vision_model`)
     and a causal caption decoder (`text_decoder`, `captioning_decoder_config`) cross-attending to the image.
 
@@ -148,6 +149,11 @@ class XVLMForConditionalGeneration(XVLMPreTrainedModel, GenerationMixin):
     # The image side of `XVLMModel`, the same code: `encode_image` gives `[mean patch; patches]` after Swin.
     encode_image = XVLMModel.encode_image
     _check_pixel_values = XVLMModel._check_pixel_values
+    _no_itc_features = (
+        "the official captioning model (`models/model_captioning.py`) has no text encoder and no `vision_proj` / "
+        "`text_proj` (it is trained with the caption loss only). `model.encode_image(pixel_values)` gives the "
+        "unprojected image sequence; ITC features come from a pre-training or retrieval checkpoint."
+    )
 
     def __init__(self, config: XVLMConfig):
         super().__init__(config)

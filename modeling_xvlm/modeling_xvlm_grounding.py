@@ -77,6 +77,13 @@ class XVLMForGrounding(XVLMHeadMixin, XVLMPreTrainedModel):
     checkpoints have none), so every parameter is trained by the box loss.
     """
 
+    _no_itc_features = (
+        "the official box-grounding model (`models/model_bbox.py`) is trained without the contrastive loss and has "
+        "no `vision_proj` / `text_proj`. `model.xvlm.encode_image(pixel_values)` / `model.xvlm.encode_text("
+        "input_ids, attention_mask)` give the unprojected sequences; ITC features come from a pre-training or "
+        "retrieval checkpoint (weakly supervised grounding uses XVLMForRetrieval, which has them)."
+    )
+
     def __init__(self, config: XVLMConfig):
         super().__init__(config)
         self.xvlm = XVLMModel(config, add_projections=False)

@@ -177,6 +177,13 @@ class XVLMForImagesAndTextClassification(
     `pixel_values` are `(batch, 2, 3, H, W)` as for transformers' `ViltForImagesAndTextClassification`.
     """
 
+    _no_itc_features = (
+        "the official NLVR2 model (`models/model_nlvr.py`) is trained without the contrastive loss and has no "
+        "`vision_proj` / `text_proj`. `model.xvlm.encode_image(pixel_values)` (one image per row) / "
+        "`model.xvlm.encode_text(input_ids, attention_mask)` give the unprojected sequences; ITC features come from a "
+        "pre-training or retrieval checkpoint."
+    )
+
     def __init__(self, config: XVLMConfig):
         _check_nlvr2_config(config)
         super().__init__(config)
@@ -254,6 +261,12 @@ class XVLMForTextAssignment(_FromPretrainingMixin, _ImagePairMixin, XVLMHeadMixi
     in the official order of random draws, one example at a time, so a seeded run draws the official pairs.
     """
 
+    _no_itc_features = (
+        "the official NLVR2 domain pre-training (`models/model_nlvr_pretrain.py`) keeps `vision_proj` (for the pair "
+        "sampling: `get_image_features` works) but has no `text_proj` or `temp`. `model.xvlm.encode_text(input_ids, "
+        "attention_mask)` gives the unprojected text-encoder states."
+    )
+
     def __init__(self, config: XVLMConfig):
         _check_nlvr2_config(config)
         super().__init__(config)
@@ -262,10 +275,23 @@ class XVLMForTextAssignment(_FromPretrainingMixin, _ImagePairMixin, XVLMHeadMixi
         self.ta_head = nn.Linear(config.text_config.hidden_size, 3)
         self.post_init()
 
+    def _project_image(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """L2-normalised `vision_proj` feature `(B, projection_dim)` of image sequences `(B, 1 + P, width)`."""
+        return F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
+
+    @can_return_tuple
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs: Any) -> BaseModelOutputWithPooling:
+        """`XVLMModel.get_image_features` with this head's `vision_proj` (its base model has none): the image
+        sequence `(batch, 1 + P, vision_width)` and its ITC feature `(batch, projection_dim)`, the features
+        `sample_pairs` compares, as `pooler_output`."""
+        output = self.xvlm.encode_image(pixel_values, **kwargs)
+        output.pooler_output = self._project_image(output.last_hidden_state)
+        return output
+
     @torch.no_grad()
     def sample_pairs(self, image_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(pair_index (B, 2), labels (B,))` drawn from the image sequences `(B, 1 + P, width)` (official order)."""
-        features = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
+        features = self._project_image(image_embeds)
         weights = F.softmax(features @ features.t() / TA_SAMPLING_TEMPERATURE, dim=1)
         weights.fill_diagonal_(0)
         pairs, labels = [], []

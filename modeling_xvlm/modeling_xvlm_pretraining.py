@@ -91,7 +91,7 @@ class XVLMForPretraining(XVLMHeadMixin, XVLMPreTrainedModel):
 
     def __init__(self, config: XVLMConfig):
         super().__init__(config)
-        self.xvlm = XVLMModel(config)
+        self.xvlm = XVLMModel(config, add_projections=True)
         hidden = config.text_config.hidden_size
         self.itm_head = build_mlp(hidden, 2)
         self.bbox_head = build_mlp(hidden, 4)

@@ -77,7 +77,7 @@ class XVLMForRetrieval(XVLMHeadMixin, XVLMPreTrainedModel):
 
     def __init__(self, config: XVLMConfig):
         super().__init__(config)
-        self.xvlm = XVLMModel(config)
+        self.xvlm = XVLMModel(config, add_projections=True)
         self.itm_head = build_mlp(config.text_config.hidden_size, 2)
         self.post_init()
 

@@ -115,6 +115,13 @@ class XVLMForQuestionAnswering(XVLMHeadMixin, XVLMPreTrainedModel, GenerationMix
     Inference: `rank_answers` (the official ranking over a candidate list) or `generate` (free-form answers).
     """
 
+    _no_itc_features = (
+        "the official VQA model (`models/model_vqa.py`) is trained without the contrastive loss and has no "
+        "`vision_proj` / `text_proj`. `model.xvlm.encode_image(pixel_values)` / `model.xvlm.encode_text(input_ids, "
+        "attention_mask)` give the unprojected sequences; ITC features come from a pre-training or retrieval "
+        "checkpoint."
+    )
+
     def __init__(self, config: XVLMConfig):
         super().__init__(config)
         self.xvlm = XVLMModel(config, add_projections=False)

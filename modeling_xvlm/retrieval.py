@@ -23,8 +23,10 @@ scores through `itm_scores` too. In fp32 both give the same scores to float roun
 Low precision: `refine_top1` re-scores the near ties of a bf16 ranking in fp32, so that each query keeps the fp32
 top-1 among its candidates; `itc_similarity` keeps the candidate selection in fp32.
 
-This module imports only torch and numpy (no head module); `model` is any model with `xvlm` (an `XVLMModel`; or
-the `XVLMModel` itself for the encoders) and, for ITM scores, `itm_head`.
+This module imports only torch, numpy and transformers' `ModelOutput` (no head module); `model` is any model with
+`xvlm` (an `XVLMModel`; or the `XVLMModel` itself for the encoders and an ITC-only ranking) and, for ITM scores,
+`itm_head`. Its results (`EncodedImages`, `EncodedTexts`, `RetrievalOutput`) are `ModelOutput`s: fields by attribute,
+by key (`output["similarity"]`) or by position (`to_tuple()`, which leaves out `None` fields).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Any, Union
 
 import numpy as np
 import torch
+from transformers.utils import ModelOutput
 
 logger = logging.getLogger(__name__)
 
@@ -63,52 +66,62 @@ PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
-class EncodedImages:
+class EncodedImages(ModelOutput):
     """An encoded image gallery: `sequences` `(n, 1 + P, vision_width)` and ITC features `(n, projection_dim)`."""
 
-    sequences: torch.Tensor
-    features: torch.Tensor
+    sequences: torch.Tensor | None = None
+    features: torch.Tensor | None = None
 
     def float(self) -> EncodedImages:
         return EncodedImages(self.sequences.float(), self.features.float())
 
 
 @dataclass
-class EncodedTexts:
+class EncodedTexts(ModelOutput):
     """An encoded text gallery: text-encoder `states` `(n, L, hidden)`, `attention_mask` `(n, L)` and ITC
     `features` `(n, projection_dim)`."""
 
-    states: torch.Tensor
-    attention_mask: torch.Tensor
-    features: torch.Tensor
+    states: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    features: torch.Tensor | None = None
 
     def float(self) -> EncodedTexts:
         return EncodedTexts(self.states.float(), self.attention_mask, self.features.float())
 
 
 @dataclass
-class RetrievalOutput:
-    """Result of `rank_gallery` / `XVLMForRetrieval.rank`.
+class RetrievalOutput(ModelOutput):
+    """Result of `rank_gallery` / `XVLMForRetrieval.rank` / `XVLMModel.rank` (ITC only).
 
     Args:
-        i2t_indices: `(n_images, k)` text indices for each image, best first (by ITM logit).
-        i2t_scores: `(n_images, k)` their raw ITM logits.
+        i2t_indices: `(n_images, k)` text indices for each image, best first (by ITM logit; by ITC similarity
+            without re-ranking).
+        i2t_scores: `(n_images, k)` their raw ITM logits (ITC cosine similarities without re-ranking).
         t2i_indices: `(n_texts, k)` image indices for each text, best first.
-        t2i_scores: `(n_texts, k)` their raw ITM logits.
+        t2i_scores: `(n_texts, k)` their raw ITM logits (ITC cosine similarities without re-ranking).
         similarity: `(n_images, n_texts)` ITC cosine similarities of all pairs (no temperature).
-        num_pairs_scored: number of distinct (image, text) pairs that went through the fusion encoder.
+        num_pairs_scored: number of distinct (image, text) pairs that went through the fusion encoder (0 without
+            re-ranking).
         num_pairs_refined: pairs re-scored in fp32 by `refine_top1` (0 when not refined).
         top1_margin: the margin `refine_top1` used in the end (`None` when not refined).
     """
 
-    i2t_indices: torch.Tensor
-    i2t_scores: torch.Tensor
-    t2i_indices: torch.Tensor
-    t2i_scores: torch.Tensor
-    similarity: torch.Tensor
-    num_pairs_scored: int = 0
-    num_pairs_refined: int = 0
+    i2t_indices: torch.Tensor | None = None
+    i2t_scores: torch.Tensor | None = None
+    t2i_indices: torch.Tensor | None = None
+    t2i_scores: torch.Tensor | None = None
+    similarity: torch.Tensor | None = None
+    num_pairs_scored: int | None = None
+    num_pairs_refined: int | None = None
     top1_margin: float | None = None
+
+    def __post_init__(self) -> None:
+        # ModelOutput fields must default to None; the counts mean 0 when not given.
+        if self.num_pairs_scored is None:
+            self.num_pairs_scored = 0
+        if self.num_pairs_refined is None:
+            self.num_pairs_refined = 0
+        super().__post_init__()
 
 
 def _batches(n: int, batch_size: int):

@@ -165,3 +165,135 @@ def test_a_processor_batch_with_boxes_goes_straight_into_grounding_and_pretraini
     assert grounding.loss is not None and grounding.pred_boxes.shape == (3, 4)
     pretraining = XVLMForPretraining(config).eval()(**batch)
     assert pretraining.loss is not None and pretraining.loss_bbox_l1 is not None and pretraining.loss_itc is not None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLIP-style features on every head (`XVLMFeaturesMixin`) and on the base model of any checkpoint
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _all_heads() -> dict[str, type]:
+    import modeling_xvlm
+    from modeling_xvlm.modeling_xvlm_nlvr import nlvr2_config
+
+    names = ("XVLMForRetrieval", "XVLMForPretraining", "XVLMForGrounding", "XVLMForQuestionAnswering",
+             "XVLMForConditionalGeneration", "XVLMForImagesAndTextClassification", "XVLMForTextAssignment")
+    pair_heads = {"XVLMForImagesAndTextClassification", "XVLMForTextAssignment"}
+    return {name: (getattr(modeling_xvlm, name), nlvr2_config(_config()) if name in pair_heads else _config())
+            for name in names}
+
+
+@pytest.mark.parametrize("name", ["XVLMForRetrieval", "XVLMForPretraining"])
+def test_head_features_are_those_of_the_base_model_it_saves(name, tiny_inputs, tmp_path):
+    """A head's `get_*_features` equal those of `XVLMModel.from_pretrained(head folder)` (independent load)."""
+    cls, config = _all_heads()[name]
+    torch.manual_seed(0)
+    head = cls(config).eval()
+    head.save_pretrained(tmp_path)
+    base = XVLMModel.from_pretrained(tmp_path).eval()
+    pixel_values, input_ids, mask = tiny_inputs["pixel_values"], tiny_inputs["input_ids"], tiny_inputs["attention_mask"]
+    with torch.no_grad():
+        image, text = head.get_image_features(pixel_values), head.get_text_features(input_ids, mask)
+        expected_image = torch.nn.functional.normalize(base.vision_proj(base.encode_image(pixel_values)
+                                                                         .last_hidden_state[:, 0]), dim=-1)
+        expected_text = torch.nn.functional.normalize(base.text_proj(base.encode_text(input_ids, mask)
+                                                                     .last_hidden_state[:, 0]), dim=-1)
+        as_tuple = head.get_image_features(pixel_values, return_dict=False)
+    assert image.pooler_output.shape == (2, config.projection_dim)
+    torch.testing.assert_close(image.pooler_output, expected_image, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(text.pooler_output, expected_text, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(image.pooler_output.norm(dim=-1), torch.ones(2))
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[1], image.pooler_output)
+
+
+@pytest.mark.parametrize("name", ["XVLMForGrounding", "XVLMForQuestionAnswering", "XVLMForConditionalGeneration",
+                                  "XVLMForImagesAndTextClassification", "XVLMForTextAssignment"])
+def test_heads_without_itc_projections_say_so_and_their_base_model_too(name, tiny_inputs, tmp_path):
+    """No features of untrained weights: the head and `XVLMModel` / `AutoModel` on its checkpoint raise, naming it."""
+    from transformers import AutoModel
+
+    cls, config = _all_heads()[name]
+    head = cls(config).eval()
+    official_file = {"XVLMForGrounding": "model_bbox.py", "XVLMForQuestionAnswering": "model_vqa.py",
+                     "XVLMForConditionalGeneration": "model_captioning.py",
+                     "XVLMForImagesAndTextClassification": "model_nlvr.py",
+                     "XVLMForTextAssignment": "model_nlvr_pretrain.py"}[name]
+    with pytest.raises(ValueError, match=rf"{name}\.get_text_features needs .*text_proj.*{official_file}"):
+        head.get_text_features(tiny_inputs["input_ids"], tiny_inputs["attention_mask"])
+    if name != "XVLMForTextAssignment":  # it has `vision_proj` (next test)
+        with pytest.raises(ValueError, match=rf"{name}\.get_image_features needs .*vision_proj.*{official_file}"):
+            head.get_image_features(tiny_inputs["pixel_values"])
+    head.save_pretrained(tmp_path)
+    for base in (XVLMModel.from_pretrained(tmp_path), AutoModel.from_pretrained(tmp_path)):
+        assert type(base) is XVLMModel and base.vision_proj is None and base.text_proj is None and base.temp is None
+        with pytest.raises(ValueError, match=rf"saved by {name}.*pre-training or retrieval checkpoint"):
+            base.get_image_features(tiny_inputs["pixel_values"])
+        with pytest.raises(ValueError, match=rf"saved by {name}"):
+            base.rank(tiny_inputs["pixel_values"], tiny_inputs["input_ids"], tiny_inputs["attention_mask"])
+        with torch.no_grad():  # the unprojected encoders still work
+            assert base.encode_image(tiny_inputs["pixel_values"]).last_hidden_state.shape[:2] == (2, 65)
+
+
+def test_heads_without_itc_match_the_base_model_rule():
+    from modeling_xvlm.modeling_xvlm import HEADS_WITHOUT_ITC
+
+    without = {name for name, (cls, _) in _all_heads().items() if cls._no_itc_features is not None}
+    assert without == set(HEADS_WITHOUT_ITC)
+
+
+def test_text_assignment_image_features_use_its_vision_proj(tiny_inputs):
+    from modeling_xvlm import XVLMForTextAssignment
+    from modeling_xvlm.modeling_xvlm_nlvr import nlvr2_config
+
+    torch.manual_seed(0)
+    model = XVLMForTextAssignment(nlvr2_config(_config())).eval()
+    with torch.no_grad():
+        features = model.get_image_features(tiny_inputs["pixel_values"])
+        sequence = model.xvlm.encode_image(tiny_inputs["pixel_values"]).last_hidden_state
+        expected = sequence[:, 0] @ model.vision_proj.weight.t() + model.vision_proj.bias
+        expected = expected / expected.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(features.last_hidden_state, sequence)
+    torch.testing.assert_close(features.pooler_output, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_base_model_rank_is_the_itc_ranking(tiny_inputs):
+    """`XVLMModel.rank`: top-k of the cosine similarities computed here from the projections, both ways."""
+    torch.manual_seed(0)
+    model = XVLMModel(_config()).eval()
+    generator = torch.Generator().manual_seed(3)
+    pixel_values = torch.randn(5, 3, 64, 64, generator=generator)
+    input_ids = torch.randint(5, model.config.text_config.vocab_size, (4, 6), generator=generator)
+    input_ids[:, 0] = 2
+    mask = torch.ones_like(input_ids)
+    mask[2, 4:] = 0
+    out = model.rank(pixel_values, input_ids, mask, k=3, batch_size=2)
+    with torch.no_grad():
+        image = model.vision_proj(model.encode_image(pixel_values).last_hidden_state[:, 0])
+        text = model.text_proj(model.encode_text(input_ids, mask).last_hidden_state[:, 0])
+    similarity = (image / image.norm(dim=-1, keepdim=True)) @ (text / text.norm(dim=-1, keepdim=True)).t()
+    torch.testing.assert_close(out.similarity, similarity, rtol=1e-5, atol=1e-6)
+    assert out.i2t_indices.shape == (5, 3) and out.t2i_indices.shape == (4, 3)
+    assert torch.equal(out.i2t_indices, similarity.topk(3, dim=1).indices)
+    assert torch.equal(out.t2i_indices, similarity.t().topk(3, dim=1).indices)
+    torch.testing.assert_close(out.i2t_scores, similarity.topk(3, dim=1).values, rtol=1e-5, atol=1e-6)
+    assert out.num_pairs_scored == 0 and out.num_pairs_refined == 0
+    # a ModelOutput: keys, dict access and to_tuple
+    assert torch.equal(out["similarity"], out.similarity)
+    assert list(out.keys())[:5] == ["i2t_indices", "i2t_scores", "t2i_indices", "t2i_scores", "similarity"]
+    assert torch.equal(out.to_tuple()[0], out.i2t_indices)
+    # k larger than the gallery is clamped
+    assert model.rank(pixel_values, input_ids, mask, k=50).t2i_indices.shape == (4, 5)
+
+
+def test_encoded_galleries_are_model_outputs(tiny_inputs):
+    from transformers.utils import ModelOutput
+
+    from modeling_xvlm.retrieval import encode_images, encode_texts
+
+    model = XVLMModel(_config()).eval()
+    images = encode_images(model, tiny_inputs["pixel_values"], batch_size=1)
+    texts = encode_texts(model, tiny_inputs["input_ids"], tiny_inputs["attention_mask"], batch_size=1)
+    assert isinstance(images, ModelOutput) and isinstance(texts, ModelOutput)
+    assert torch.equal(images["features"], images.features) and images.features.shape == (2, 16)
+    assert torch.equal(texts.to_tuple()[1], tiny_inputs["attention_mask"])
+    assert torch.equal(images.float().sequences, images.sequences)

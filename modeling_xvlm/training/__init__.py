@@ -5,6 +5,8 @@
   augmentations, task collators, pre-training and grounding batches, MLM masking, step-indexed data.
 * :mod:`.checkpointing` - atomic, exactly resumable checkpoints.
 * :mod:`.scst` - self-critical sequence training of the captioner (official ``Captioning_scst.py``).
+* :mod:`.trainer` - :class:`XVLMTrainer`, ``transformers.Trainer`` that keeps the collators' columns and evaluates
+  without augmentation.
 * :mod:`.train` - ``xvlm-train`` (accelerate); :mod:`.evaluate` - ``xvlm-eval``; :mod:`.main_job` - the CPU demo.
 """
 
@@ -26,7 +28,13 @@ from .collators import (
 )
 from .data import CaptionRecords
 from .masking import XVLMTextMasker, mask_token_ids
-from .region_collators import XVLMGroundingCollator, XVLMPretrainCollator, XVLMRegionSampler, mentions_left_right
+from .region_collators import (
+    XVLMGroundingCollator,
+    XVLMPretrainCollator,
+    XVLMRegionSampler,
+    mentions_left_right,
+    require_columns,
+)
 from .evaluate import (
     evaluate_captioning,
     evaluate_grounding,
@@ -49,6 +57,7 @@ from .recipe import (
 )
 from .scst import XVLMSelfCriticalCaptioning, sample_captions, scst_document_frequencies, scst_loss
 from .train import TrainConfig, train
+from .trainer import XVLMTrainer, evaluation_collator
 
 __all__ = [
     "BoxSafeRegionSampler",
@@ -69,6 +78,7 @@ __all__ = [
     "XVLMSelfCriticalCaptioning",
     "XVLMTextAssignmentCollator",
     "XVLMTextMasker",
+    "XVLMTrainer",
     "XVLMVQACollator",
     "captioning_train_transform",
     "create_optimizer",
@@ -78,6 +88,7 @@ __all__ = [
     "evaluate_nlvr2",
     "evaluate_retrieval",
     "evaluate_vqa",
+    "evaluation_collator",
     "get_recipe",
     "grounding_accuracy",
     "latest_checkpoint",
@@ -87,6 +98,7 @@ __all__ = [
     "nlvr2_train_transform",
     "load_checkpoint",
     "parameter_groups",
+    "require_columns",
     "sample_captions",
     "save_checkpoint",
     "scst_document_frequencies",

@@ -29,11 +29,17 @@
 
 Every collator draws its randomness from ``self.rng`` (a ``random.Random``); :func:`reseed` re-seeds a collator
 and every RNG it holds, which the training loop does before each batch so that a batch is a function of its seed.
-All collators work with ``transformers.Trainer`` (set ``remove_unused_columns=False``: they need the raw columns).
+
+Every collator names the row columns it reads (``input_columns``) and checks them first
+(:func:`~modeling_xvlm.training.region_collators.require_columns`), so rows stripped by ``transformers.Trainer``'s
+default ``remove_unused_columns=True`` fail at the first batch with the setting to change;
+:class:`~modeling_xvlm.training.XVLMTrainer` keeps those columns. The augmenting collators have ``for_evaluation()``:
+the same collator without its random training transform, which ``XVLMTrainer`` uses for evaluation.
 """
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -45,7 +51,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from ..modeling_xvlm_captioning import CAPTION_PROMPT
 from ..processing import encode_texts, load_image_rgb, pre_caption
 from .augment import RandomAugment, hflip, random_resized_crop
-from .region_collators import XVLMRegionSampler, mentions_left_right
+from .region_collators import XVLMGroundingCollator, XVLMRegionSampler, mentions_left_right, require_columns
 
 __all__ = [
     "XVLMImageTextTransform",
@@ -154,7 +160,20 @@ class BoxSafeRegionSampler:
         return image, entries
 
 
-class XVLMRetrievalCollator:
+class _AugmentingCollator:
+    """A collator whose random training augmentation is ``self.transform`` (``None``: the evaluation resize)."""
+
+    transform: XVLMImageTextTransform | None
+
+    def for_evaluation(self):
+        """A copy of this collator without its training transform (the processor's square bicubic resize): the
+        deterministic evaluation batches."""
+        evaluation = copy.copy(self)
+        evaluation.transform = None
+        return evaluation
+
+
+class XVLMRetrievalCollator(_AugmentingCollator):
     """Image-caption pairs -> ``pixel_values``, ``input_ids``, ``attention_mask``, ``image_ids`` (the retrieval
     targets) and ``return_loss=True``.
 
@@ -168,12 +187,15 @@ class XVLMRetrievalCollator:
             bicubic resize by the processor).
     """
 
+    input_columns: tuple[str, ...] = ("image", "caption", "image_index")
+
     def __init__(self, processor, transform: XVLMImageTextTransform | None = None) -> None:
         self.processor = processor
         self.transform = transform
         self.rng = random.Random()
 
     def __call__(self, rows: Sequence[dict]) -> BatchFeature:
+        require_columns(rows, ["image", "caption"], "retrieval")
         texts = [r["caption"] for r in rows]
         if self.transform is not None:
             images = [self.transform(r["image"], [r["caption"]]) for r in rows]
@@ -208,7 +230,12 @@ class XVLMGroundingTrainCollator:
         processor: an ``XVLMProcessor`` (its image processor's size is the model input).
         crop, hflip_prob, careful_hflip, left_right_test: see :class:`~modeling_xvlm.training.region_collators.XVLMRegionSampler`.
         randaugment: apply box-safe RandAugment (official True).
+
+    ``for_evaluation()`` gives the evaluation collator: :class:`XVLMGroundingCollator`, the processor's output
+    without any crop, flip or RandAugment.
     """
+
+    input_columns: tuple[str, ...] = ("image", "text", "caption", "bbox")
 
     def __init__(
         self,
@@ -235,7 +262,12 @@ class XVLMGroundingTrainCollator:
         self.randaugment = RandomAugment(box_safe=True) if randaugment else None
         self.rng = random.Random()
 
+    def for_evaluation(self) -> XVLMGroundingCollator:
+        """The un-augmented batches of the same rows (``labels`` in the same normalised ``cxcywh``)."""
+        return XVLMGroundingCollator(self.processor, box_format="xywh")
+
     def __call__(self, rows: Sequence[dict]) -> BatchFeature:
+        require_columns(rows, ["image", ("text", "caption"), "bbox"], "grounding")
         images, texts, boxes = [], [], []
         size = self.sampler.image_size
         for r in rows:
@@ -289,7 +321,7 @@ def nlvr2_label(value: Any) -> int:
     return label
 
 
-class XVLMNLVR2Collator:
+class XVLMNLVR2Collator(_AugmentingCollator):
     """NLVR2 rows ``{"left_image", "right_image", "sentence", "label"}`` -> ``pixel_values`` ``(B, 2, 3, H, W)``
     (left, right), ``input_ids``, ``attention_mask`` (``[CLS] words``, ``pre_caption``-cleaned, no [SEP]) and
     ``labels`` ``(B,)`` (1 = the sentence is true of the pair; rows without ``label`` give no ``labels``).
@@ -306,6 +338,8 @@ class XVLMNLVR2Collator:
         left_right_test: ``"word"`` (default) or ``"substring"`` (the official test).
     """
 
+    input_columns: tuple[str, ...] = ("left_image", "right_image", "sentence", "label")
+
     def __init__(self, processor, transform: XVLMImageTextTransform | None = None,
                  left_right_test: str = "word") -> None:
         self.processor = processor
@@ -314,11 +348,9 @@ class XVLMNLVR2Collator:
         self.rng = random.Random()
 
     def __call__(self, rows: Sequence[dict]) -> BatchFeature:
+        require_columns(rows, ["left_image", "right_image", "sentence"], "NLVR2")
         images, sentences, labels = [], [], []
-        for k, r in enumerate(rows):
-            missing = [key for key in ("left_image", "right_image", "sentence") if key not in r]
-            if missing:
-                raise ValueError(f"NLVR2 row {k} has no {', '.join(missing)} (keys: {sorted(r)})")
+        for r in rows:
             sentence = r["sentence"]
             pair = [r["left_image"], r["right_image"]]
             if self.transform is not None:
@@ -377,7 +409,7 @@ def vqa_answer_weights(answers: Sequence[str], source: str = "") -> tuple[list[s
     return list(counts), [n / len(answers) for n in counts.values()]
 
 
-class XVLMVQACollator:
+class XVLMVQACollator(_AugmentingCollator):
     """VQA rows ``{"image", "question", "answers", "source"}`` -> ``XVLMForQuestionAnswering.forward`` inputs:
 
     * ``pixel_values`` ``(B, 3, H, W)``;
@@ -403,6 +435,8 @@ class XVLMVQACollator:
         hflip_prob: probability of the careful flip (official 0.5).
         careful_hflip: skip the flip when a text says left/right (official: always).
     """
+
+    input_columns: tuple[str, ...] = ("image", "question", "answers", "source", "question_id")
 
     def __init__(
         self,
@@ -433,10 +467,7 @@ class XVLMVQACollator:
         return self.transform(image, allow_flip=False)
 
     def __call__(self, rows: Sequence[dict]) -> BatchFeature:
-        for k, r in enumerate(rows):
-            missing = [key for key in ("image", "question") if key not in r]
-            if missing:
-                raise ValueError(f"VQA row {k} has no {', '.join(missing)} (keys: {sorted(r)})")
+        require_columns(rows, ["image", "question"], "VQA")
         with_answers = [bool(r.get("answers")) for r in rows]
         if self.transform is not None and not all(with_answers):
             k = with_answers.index(False)
@@ -492,7 +523,7 @@ def encode_questions(
     return torch.tensor(ids, dtype=torch.long), torch.tensor(att, dtype=torch.long)
 
 
-class XVLMTextAssignmentCollator:
+class XVLMTextAssignmentCollator(_AugmentingCollator):
     """Image-text rows -> ``XVLMForTextAssignment`` inputs: ``pixel_values`` ``(B, 3, H, W)``, ``input_ids``,
     ``attention_mask`` and ``return_loss=True`` (the model draws the image pairs and their labels itself, so a
     batch has no ``labels``; ``return_loss`` makes ``Trainer`` report an evaluation loss).
@@ -502,12 +533,15 @@ class XVLMTextAssignmentCollator:
     ``pretrain_transform`` (``XVLMImageTextTransform(scale=(0.2, 1))``); ``transform=None`` resizes only.
     """
 
+    input_columns: tuple[str, ...] = ("image", "caption", "captions")
+
     def __init__(self, processor, transform: XVLMImageTextTransform | None = None) -> None:
         self.processor = processor
         self.transform = transform
         self.rng = random.Random()
 
     def __call__(self, rows: Sequence[dict]) -> BatchFeature:
+        require_columns(rows, ["image", ("caption", "captions")], "text-assignment")
         images, texts = [], []
         for k, r in enumerate(rows):
             captions = r["caption"] if "caption" in r else r.get("captions")
@@ -578,7 +612,7 @@ def _row_captions(row: dict, k: int, what: str) -> list[str]:
     return list(captions)
 
 
-class XVLMCaptioningCollator:
+class XVLMCaptioningCollator(_AugmentingCollator):
     """Image-caption rows -> ``XVLMForConditionalGeneration.forward`` inputs:
 
     * ``pixel_values`` ``(B, 3, H, W)``;
@@ -601,6 +635,8 @@ class XVLMCaptioningCollator:
             ``None``: the processor's ``max_length``).
     """
 
+    input_columns: tuple[str, ...] = ("image", "caption", "captions")
+
     def __init__(
         self,
         processor,
@@ -621,6 +657,7 @@ class XVLMCaptioningCollator:
         self.rng = random.Random()
 
     def __call__(self, rows: Sequence[dict]) -> BatchFeature:
+        require_columns(rows, ["image", ("caption", "captions")], "captioning")
         images, captions = [], []
         for k, r in enumerate(rows):
             choices = _row_captions(r, k, "captioning")
@@ -642,7 +679,7 @@ class XVLMCaptioningCollator:
         )
 
 
-class XVLMCaptioningSCSTCollator:
+class XVLMCaptioningSCSTCollator(_AugmentingCollator):
     """Image rows ``{"image", "captions"}`` -> self-critical batches (official ``coco_karpathy_train_scst``):
 
     * ``pixel_values`` ``(B, 3, H, W)`` (``transform``: the official ``train_transform``,
@@ -655,6 +692,8 @@ class XVLMCaptioningSCSTCollator:
     A row's ``caption`` (the record's own caption, when the rows are one per image and caption) is ignored: the
     official SCST record only selects the image.
     """
+
+    input_columns: tuple[str, ...] = ("image", "captions")
 
     def __init__(
         self,
@@ -672,6 +711,7 @@ class XVLMCaptioningSCSTCollator:
         self.rng = random.Random()
 
     def __call__(self, rows: Sequence[dict]) -> BatchFeature:
+        require_columns(rows, ["image", "captions"], "SCST")
         images, references = [], []
         for k, r in enumerate(rows):
             row = {key: v for key, v in r.items() if key != "caption"}

@@ -6,6 +6,8 @@
 * :class:`XVLMPretrainCollator` — rows -> a pre-training batch (unique images, ``image_index``, region masks, MLM
   inputs and labels, box ``labels``, ``is_image``).
 * :class:`XVLMGroundingCollator` — rows ``{"image", "text", "bbox"}`` -> ``XVLMForGrounding`` inputs.
+* :func:`require_columns` — the row check every collator starts with (a missing column is named, with the
+  ``transformers.Trainer`` setting that drops columns).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import PIL.Image
@@ -26,7 +28,39 @@ from ..processing import encode_texts, load_image_rgb
 from ..processing.boxes import normalize_boxes, region_masks_from_boxes, scale_boxes_to_input
 from .masking import XVLMTextMasker
 
-__all__ = ["XVLMRegionSampler", "XVLMPretrainCollator", "XVLMGroundingCollator", "mentions_left_right"]
+__all__ = [
+    "XVLMRegionSampler",
+    "XVLMPretrainCollator",
+    "XVLMGroundingCollator",
+    "mentions_left_right",
+    "require_columns",
+]
+
+#: Why a column a collator needs can be missing although the dataset has it.
+TRAINER_COLUMNS_HINT = (
+    "transformers.Trainer removes the dataset columns that are not arguments of the model's forward unless "
+    "TrainingArguments(remove_unused_columns=False) is set; modeling_xvlm.training.XVLMTrainer keeps the columns "
+    "its collator reads"
+)
+
+
+def require_columns(rows: Sequence[Any], columns: Sequence[str | tuple[str, ...]], what: str) -> None:
+    """Check that every row is a mapping with each of ``columns`` (a tuple: any one of its names).
+
+    Raises:
+        TypeError: a row is not a mapping.
+        ValueError: the first row that lacks a column, naming the missing columns, the row's keys and
+            :data:`TRAINER_COLUMNS_HINT`.
+    """
+    for k, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise TypeError(f"{what} rows must be dicts of columns, row {k} is a {type(row).__name__}")
+        alternatives = [(column,) if isinstance(column, str) else tuple(column) for column in columns]
+        missing = [" or ".join(names) for names in alternatives if not any(n in row for n in names)]
+        if missing:
+            raise ValueError(
+                f"{what} row {k} has no {', '.join(missing)} column (it has {sorted(row)}): {TRAINER_COLUMNS_HINT}"
+            )
 
 _WORD_START_LEFT_RIGHT = re.compile(r"\b(left|right)", re.IGNORECASE)
 
@@ -215,6 +249,9 @@ class XVLMPretrainCollator:
         seed: seeds the default masker / sampler and the text sampling.
     """
 
+    #: The row columns this collator reads (``XVLMTrainer`` keeps them in the dataset).
+    input_columns: tuple[str, ...] = ("image", "caption", "objects")
+
     def __init__(
         self,
         processor,
@@ -248,6 +285,7 @@ class XVLMPretrainCollator:
         return row["image"], ([] if cap is None else [(cap, None, 1)]), None
 
     def __call__(self, rows: Sequence[dict]):
+        require_columns(rows, ["image"], "pre-training")
         images, entries, image_of, space = [], [], [], []
         for row in rows:
             image, ents, box_space = self._entries(row)
@@ -308,8 +346,11 @@ class XVLMGroundingCollator:
 
     Returns ``pixel_values``, ``input_ids``, ``attention_mask`` and ``labels`` (normalised cxcywh target boxes,
     ``(B, 4)``); with ``return_target_sizes`` also ``target_sizes`` ``(B, 2)`` (height, width) for
-    ``post_process_grounding`` (pop it before calling the model).
+    ``post_process_grounding`` (pop it before calling the model). No augmentation: the evaluation batches of
+    :class:`~modeling_xvlm.training.XVLMGroundingTrainCollator` (its ``for_evaluation()``).
     """
+
+    input_columns: tuple[str, ...] = ("image", "text", "caption", "bbox")
 
     def __init__(self, processor, box_format: str = "xywh", return_target_sizes: bool = False) -> None:
         self.processor = processor
@@ -317,6 +358,7 @@ class XVLMGroundingCollator:
         self.return_target_sizes = return_target_sizes
 
     def __call__(self, rows: Sequence[dict]):
+        require_columns(rows, ["image", ("text", "caption")], "grounding")
         images = [r["image"] for r in rows]
         texts = [r["text"] if "text" in r else r["caption"] for r in rows]
         boxes = [r.get("bbox") for r in rows]
