@@ -23,7 +23,7 @@ scores through `itm_scores` too. In fp32 both give the same scores to float roun
 Low precision: `refine_top1` re-scores the near ties of a bf16 ranking in fp32, so that each query keeps the fp32
 top-1 among its candidates; `itc_similarity` keeps the candidate selection in fp32.
 
-This module imports only torch, numpy and transformers' `ModelOutput` (no head module); `model` is any model with
+This module imports only torch, numpy, tqdm and transformers' `ModelOutput` (no head module); `model` is any model with
 `xvlm` (an `XVLMModel`; or the `XVLMModel` itself for the encoders and an ITC-only ranking) and, for ITM scores,
 `itm_head`. Its results (`EncodedImages`, `EncodedTexts`, `RetrievalOutput`) are `ModelOutput`s: fields by attribute,
 by key (`output["similarity"]`) or by position (`to_tuple()`, which leaves out `None` fields).
@@ -33,11 +33,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Union
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers.utils import ModelOutput
 
 logger = logging.getLogger(__name__)
@@ -124,11 +125,15 @@ class RetrievalOutput(ModelOutput):
         super().__post_init__()
 
 
-def _batches(n: int, batch_size: int):
+def batch_slices(n: int, batch_size: int, desc: str | None = None, progress: bool = False) -> Iterator[slice]:
+    """`slice`s of `range(n)`, `batch_size` items each; with `progress`, a tqdm bar `desc` counting the items."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    for start in range(0, n, batch_size):
-        yield slice(start, min(start + batch_size, n))
+    with tqdm(total=n, desc=desc, disable=not progress, mininterval=1.0, dynamic_ncols=True) as bar:
+        for start in range(0, n, batch_size):
+            part = slice(start, min(start + batch_size, n))
+            yield part
+            bar.update(part.stop - part.start)
 
 
 def _xvlm(model: Any) -> Any:
@@ -173,11 +178,12 @@ def encode_images(
     images: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
     batch_size: int = 64,
     num_images: int | None = None,
+    progress: bool = False,
 ) -> EncodedImages:
     """Encode each image once, in batches: sequences and ITC features (on the model's device).
 
     `images`: pixel values `(n, 3, H, W)`, or a function `indices -> pixel values` (images loaded per batch) with
-    `num_images`."""
+    `num_images`. `progress`: a progress bar."""
     if isinstance(images, torch.Tensor):
         num_images = images.shape[0]
     elif num_images is None:
@@ -185,7 +191,7 @@ def encode_images(
     parameter = _parameter(model)
     dtype = parameter.dtype if parameter.dtype.is_floating_point else None
     sequences, features = [], []
-    for part in _batches(num_images, batch_size):
+    for part in batch_slices(num_images, batch_size, "encode images", progress):
         if isinstance(images, torch.Tensor):
             pixels = images[part]
         else:
@@ -198,14 +204,16 @@ def encode_images(
 
 @torch.no_grad()
 def encode_texts(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, batch_size: int = 64
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, batch_size: int = 64,
+    progress: bool = False,
 ) -> EncodedTexts:
-    """Encode each text once, in batches: text-encoder states, masks and ITC features (on the model's device)."""
+    """Encode each text once, in batches: text-encoder states, masks and ITC features (on the model's device).
+    `progress`: a progress bar."""
     device = _parameter(model).device
     input_ids = input_ids.to(device)
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
     states, features = [], []
-    for part in _batches(input_ids.shape[0], batch_size):
+    for part in batch_slices(input_ids.shape[0], batch_size, "encode texts", progress):
         out = _xvlm(model).get_text_features(input_ids[part], attention_mask[part])
         states.append(out.last_hidden_state)
         features.append(out.pooler_output)
@@ -235,6 +243,7 @@ def score_pairs(
     batch_size: int = 64,
     trim_padding: bool = True,
     length_bucket: int = 8,
+    progress: bool = False,
 ) -> torch.Tensor:
     """ITM logits `(n_pairs,)` (float32, `itm_scores`) of the pairs `(image_idx[p], text_idx[p])`, in fusion
     batches of `batch_size` pairs.
@@ -242,7 +251,7 @@ def score_pairs(
     Within a batch each distinct image is fused once for all its texts (`image_index`: its keys/values are
     computed once per fusion layer). Pairs are processed ordered by image; with `trim_padding` (default) they are
     first grouped by text length (buckets of `length_bucket` tokens) and each batch is cut to its longest text,
-    which leaves every score unchanged (the cut positions are masked padding).
+    which leaves every score unchanged (the cut positions are masked padding). `progress`: a progress bar.
     """
     n_pairs = image_idx.shape[0]
     scores = torch.empty(n_pairs, dtype=torch.float32, device=images.sequences.device)
@@ -256,7 +265,7 @@ def score_pairs(
         bucket = torch.div(lengths + length_bucket - 1, length_bucket, rounding_mode="floor")
         order_key = bucket * (n_images * n_texts) + order_key
     order = order_key.argsort()
-    for part in _batches(n_pairs, batch_size):
+    for part in batch_slices(n_pairs, batch_size, "ITM re-ranking (pairs)", progress):
         rows = order[part]
         img, txt = image_idx[rows], text_idx[rows]
         length = int(lengths[rows].max()) if lengths is not None else texts.states.shape[1]
@@ -284,13 +293,15 @@ def rank_gallery(
     trim_padding: bool = True,
     directions: str = "both",
     rerank: bool = True,
+    progress: bool = False,
 ) -> RetrievalOutput:
     """ITC top-`k` in both directions, then ITM re-ranking of the union of candidate pairs (each scored once).
 
     `batch_size` and `trim_padding` go to `score_pairs`; every choice gives the scores of
     `official_protocol_scores` (fp32: equal to float rounding, identical rankings). `directions="i2t"` (texts for
     each image) or `"t2i"` (images for each text) ranks one direction only; the other's indices and scores are then
-    empty `(n, 0)`. `rerank=False` keeps the ITC order and scores (no ITM head needed)."""
+    empty `(n, 0)`. `rerank=False` keeps the ITC order and scores (no ITM head needed). `progress`: a progress bar
+    of the re-ranking."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}.")
     if directions not in DIRECTIONS:
@@ -318,6 +329,7 @@ def rank_gallery(
         pair_ids % n_texts,
         batch_size,
         trim_padding=trim_padding,
+        progress=progress,
     )
 
     def lookup(ids: torch.Tensor) -> torch.Tensor:
@@ -506,6 +518,7 @@ def retrieve(
     num_images: int | None = None,
     directions: str = "both",
     rerank: bool = True,
+    progress: bool = False,
 ) -> RetrievalOutput:
     """Rank a gallery (official `Retrieval.py` protocol): encode (what is not encoded yet), ITC top-`k`, ITM
     re-ranking (`rank_gallery`); the orchestration behind `XVLMForRetrieval.rank`, `xvlm-eval` and the
@@ -523,6 +536,7 @@ def retrieve(
             candidates, so a bf16 re-ranking then keeps the fp32 top-1 exactly; bf16 encodings are upcast for an
             fp32 re-ranking.
         directions, rerank: as in `rank_gallery`.
+        progress: progress bars of the encoding and the re-ranking (`xvlm-eval`).
     """
     encode_precision = precision if encode_precision is None else encode_precision
     for name, value in (("precision", precision), ("encode_precision", encode_precision)):
@@ -532,14 +546,15 @@ def retrieve(
         raise ValueError("top1_margin only applies to precision='bf16' (fp32 rankings need no refinement).")
     with _autocast(model, encode_precision):
         encoded_images = images if isinstance(images, EncodedImages) else encode_images(
-            model, images, batch_size, num_images)
+            model, images, batch_size, num_images, progress)
         encoded_texts = texts if isinstance(texts, EncodedTexts) else encode_texts(
-            model, texts, attention_mask, batch_size)
+            model, texts, attention_mask, batch_size, progress)
     if precision == "fp32":
         encoded_images, encoded_texts = encoded_images.float(), encoded_texts.float()
     with _autocast(model, precision):
         output = rank_gallery(
-            model, encoded_images, encoded_texts, k=k, batch_size=batch_size, directions=directions, rerank=rerank
+            model, encoded_images, encoded_texts, k=k, batch_size=batch_size, directions=directions, rerank=rerank,
+            progress=progress,
         )
     margin = 0.1 if top1_margin is None else top1_margin
     if rerank and precision == "bf16" and margin > 0:

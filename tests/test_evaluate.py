@@ -132,16 +132,23 @@ def test_xvlm_eval_cli(tmp_path, capsys):
     write_synthetic_dataset(data, SyntheticConfig(num_train=4, num_validation=4, num_test=6), overwrite=True)
     processor = _processor()
     config = XVLMConfig.from_preset("tiny", text_config={"vocab_size": len(processor.tokenizer)})
+    printed = ""
     for name, cls in (("retrieval", XVLMForRetrieval), ("grounding", XVLMForGrounding)):
         cls(config).save_pretrained(tmp_path / name)
         processor.save_pretrained(tmp_path / name)
         out = tmp_path / f"{name}.json"
-        assert ev.main([name, "--model", str(tmp_path / name), "--dataset", str(data), "--output", str(out),
-                        "--k-test", "4"]) == 0
+        for progress in ("--progress", "--no-progress"):
+            assert ev.main([name, "--model", str(tmp_path / name), "--dataset", str(data), "--output", str(out),
+                            "--k-test", "4", progress]) == 0
+            captured = capsys.readouterr()
+            printed += captured.out
+            # progress bars (stderr): encoding and re-ranking for retrieval, the batches for grounding
+            bars = ("encode images", "encode texts", "ITM re-ranking") if name == "retrieval" else ("grounding:",)
+            for bar in bars:
+                assert (bar in captured.err) == (progress == "--progress"), (bar, progress, captured.err)
         metrics = json.loads(out.read_text())
         key = "r_mean" if name == "retrieval" else "acc@0.5"
         assert 0 <= metrics[key] <= 100 and metrics["split"] == "test"
-    printed = capsys.readouterr().out
     assert "R@1" in printed and "Acc@0.5" in printed and "chance" in printed
 
 

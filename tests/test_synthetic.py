@@ -287,11 +287,14 @@ def test_cli_synthetic(tmp_path, capsys):
     out = tmp_path / "cli"
     args = ["synthetic", "--out", str(out), "--seed", "5", "--num-train", "12", "--num-val", "4", "--num-test", "6"]
     assert xvlm_data(args) == 0
-    assert '"retrieval"' in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert '"retrieval"' in captured.out
+    assert all(f"scenes/{split}" in captured.err for split in ("train", "validation", "test"))  # progress bars
     assert len(_load(out, "retrieval", "test", tmp_path)) == 6
     assert xvlm_data(args) == 2  # refuses to overwrite
     assert "--overwrite" in capsys.readouterr().err
-    assert xvlm_data(args + ["--overwrite"]) == 0
+    assert xvlm_data(args + ["--overwrite", "--no-progress"]) == 0
+    assert "scenes/" not in capsys.readouterr().err
 
 
 def test_default_dataset_is_generated_once_in_the_cache(tmp_path):

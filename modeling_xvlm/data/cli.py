@@ -38,7 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xvlm-data", description="X-VLM datasets in the Hugging Face Hub format.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    syn = sub.add_parser("synthetic", help="generate the synthetic shapes dataset (deterministic by seed)")
+    syn = sub.add_parser(
+        "synthetic", help="generate the synthetic shapes dataset (deterministic by seed)",
+        description="Generate the synthetic shapes dataset (configurations pretrain, retrieval, grounding, nlvr2, vqa, "
+        "vqa_answers), deterministic by seed, into --out or into the cache folder that load_xvlm_dataset() reads.",
+    )
     syn.add_argument("--out", type=Path, default=None,
                      help="output folder (default: the cache folder that load_xvlm_dataset() uses)")
     syn.add_argument("--seed", type=int, default=0)
@@ -63,8 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="VQA questions in validation (default 3 per image)")
     syn.add_argument("--num-vqa-test", type=int, default=None, help="VQA questions in test (default 3 per image)")
     syn.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+    syn.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                     help="a progress bar of the scenes of each split")
 
-    conv = sub.add_parser("convert-official", help="convert official X-VLM JSON files + an image root")
+    conv = sub.add_parser(
+        "convert-official", help="convert official X-VLM JSON files + an image root",
+        description="Convert the official X-VLM annotation files (pre-training, retrieval, RefCOCO+ and dets.json, "
+        "NLVR2, VQA JSON) and the image root they refer to into a Hub-format dataset folder (Parquet shards, one "
+        "configuration per task, a dataset card) that load_xvlm_dataset() and xvlm-train read.",
+    )
     conv.add_argument("--out", type=Path, required=True, help="output dataset folder")
     conv.add_argument("--image-root", type=Path, required=True, help="folder that image paths are relative to")
     conv.add_argument("--pretrain-text", nargs="+", default=[], metavar="PATH",
@@ -117,7 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                       help="progress bars (rows written per configuration and split)")
 
-    info = sub.add_parser("info", help="print the configurations, splits, row counts and features of a dataset")
+    info = sub.add_parser(
+        "info", help="print the configurations, splits, row counts and features of a dataset",
+        description="Print the configurations, splits, row counts and features of a dataset folder or Hub id.",
+    )
     info.add_argument("path", nargs="?", default=None, help="dataset folder or Hub id (default: synthetic)")
     return parser
 
@@ -140,10 +154,10 @@ def _synthetic(args: argparse.Namespace) -> int:
     }
     config = dataclasses.replace(SyntheticConfig(), **{k: v for k, v in overrides.items() if v is not None})
     if args.out is None:
-        path = ensure_synthetic_dataset(config)
+        path = ensure_synthetic_dataset(config, progress=args.progress)
         print(json.dumps({"out": str(path), "cache_key": config.cache_key()}, indent=2))
         return 0
-    summary = write_synthetic_dataset(args.out, config, overwrite=args.overwrite)
+    summary = write_synthetic_dataset(args.out, config, overwrite=args.overwrite, progress=args.progress)
     print(json.dumps({"out": str(args.out), "counts": summary["counts"], "seconds": summary["seconds"]}, indent=2))
     return 0
 

@@ -41,9 +41,10 @@ def synthetic_dataset_dir(config: SyntheticConfig | None = None, cache_root: str
 
 
 def ensure_synthetic_dataset(
-    config: SyntheticConfig | None = None, cache_root: str | os.PathLike | None = None
+    config: SyntheticConfig | None = None, cache_root: str | os.PathLike | None = None, progress: bool = False
 ) -> Path:
-    """Return the cached synthetic dataset folder of ``config``, generating it first if it is missing.
+    """Return the cached synthetic dataset folder of ``config``, generating it first if it is missing (``progress``:
+    a progress bar while generating).
 
     The dataset is generated into a temporary sibling folder and renamed into place, so concurrent callers never see
     a half-written dataset (the first to finish wins; the others discard their copy).
@@ -55,7 +56,7 @@ def ensure_synthetic_dataset(
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        write_synthetic_dataset(tmp, config, overwrite=True)
+        write_synthetic_dataset(tmp, config, overwrite=True, progress=progress)
         os.chmod(tmp, 0o755)  # mkdtemp creates it private
         if target.exists() and not (target / _COMPLETE_MARKER).is_file():
             shutil.rmtree(target, ignore_errors=True)  # a stale, incomplete folder

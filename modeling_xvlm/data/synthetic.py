@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
 from .schemas import SPLITS, DatasetFolderWriter, write_json
 
@@ -912,9 +913,10 @@ def write_synthetic_dataset(
     *,
     overwrite: bool = False,
     splits: Sequence[str] = SPLITS,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Generate the synthetic dataset into ``out_dir`` (configs ``pretrain``, ``retrieval``, ``grounding``, ``nlvr2``,
-    ``vqa``, ``vqa_answers``).
+    ``vqa``, ``vqa_answers``); ``progress``: a progress bar of the scenes of each split.
 
     Returns a summary ``{"counts": {config: {split: rows}}, "seconds": ..., "config": {...}}``, also written to
     ``out_dir/xvlm_dataset_info.json`` (the last file written: its presence marks a complete dataset).
@@ -934,7 +936,9 @@ def write_synthetic_dataset(
     with writer:
         for split in splits:
             scenes, images = [], {}
-            for scene in generate_split(config, split):
+            scenes_of_split = tqdm(generate_split(config, split), total=config.num_images(split), unit=" scenes",
+                                   desc=f"scenes/{split}", disable=not progress, mininterval=1.0)
+            for scene in scenes_of_split:
                 rows = scene_records(scene)
                 writer.add("pretrain", split, rows["pretrain"])
                 writer.add("retrieval", split, rows["retrieval"])

@@ -63,7 +63,7 @@ from ..modeling_xvlm_nlvr import XVLMForImagesAndTextClassification
 from ..modeling_xvlm_retrieval import XVLMForRetrieval
 from ..modeling_xvlm_vqa import DEFAULT_K_TEST, XVLMForQuestionAnswering
 from ..processing import XVLMImageProcessorPil, XVLMProcessor, load_image_rgb, pre_caption
-from ..retrieval import retrieval_metrics, retrieve, score_matrices
+from ..retrieval import batch_slices, retrieval_metrics, retrieve, score_matrices
 from .collators import XVLMNLVR2Collator, encode_questions, pixel_values_from_pil
 from .data import caption_lists
 from .region_collators import XVLMGroundingCollator
@@ -125,6 +125,7 @@ def evaluate_retrieval(
     precision: str = "fp32",
     encode_precision: str | None = None,
     top1_margin: float = 0.1,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Official retrieval evaluation of ``model`` on a ``retrieval``-schema dataset (rows ``image`` + ``captions``):
     :func:`modeling_xvlm.retrieval.retrieve` (as ``XVLMForRetrieval.rank``) with the images loaded per batch.
@@ -137,6 +138,7 @@ def evaluate_retrieval(
         batch_size: images / texts / fused pairs per forward.
         max_images: evaluate on the first ``max_images`` images only.
         device: the model's device (inputs go there; default: where the model is).
+        progress: a progress bar over the batches (``xvlm-eval``; ``--no-progress`` turns it off).
         precision: of the ITM re-ranking, ``"fp32"`` (official numbers) or ``"bf16"`` (autocast; near ties are
             then re-scored in fp32 by :func:`modeling_xvlm.retrieval.refine_top1`, so every query keeps the fp32
             top-1 among its candidates; R@5/R@10 may move).
@@ -176,7 +178,7 @@ def evaluate_retrieval(
         ranking = retrieve(
             model, load_images, encoded["input_ids"], encoded["attention_mask"], k=k_test, batch_size=batch_size,
             precision=precision, encode_precision=encode_precision,
-            top1_margin=top1_margin if precision == "bf16" else None, num_images=n,
+            top1_margin=top1_margin if precision == "bf16" else None, num_images=n, progress=progress,
         )
     finally:
         model.train(was_training)
@@ -284,6 +286,7 @@ def evaluate_grounding(
     method: str = "box",
     gradcam_layer: int | None = None,
     real_tokens_only: bool = False,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Official grounding evaluation on a ``grounding``-schema dataset (rows ``image``, ``text``, ``bbox``
     (xywh pixels), optional ``group``, and ``candidate_boxes`` for ``method="gradcam"``).
@@ -292,7 +295,7 @@ def evaluate_grounding(
     ``"gradcam"`` (official ``Grounding.py``: the candidate box that the Grad-CAM map of fusion layer
     ``gradcam_layer`` (default ``config.default_gradcam_layer``) covers best; a retrieval model;
     ``real_tokens_only`` as in ``compute_gradcam``). ``batch_size`` default: 64 for boxes, the official 20 for
-    Grad-CAM (the official map depends on the batch's padding).
+    Grad-CAM (the official map depends on the batch's padding). ``progress``: a progress bar over the batches.
 
     Returns ``acc@0.5`` (percent), ``mean_iou``, per-group accuracy, ``prior_baseline`` (Acc@0.5 of always
     predicting the mean ground-truth box of this set, in normalised coordinates: a generous "no model" level),
@@ -315,10 +318,10 @@ def evaluate_grounding(
     collator = XVLMGroundingCollator(processor, box_format="xywh", return_target_sizes=True)
     n = len(dataset) if max_examples is None else min(len(dataset), max_examples)
     preds, gts, groups, norm_targets, sizes, all_candidates = [], [], [], [], [], []
-    for first in range(0, n, batch_size):
-        rows = [dataset[i] for i in range(first, min(first + batch_size, n))]
+    for part in batch_slices(n, batch_size, "grounding", progress):
+        rows = [dataset[i] for i in range(part.start, part.stop)]
         if method == "gradcam":
-            candidates = [_row_candidates(r, first + j) for j, r in enumerate(rows)]
+            candidates = [_row_candidates(r, part.start + j) for j, r in enumerate(rows)]
         batch = collator(rows)
         target_sizes = batch.pop("target_sizes")
         norm_targets.append(batch.pop("labels"))
@@ -369,6 +372,7 @@ def evaluate_nlvr2(
     max_examples: int | None = None,
     device: torch.device | str | None = None,
     return_predictions: bool = False,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Official NLVR2 evaluation (``NLVR.py::evaluate``) on rows ``left_image``, ``right_image``, ``sentence``,
     ``label`` (1 = true): both images resized (official ``test_transform``), ``argmax`` of the logits, accuracy.
@@ -380,6 +384,7 @@ def evaluate_nlvr2(
         batch_size: examples per forward.
         max_examples: evaluate on the first ``max_examples`` rows only.
         device: the model's device (default: where the model is).
+        progress: a progress bar over the batches (``xvlm-eval``; ``--no-progress`` turns it off).
         return_predictions: also return ``predictions`` (the predicted class of each row).
 
     Returns:
@@ -397,8 +402,8 @@ def evaluate_nlvr2(
     preds: list[int] = []
     labels: list[int] = []
     try:
-        for first in range(0, n, batch_size):
-            batch = collator([dataset[i] for i in range(first, min(first + batch_size, n))])
+        for part in batch_slices(n, batch_size, "NLVR2", progress):
+            batch = collator([dataset[i] for i in range(part.start, part.stop)])
             if "labels" not in batch:
                 raise ValueError("NLVR2 evaluation needs a label in every row")
             labels.extend(batch.pop("labels").tolist())
@@ -491,6 +496,7 @@ def evaluate_vqa(
     max_examples: int | None = None,
     official_answer_scoring: bool | None = None,
     device: torch.device | str | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Official VQA evaluation (``VQA.py::evaluation``) on rows ``question_id``, ``image``, ``question`` and
     (optionally) ``answers``.
@@ -510,6 +516,7 @@ def evaluate_vqa(
         max_examples: evaluate on the first ``max_examples`` rows only.
         official_answer_scoring: see ``rank_answers`` (default: the model config's).
         device: the model's device (default: where the model is).
+        progress: a progress bar over the batches (``xvlm-eval``; ``--no-progress`` turns it off).
 
     Returns:
         ``results`` (``[{"question_id", "answer"}]``, the official result file), :func:`vqa_metrics`
@@ -530,8 +537,8 @@ def evaluate_vqa(
     results: list[dict[str, Any]] = []
     annotations: list[list[str]] = []
     try:
-        for first in range(0, n, batch_size):
-            rows = [dataset[i] for i in range(first, min(first + batch_size, n))]
+        for part in batch_slices(n, batch_size, "VQA", progress):
+            rows = [dataset[i] for i in range(part.start, part.stop)]
             pixel_values = pixel_values_from_pil([r["image"] for r in rows], processor.image_processor)
             ids, mask = encode_questions(processor, [r["question"] for r in rows], max_words=50, max_length=max_tokens)
             ranking = model.rank_answers(
@@ -644,6 +651,7 @@ def evaluate_captioning(
     metrics: Sequence[str] = DEFAULT_CAPTION_METRICS,
     metrics_tokenizer: str | None = None,
     device: torch.device | str | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Official captioning evaluation (``Captioning.py::evaluation`` + ``coco_caption_eval``) on ``retrieval``
     rows (``image``, ``image_id``, ``captions``: the references).
@@ -674,6 +682,7 @@ def evaluate_captioning(
         baseline_max_train_images: the nearest-neighbour search looks at the first ones only.
         metrics, metrics_tokenizer: see :func:`caption_metrics_setup`.
         device: the model's device (default: where the model is).
+        progress: a progress bar over the batches (``xvlm-eval``; ``--no-progress`` turns it off).
 
     Returns:
         ``results`` (``[{"image_id", "caption"}]``, the official result file), the metrics (fractions, as
@@ -692,7 +701,7 @@ def evaluate_captioning(
     try:
         captions, histograms, rows_refs, ids = _generate_captions(
             model, processor, dataset, n, batch_size, device, prompt, official_beam_scoring,
-            dict(generate_kwargs or {}), histograms=train_dataset is not None,
+            dict(generate_kwargs or {}), histograms=train_dataset is not None, progress=progress,
         )
     finally:
         model.train(was_training)
@@ -725,15 +734,15 @@ def evaluate_captioning(
 
 def _generate_captions(
     model: Any, processor: Any, dataset: Any, n: int, batch_size: int, device: torch.device, prompt: str | None,
-    official_beam_scoring: bool, options: dict[str, Any], histograms: bool,
+    official_beam_scoring: bool, options: dict[str, Any], histograms: bool, progress: bool = False,
 ) -> tuple[list[str], list[np.ndarray], list[list[str]], list[Any]]:
     """The captions of the first ``n`` rows, their colour histograms (when asked), references and ids."""
     captions: list[str] = []
     features: list[np.ndarray] = []
     references: list[list[str]] = []
     ids: list[Any] = []
-    for first in range(0, n, batch_size):
-        rows = [dataset[i] for i in range(first, min(first + batch_size, n))]
+    for part in batch_slices(n, batch_size, "captioning", progress):
+        rows = [dataset[i] for i in range(part.start, part.stop)]
         images = [load_image_rgb(r["image"]) for r in rows]
         pixel_values = pixel_values_from_pil(images, processor.image_processor).to(device)
         prompts = processor.caption_prompt(len(rows), prompt).to(device)
@@ -742,7 +751,7 @@ def _generate_captions(
         if histograms:
             features.extend(colour_histogram(image) for image in images)
         references.extend(list(r.get("captions") or []) for r in rows)
-        ids.extend(r.get("image_id", first + k) for k, r in enumerate(rows))
+        ids.extend(r.get("image_id", part.start + k) for k, r in enumerate(rows))
     return captions, features, references, ids
 
 
@@ -862,14 +871,25 @@ def load_processor(model_path: str, tokenizer: str | None = None, image_size: in
     return XVLMProcessor(image_processor=XVLMImageProcessorPil(**kwargs), tokenizer=tok)
 
 
+#: The protocol of each `xvlm-eval` task (official script), for `--help`.
+EVAL_TASK_HELP = {
+    "retrieval": "R@1/5/10 both ways, ITC top-k re-ranked by ITM (Retrieval.py)",
+    "grounding": "Acc@0.5 of the predicted box (--method box, Grounding_bbox.py) or of the Grad-CAM choice among "
+    "candidate boxes (--method gradcam, Grounding.py)",
+    "nlvr2": "accuracy (NLVR.py)",
+    "vqa": "answers ranked over the answer list, VQA accuracy and the result file (VQA.py)",
+    "captioning": "beam-search captions, BLEU-4 / METEOR / ROUGE-L / CIDEr and the result file (Captioning.py)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xvlm-eval",
         description="Evaluate an X-VLM model with the official retrieval / grounding / NLVR2 / VQA / captioning "
-        "protocols; prints "
-        "a table and writes JSON.",
+        "protocols; prints a table and writes JSON (--output).",
     )
-    parser.add_argument("task", choices=["retrieval", "grounding", "nlvr2", "vqa", "captioning"])
+    parser.add_argument("task", choices=list(EVAL_TASK_HELP), metavar="TASK",
+                        help="; ".join(f"{task}: {what}" for task, what in EVAL_TASK_HELP.items()))
     parser.add_argument("--model", required=True, help="model folder or Hub id (save_pretrained format)")
     parser.add_argument("--dataset", default=None, help="dataset folder or Hub id (default: the synthetic dataset)")
     parser.add_argument("--split", default="test")
@@ -884,6 +904,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--answer-list", default=None, help="vqa: JSON list of candidate answers (default: the "
                         "dataset's answer list)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="progress bars (encoding and re-ranking; batches of the other tasks)")
     parser.add_argument("--method", choices=list(GROUNDING_METHODS), default="box",
                         help="grounding: 'box' (a grounding model's box head, official Grounding_bbox.py) or "
                         "'gradcam' (a retrieval model's Grad-CAM map ranking the rows' candidate_boxes, official "
@@ -946,7 +968,7 @@ def _write_json(path: str, value: Any) -> None:
 def _main_vqa(args: argparse.Namespace, model: Any, processor: Any, dataset: Any, device: str) -> int:
     answer_list = load_answer_list(args.dataset, args.answer_list)
     metrics = evaluate_vqa(model, processor, dataset, answer_list, args.batch_size or 32, args.k_test,
-                           args.max_examples, device=device)
+                           args.max_examples, device=device, progress=args.progress)
     results = metrics.pop("results")
     if metrics["vqa_accuracy"] is not None:
         print(vqa_table(metrics))
@@ -971,7 +993,7 @@ def _main_captioning(args: argparse.Namespace, model: Any, processor: Any, datas
         model, processor, dataset, args.batch_size or 32, args.max_examples, options, prompt=args.prompt,
         official_beam_scoring=args.official_beam_scoring, references=references, train_dataset=train_dataset,
         baseline_max_train_images=args.baseline_train_images, metrics_tokenizer=args.metrics_tokenizer,
-        device=device,
+        device=device, progress=args.progress,
     )
     results = metrics.pop("results")
     if "CIDEr" in metrics:
@@ -1019,15 +1041,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     batch_size = args.batch_size or (GRADCAM_BATCH_SIZE if args.method == "gradcam" else 64)
     if args.task == "retrieval":
         metrics = evaluate_retrieval(model, processor, dataset, args.k_test, batch_size, args.max_examples, device,
-                                     precision=args.precision, encode_precision=args.encode_precision)
+                                     precision=args.precision, encode_precision=args.encode_precision,
+                                     progress=args.progress)
         print(retrieval_table(metrics))
     elif args.task == "nlvr2":
-        metrics = evaluate_nlvr2(model, processor, dataset, batch_size, args.max_examples, device)
+        metrics = evaluate_nlvr2(model, processor, dataset, batch_size, args.max_examples, device,
+                                 progress=args.progress)
         print(nlvr2_table(metrics))
     else:
         metrics = evaluate_grounding(model, processor, dataset, batch_size, args.max_examples, device,
                                      method=args.method, gradcam_layer=args.gradcam_layer,
-                                     real_tokens_only=args.real_tokens_only)
+                                     real_tokens_only=args.real_tokens_only, progress=args.progress)
         print(grounding_table(metrics))
     metrics = {"task": args.task, "model": args.model, "dataset": args.dataset or "synthetic", "split": args.split,
                **metrics}

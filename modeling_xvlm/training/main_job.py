@@ -209,30 +209,30 @@ def build_parser() -> argparse.ArgumentParser:
         "and evaluate on the test split (CPU, about 10 minutes on 2 cores).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--output-dir", default="xvlm-demo")
+    parser.add_argument("--output-dir", default="xvlm-demo", help="folder for the three models and results.json")
     parser.add_argument("--dataset", default=None, help="X-VLM dataset folder or Hub id (default: synthetic)")
     parser.add_argument("--tokenizer", default="synthetic", help="tokenizer path / Hub id ('synthetic': the "
                         "synthetic dataset's word-level vocabulary)")
     parser.add_argument("--size", choices=sorted(DEMO_SIZES), default="tiny", help="model size (DEMO_SIZES)")
     parser.add_argument("--image-size", type=int, default=64, help="model input size (a multiple of 32)")
     parser.add_argument("--no-regions", action="store_true", help="ablation: pre-train without region/box objectives")
-    parser.add_argument("--pretrain-steps", type=int, default=3000)
-    parser.add_argument("--retrieval-steps", type=int, default=600)
-    parser.add_argument("--grounding-steps", type=int, default=3000)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--pretrain-steps", type=int, default=3000, help="pre-training iterations")
+    parser.add_argument("--retrieval-steps", type=int, default=600, help="retrieval fine-tuning steps")
+    parser.add_argument("--grounding-steps", type=int, default=3000, help="grounding fine-tuning steps")
+    parser.add_argument("--batch-size", type=int, default=64, help="image-text pairs (or expressions) per step")
     parser.add_argument("--region-images", type=int, default=16, help="images per region batch")
     parser.add_argument("--region-texts", type=int, default=64, help="texts per region batch")
     parser.add_argument("--iter-perc", type=float, default=0.5, help="probability of a region step per iteration")
-    parser.add_argument("--pretrain-lr", type=float, default=1e-3)
+    parser.add_argument("--pretrain-lr", type=float, default=1e-3, help="pre-training learning rate")
     parser.add_argument("--finetune-lr", type=float, default=5e-4, help="retrieval fine-tuning learning rate")
-    parser.add_argument("--grounding-lr", type=float, default=1e-3)
+    parser.add_argument("--grounding-lr", type=float, default=1e-3, help="grounding fine-tuning learning rate")
     parser.add_argument("--grounding-crop", action="store_true",
                         help="official box-aware random crop in grounding fine-tuning (off: at 64 px it magnifies the "
                         "objects, and the test images are not cropped)")
-    parser.add_argument("--k-test", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--k-test", type=int, default=16, help="retrieval evaluation: ITC candidates re-ranked by ITM")
+    parser.add_argument("--seed", type=int, default=42, help="seed of every stage (weights, batches, masking)")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 

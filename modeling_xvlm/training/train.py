@@ -131,8 +131,19 @@ __all__ = [
 ]
 
 #: The tasks `xvlm-train` trains (rows of `modeling_xvlm.tasks.TASKS`).
-TASKS = ("pretrain", "retrieval", "grounding", "nlvr2", "nlvr2-pretrain", "vqa", "captioning", "captioning-pretrain",
-         "captioning-scst")
+#: What each task trains (and the official script it follows), for `xvlm-train --help`.
+TASK_HELP = {
+    "pretrain": "X-VLM pre-training: ITC, ITM and MLM on images and regions, box prediction (Pretrain.py)",
+    "retrieval": "image-text retrieval fine-tuning: ITC + ITM with hard negatives (Retrieval.py)",
+    "grounding": "box grounding fine-tuning: L1 + GIoU from the fused [CLS] (Grounding_bbox.py)",
+    "nlvr2": "NLVR2 fine-tuning: one sentence, two images, true or false (NLVR.py)",
+    "nlvr2-pretrain": "NLVR2 text-assignment domain pre-training on image-text rows (NLVR_pretrain.py)",
+    "vqa": "VQA fine-tuning of the answer decoder, VQA v2 + Visual Genome answers (VQA.py)",
+    "captioning": "COCO captioning fine-tuning of the caption decoder (Captioning.py)",
+    "captioning-pretrain": "captioning domain pre-training, prompt-free (Captioning_pretrain.py)",
+    "captioning-scst": "self-critical (CIDEr-D) captioning training (Captioning_scst.py)",
+}
+TASKS = tuple(TASK_HELP)
 #: The tasks whose model has the NLVR2 text stack (doubled fusion layers).
 NLVR2_TASKS = ("nlvr2", "nlvr2-pretrain")
 #: The tasks that train `XVLMForConditionalGeneration` (the `captioning` row of `modeling_xvlm.tasks.TASKS`).
@@ -919,7 +930,8 @@ def build_parser() -> argparse.ArgumentParser:
         "arguments: the CPU demo job (pre-train a tiny X-VLM on the synthetic dataset, fine-tune and evaluate it).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("task", choices=TASKS)
+    parser.add_argument("task", choices=TASKS, metavar="TASK",
+                        help="; ".join(f"{task}: {what}" for task, what in TASK_HELP.items()))
     g = parser.add_argument_group("model")
     g.add_argument("--model", default="tiny", help="preset (tiny, base: new weights), or a save_pretrained folder / Hub "
                    "id (NLVR2, vqa and captioning tasks: a pre-training checkpoint is converted with "
@@ -932,10 +944,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-size", type=int, default=None)
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default=None, help="X-VLM dataset folder or Hub id (default: synthetic)")
-    g.add_argument("--train-split", default="train")
-    g.add_argument("--eval-split", default="validation")
-    g.add_argument("--max-train-examples", type=int, default=None)
-    g.add_argument("--num-workers", type=int, default=0)
+    g.add_argument("--train-split", default="train", help="dataset split to train on")
+    g.add_argument("--eval-split", default="validation", help="dataset split of the evaluations during training")
+    g.add_argument("--max-train-examples", type=int, default=None, help="train on the first N rows only")
+    g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     g = parser.add_argument_group("recipe (default: official values of the task)")
     g.add_argument("--lr", type=float, default=None)
     g.add_argument("--lr-mult", type=float, default=None, help="lr multiplier of newly initialised layers")
@@ -980,7 +992,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-max-examples", type=int, default=None)
     g.add_argument("--k-test", type=int, default=None, help="candidates re-ranked in evaluation (default: 16 for "
                    "retrieval, 128 for vqa, the official k_test)")
-    g.add_argument("--eval-batch-size", type=int, default=64)
+    g.add_argument("--eval-batch-size", type=int, default=64, help="batch size of the evaluations")
     g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (and at the end)")
     g.add_argument("--save-total-limit", type=int, default=2)
     g.add_argument("--resume", nargs="?", const="latest", default=None,
