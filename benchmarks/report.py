@@ -14,7 +14,7 @@ COMPILED = ["sdpa/fp32/compile", "sdpa/bf16/compile"]
 
 
 #: cases with a table of their own (not the variant tables)
-OWN_TABLES = ("retrieval_eval", "attention_kernels", "vqa_rank")
+OWN_TABLES = ("retrieval_eval", "attention_kernels", "vqa_rank", "int8_inference")
 
 
 def _ms(seconds: float | None) -> str:
@@ -294,6 +294,55 @@ def render_answer_ranking_table(data: dict[str, Any]) -> str:
     ])
 
 
+def _agreement_cells(agreement: dict[str, Any]) -> str:
+    difference = agreement.get("max_abs_diff")
+    if difference is None:
+        return "n/a | n/a"
+    cosine = agreement.get("cosine_min")
+    return (f"{difference:.3g} ({agreement['reference_max_abs']:.3g}) | "
+            f"{'n/a' if cosine is None else f'{cosine:.5f}'}")
+
+
+def render_int8_tables(data: dict[str, Any]) -> str:
+    case = data.get("cases", {}).get("int8_inference")
+    if not case or "results" not in case:
+        return f"n/a: {_short((case or {}).get('skipped') or (case or {}).get('error') or 'not run', 120)}"
+    results, agreement = case["results"], case.get("agreement", {})
+    lines = [
+        "| workload (base size, 32 items) | fp32 (ms) | int8 (ms) | speed-up (best) | CPU-time speed-up "
+        "| largest difference (largest fp32 value) | row cosine (min) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in ("text", "fusion", "decoder"):
+        fp32, int8 = results.get(f"{name}/fp32"), results.get(f"{name}/int8")
+        lines.append(
+            f"| {name} | {_cell(fp32)} | {_cell(int8)} | {_both(fp32, int8)} | "
+            f"{_fmt(_speedup(fp32, int8, 'cpu_median_s'))} | {_agreement_cells(agreement.get(name, {}))} |"
+        )
+    trained = case.get("trained", {})
+    retrieval, grounding = trained.get("retrieval", {}), trained.get("grounding", {})
+    if retrieval and grounding:
+        r1 = retrieval["r1"]
+        lines += [
+            "",
+            "| trained tiny model, synthetic test split | int8 = fp32 | fp32 | int8 |",
+            "|---|---|---|---|",
+            f"| retrieval, top-1 image of each of {retrieval['n_texts']} texts | "
+            f"{100 * retrieval['same_top1_text_to_image']:.1f} % | image R@1 {r1['fp32']['img_r1']:.2f} | "
+            f"{r1['int8']['img_r1']:.2f} |",
+            f"| retrieval, top-1 text of each of {retrieval['n_images']} images | "
+            f"{100 * retrieval['same_top1_image_to_text']:.1f} % | text R@1 {r1['fp32']['txt_r1']:.2f} | "
+            f"{r1['int8']['txt_r1']:.2f} |",
+            f"| grounding, box of each of {grounding['n_expressions']} expressions (IoU >= 0.9 with fp32) | "
+            f"{100 * grounding['same_box_iou_0.9']:.1f} % (min IoU {grounding['min_iou']:.3f}) | "
+            f"Acc@0.5 {grounding['acc@0.5']['fp32']:.2f} | {grounding['acc@0.5']['int8']:.2f} |",
+            "",
+            f"Trained models: retrieval {retrieval['training'].get('recipe')}; grounding "
+            f"{grounding['training'].get('recipe')}.",
+        ]
+    return "\n".join(lines)
+
+
 def render_kernel_table(data: dict[str, Any]) -> str:
     case = data.get("cases", {}).get("attention_kernels")
     if not case or "kernels" not in case:
@@ -421,6 +470,13 @@ def render_summary(data: dict[str, Any]) -> str:
     return "\n".join(lines) if lines else "(no results yet)"
 
 
+def _run_machine(run: dict[str, Any]) -> str:
+    """`CPU flags ..., ` of a run that recorded them (runs merged into one file can come from different hosts)."""
+    if "cpu_flags" not in run:
+        return ""
+    return f"CPU flags {', '.join(run['cpu_flags'] or []) or 'none of avx512f / avx512_vnni / avx512_bf16 / amx'}, "
+
+
 def render_tables(data: dict[str, Any]) -> str:
     machine = data.get("machine", {})
     settings = data.get("settings", {})
@@ -442,7 +498,8 @@ def render_tables(data: dict[str, Any]) -> str:
         "",
         *(
             ["Runs combined in these tables (`python -m benchmarks.run --combine ...`): " + "; ".join(
-                f"`{r['command']}` ({r['date']}, load average {r.get('load_average_at_start', 'n/a')}, cases "
+                f"`{r['command']}` ({r['date']}, load average {r.get('load_average_at_start', 'n/a')}, "
+                f"{_run_machine(r)}cases "
                 f"{', '.join(r.get('cases', []))}{'; ' + r['note'] if r.get('note') else ''})"
                 for r in data.get("runs", [])) + ".", ""]
             if len(data.get("runs", [])) > 1 else []
@@ -487,6 +544,10 @@ def render_tables(data: dict[str, Any]) -> str:
         "### 7. VQA answer ranking, official order vs first-step cache (fp32, sdpa)",
         "",
         render_answer_ranking_table(data),
+        "",
+        "### 8. int8 dynamic quantization (CPU inference), against fp32",
+        "",
+        render_int8_tables(data),
         "",
         "### Attention kernels",
         "",

@@ -410,28 +410,29 @@ TRAINED_GALLERIES: dict[str, dict[str, Any]] = {
 }
 
 
-def trained_gallery_model(size: str = "tiny", log=print) -> tuple[str, dict[str, Any]]:
-    """An X-VLM fine-tuned for retrieval on the synthetic dataset from scratch (trained once, then cached in
-    `benchmarks/.cache/`): the model folder and its training summary."""
+def trained_gallery_model(size: str = "tiny", log=print, task: str = "retrieval") -> tuple[str, dict[str, Any]]:
+    """An X-VLM trained for `task` (retrieval, grounding) on the synthetic dataset from scratch (trained once, then
+    cached in `benchmarks/.cache/`): the model folder and its training summary."""
     from modeling_xvlm.training.main_job import DEMO_SIZES
     from modeling_xvlm.training.train import TrainConfig, train
 
     spec = TRAINED_GALLERIES[size]
     overrides = spec["overrides"] or DEMO_SIZES["tiny"]
-    folder = CACHE / f"retrieval-{size}-synthetic-{spec['steps']}"
+    folder = CACHE / f"{task}-{size}-synthetic-{spec['steps']}"
     summary_file = folder / "benchmark_training.json"
     if summary_file.exists():
         return str(folder), json.loads(summary_file.read_text())
-    log(f"    training the {size} gallery model ({spec['steps']} steps, cached in {folder})")
+    log(f"    training the {size} {task} model ({spec['steps']} steps, cached in {folder})")
     start = time.perf_counter()
     result = train(TrainConfig(
-        task="retrieval", model="tiny", config_overrides=json.loads(json.dumps(overrides)),
+        task=task, model="tiny", config_overrides=json.loads(json.dumps(overrides)),
         tokenizer="synthetic", image_size=64, output_dir=str(folder), max_steps=spec["steps"], batch_size=64,
         lr=spec["lr"], warmup=0.05, randaugment=False, crop_scale_min=1.0, seed=0, eval_at_end=False, cpu=True,
         mixed_precision="no", progress=False, log_every=500, save_total_limit=1,
+        grounding_crop=False,  # as the demo at 64 px (no effect on retrieval)
     ))
     summary = {"steps": spec["steps"], "train_s": time.perf_counter() - start, "last_losses": result["last_losses"],
-               "recipe": f"xvlm-train retrieval, tiny preset overridden to: {spec['description']}; synthetic "
+               "recipe": f"xvlm-train {task}, tiny preset overridden to: {spec['description']}; synthetic "
                          f"tokenizer, 64 px, {spec['steps']} steps of 64, lr {spec['lr']:g}, seed 0, from scratch"}
     summary_file.write_text(json.dumps(summary, indent=1, default=str))
     return str(folder), summary

@@ -38,9 +38,11 @@ def every_case(quick: bool) -> list:
     from .answer_ranking import answer_ranking_cases
     from .attention_kernels import AttentionKernelsCase
     from .cases import all_cases
+    from .int8_inference import int8_cases
     from .retrieval_eval import retrieval_cases
 
-    return all_cases(quick) + retrieval_cases(quick) + answer_ranking_cases(quick) + [AttentionKernelsCase(quick)]
+    return (all_cases(quick) + retrieval_cases(quick) + answer_ranking_cases(quick) + [AttentionKernelsCase(quick)]
+            + int8_cases(quick))
 
 
 def _find_case(key: str, quick: bool):
@@ -296,11 +298,11 @@ def main(argv: list[str] | None = None) -> None:
         runs = data.setdefault("runs", []) if args.merge else []
         info = machine_info()
         runs.append({"command": command, "date": info["date"], "load_average_at_start": info["load_average_at_start"],
-                     "cases": [c.key for c in cases]})
+                     "cases": [c.key for c in cases], "cpu": info.get("cpu"), "cpu_flags": info.get("cpu_flags"),
+                     "settings": settings})
         data["runs"] = runs
-        data["machine"] = machine_info()
-        data["command"] = command
-        data["settings"] = settings
+        if not (args.merge and "machine" in data):  # a merged run keeps the header of the first; it is in `runs`
+            data.update(machine=info, command=command, settings=settings)
     total_start = time.perf_counter()
     for case in cases:
         log(f"== {case.number}. {case.key}: {case.title}")
@@ -333,7 +335,9 @@ def main(argv: list[str] | None = None) -> None:
         data["cases"][case.key + (f"@{args.threads}t" if args.threads else "")] = result
         output.write_text(json.dumps(data, indent=1))
     if not args.compile_only:
-        data["total_wall_s"] = time.perf_counter() - total_start
+        runs[-1]["wall_s"] = time.perf_counter() - total_start
+        if not (args.merge and "total_wall_s" in data):
+            data["total_wall_s"] = runs[-1]["wall_s"]
     output.write_text(json.dumps(data, indent=1))
     log(f"wrote {output}")
     if doc is not None:

@@ -17,6 +17,7 @@ from .modeling_xvlm_retrieval import XVLMForRetrieval, XVLMForRetrievalOutput
 from .modeling_xvlm_text import XVLMTextLMHeadModel, XVLMTextModel
 from .modeling_xvlm_vqa import XVLMAnswerRankingOutput, XVLMForQuestionAnswering, XVLMForQuestionAnsweringOutput
 from .processing import XVLMImageProcessor, XVLMImageProcessorPil, XVLMProcessor
+from .quantization import quantize_int8
 from .retrieval import RetrievalOutput, retrieval_metrics
 from .tasks import TASKS, XVLMTask
 
@@ -52,6 +53,7 @@ __all__ = [
     "XVLMTextLMHeadModel",
     "XVLMTextModel",
     "create_model_card",
+    "quantize_int8",
     "register_xvlm",
     "retrieval_metrics",
 ]

@@ -34,6 +34,7 @@ from .configuration_xvlm import XVLMConfig
 from .initialization import build_from_vision_text_pretrained
 from .losses import image_text_contrastive_loss, image_text_matching_loss, sample_hard_negatives
 from .modeling_xvlm_text import EncoderStates, XVLMTextModel, XVLMTextPreTrainedModel
+from .quantization import is_int8_quantized
 from .retrieval import RetrievalOutput, retrieve
 
 
@@ -193,7 +194,12 @@ class XVLMPreTrainedModel(XVLMTextPreTrainedModel):
         """`PreTrainedModel.save_pretrained`; a head registered for remote code also writes
         `auto_map["AutoModel"]` = `XVLMModel`, so that `AutoModel` loads the base model of every checkpoint with
         `trust_remote_code=True` as it does with the package installed (`XVLMModel`'s module ships with every
-        head)."""
+        head). An int8-quantized model (`modeling_xvlm.quantization.quantize_int8`) is refused: save the fp32 one."""
+        if is_int8_quantized(self):
+            raise ValueError(
+                "an int8 dynamically quantized model cannot be saved (its linear weights are packed int8 tensors): "
+                "save the fp32 model and apply quantize_int8 after from_pretrained."
+            )
         if self._auto_class is not None and self._auto_class != "AutoModel":
             auto_map = dict(getattr(self.config, "auto_map", None) or {})
             auto_map["AutoModel"] = f"{__name__.rsplit('.', 1)[-1]}.XVLMModel"

@@ -194,13 +194,18 @@ def _case(name: str, processor):
         collator = XVLMCaptioningSCSTCollator(processor)
         captioner = XVLMForConditionalGeneration(generation)
         # A random captioner scores CIDEr 0 on any caption, so the advantage (and the step) would be 0: its own
-        # greedy captions become one of the references, which gives the greedy captions the higher reward.
+        # greedy captions become one of the references, which gives the greedy captions the higher reward, and a
+        # near-flat output layer makes the samples differ from them.
+        with torch.no_grad():
+            captioner.text_decoder.get_output_embeddings().weight.mul_(0.01)
         pixel_values = collator([{"image": im, "captions": ["x"]} for im in images])["pixel_values"]
         probe = XVLMSelfCriticalCaptioning(captioner, processor, CiderD(scst_document_frequencies([captions])),
                                            num_samples=2, max_length=6)
         greedy = probe(pixel_values, [[c] for c in captions]).greedy
         columns |= {"captions": [[c, g] for c, g in zip(captions, greedy)]}
-        cider = CiderD(scst_document_frequencies(columns["captions"]))
+        # document frequencies over more images than the batch's: a greedy caption shared by every image of the
+        # batch still has a positive idf (and so a positive reward)
+        cider = CiderD(scst_document_frequencies(columns["captions"] + [[c] for c in captions]))
         model = XVLMSelfCriticalCaptioning(captioner, processor, cider, num_samples=2, max_length=6)
         return collator, model, columns
     raise AssertionError(name)

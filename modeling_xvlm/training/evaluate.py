@@ -63,6 +63,7 @@ from ..modeling_xvlm_nlvr import XVLMForImagesAndTextClassification
 from ..modeling_xvlm_retrieval import XVLMForRetrieval
 from ..modeling_xvlm_vqa import DEFAULT_K_TEST, XVLMForQuestionAnswering
 from ..processing import XVLMImageProcessorPil, XVLMProcessor, load_image_rgb, pre_caption
+from ..quantization import quantize_int8
 from ..retrieval import batch_slices, retrieval_metrics, retrieve, score_matrices
 from .collators import XVLMNLVR2Collator, encode_questions, pixel_values_from_pil
 from .data import caption_lists
@@ -904,6 +905,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--answer-list", default=None, help="vqa: JSON list of candidate answers (default: the "
                         "dataset's answer list)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--int8", action="store_true",
+                        help="CPU only: int8 dynamic quantization of the text, fusion and decoder linear layers "
+                        "(modeling_xvlm.quantize_int8; faster, not bit-equal to fp32)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="progress bars (encoding and re-ranking; batches of the other tasks)")
     parser.add_argument("--method", choices=list(GROUNDING_METHODS), default="box",
@@ -978,7 +982,8 @@ def _main_vqa(args: argparse.Namespace, model: Any, processor: Any, dataset: Any
         _write_json(args.output, results)
     if args.metrics_output:
         _write_json(args.metrics_output, {"task": args.task, "model": args.model,
-                                          "dataset": args.dataset or "synthetic", "split": args.split, **metrics})
+                                          "dataset": args.dataset or "synthetic", "split": args.split,
+                                          "int8": args.int8, **metrics})
     return 0
 
 
@@ -1004,7 +1009,7 @@ def _main_captioning(args: argparse.Namespace, model: Any, processor: Any, datas
         _write_json(args.output, results)
     if args.metrics_output:
         _write_json(args.metrics_output, {"task": args.task, "model": args.model,
-                                          "dataset": args.dataset or "synthetic", "split": args.split,
+                                          "dataset": args.dataset or "synthetic", "split": args.split, "int8": args.int8,
                                           "generate_kwargs": options, **metrics})
     return 0
 
@@ -1024,7 +1029,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     cls = {"retrieval": XVLMForRetrieval, "grounding": grounding_cls,
            "nlvr2": XVLMForImagesAndTextClassification, "vqa": XVLMForQuestionAnswering,
            "captioning": XVLMForConditionalGeneration}[args.task]
+    if args.int8 and device != "cpu":
+        raise ValueError(f"--int8 runs on the CPU only (--device {device}); pass --device cpu")
     model = cls.from_pretrained(args.model).to(device)
+    if args.int8:
+        model = quantize_int8(model, inplace=True)
     architectures = getattr(model.config, "architectures", None) or []
     if args.method == "gradcam" and architectures and "XVLMForRetrieval" not in architectures:
         raise ValueError(
@@ -1054,7 +1063,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      real_tokens_only=args.real_tokens_only, progress=args.progress)
         print(grounding_table(metrics))
     metrics = {"task": args.task, "model": args.model, "dataset": args.dataset or "synthetic", "split": args.split,
-               **metrics}
+               "int8": args.int8, **metrics}
     if args.output:
         _write_json(args.output, metrics)
     return 0
