@@ -14,7 +14,7 @@ COMPILED = ["sdpa/fp32/compile", "sdpa/bf16/compile"]
 
 
 #: cases with a table of their own (not the variant tables)
-OWN_TABLES = ("retrieval_eval", "attention_kernels", "vqa_rank", "int8_inference")
+OWN_TABLES = ("retrieval_eval", "attention_kernels", "vqa_rank", "int8_inference", "retrieval_scale")
 
 
 def _ms(seconds: float | None) -> str:
@@ -343,6 +343,41 @@ def render_int8_tables(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_scale_tables(data: dict[str, Any]) -> str:
+    case = data.get("cases", {}).get("retrieval_scale")
+    if not case or "rows" not in case:
+        return f"n/a: {_short((case or {}).get('skipped') or (case or {}).get('error') or 'not run', 120)}"
+
+    def mib(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:,.0f}"
+
+    lines = [
+        "| model | images | texts | pairs scored | encode images (s) | encode texts (s) | re-rank (s) | total (s) "
+        "| encoded gallery (MiB) | re-rank peak extra (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model, rows in (("small", case["rows"]), ("base", case["base"]["rows"])):
+        for r in rows:
+            lines.append(
+                f"| {model} | {r['n_images']:,} | {r['n_texts']:,} | {r['pairs']:,} | {r['images_s']:.2f} | "
+                f"{r['texts_s']:.2f} | {r['rerank_s']:.2f} | {r['total_s']:.2f} | {mib(r['encoded_gallery_mib'])} | "
+                f"{mib(r['rerank_peak_extra_mib'])} |"
+            )
+    lines += ["", "| fitted cost | small | base |", "|---|---|---|"]
+    for key, name in (("s_per_image", "per image (ms)"), ("s_per_text", "per text (ms)"),
+                      ("s_per_pair", "per scored pair (ms)")):
+        lines.append(f"| {name} | {1000 * case['fit'][key]:.2f} | {1000 * case['base']['fit'][key]:.2f} |")
+    coco = case["base"]["coco"]
+    lines += [
+        "",
+        f"Projection at base size for COCO 5k images / 25k texts, k 256, on this CPU: encode images "
+        f"{coco['images_s'] / 60:.0f} min, texts {coco['texts_s'] / 60:.0f} min, re-rank at most "
+        f"{coco['pairs_upper_bound']:,} pairs {coco['rerank_s'] / 3600:.1f} h; total at most "
+        f"{coco['total_s'] / 3600:.1f} h.",
+    ]
+    return "\n".join(lines)
+
+
 def render_kernel_table(data: dict[str, Any]) -> str:
     case = data.get("cases", {}).get("attention_kernels")
     if not case or "kernels" not in case:
@@ -548,6 +583,10 @@ def render_tables(data: dict[str, Any]) -> str:
         "### 8. int8 dynamic quantization (CPU inference), against fp32",
         "",
         render_int8_tables(data),
+        "",
+        "### 9. Retrieval evaluation against gallery size (fast path, fp32, sdpa)",
+        "",
+        render_scale_tables(data),
         "",
         "### Attention kernels",
         "",

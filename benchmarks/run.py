@@ -40,9 +40,10 @@ def every_case(quick: bool) -> list:
     from .cases import all_cases
     from .int8_inference import int8_cases
     from .retrieval_eval import retrieval_cases
+    from .retrieval_scale import retrieval_scale_cases
 
     return (all_cases(quick) + retrieval_cases(quick) + answer_ranking_cases(quick) + [AttentionKernelsCase(quick)]
-            + int8_cases(quick))
+            + int8_cases(quick) + retrieval_scale_cases(quick))
 
 
 def _find_case(key: str, quick: bool):
