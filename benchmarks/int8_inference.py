@@ -65,31 +65,19 @@ def _speed_workloads(quick: bool) -> dict[str, tuple[Any, Any]]:
 
 def _retrieval_agreement(log) -> dict[str, Any]:
     import modeling_xvlm
-    from modeling_xvlm.data import load_xvlm_dataset
-    from modeling_xvlm.processing import XVLMProcessor, load_image_rgb
     from modeling_xvlm.retrieval import retrieval_metrics, score_matrices
 
-    from .retrieval_eval import trained_gallery_model
+    from .retrieval_eval import synthetic_test_gallery, trained_gallery_model
 
     folder, training = trained_gallery_model("tiny", log)
     model = modeling_xvlm.XVLMForRetrieval.from_pretrained(folder).eval()
-    processor = XVLMProcessor.from_pretrained(folder)
-    rows = list(load_xvlm_dataset(None, "retrieval", "test"))
-    texts = [caption for row in rows for caption in row["captions"]]
-    txt2img = [index for index, row in enumerate(rows) for _ in row["captions"]]
-    img2txt, first = [], 0
-    for row in rows:
-        img2txt.append(list(range(first, first + len(row["captions"]))))
-        first += len(row["captions"])
-    pixels = processor.image_processor([load_image_rgb(r["image"]) for r in rows], return_tensors="pt")
-    encoded = processor(text=texts, padding="max_length", max_length=40)
-    rankings = {}  # `rank` runs without gradients
-    for variant, candidate in (("fp32", model), ("int8", modeling_xvlm.quantize_int8(model))):
-        rankings[variant] = candidate.rank(pixels["pixel_values"], encoded["input_ids"], encoded["attention_mask"], k=16)
+    pixels, ids, mask, txt2img, img2txt = synthetic_test_gallery(folder)
+    rankings = {v: m.rank(pixels, ids, mask, k=16)  # `rank` runs without gradients
+                for v, m in (("fp32", model), ("int8", modeling_xvlm.quantize_int8(model)))}
     fp32, int8 = rankings["fp32"], rankings["int8"]
-    recall = {v: retrieval_metrics(*score_matrices(r), txt2img, img2txt) for v, r in rankings.items()}
+    recall = {v: retrieval_metrics(*score_matrices(r), txt2img.tolist(), img2txt) for v, r in rankings.items()}
     return {
-        "n_images": len(rows), "n_texts": len(texts), "k": 16, "training": training,
+        "n_images": len(img2txt), "n_texts": int(ids.shape[0]), "k": 16, "training": training,
         "same_top1_text_to_image": float((fp32.t2i_indices[:, 0] == int8.t2i_indices[:, 0]).float().mean()),
         "same_top1_image_to_text": float((fp32.i2t_indices[:, 0] == int8.i2t_indices[:, 0]).float().mean()),
         "r1": {v: {"txt_r1": m["txt_r1"], "img_r1": m["img_r1"]} for v, m in recall.items()},

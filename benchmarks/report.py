@@ -303,10 +303,15 @@ def _agreement_cells(agreement: dict[str, Any]) -> str:
             f"{'n/a' if cosine is None else f'{cosine:.5f}'}")
 
 
+def _not_run(case: dict[str, Any] | None) -> str:
+    """The `n/a: reason` line of a case without results."""
+    return f"n/a: {_short((case or {}).get('skipped') or (case or {}).get('error') or 'not run', 120)}"
+
+
 def render_int8_tables(data: dict[str, Any]) -> str:
     case = data.get("cases", {}).get("int8_inference")
     if not case or "results" not in case:
-        return f"n/a: {_short((case or {}).get('skipped') or (case or {}).get('error') or 'not run', 120)}"
+        return _not_run(case)
     results, agreement = case["results"], case.get("agreement", {})
     lines = [
         "| workload (base size, 32 items) | fp32 (ms) | int8 (ms) | speed-up (best) | CPU-time speed-up "
@@ -346,7 +351,7 @@ def render_int8_tables(data: dict[str, Any]) -> str:
 def render_scale_tables(data: dict[str, Any]) -> str:
     case = data.get("cases", {}).get("retrieval_scale")
     if not case or "rows" not in case:
-        return f"n/a: {_short((case or {}).get('skipped') or (case or {}).get('error') or 'not run', 120)}"
+        return _not_run(case)
 
     def mib(value: float | None) -> str:
         return "n/a" if value is None else f"{value:,.0f}"

@@ -438,6 +438,24 @@ def trained_gallery_model(size: str = "tiny", log=print, task: str = "retrieval"
     return str(folder), summary
 
 
+def synthetic_test_gallery(folder: str):
+    """The synthetic retrieval test split through the processor of `folder` (evaluation transform, texts padded to
+    40 as the official evaluation): `(pixel_values, input_ids, attention_mask, txt2img, img2txt)`."""
+    from modeling_xvlm.data import load_xvlm_dataset
+    from modeling_xvlm.processing import XVLMProcessor, load_image_rgb
+
+    processor = XVLMProcessor.from_pretrained(folder)
+    rows = list(load_xvlm_dataset(None, "retrieval", "test"))
+    texts, txt2img, img2txt = [], [], []
+    for index, row in enumerate(rows):
+        img2txt.append(list(range(len(texts), len(texts) + len(row["captions"]))))
+        texts += row["captions"]
+        txt2img += [index] * len(row["captions"])
+    pixels = processor.image_processor([load_image_rgb(r["image"]) for r in rows], return_tensors="pt")
+    encoded = processor(text=texts, padding="max_length", max_length=40)
+    return (pixels["pixel_values"], encoded["input_ids"], encoded["attention_mask"], torch.tensor(txt2img), img2txt)
+
+
 class TrainedRetrievalEvalCase(RetrievalEvalCase):
     """Benchmark 6 on a trained model fine-tuned on the synthetic dataset, on its test split."""
 
@@ -456,24 +474,12 @@ class TrainedRetrievalEvalCase(RetrievalEvalCase):
 
     def build(self) -> None:
         import modeling_xvlm
-        from modeling_xvlm.data import load_xvlm_dataset
-        from modeling_xvlm.processing import XVLMProcessor, load_image_rgb
 
         folder, self.training = trained_gallery_model(self.trained_size)
         self.model = modeling_xvlm.XVLMForRetrieval.from_pretrained(folder).eval()
         self.config = self.model.config
-        processor = XVLMProcessor.from_pretrained(folder)
-        rows = list(load_xvlm_dataset(None, "retrieval", "test"))
-        texts, txt2img, img2txt = [], [], []
-        for index, row in enumerate(rows):
-            img2txt.append(list(range(len(texts), len(texts) + len(row["captions"]))))
-            texts += row["captions"]
-            txt2img += [index] * len(row["captions"])
-        pixels = processor.image_processor([load_image_rgb(r["image"]) for r in rows], return_tensors="pt")
-        encoded = processor(text=texts, padding="max_length", max_length=40)
-        self.n_images, self.texts_per_image = len(rows), len(texts) / len(rows)
-        self.gallery = (pixels["pixel_values"], encoded["input_ids"], encoded["attention_mask"],
-                        torch.tensor(txt2img), img2txt)
+        self.gallery = synthetic_test_gallery(folder)
+        self.n_images, self.texts_per_image = len(self.gallery[4]), self.gallery[1].shape[0] / len(self.gallery[4])
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()

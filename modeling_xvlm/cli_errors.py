@@ -69,3 +69,12 @@ def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") ->
         os.remove(probe)
     except OSError as error:
         raise PermissionError(f"{what} {path!r} is not writable ({error.strerror or error})") from None
+
+
+def require_model_source(value: str, what: str = "--model") -> None:
+    """Fail clearly when `value` is written as a local path (absolute, `./`, `../`, `~`, or more than the one `/` of
+    a Hub id `org/name`) that does not exist, instead of letting the Hub client reject it as a malformed repo id."""
+    looks_local = os.path.isabs(value) or value.startswith((".", "~")) or value.count("/") > 1 or "\\" in value
+    if looks_local and not os.path.exists(os.path.expanduser(value)):
+        raise FileNotFoundError(f"{what} {value!r}: no such folder (a Hub id is written 'org/name')")
+

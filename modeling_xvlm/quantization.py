@@ -55,7 +55,9 @@ def quantize_int8(model: nn.Module, inplace: bool = False) -> nn.Module:
         raise ValueError(f"int8 dynamic quantization runs on the CPU only; this model has {where} (use model.cpu()).")
     if parameter.dtype != torch.float32:
         raise ValueError(f"quantize_int8 needs an fp32 model, got {parameter.dtype} (use model.float()).")
-    targets = [name for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in INT8_SUBMODULES]
+    targets = [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in INT8_SUBMODULES]
+    # outermost only: a caption decoder's `text_decoder.text_model` is quantized with its `text_decoder`
+    targets = [name for name in targets if not any(name.startswith(outer + ".") for outer in targets)]
     if not targets:
         raise ValueError(f"{type(model).__name__} has no {' or '.join(INT8_SUBMODULES)} to quantize.")
     quantized = model if inplace else copy.deepcopy(model)

@@ -202,3 +202,25 @@ def test_ensure_writable_dir_creates_and_probes(tmp_path):
         ensure_writable_dir(tmp_path / "f")
     with pytest.raises((PermissionError, NotADirectoryError), match="checkpoint folder"):
         ensure_writable_dir(tmp_path / "f" / "sub", "checkpoint folder")
+
+
+@pytest.mark.parametrize("command", ["xvlm-train", "xvlm-eval"])
+def test_a_missing_model_folder_is_named_not_taken_for_a_bad_repo_id(command, tmp_path, capsys):
+    from modeling_xvlm.training.evaluate import main as xvlm_eval
+    from modeling_xvlm.training.train import main as xvlm_train
+
+    missing = str(tmp_path / "no-such-model")
+    main = xvlm_train if command == "xvlm-train" else xvlm_eval
+    assert main(["retrieval", "--model", missing]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"{command}: error: --model {missing!r}: no such folder (a Hub id is written 'org/name')"
+
+
+def test_require_model_source_lets_presets_and_hub_ids_through():
+    from modeling_xvlm.cli_errors import require_model_source
+
+    for value in ("tiny", "base", "org/xvlm-base", "bert-base-uncased"):
+        require_model_source(value)
+    for value in ("./nope", "../nope", "~/nope-xvlm", "/abs/nope", "a/b/c"):
+        with pytest.raises(FileNotFoundError, match="no such folder"):
+            require_model_source(value)

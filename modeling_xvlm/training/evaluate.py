@@ -54,7 +54,7 @@ import torch
 from transformers import AutoTokenizer
 
 from ..box_ops import inclusive_pixel_iou
-from ..cli_errors import cli_errors, ensure_writable_dir
+from ..cli_errors import cli_errors, ensure_writable_dir, require_model_source
 from ..caption_metrics import CAPTION_METRICS, DEFAULT_CAPTION_METRICS, caption_metrics
 from ..data import coco_image_id, load_coco_caption_references, load_xvlm_dataset, synthetic_tokenizer
 from ..modeling_xvlm_captioning import XVLMForConditionalGeneration
@@ -1019,6 +1019,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``xvlm-eval``; bad input is one line on stderr and exit status 2 (`modeling_xvlm.cli_errors`).
     The folders of ``--output`` / ``--metrics-output`` are checked for writing before anything is evaluated."""
     args = build_parser().parse_args(argv)
+    require_model_source(args.model)
     for target in (args.output, getattr(args, "metrics_output", None)):
         if target:
             ensure_writable_dir(os.path.dirname(os.path.abspath(target)), "the --output folder")

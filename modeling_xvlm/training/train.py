@@ -62,7 +62,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from ..cli_errors import cli_errors, ensure_writable_dir
+from ..cli_errors import cli_errors, ensure_writable_dir, require_model_source
 from ..configuration_xvlm import XVLMConfig
 from ..data import load_xvlm_dataset, retrieval_pairs, synthetic_tokenizer
 from ..initialization import build_from_vision_text_pretrained
@@ -1023,6 +1023,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stderr and exit status 2 (`modeling_xvlm.cli_errors`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    require_model_source(args.model)
     summary = train(config_from_args(args))
     if summary["eval"]:
         print(json.dumps(summary["eval"], indent=2))
