@@ -106,6 +106,11 @@ class XVLMTextConfig(PreTrainedConfig):
         tie_cross_attention_pairs: cross-attention layers `fusion_layer + 2j` and `fusion_layer + 2j + 1` share one
             key and one value projection (official NLVR2: the two images alternate across the fusion layers).
         tie_word_embeddings: tie an LM head's decoder weight to the word embeddings (always, in X-VLM).
+        padding_free: run the projections, feed-forward and LayerNorm of the text and fusion encoders on the real
+            tokens only when a batch is right-padded (attention still spans the padded layout with its mask). Real
+            tokens' outputs equal the padded computation (fp32, to 1e-5); padded positions of `last_hidden_state`
+            are 0. Off (`False`): every position is computed, as the official code. Decoders always compute
+            every position.
         bos_token_id: the first token of the answer and caption decoders' `generate()`: the tokenizer's `[CLS]`
             (101 for `bert-base-uncased`; `xvlm-convert` and `xvlm-train` set it from the tokenizer).
         eos_token_id: the token that ends a generated answer or caption: the tokenizer's `[SEP]` (102).
@@ -133,6 +138,7 @@ class XVLMTextConfig(PreTrainedConfig):
     use_cache: bool = True
     tie_cross_attention_pairs: bool = False
     tie_word_embeddings: bool = True
+    padding_free: bool = True
     bos_token_id: int | None = None
     eos_token_id: int | None = None
 

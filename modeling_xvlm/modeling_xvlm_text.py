@@ -39,6 +39,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .attention import XVLM_ATTENTION_FUNCTIONS, eager_attention_forward, expand_key_mask
 from .configuration_xvlm import XVLMTextConfig
 from .losses import IGNORE_INDEX
+from .token_packing import PackedLayout
 
 EncoderStates = torch.Tensor | Sequence[torch.Tensor]
 
@@ -114,17 +115,28 @@ class XVLMSelfAttention(nn.Module):
         self.value = nn.Linear(kv_width, config.hidden_size)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
 
-    def split_heads(self, states: torch.Tensor, projection: nn.Linear) -> torch.Tensor:
-        """`(batch, length, width)` -> projected `(batch, heads, length, head_dim)`."""
-        batch, length = states.shape[:2]
-        return projection(states).view(batch, length, self.num_attention_heads, -1).transpose(1, 2)
+    def split_heads(
+        self, states: torch.Tensor, projection: nn.Linear, layout: PackedLayout | None = None
+    ) -> torch.Tensor:
+        """`(batch, length, width)` (or packed `(tokens, width)` with its `layout`) -> projected
+        `(batch, heads, length, head_dim)`."""
+        projected = projection(states)
+        if layout is not None:
+            projected = layout.unpack(projected)
+        batch, length = projected.shape[:2]
+        return projected.view(batch, length, self.num_attention_heads, -1).transpose(1, 2)
 
     def keys_values(
-        self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None, cache: Cache | None
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        cache: Cache | None,
+        layout: PackedLayout | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values `(batch, heads, kv_len, head_dim)`, read from / written to the cache when one is given."""
         if not self.is_cross_attention:
-            key, value = self.split_heads(hidden_states, self.key), self.split_heads(hidden_states, self.value)
+            key = self.split_heads(hidden_states, self.key, layout)
+            value = self.split_heads(hidden_states, self.value, layout)
             if cache is not None:
                 self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
                 key, value = self_cache.update(key, value, self.layer_idx)
@@ -149,13 +161,15 @@ class XVLMSelfAttention(nn.Module):
         encoder_index: torch.Tensor | None = None,
         cache: Cache | None = None,
         query_length: int | None = None,
+        layout: PackedLayout | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # query_length: only the first `query_length` positions are queried (keys/values still span every position)
+        # query_length: only the first `query_length` positions are queried (keys/values still span every position).
+        # layout: hidden_states are the packed real tokens `(tokens, hidden)`; so is the output.
         query_states = hidden_states if query_length is None else hidden_states[:, :query_length]
-        batch, length = query_states.shape[:2]
-        query = self.split_heads(query_states, self.query)
-        key, value = self.keys_values(hidden_states, encoder_hidden_states, cache)
+        query = self.split_heads(query_states, self.query, layout)
+        batch, length = query.shape[0], query.shape[2]
+        key, value = self.keys_values(hidden_states, encoder_hidden_states, cache, layout)
         if encoder_index is not None and self.is_cross_attention:
             # Keys/values of each distinct encoder sequence are computed once and shared by all rows paired with it.
             key, value = key[encoder_index], value[encoder_index]
@@ -170,7 +184,8 @@ class XVLMSelfAttention(nn.Module):
             scaling=self.scaling,
             dropout=self.dropout.p if self.training else 0.0,
         )
-        return attn_output.reshape(batch, length, -1).contiguous(), attn_weights
+        attn_output = attn_output.reshape(batch, length, -1)
+        return (attn_output.contiguous() if layout is None else layout.pack(attn_output)), attn_weights
 
 
 class XVLMResidualOutput(nn.Module):
@@ -203,10 +218,12 @@ class XVLMAttentionBlock(nn.Module):
         encoder_index: torch.Tensor | None = None,
         cache: Cache | None = None,
         query_length: int | None = None,
+        layout: PackedLayout | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         context, weights = self.self(
-            hidden_states, attention_mask, encoder_hidden_states, encoder_index, cache, query_length, **kwargs
+            hidden_states, attention_mask, encoder_hidden_states, encoder_index, cache, query_length, layout=layout,
+            **kwargs,
         )
         residual = hidden_states if query_length is None else hidden_states[:, :query_length]
         return self.output(context, residual), weights
@@ -244,16 +261,21 @@ class XVLMLayer(GradientCheckpointingLayer):
         encoder_index: torch.Tensor | None = None,
         cache: Cache | None = None,
         query_length: int | None = None,
+        layout: PackedLayout | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         # Tensors that need gradients come positionally (GradientCheckpointingLayer with use_reentrant=True).
         # query_length: compute only the first `query_length` output positions (the [CLS] row for ITM / boxes).
-        hidden_states, _ = self.attention(hidden_states, attention_mask, None, None, cache, query_length, **kwargs)
+        # layout: hidden_states are the packed real tokens `(tokens, hidden)` (token_packing.py).
+        hidden_states, _ = self.attention(
+            hidden_states, attention_mask, None, None, cache, query_length, layout=layout, **kwargs
+        )
         if self.has_cross_attention:
             if encoder_hidden_states is None and not _cross_cached(cache, self.layer_idx):
                 raise ValueError(f"Layer {self.layer_idx} cross-attends: it needs encoder_hidden_states.")
             hidden_states, _ = self.crossattention(
-                hidden_states, encoder_attention_mask, encoder_hidden_states, encoder_index, cache, **kwargs
+                hidden_states, encoder_attention_mask, encoder_hidden_states, encoder_index, cache, layout=layout,
+                **kwargs,
             )
         return self.output(self.intermediate(hidden_states), hidden_states)
 
@@ -285,10 +307,19 @@ class XVLMEncoder(nn.Module):
         encoder_index: torch.Tensor | None = None,
         cache: Cache | None = None,
         cls_only: bool = False,
+        layout: PackedLayout | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """Run `layers` on `hidden_states` `(batch, L, hidden)`; returns the last layer's states."""
+        """Run `layers` on `hidden_states` `(batch, L, hidden)`; returns the last layer's states `(batch, L, hidden)`.
+
+        With a `layout`, the layers run on the packed real tokens and the padded positions of the result are 0.
+        """
+        if layout is not None:
+            hidden_states = layout.pack(hidden_states)
         for index in layers:
+            cls_query = cls_only and index == layers[-1]
+            if cls_query and layout is not None:  # the [CLS]-only layer reads row starts from the padded layout
+                hidden_states, layout = layout.unpack(hidden_states), None
             encoder_states, encoder_mask = self.encoder_inputs(index, encoder_hidden_states, encoder_attention_mask)
             hidden_states = self.layer[index](
                 hidden_states,
@@ -297,10 +328,11 @@ class XVLMEncoder(nn.Module):
                 encoder_mask,
                 encoder_index,
                 cache=cache,
-                query_length=1 if cls_only and index == layers[-1] else None,
+                query_length=1 if cls_query else None,
+                layout=layout,
                 **kwargs,
             )
-        return hidden_states
+        return hidden_states if layout is None else layout.unpack(hidden_states)
 
     def encoder_inputs(
         self,
@@ -455,7 +487,8 @@ class XVLMTextModel(XVLMTextPreTrainedModel):
             else:
                 encoder_attention_mask = self._encoder_masks(encoder_hidden_states, encoder_attention_mask, hidden.dtype)
         hidden = self.encoder(
-            hidden, self_mask, encoder_hidden_states, encoder_attention_mask, layers, cache=cache, **kwargs
+            hidden, self_mask, encoder_hidden_states, encoder_attention_mask, layers, cache=cache,
+            layout=self.token_layout(attention_mask, kwargs), **kwargs,
         )
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden, cache=cache)
 
@@ -493,9 +526,21 @@ class XVLMTextModel(XVLMTextPreTrainedModel):
             range(self.config.fusion_layer, self.config.num_hidden_layers),
             encoder_index=image_index,
             cls_only=cls_only,
+            layout=self.token_layout(attention_mask, kwargs),
             **kwargs,
         )
         return BaseModelOutputWithCrossAttentions(last_hidden_state=hidden)
+
+    def token_layout(self, attention_mask: torch.Tensor | None, kwargs: dict[str, Any]) -> PackedLayout | None:
+        """The packed layout of the real tokens where the padding-free path applies (`config.padding_free`, an
+        encoder, no per-layer outputs recorded: Grad-CAM reads the padded rows' attention, as the official code;
+        not under `torch.compile`, whose graphs want static shapes); `None` runs the padded computation."""
+        config = self.config
+        if not config.padding_free or config.is_decoder or torch.compiler.is_compiling():
+            return None
+        if any(kwargs.get(f"output_{k}", getattr(config, f"output_{k}", False)) for k in ("attentions", "hidden_states")):
+            return None
+        return PackedLayout.from_mask(attention_mask)
 
     # -- masks and checks ---------------------------------------------------------------------------------------
     def self_attention_mask(

@@ -434,3 +434,17 @@ def official_task_files(tmp_path, arch: OfficialArch, name: str = "Tiny.yaml", e
         "optimizer: {opt: adamW, lr: 3e-5, weight_decay: 0.01, lr_mult: 2}\n" + extra
     )
     return str(yaml_path)
+
+
+def sequence_diffs(name: str, reference: torch.Tensor, ours: torch.Tensor, mask: torch.Tensor,
+                   padding_free: bool = True) -> dict[str, float]:
+    """Max |difference| of text-stack states `(batch, L, hidden)` against the official ones: every position, or
+    with `padding_free` (the model's default) the real tokens of `mask`, plus the padded positions' largest value
+    (those are 0 there; the official code computes values that nothing reads)."""
+    if not padding_free:
+        return {name: (reference - ours).abs().max().item()}
+    real = mask.bool()
+    return {
+        name: (reference[real] - ours[real]).abs().max().item(),
+        f"{name}_padded_positions": ours[~real].abs().max().item(),
+    }

@@ -19,6 +19,7 @@ from official_format import (  # noqa: E402
     base_arch,
     official_state_dict,
     official_task_files,
+    sequence_diffs,
     tiny_arch,
 )
 
@@ -405,13 +406,15 @@ def _max_diff(a, b):
     return (a - b).abs().max().item()
 
 
+@pytest.mark.parametrize("padding_free", [True, False], ids=["padding-free", "padded"])
 @pytest.mark.parametrize("window", [4, 8], ids=["window4", "shrunk-window8"])
-def test_parity_pretrain_tiny_all_quantities(window):
+def test_parity_pretrain_tiny_all_quantities(window, padding_free):
     # window 8 at 64 px: stage 2 (4x4) is below the window and gets window = resolution, as the official Swin.
     arch = tiny_arch(window=window)
     sd = official_state_dict(arch, "pretrain", seed=3)
     model, _ = _convert_in_memory(sd, "pretrain", arch)
     xvlm = model.xvlm
+    xvlm.text_model.config.padding_free = padding_free
     spec = ref.TextSpec(arch.text_heads, arch.fusion, arch.layers)
     images, ids, atts = _inputs(arch)
     image_index = torch.tensor([0, 1, 1])
@@ -429,11 +432,12 @@ def test_parity_pretrain_tiny_all_quantities(window):
         # text encoder
         r_text = ref.text_mode(sd, ids, atts, spec)
         h_text_out = xvlm.get_text_features(ids, atts)
-        diffs["text"] = _max_diff(r_text, h_text_out.last_hidden_state)
+        # padding-free: the real tokens equal the official states, the padded positions are 0; padded: every position
+        diffs.update(sequence_diffs("text", r_text, h_text_out.last_hidden_state, atts, padding_free))
         # fusion on regions (region mask = cross-attention key mask)
         r_fused = ref.fusion_mode(sd, r_text, atts, r_region, region_atts, spec)
         h_fused = xvlm.fuse(h_text_out.last_hidden_state, atts, h_region, region_atts)
-        diffs["fusion"] = _max_diff(r_fused, h_fused)
+        diffs.update(sequence_diffs("fusion", r_fused, h_fused, atts, padding_free))
         # ITC features, similarities, loss
         r_img_feat, r_txt_feat = ref.itc_features(sd, r_region, r_text)
         h_img_feat = xvlm.get_region_features(images, region_atts, image_index).pooler_output

@@ -22,6 +22,7 @@ from official_format import (  # noqa: E402
     official_state_dict,
     official_task_files,
     official_vqa_loader,
+    sequence_diffs,
     tiny_arch,
     vqa_decoder_layers,
 )
@@ -303,13 +304,13 @@ def test_vqa_parity_question_states_logits_and_loss():
                             arch.image_res, arch.window)
         out = model(pixel_values=images, input_ids=ids, attention_mask=atts, labels=answer_ids,
                     answer_weights=weights, answers_per_question=torch.tensor(counts))
-        diffs["question_states"] = _max_diff(r["question_states"], out.question_states)
+        diffs.update(sequence_diffs("question_states", r["question_states"], out.question_states, atts))
         diffs["logits"] = _max_diff(r["logits"], out.logits)
         diffs["answer_loss"] = _max_diff(r["answer_loss"], out.answer_loss)
         diffs["loss"] = _max_diff(r["loss"], out.loss)
         # the building blocks: encoder alone, decoder alone on the official question states
         question, _ = model.encode_questions(images, ids, atts)
-        diffs["encode_questions"] = _max_diff(r["question_states"], question.last_hidden_state)
+        diffs.update(sequence_diffs("encode_questions", r["question_states"], question.last_hidden_state, atts))
         decoded = model.decode_answers(r["question_states"], atts, torch.tensor(counts), answer_ids, answer_atts)
         diffs["decode_answers"] = _max_diff(r["logits"], decoded.logits)
     assert out.logits.shape == (6, answer_ids.shape[1], arch.vocab)
