@@ -116,6 +116,8 @@ from .masking import XVLMTextMasker
 from .recipe import TaskRecipe, create_optimizer, create_scheduler, get_recipe, new_parameter_names
 from .region_collators import XVLMPretrainCollator, XVLMRegionSampler
 from .scst import XVLMSelfCriticalCaptioning, scst_document_frequencies
+from .streaming import STATE_KEY as STREAM_STATE_KEY
+from .streaming import StreamingBatches, StreamPosition, open_pretrain_stream
 
 __all__ = [
     "TASKS",
@@ -176,6 +178,8 @@ class TrainConfig:
     eval_split: str = "validation"
     max_train_examples: int | None = None
     num_workers: int = 0
+    streaming: bool = False  # pretrain: read --dataset as an IterableDataset (modeling_xvlm.training.streaming)
+    shuffle_buffer: int = 1000  # --streaming: examples in the shuffle buffer (0: no shuffling)
     # recipe
     lr: float | None = None
     lr_mult: float | None = None
@@ -412,7 +416,9 @@ class TaskData:
 
 
 def _pretrain_data(cfg: TrainConfig, processor: XVLMProcessor, size: int, extra: dict, data: dict | None) -> TaskData:
-    rows = _subset(_load_split(cfg, "pretrain", cfg.train_split, data), cfg.max_train_examples)
+    # streaming: the rows are opened per process by the training loop (`_TrainingLoop.iterators`)
+    rows = None if cfg.streaming else _subset(_load_split(cfg, "pretrain", cfg.train_split, data),
+                                              cfg.max_train_examples)
     crop_min = 0.2 if cfg.crop_scale_min is None else cfg.crop_scale_min
     image_collator = PretrainImageTextCollator(
         XVLMPretrainCollator(processor, masker=XVLMTextMasker(processor.tokenizer)),
@@ -507,6 +513,28 @@ def build_task_data(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def check_streaming_options(cfg: TrainConfig) -> None:
+    """Refuse (``ValueError``) options that need a dataset length or workers with ``--streaming``."""
+    if not cfg.streaming:
+        return
+    problems = []
+    if cfg.task != "pretrain":
+        problems.append(f"it is for the pretrain task, not {cfg.task}")
+    if cfg.dataset is None:
+        problems.append("it needs --dataset (a folder of Parquet shards or a Hub id)")
+    if cfg.max_steps is None:
+        problems.append("a stream has no length, so --epochs cannot give the number of steps: pass --max-steps")
+    if cfg.max_train_examples is not None:
+        problems.append("--max-train-examples needs a dataset length; leave it out")
+    if cfg.num_workers:
+        problems.append("the stream is read in the main process so that its saved position is the consumed one: "
+                        "pass --num-workers 0")
+    if cfg.shuffle_buffer < 0:
+        problems.append(f"--shuffle-buffer must be >= 0 (got {cfg.shuffle_buffer})")
+    if problems:
+        raise ValueError("--streaming: " + "; ".join(problems))
+
+
 def _make_accelerator(cfg: TrainConfig) -> Accelerator:
     # Without GPUs, a multi-process launch (torchrun / `accelerate launch --multi_gpu --num_processes N`) is DDP over
     # gloo, which accelerate only selects with cpu=True.
@@ -551,6 +579,7 @@ class _ResumePoint:
     region_micro: int = 0
     history: list = field(default_factory=list)
     rng_state: Any = None
+    stream_positions: dict = field(default_factory=dict)  # --streaming: {"image": [epoch, consumed], ...}
 
 
 #: `TrainConfig` fields a resumed run may change (where files go, what is logged / evaluated / saved, how data are
@@ -600,7 +629,7 @@ def _resume(cfg: TrainConfig, ckpt_root: Path, model, optimizer, scheduler, acce
     say(f"resumed from {path} at step {int(state['step'])}")
     return _ResumePoint(
         int(state["step"]), int(state.get("region_micro_steps", 0)), list(state.get("eval_history", [])),
-        state["_rng"],
+        state["_rng"], dict(state.get(STREAM_STATE_KEY, {})),
     )
 
 
@@ -628,11 +657,14 @@ class _TrainingLoop:
         self.ckpt_root = Path(cfg.output_dir) / "checkpoints"
         self.eval_sets: dict[str, Any] = {}
         self.region_micro, self.history, self.last_losses = 0, [], {}
+        self.streams: dict[str, StreamingBatches] = {}
         self._reset_window()
 
     # -- data ------------------------------------------------------------------------------------------------------
     def iterators(self, start: _ResumePoint) -> tuple[Iterator, Iterator | None]:
         cfg, data, rank = self.cfg, self.task_data, self.accelerator.process_index
+        if cfg.streaming:
+            return self._streaming_iterators(start)
         sampler = StepBatchSampler(
             len(data.rows), self.recipe.batch_size, cfg.seed, "image", rank, self.world,
             start_step=start.step * self.accum,
@@ -645,6 +677,22 @@ class _TrainingLoop:
         )
         loader = make_loader(data.rows, data.region_collator, region_sampler, data.region_adapter, cfg.num_workers)
         return image_iter, iter(loader)
+
+    def _streaming_iterators(self, start: _ResumePoint) -> tuple[StreamingBatches, StreamingBatches | None]:
+        cfg, data, rank = self.cfg, self.task_data, self.accelerator.process_index
+
+        def batches(stream: str, collator: Callable, adapter: Callable, size: int, step: int) -> StreamingBatches:
+            rows = open_pretrain_stream(cfg.dataset, cfg.train_split, rank, self.world, cfg.seed, cfg.shuffle_buffer,
+                                        stream)
+            return StreamingBatches(rows, collator, size, cfg.seed, stream, rank, adapter, start_step=step,
+                                    position=StreamPosition(*start.stream_positions.get(stream, (0, 0))))
+
+        self.streams = {"image": batches("image", data.image_collator, data.image_adapter, self.recipe.batch_size,
+                                         start.step * self.accum)}
+        if data.region_collator is not None and data.iter_perc > 0:
+            self.streams["region"] = batches("region", data.region_collator, data.region_adapter,
+                                             data.region_images, start.region_micro)
+        return self.streams["image"], self.streams.get("region")
 
     # -- one optimizer step ----------------------------------------------------------------------------------------
     def optimizer_step(self, batches: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -787,7 +835,9 @@ class _TrainingLoop:
         save_checkpoint(
             self.ckpt_root, done, self.model, self.optimizer, self.scheduler,
             {"task": self.cfg.task, "region_micro_steps": self.region_micro, "total_steps": self.total_steps,
-             "eval_history": self.history, "config": self.cfg.to_dict()},
+             "eval_history": self.history, "config": self.cfg.to_dict(),
+             # every process consumes the same number of examples per stream, so rank 0's positions are all's
+             STREAM_STATE_KEY: {name: list(b.position) for name, b in self.streams.items()}},
             self.accelerator, self.cfg.save_total_limit, stage_hook=stage if self.callbacks else None,
         )
 
@@ -880,6 +930,7 @@ def train(
     """
     if cfg.task not in TASKS:
         raise ValueError(f"unknown task {cfg.task!r}; expected one of {TASKS}")
+    check_streaming_options(cfg)
     started = time.perf_counter()
     accelerator = _make_accelerator(cfg)
     say = (log or (lambda msg: print(msg, flush=True))) if accelerator.is_main_process else (lambda msg: None)
@@ -894,7 +945,7 @@ def train(
     task_data = build_task_data(cfg, processor, model.config.image_size, recipe, data)
     if cfg.task == "captioning-scst":
         model = _scst_model(cfg, model, processor, task_data.rows, recipe, say)
-    micro_per_epoch = len(task_data.rows) // (recipe.batch_size * accelerator.num_processes)
+    micro_per_epoch = 1 if cfg.streaming else len(task_data.rows) // (recipe.batch_size * accelerator.num_processes)
     if micro_per_epoch < 1:
         raise SystemExit(f"{len(task_data.rows)} training examples are fewer than one global batch "
                          f"({recipe.batch_size} x {accelerator.num_processes})")
@@ -948,6 +999,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-split", default="validation", help="dataset split of the evaluations during training")
     g.add_argument("--max-train-examples", type=int, default=None, help="train on the first N rows only")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    _bool_flag(g, "streaming", False, "pretrain: read --dataset (folder of Parquet shards or Hub id) as a streamed "
+               "IterableDataset split across processes; needs --max-steps (docs/training.md, Large runs)")
+    g.add_argument("--shuffle-buffer", type=int, default=1000, help="--streaming: shuffle buffer size in examples "
+                   "(0: stream order)")
     g = parser.add_argument_group("recipe (default: official values of the task)")
     g.add_argument("--lr", type=float, default=None)
     g.add_argument("--lr-mult", type=float, default=None, help="lr multiplier of newly initialised layers")
