@@ -373,7 +373,10 @@ def _official_caption_batch(tokenizer, captions, prompt="a picture of ", max_tok
     `prompt + pre_caption(caption, max_tokens)`, `model_captioning.forward` tokenises with
     `padding='longest', truncation=True, max_length=max_tokens` and masks padding and `prompt_length` tokens."""
     texts = [prompt + pre_caption(c, max_tokens) for c in captions]
-    text = tokenizer(texts, padding="longest", truncation=True, max_length=max_tokens, return_tensors="pt")
+    # padding_side: the official BertTokenizer pads right (the shared test tokenizer may have been switched to left
+    # padding by transformers' image-text-to-text pipeline, which does so for decoder models since 5.25)
+    text = tokenizer(texts, padding="longest", truncation=True, max_length=max_tokens, return_tensors="pt",
+                     padding_side="right")
     prompt_length = len(tokenizer(prompt).input_ids) - 1
     targets = text.input_ids.masked_fill(text.input_ids == tokenizer.pad_token_id, -100)
     targets[:, :prompt_length] = -100

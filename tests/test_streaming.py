@@ -175,3 +175,33 @@ def test_two_process_streaming_run_killed_and_resumed_gives_identical_weights(st
     assert all(torch.equal(expected[k], final[k]) for k in expected)
     start = load_file(checkpoints / "step-00000002" / "model.safetensors")
     assert any(not torch.equal(start[k], final[k]) for k in final)  # it trained after the resume
+
+
+def test_converted_pretraining_shards_stream_with_load_dataset(tmp_path):
+    """`convert_official` streams the official JSON lines into bounded Parquet shards; `load_dataset(folder,
+    streaming=True)` reads them back in order, and two processes' streams split them without overlap."""
+    import io
+    import json
+
+    import datasets
+    from PIL import Image
+
+    from modeling_xvlm.data.official import convert_official
+
+    (tmp_path / "images").mkdir()
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 12), (200, 30, 30)).save(buffer, format="PNG")
+    (tmp_path / "images" / "red.png").write_bytes(buffer.getvalue())
+    lines = [{"caption": f"caption number {i}", "image_rpath": "red.png"} for i in range(250)]
+    (tmp_path / "corpus.json").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    out = tmp_path / "out"
+    convert_official(out, tmp_path / "images", pretrain_text=[tmp_path / "corpus.json"], max_shard_bytes=1)
+    shards = sorted(p.name for p in (out / "pretrain").glob("train-*.parquet"))
+    assert shards == [f"train-0000{i}-of-00003.parquet" for i in range(3)]  # 100-row groups, one per shard
+
+    streamed = datasets.load_dataset(str(out), "pretrain", split="train", streaming=True)
+    assert isinstance(streamed, datasets.IterableDataset)
+    assert [row["captions"] for row in streamed] == [[line["caption"]] for line in lines]
+    parts = [[row["captions"][0] for row in open_pretrain_stream(str(out), "train", rank, 2, 0, 0, "image")]
+             for rank in (0, 1)]
+    assert not set(parts[0]) & set(parts[1]) and sorted(parts[0] + parts[1]) == sorted(x["caption"] for x in lines)
