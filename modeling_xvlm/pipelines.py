@@ -108,6 +108,19 @@ def _is_xvlm_processor(processor: Any) -> bool:
 class _XVLMInputsMixin:
     """Text and image encoding through the X-VLM processor (with a tokenizer-only fallback)."""
 
+    def get_iterator(self, *args: Any, **kwargs: Any):
+        # Batches are padded on the right, as X-VLM's texts ([CLS] at position 0, absolute positions; official).
+        # A tokenizer shared with transformers' image-text-to-text pipeline may have been switched to left padding
+        # (it does so for decoder models since transformers 5.25); the batch collator reads the side here.
+        side = getattr(self.tokenizer, "padding_side", None)
+        if side is None:
+            return super().get_iterator(*args, **kwargs)
+        self.tokenizer.padding_side = "right"
+        try:
+            return super().get_iterator(*args, **kwargs)
+        finally:
+            self.tokenizer.padding_side = side
+
     def _setup_processor(self) -> None:
         if _is_xvlm_processor(self.processor):
             self.tokenizer = self.tokenizer or self.processor.tokenizer

@@ -588,3 +588,20 @@ def test_default_caption_prompt_from_a_path_and_the_processor_prompt(caption_mod
                          pipeline_class=XVLMImageTextToTextPipeline)
     with pytest.raises(ValueError, match="caption prompt is empty"):
         captioner(images[0])
+
+
+def test_xvlm_pipelines_batch_right_padded_whatever_the_tokenizer_side(vqa_model, vqa_processor, images) -> None:
+    """transformers' image-text-to-text pipeline switches a tokenizer it is given to left padding (decoder models,
+    transformers >= 5.25); the X-VLM pipelines still collate right-padded batches ([CLS] at position 0, as the
+    official code) and leave the tokenizer's side as they found it."""
+    expected = direct_ranking(vqa_model, vqa_processor, images, QUESTIONS, ANSWERS, top_k=2)
+    vqa = pipeline("xvlm-vqa", model=vqa_model, processor=vqa_processor)
+    vqa_processor.tokenizer.padding_side = "left"
+    try:
+        batched = vqa(images, QUESTIONS, candidate_answers=ANSWERS, top_k=2, batch_size=len(images))
+        assert vqa_processor.tokenizer.padding_side == "left"
+    finally:
+        vqa_processor.tokenizer.padding_side = "right"
+    assert len({len(q.split()) for q in QUESTIONS}) > 1  # questions of different lengths: the batch is padded
+    for got, want in zip(batched, expected):
+        same_answers(got, want)
