@@ -25,7 +25,8 @@ from modeling_xvlm.training.checkpointing import (
 )
 from modeling_xvlm.training.recipe import create_optimizer, create_scheduler
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, os.path.dirname(__file__))
+from subprocess_env import offline_env  # noqa: E402
 
 
 def _model_and_optim():
@@ -118,9 +119,7 @@ train(config_from_args(build_parser().parse_args(sys.argv[2:])), callbacks=[Kill
 
 def _run(tiny_dataset: Path, out: Path, fault: str | None = None, resume: bool = False,
          threads: int = 1, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS=str(threads), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env = offline_env(threads)
     cmd = [
         sys.executable, "-c", _RUNNER, fault or "-", "pretrain", "--dataset", str(tiny_dataset),
         "--tokenizer", "synthetic", "--max-steps", "6", "--batch-size", "4", "--iter-perc", "0.5",

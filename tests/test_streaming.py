@@ -3,7 +3,9 @@ weights), and is split into disjoint parts across processes."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,9 @@ from modeling_xvlm.training.streaming import (
     open_pretrain_stream,
 )
 from modeling_xvlm.training.train import TrainConfig, check_streaming_options, train
+
+sys.path.insert(0, os.path.dirname(__file__))
+from subprocess_env import offline_env  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +119,6 @@ def test_streaming_refuses_options_that_need_a_length(stream_dataset, tmp_path, 
 # Two CPU processes (accelerate's launcher, gloo): killed with SIGKILL after a checkpoint, resumed, identical weights
 # ----------------------------------------------------------------------------------------------------------------
 
-REPO = Path(__file__).resolve().parents[1]
-
 # Every process SIGKILLs itself at the end of step `at` (a callback defined here, in the test); -1: never.
 _RUNNER = """
 import os, signal, sys
@@ -135,13 +138,9 @@ train(config_from_args(build_parser().parse_args(sys.argv[2:])), callbacks=[Kill
 
 
 def _launch(runner: Path, dataset: Path, out: Path, kill_at: int = -1, resume: bool = False):
-    import os
     import subprocess
     import sys
 
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", str(runner), str(kill_at),
@@ -150,7 +149,7 @@ def _launch(runner: Path, dataset: Path, out: Path, kill_at: int = -1, resume: b
         "--region-batch-texts", "4", "--save-every", "2", "--save-total-limit", "5", "--no-eval-at-end", "--no-save-final", "--no-progress",
         "--output-dir", str(out),
     ] + (["--resume"] if resume else [])
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=out.parent)
+    return subprocess.run(cmd, env=offline_env(), capture_output=True, text=True, timeout=300, cwd=out.parent)
 
 
 def test_two_process_streaming_run_killed_and_resumed_gives_identical_weights(stream_dataset, tmp_path):

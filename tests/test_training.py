@@ -24,7 +24,8 @@ from modeling_xvlm.training.recipe import (
     resolve_warmup_steps,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, os.path.dirname(__file__))
+from subprocess_env import offline_env  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -35,13 +36,6 @@ def synthetic_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("xvlm_synthetic")
     write_synthetic_dataset(out, SyntheticConfig(num_train=64, num_validation=12, num_test=12), overwrite=True)
     return out
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -219,7 +213,7 @@ def test_two_process_cpu_accelerate_launch(synthetic_dir, tmp_path):
         "--region-batch-texts", "6", "--save-every", "3", "--no-eval-at-end", "--no-progress",
         "--output-dir", str(tmp_path / "ddp"),
     ]
-    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    result = subprocess.run(cmd, env=offline_env(), capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     state = json.loads((tmp_path / "ddp" / "checkpoints" / "step-00000003" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["step"] == 3
