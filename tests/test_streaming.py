@@ -204,3 +204,11 @@ def test_converted_pretraining_shards_stream_with_load_dataset(tmp_path):
     parts = [[row["captions"][0] for row in open_pretrain_stream(str(out), "train", rank, 2, 0, 0, "image")]
              for rank in (0, 1)]
     assert not set(parts[0]) & set(parts[1]) and sorted(parts[0] + parts[1]) == sorted(x["caption"] for x in lines)
+
+
+@pytest.mark.parametrize("stream, option", [("image", "--batch-size"), ("region", "--region-max-images")])
+def test_a_stream_shorter_than_one_batch_names_the_option_to_lower(stream_dataset, stream, option):
+    rows = open_pretrain_stream(str(stream_dataset), "train", 0, 1, seed=3, shuffle_buffer=0, stream=stream)
+    batches = StreamingBatches(rows, collator=lambda r: r, batch_size=48, seed=3, stream=stream, rank=0)
+    with pytest.raises(ValueError, match=f"fewer than 48 examples per pass.*lower {option}"):
+        next(batches)

@@ -108,8 +108,9 @@ class StreamingBatches:
             row = next(self._rows, None)
             if row is None:
                 if self.position[1] == 0:
+                    option = "--region-max-images" if self.stream == "region" else "--batch-size"
                     raise ValueError(f"the {self.stream} stream of process {self.rank} has fewer than "
-                                     f"{self.batch_size} examples per pass (one batch)")
+                                     f"{self.batch_size} examples per pass (one batch): lower {option}")
                 # the incomplete last batch of a pass is dropped (official drop_last=True)
                 self.position, out = StreamPosition(self.position[0] + 1, 0), []
                 self._rows = self._open()
