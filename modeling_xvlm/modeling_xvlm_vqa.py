@@ -23,6 +23,7 @@ from .modeling_xvlm import XVLMHeadMixin, XVLMModel, XVLMPreTrainedModel, head_k
 from .modeling_xvlm_pretraining import XVLMForPretraining
 from .losses import IGNORE_INDEX
 from .modeling_xvlm_text import XVLMTextLMHeadModel
+from .token_packing import leading_padding, right_align
 
 #: Candidates re-scored per question by the official ranking (`k_test` of `configs/VQA.yaml`).
 DEFAULT_K_TEST = 128
@@ -180,6 +181,11 @@ class XVLMForQuestionAnswering(XVLMHeadMixin, XVLMPreTrainedModel, GenerationMix
     ) -> tuple[BaseModelOutputWithPastAndCrossAttentions, BaseModelOutputWithPooling]:
         """`(question output, image output)`: the questions `(B, Lq)` through the whole text stack with their
         images `(B, 3, H, W)`; `question output.last_hidden_state` is `(B, Lq, hidden)`."""
+        if leading_padding(attention_mask) is not None:
+            raise ValueError(
+                "The questions are left-padded: X-VLM's text stack reads [CLS] at position 0 and absolute positions "
+                "from it. Pad on the right (tokenizer.padding_side = 'right', as XVLMProcessor does)."
+            )
         image = self.xvlm.encode_image(pixel_values, **kwargs)
         if image.last_hidden_state.shape[0] != input_ids.shape[0]:
             raise ValueError(f"Got {image.last_hidden_state.shape[0]} images for {input_ids.shape[0]} questions.")
@@ -235,7 +241,8 @@ class XVLMForQuestionAnswering(XVLMHeadMixin, XVLMPreTrainedModel, GenerationMix
 
         Args:
             pixel_values: `(B, 3, H, W)`, one image per question.
-            input_ids, attention_mask: `(B, Lq)` questions (`[CLS] words`, no `[SEP]`, as the official VQA).
+            input_ids, attention_mask: `(B, Lq)` questions (`[CLS] words`, no `[SEP]`, as the official VQA), padded on
+                the right (left padding: `ValueError`; `generate` and `rank_answers` take either side).
             labels: `(N, La)` answers `[CLS] answer [SEP]`, padding as -100 (or the pad id): the targets of the
                 loss; `decoder_input_ids` default to them (-100 -> pad id).
             decoder_input_ids, decoder_attention_mask: `(N, La)` the decoder's input (default: from `labels`).
@@ -343,7 +350,8 @@ class XVLMForQuestionAnswering(XVLMHeadMixin, XVLMPreTrainedModel, GenerationMix
         3. Softmax over the `k` scores, sorted.
 
         Args:
-            pixel_values, input_ids, attention_mask: `(B, 3, H, W)` images and `(B, Lq)` questions.
+            pixel_values, input_ids, attention_mask: `(B, 3, H, W)` images and `(B, Lq)` questions (padded on either
+                side).
             answer_input_ids, answer_attention_mask: `(C, La)` the candidates `[CLS] answer [SEP]`, tokenised once
                 (`XVLMProcessor.encode_answers`) and reused for every batch.
             k: candidates re-scored per question (official `k_test`: 128), at most `C`.
@@ -356,6 +364,7 @@ class XVLMForQuestionAnswering(XVLMHeadMixin, XVLMPreTrainedModel, GenerationMix
         Returns:
             `XVLMAnswerRankingOutput` with `candidate_indices`, `probabilities` and `scores`, `(B, min(k, C))`.
         """
+        input_ids, attention_mask = right_align(input_ids, attention_mask)  # scores only: any padding side
         question, _ = self.encode_questions(pixel_values, input_ids, attention_mask)
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         return self.rank_candidates(
@@ -508,7 +517,8 @@ class XVLMForQuestionAnswering(XVLMHeadMixin, XVLMPreTrainedModel, GenerationMix
     ) -> torch.LongTensor:
         """Free-form answers: the decoder generates from `[CLS]` (`text_config.bos_token_id`) until `[SEP]`
         (`eos_token_id`) with transformers' `generate` (greedy by default; `num_beams`, `max_new_tokens`, sampling
-        and the KV cache as for any decoder; defaults from `self.generation_config`: `max_new_tokens` 10). Returns
+        and the KV cache as for any decoder; defaults from `self.generation_config`: `max_new_tokens` 10). The
+        questions `(B, Lq)` may be padded on either side (transformers' pipeline pads on the left). Returns
         `(B * num_return_sequences, La)` token ids starting with `[CLS]`;
         `XVLMProcessor.batch_decode(..., skip_special_tokens=True)` gives the answer strings."""
         bos, eos = self.config.text_config.bos_token_id, self.config.text_config.eos_token_id
@@ -517,6 +527,8 @@ class XVLMForQuestionAnswering(XVLMHeadMixin, XVLMPreTrainedModel, GenerationMix
                 "generate needs text_config.bos_token_id and eos_token_id (the tokenizer's [CLS] and [SEP] ids): set "
                 "them, e.g. model.config.text_config.bos_token_id = tokenizer.cls_token_id."
             )
+        # transformers' image-text-to-text pipeline pads a batch of questions on the left
+        input_ids, attention_mask = right_align(input_ids, attention_mask)
         question, _ = self.encode_questions(pixel_values, input_ids, attention_mask)
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         start = torch.full((input_ids.shape[0], 1), bos, dtype=torch.long, device=input_ids.device)

@@ -56,4 +56,30 @@ class PackedLayout:
         return padded.index_copy(0, self.index, states).view(self.batch, self.length, -1)
 
 
-__all__ = ["PackedLayout"]
+def leading_padding(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """`(batch,)` padded positions before each row's first real token when `attention_mask` `(batch, length)` is
+    left-padded (zeros then ones in every row, some row starting with a zero); `None` otherwise."""
+    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[1] < 2:
+        return None
+    visible = attention_mask != 0
+    if bool(visible[:, 0].all()) or not bool(visible.any(1).all()):
+        return None
+    if bool((visible[:, :-1] & ~visible[:, 1:]).any()):  # a padded position after a real token
+        return None
+    return (~visible).sum(1)
+
+
+def right_align(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Left-padded texts `(batch, length)` rotated so that each row's real tokens come first (right padding, the
+    layout X-VLM's text stack reads: [CLS] at position 0); other inputs are returned as they are."""
+    shift = leading_padding(attention_mask)
+    if shift is None:
+        return input_ids, attention_mask
+    length = attention_mask.shape[1]
+    order = (torch.arange(length, device=shift.device)[None, :] + shift[:, None]) % length
+    return input_ids.gather(1, order), attention_mask.gather(1, order)
+
+
+__all__ = ["PackedLayout", "leading_padding", "right_align"]

@@ -265,3 +265,22 @@ def test_a_few_steps_fit_the_answers(tiny_inputs):
     generated = model.eval().generate(**tiny_inputs, max_new_tokens=4)
     assert generated[0, : labels.shape[1]].tolist()[:4] == labels[0, :4].tolist()
     assert F.pad(generated[1], (0, 8))[:3].tolist() == labels[1, :3].tolist()
+
+
+def _left_padded(inputs: dict) -> dict:
+    """`tiny_inputs` with the padded second question moved to the left (as transformers' pipeline pads)."""
+    ids, mask = inputs["input_ids"].clone(), inputs["attention_mask"].clone()
+    ids[1], mask[1] = ids[1].roll(2), mask[1].roll(2)
+    assert mask[1].tolist() == [0, 0, 1, 1, 1, 1, 1]
+    return {**inputs, "input_ids": ids, "attention_mask": mask}
+
+
+def test_generate_and_ranking_read_left_padded_questions_as_right_padded(model, tiny_inputs):
+    left = _left_padded(tiny_inputs)
+    assert torch.equal(model.generate(**left, max_new_tokens=4), model.generate(**tiny_inputs, max_new_tokens=4))
+    ranked = model.rank_answers(**left, answer_input_ids=_candidates(), k=5)
+    expected = model.rank_answers(**tiny_inputs, answer_input_ids=_candidates(), k=5)
+    assert torch.equal(ranked.candidate_indices, expected.candidate_indices)
+    assert torch.allclose(ranked.scores, expected.scores, atol=1e-6)
+    with pytest.raises(ValueError, match="left-padded.*padding_side = 'right'"):
+        model(**left)  # forward returns per-position question states: the layout is the caller's

@@ -378,6 +378,27 @@ def test_image_text_to_text_generates_answers(vqa_model, vqa_processor, vqa_fold
     assert batch == [{"input_text": q, "generated_text": a} for q, a in zip(QUESTIONS[:2], answers)]
 
 
+def test_image_text_to_text_batches_left_padded_questions_like_single_calls(
+    vqa_model, vqa_processor, images, monkeypatch
+) -> None:
+    """transformers' pipeline collates a stream of questions padded on the left (5.25 switches the tokenizer to it):
+    the model reads them right-padded, as the processor pads them, and answers as for one question at a time."""
+    generator = pipeline("image-text-to-text", model=vqa_model, processor=vqa_processor)
+    questions = [QUESTIONS[0], QUESTIONS[2]]
+    seen = []
+    encode = vqa_model.encode_questions
+    monkeypatch.setattr(vqa_model, "encode_questions", lambda *a, **k: seen.append(a[1:3]) or encode(*a, **k))
+    monkeypatch.setattr(generator.tokenizer, "padding_side", "left")
+    singles = [generator(images[i], text=q, return_full_text=False)[0] for i, q in enumerate(questions)]
+    pairs = ({"images": image, "text": q} for image, q in zip(images, questions))  # collated by the pipeline
+    batch = [out[0] for out in generator(pairs, return_full_text=False, batch_size=2)]
+    monkeypatch.setattr(generator.tokenizer, "padding_side", "right")
+    expected = vqa_processor(text=questions)
+    assert expected["attention_mask"][:, 0].all() and not expected["attention_mask"].all()
+    assert torch.equal(seen[-1][0], expected["input_ids"]) and torch.equal(seen[-1][1], expected["attention_mask"])
+    assert batch == singles
+
+
 def test_image_text_to_text_generation_arguments(vqa_model, vqa_processor, images) -> None:
     generator = pipeline("image-text-to-text", model=vqa_model, processor=vqa_processor)
     question = QUESTIONS[1]

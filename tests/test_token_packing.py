@@ -144,3 +144,18 @@ def test_the_switch_is_saved_and_can_be_turned_off_on_load(tmp_path):
     off.config.text_config.padding_free = False
     off.save_pretrained(tmp_path / "off")
     assert XVLMModel.from_pretrained(tmp_path / "off").text_model.config.padding_free is False
+
+
+def test_right_align_rotates_left_padded_rows_only():
+    from modeling_xvlm.token_packing import leading_padding, right_align
+
+    ids = torch.tensor([[0, 0, 2, 7, 8], [2, 5, 6, 7, 8], [0, 2, 9, 4, 3]])
+    mask = (ids != 0).long()
+    assert leading_padding(mask).tolist() == [2, 0, 1]
+    aligned, aligned_mask = right_align(ids, mask)
+    assert aligned.tolist() == [[2, 7, 8, 0, 0], [2, 5, 6, 7, 8], [2, 9, 4, 3, 0]]
+    assert aligned_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    for other in ([[1, 1, 0], [1, 0, 0]], [[0, 1, 0], [1, 1, 1]], [[0, 0, 0], [0, 1, 1]], [[1, 1, 1], [1, 1, 1]]):
+        other = torch.tensor(other)  # right-padded, holes, an empty row, no padding: unchanged
+        assert leading_padding(other) is None and right_align(other, other)[1] is other
+    assert right_align(ids, None) == (ids, None)
