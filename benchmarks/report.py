@@ -14,7 +14,8 @@ COMPILED = ["sdpa/fp32/compile", "sdpa/bf16/compile"]
 
 
 #: cases with a table of their own (not the variant tables)
-OWN_TABLES = ("retrieval_eval", "attention_kernels", "vqa_rank", "int8_inference", "retrieval_scale", "padding_free")
+OWN_TABLES = ("retrieval_eval", "attention_kernels", "vqa_rank", "int8_inference", "retrieval_scale", "padding_free",
+              "data_pipeline", "converter_memory")
 
 
 def _ms(seconds: float | None) -> str:
@@ -414,6 +415,81 @@ def render_scale_tables(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+STREAM_NAMES = {"image_text": "image-text", "region": "region"}
+
+
+def _headroom(worker: dict[str, Any]) -> str:
+    return f"{worker['headroom']:,.1f}x" + (" (**bottleneck**)" if worker["bottleneck"] else "")
+
+
+def render_data_pipeline_tables(data: dict[str, Any]) -> str:
+    case = data.get("cases", {}).get("data_pipeline")
+    if not case or "pipeline" not in case:
+        return _not_run(case)
+    dataset, model = case["dataset"], case["model"]
+    lines = [
+        f"{dataset['rows']} rows of {dataset['width']} x {dataset['height']} JPEGs "
+        f"(mean {dataset['jpeg_kib_mean']:.0f} KiB), image size {case['image_size']}, shuffle buffer "
+        f"{case['shuffle_buffer']} (streaming), {case.get('torch_threads')} torch threads.",
+        "",
+        "| stream | path | batch | workers | untimed first batches (s) | timed batches | ms per batch | images/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in case["pipeline"]:
+        first = f"{r['untimed_s']:.2f} ({r['untimed_batches']})"
+        if r["path"] == "streaming":
+            first += f"; end of pass {r['pass_end_extra_s']:.2f}"
+        lines.append(f"| {STREAM_NAMES[r['stream']]} | {r['path']} | {r['batch']} | {r['workers']} | {first} | "
+                     f"{r['batches']} | {r['ms_per_batch']:,.1f} | {r['images_per_s']:,.1f} |")
+    lines += [
+        "",
+        f"| stream (batch {model['batch']}) | training step, {model['preset']} (ms) | step images/s "
+        "| streaming pipeline ms per batch | pipeline / step | pipeline share of the loop (0 workers) "
+        "| pipeline / step rate: 0 workers | 1 worker | 2 workers | pipeline processes to keep up |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for stream, b in case["bottleneck"].items():
+        workers = [_headroom(b["workers"][w]) if w in b["workers"] else "n/a" for w in ("0", "1", "2")]
+        lines.append(
+            f"| {STREAM_NAMES[stream]} | {_cell(model[stream])} | {b['step_images_per_s']:.2f} | "
+            f"{1000 * b['streaming_batch_s']:,.1f} | {100 * b['streaming_fraction_of_step']:.2f} % | "
+            f"{100 * b['streaming_share_of_loop']:.2f} % | {' | '.join(workers)} | {b['processes_to_keep_up']} |"
+        )
+    per_process = {r["stream"]: r["images_per_s"] for r in case["pipeline"]
+                   if r["path"] == "map" and r["workers"] == 0 and r["batch"] == model["batch"]}
+    lines += [
+        "",
+        f"One process builds {per_process.get('image_text', float('nan')):,.0f} image-text and "
+        f"{per_process.get('region', float('nan')):,.0f} region images per second at batch {model['batch']} on "
+        "this CPU: a device whose step consumes R images/s needs about R / that rate workers per process.",
+    ]
+    return "\n".join(lines)
+
+
+def render_converter_table(data: dict[str, Any]) -> str:
+    case = data.get("cases", {}).get("converter_memory")
+    if not case or "rows" not in case:
+        return _not_run(case)
+    lines = [
+        f"{case['images']} distinct {case['image_px'][0]} x {case['image_px'][1]} JPEGs (mean "
+        f"{case['image_kib_mean']:.1f} KiB) cycled through the lines; shards of {case['shard_bytes'] / 2**20:,.0f} "
+        "MiB; each conversion in its own process.",
+        "",
+        "| lines | rows written | shards | output (MiB) | seconds | lines/s | RSS after imports (MiB) "
+        "| peak RSS (MiB) | peak above imports (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in case["rows"]:
+        extra = "n/a" if r["peak_above_baseline_mib"] is None else f"{r['peak_above_baseline_mib']:,.0f}"
+        lines.append(
+            f"| {r['lines']:,} | {r['rows_written']:,} | {r['shards']} | {r['output_mib']:,.1f} | {r['seconds']:.1f} | "
+            f"{r['lines_per_s']:,.0f} | {r['baseline_rss_mib']:,.0f} | {r['peak_rss_mib']:,.0f} | {extra} |"
+        )
+    first, last = case["rows"][0], case["rows"][-1]
+    lines += ["", f"Peak RSS at {last['lines']:,} lines / at {first['lines']:,} lines: {case['peak_ratio']:.3f}."]
+    return "\n".join(lines)
+
+
 def render_kernel_table(data: dict[str, Any]) -> str:
     case = data.get("cases", {}).get("attention_kernels")
     if not case or "kernels" not in case:
@@ -627,6 +703,14 @@ def render_tables(data: dict[str, Any]) -> str:
         "### 10. Padding-free text and fusion layers against the padded computation (fp32, sdpa)",
         "",
         render_padding_free_table(data),
+        "",
+        "### 11. Pre-training input pipeline against DataLoader workers, next to the training step",
+        "",
+        render_data_pipeline_tables(data),
+        "",
+        "### 12. Official-format converter: memory against corpus size",
+        "",
+        render_converter_table(data),
         "",
         "### Attention kernels",
         "",

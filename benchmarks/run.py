@@ -38,13 +38,16 @@ def every_case(quick: bool) -> list:
     from .answer_ranking import answer_ranking_cases
     from .attention_kernels import AttentionKernelsCase
     from .cases import all_cases
+    from .converter_memory import converter_memory_cases
+    from .data_pipeline import data_pipeline_cases
     from .int8_inference import int8_cases
     from .padding_free import padding_free_cases
     from .retrieval_eval import retrieval_cases
     from .retrieval_scale import retrieval_scale_cases
 
     return (all_cases(quick) + retrieval_cases(quick) + answer_ranking_cases(quick) + [AttentionKernelsCase(quick)]
-            + int8_cases(quick) + retrieval_scale_cases(quick) + padding_free_cases(quick))
+            + int8_cases(quick) + retrieval_scale_cases(quick) + padding_free_cases(quick)
+            + data_pipeline_cases(quick) + converter_memory_cases(quick))
 
 
 def _find_case(key: str, quick: bool):
