@@ -37,6 +37,7 @@ def log(message: str) -> None:
 def every_case(quick: bool) -> list:
     from .answer_ranking import answer_ranking_cases
     from .attention_kernels import AttentionKernelsCase
+    from .caption_generation import caption_generation_cases
     from .cases import all_cases
     from .int8_inference import int8_cases
     from .padding_free import padding_free_cases
@@ -44,7 +45,8 @@ def every_case(quick: bool) -> list:
     from .retrieval_scale import retrieval_scale_cases
 
     return (all_cases(quick) + retrieval_cases(quick) + answer_ranking_cases(quick) + [AttentionKernelsCase(quick)]
-            + int8_cases(quick) + retrieval_scale_cases(quick) + padding_free_cases(quick))
+            + int8_cases(quick) + retrieval_scale_cases(quick) + padding_free_cases(quick)
+            + caption_generation_cases(quick))
 
 
 def _find_case(key: str, quick: bool):
