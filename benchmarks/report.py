@@ -15,7 +15,7 @@ COMPILED = ["sdpa/fp32/compile", "sdpa/bf16/compile"]
 
 #: cases with a table of their own (not the variant tables)
 OWN_TABLES = ("retrieval_eval", "attention_kernels", "vqa_rank", "int8_inference", "retrieval_scale", "padding_free",
-              "data_pipeline", "converter_memory")
+              "data_pipeline", "converter_memory", "caption_beam")
 
 
 def _ms(seconds: float | None) -> str:
@@ -380,6 +380,51 @@ def render_padding_free_table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_caption_table(data: dict[str, Any]) -> str:
+    """Benchmark 13: end to end, and the decoding alone (each variant's median minus the vision encoder's, timed in
+    the same rounds), per step (the decoding over the decoder calls)."""
+    rows = []
+    for key, case in data.get("cases", {}).items():
+        if not key.startswith("caption_beam"):
+            continue
+        if "results" not in case:
+            rows.append(f"| `{key}` | {_not_run(case)} |||||||||")
+            continue
+        results, agreement, structure = case["results"], case.get("agreement", {}), case.get("structure", {})
+        official, ours = results.get("official/fp32/sdpa"), results.get("ours/fp32/sdpa")
+        vision = (results.get("vision/fp32/sdpa") or {}).get("median_s")
+        decode = {}
+        for name, result in (("official", official), ("ours", ours)):
+            if result and vision is not None:
+                seconds = result["median_s"] - vision
+                calls = structure.get(f"{name}/fp32/sdpa", {}).get("decoder_calls")
+                decode[name] = (seconds, seconds / calls if calls else None)
+        both = len(decode) == 2 and decode["ours"][0] > 0
+        decode_cell, step_cell = "n/a", "n/a"
+        if both:
+            (slow, slow_step), (fast, fast_step) = decode["official"], decode["ours"]
+            decode_cell = f"{_ms(slow)} / {_ms(fast)} ({slow / fast:.2f}x)"
+            step_cell = f"{_ms(slow_step)} / {_ms(fast_step)}" if fast_step else "n/a"
+        rows_cell = " / ".join(
+            str(structure.get(f"{name}/fp32/sdpa", {}).get("cross_key_rows", "n/a")) for name in ("official", "ours")
+        )
+        rows.append(
+            f"| `{key}` | {_cell(official)} | {_cell(ours)} | {_both(official, ours)} | "
+            f"{_fmt(_speedup(official, ours, 'cpu_median_s'))} | {_ms(vision)} | {decode_cell} | {step_cell} | "
+            f"{rows_cell} | {'yes' if agreement.get('same_tokens') else 'no'} "
+            f"({agreement.get('score_max_abs_diff', float('nan')):.1e}) |"
+        )
+    if not rows:
+        return "n/a: not run"
+    return "\n".join([
+        "| case | official structure (ms) | shipped (ms) | speed-up (best) | CPU-time speed-up | vision encoder (ms) "
+        "| decoding: official / shipped (ms) | per decoder step (ms) | image sequences projected to keys (per layer, all steps) "
+        "| same tokens (largest score gap) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+    ])
+
+
 def render_scale_tables(data: dict[str, Any]) -> str:
     case = data.get("cases", {}).get("retrieval_scale")
     if not case or "rows" not in case:
@@ -614,6 +659,16 @@ def render_summary(data: dict[str, Any]) -> str:
             if parts:
                 lines.append(f"- **Retrieval evaluation `{key}` {k_name}** vs the official protocol (fp32, sdpa): "
                              + "; ".join(parts) + ".")
+    for key, case in cases.items():
+        if not key.startswith("caption_beam") or "results" not in case:
+            continue
+        r, agreement = case["results"], case.get("agreement", {})
+        lines.append(
+            f"- **Caption beam search `{key}`** (benchmark 13, shipped vs the official cost structure): "
+            f"{_both(r.get('official/fp32/sdpa'), r.get('ours/fp32/sdpa'))} end to end (CPU time "
+            f"{_fmt(_speedup(r.get('official/fp32/sdpa'), r.get('ours/fp32/sdpa'), 'cpu_median_s'))}), "
+            f"{'identical' if agreement.get('same_tokens') else 'DIFFERENT'} tokens; the decoding alone in its table."
+        )
     return "\n".join(lines) if lines else "(no results yet)"
 
 
@@ -711,6 +766,10 @@ def render_tables(data: dict[str, Any]) -> str:
         "### 12. Official-format converter: memory against corpus size",
         "",
         render_converter_table(data),
+        "",
+        "### 13. Caption beam search, official cost structure vs shipped (fp32, sdpa)",
+        "",
+        render_caption_table(data),
         "",
         "### Attention kernels",
         "",

@@ -37,6 +37,7 @@ def log(message: str) -> None:
 def every_case(quick: bool) -> list:
     from .answer_ranking import answer_ranking_cases
     from .attention_kernels import AttentionKernelsCase
+    from .caption_generation import caption_generation_cases
     from .cases import all_cases
     from .converter_memory import converter_memory_cases
     from .data_pipeline import data_pipeline_cases
@@ -47,7 +48,7 @@ def every_case(quick: bool) -> list:
 
     return (all_cases(quick) + retrieval_cases(quick) + answer_ranking_cases(quick) + [AttentionKernelsCase(quick)]
             + int8_cases(quick) + retrieval_scale_cases(quick) + padding_free_cases(quick)
-            + data_pipeline_cases(quick) + converter_memory_cases(quick))
+            + data_pipeline_cases(quick) + converter_memory_cases(quick) + caption_generation_cases(quick))
 
 
 def _find_case(key: str, quick: bool):

@@ -132,8 +132,14 @@ class XVLMSelfAttention(nn.Module):
         encoder_hidden_states: torch.Tensor | None,
         cache: Cache | None,
         layout: PackedLayout | None = None,
+        encoder_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values `(batch, heads, kv_len, head_dim)`, read from / written to the cache when one is given."""
+        """Keys and values `(batch, heads, kv_len, head_dim)`, read from / written to the cache when one is given.
+
+        Cross-attention with `encoder_index` `(batch,)`: the keys/values of each distinct encoder sequence
+        `(n, S, encoder_width)` are projected once, then row b gets those of sequence `encoder_index[b]`; the cache
+        keeps them per row, so later steps read them without indexing again.
+        """
         if not self.is_cross_attention:
             key = self.split_heads(hidden_states, self.key, layout)
             value = self.split_heads(hidden_states, self.value, layout)
@@ -148,6 +154,8 @@ class XVLMSelfAttention(nn.Module):
             raise ValueError(f"Cross-attention layer {self.layer_idx} needs encoder_hidden_states.")
         key = self.split_heads(encoder_hidden_states, self.key)
         value = self.split_heads(encoder_hidden_states, self.value)
+        if encoder_index is not None:
+            key, value = key[encoder_index], value[encoder_index]
         if isinstance(cache, EncoderDecoderCache):
             key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
             cache.is_updated[self.layer_idx] = True
@@ -169,10 +177,7 @@ class XVLMSelfAttention(nn.Module):
         query_states = hidden_states if query_length is None else hidden_states[:, :query_length]
         query = self.split_heads(query_states, self.query, layout)
         batch, length = query.shape[0], query.shape[2]
-        key, value = self.keys_values(hidden_states, encoder_hidden_states, cache, layout)
-        if encoder_index is not None and self.is_cross_attention:
-            # Keys/values of each distinct encoder sequence are computed once and shared by all rows paired with it.
-            key, value = key[encoder_index], value[encoder_index]
+        key, value = self.keys_values(hidden_states, encoder_hidden_states, cache, layout, encoder_index)
         implementation = "eager" if kwargs.get("output_attentions") else self.config._attn_implementation
         attention_interface: Callable = XVLM_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         attn_output, attn_weights = attention_interface(
@@ -463,6 +468,7 @@ class XVLMTextModel(XVLMTextPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         encoder_hidden_states: EncoderStates | None = None,
         encoder_attention_mask: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+        encoder_index: torch.Tensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
         **kwargs: Any,
@@ -470,10 +476,18 @@ class XVLMTextModel(XVLMTextPreTrainedModel):
         """Embed `input_ids` `(batch, L)` and run the text layers, or all layers when `encoder_hidden_states`
         `(batch, S, encoder_width)` (or one such tensor per cross-attention layer) are given.
 
+        With `encoder_index` `(batch,)`, `encoder_hidden_states` holds `n` distinct sequences `(n, S, width)` and
+        row b reads `encoder_hidden_states[encoder_index[b]]` (beams of one image): each sequence's keys/values are
+        projected once; `encoder_attention_mask` is then per row, `(batch, S)`.
+
         Decoders (`config.is_decoder`) attend causally and keep a KV cache with `use_cache`; `attention_mask` then
         covers the cached and the new positions. Returns `last_hidden_state` `(batch, L, hidden)` and `cache`.
         """
         shape = self._check_text_inputs(input_ids, inputs_embeds, attention_mask)
+        if encoder_index is not None and encoder_hidden_states is not None:
+            per_layer = isinstance(encoder_hidden_states, (list, tuple))
+            for states in encoder_hidden_states if per_layer else [encoder_hidden_states]:
+                self._check_pairing(shape[0], states, encoder_index)
         cache = self._prepare_cache(cache, use_cache, encoder_hidden_states)
         past_length = cache.get_seq_length() if cache is not None else 0
         hidden = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds, past_length=past_length)
@@ -485,10 +499,13 @@ class XVLMTextModel(XVLMTextPreTrainedModel):
             if encoder_hidden_states is None:  # cross-attention keys/values from the cache: its key mask as given
                 encoder_attention_mask = expand_key_mask(encoder_attention_mask, hidden.dtype)
             else:
-                encoder_attention_mask = self._encoder_masks(encoder_hidden_states, encoder_attention_mask, hidden.dtype)
+                rows = None if encoder_index is None else shape[0]
+                encoder_attention_mask = self._encoder_masks(
+                    encoder_hidden_states, encoder_attention_mask, hidden.dtype, rows=rows
+                )
         hidden = self.encoder(
-            hidden, self_mask, encoder_hidden_states, encoder_attention_mask, layers, cache=cache,
-            layout=self.token_layout(attention_mask, kwargs), **kwargs,
+            hidden, self_mask, encoder_hidden_states, encoder_attention_mask, layers, encoder_index=encoder_index,
+            cache=cache, layout=self.token_layout(attention_mask, kwargs), **kwargs,
         )
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden, cache=cache)
 
@@ -716,6 +733,7 @@ class XVLMTextLMHeadModel(XVLMTextPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.FloatTensor | None = None,
         encoder_hidden_states: EncoderStates | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        encoder_index: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
@@ -725,7 +743,7 @@ class XVLMTextLMHeadModel(XVLMTextPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithCrossAttentions:
         """Logits `(batch, L, vocab)`; with `labels` `(batch, L)` (-100 = ignored) the next-token loss of
         `logits[:, :-1]` against `labels[:, 1:]` (official decoders). `reduction="none"` gives the per-sequence sum
-        `(batch,)` (official VQA answer loss)."""
+        `(batch,)` (official VQA answer loss). `encoder_index`: see `XVLMTextModel.forward`."""
         if labels is not None:
             use_cache = False
         outputs = self.text_model(
@@ -735,6 +753,7 @@ class XVLMTextLMHeadModel(XVLMTextPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             encoder_hidden_states=encoder_hidden_states,
             encoder_attention_mask=encoder_attention_mask,
+            encoder_index=encoder_index,
             cache=cache,
             use_cache=use_cache,
             **kwargs,

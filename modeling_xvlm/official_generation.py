@@ -148,7 +148,8 @@ def finalize_beams(
 
 
 class _Decoder:
-    """Runs the decoder one step at a time with its KV cache, over `rows` sequences reading `image_states`."""
+    """Runs the decoder one step at a time with its KV cache, over `rows` sequences reading `image_states`
+    (one per row, or with `image_index` `(rows,)` one per image: row r reads `image_states[image_index[r]]`)."""
 
     def __init__(
         self,
@@ -157,10 +158,12 @@ class _Decoder:
         image_mask: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
         use_cache: bool = True,
+        image_index: torch.Tensor | None = None,
     ):
         self.decoder, self.image_states, self.image_mask = decoder, image_states, image_mask
         self.attention_mask = attention_mask
         self.use_cache = use_cache
+        self.image_index = {} if image_index is None else {"encoder_index": image_index}
         self.cache = None
 
     def next_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -173,6 +176,7 @@ class _Decoder:
             cache=self.cache,
             use_cache=self.use_cache,
             return_dict=True,
+            **self.image_index,
         )
         # None without a cache (use_cache=False, or gradient checkpointing in training mode): full recompute.
         self.cache = out.cache if self.use_cache else None
@@ -240,8 +244,11 @@ def official_beam_search(
     def expand(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.repeat_interleave(num_beams, dim=0)
 
+    # The official repeats the image per beam; here the beams of an image read it through an index, so that its
+    # cross-attention keys/values are projected once per image (the cache then holds them per beam).
+    image_index = torch.arange(batch, device=input_ids.device).repeat_interleave(num_beams)
     steps = _Decoder(
-        decoder, expand(encoder_hidden_states), expand(encoder_attention_mask), expand(attention_mask), use_cache
+        decoder, encoder_hidden_states, expand(encoder_attention_mask), expand(attention_mask), use_cache, image_index
     )
     ids = expand(input_ids)
     beam_scores = torch.zeros(batch, num_beams, device=ids.device)

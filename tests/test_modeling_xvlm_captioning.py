@@ -18,6 +18,7 @@ from modeling_xvlm.modeling_xvlm_captioning import (
     caption_labels,
     captioning_decoder_config,
 )
+from modeling_xvlm.official_generation import official_beam_search
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -240,6 +241,47 @@ def test_kv_cache_batching_and_min_length():
     assert any(_until_sep(row)[-1] == SEP for row in cached)
     stock = model.generate(pixels, prompts, min_length=7, max_length=12, official_beam_scoring=False)
     assert all(SEP not in row[:7].tolist() for row in stock)
+
+
+class _RepeatedImages:
+    """The decoder fed the image sequence repeated per beam (the official layout, before the image index)."""
+
+    def __init__(self, decoder):
+        self.decoder = decoder
+
+    def __call__(self, *, encoder_hidden_states, encoder_index=None, **kwargs):
+        return self.decoder(encoder_hidden_states=encoder_hidden_states[encoder_index], **kwargs)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_beams_read_each_image_once_with_the_repeated_images_tokens_and_scores(use_cache):
+    """The beams of an image read its sequence through an index: its cross-attention keys/values are projected
+    once per image (with the cache: in the first step only), and the hypotheses and scores are those of the image
+    repeated per beam, with and without an image mask."""
+    pixels, prompts = _pixels(3, seed=5), _prompts(3)
+    for sep_bias, max_length, min_length in SETTINGS[:3]:
+        model = _model(2, sep_bias)
+        images = model.encode_image(pixels).last_hidden_state
+        image_mask = torch.ones(images.shape[:2], dtype=torch.long)
+        image_mask[1, 5:] = 0
+        for mask in (None, image_mask):
+            projected = []
+            key = model.text_decoder.text_model.encoder.layer[1].crossattention.self.key
+            hook = key.register_forward_hook(lambda _m, args, _o: projected.append(args[0].shape[0]))
+            options = dict(encoder_attention_mask=mask, eos_token_id=SEP, pad_token_id=PAD, num_beams=3,
+                           max_length=max_length, min_length=min_length, num_return_sequences=2, use_cache=use_cache)
+            ids, scores = official_beam_search(model.text_decoder, prompts, images, **options)
+            hook.remove()
+            assert set(projected) == {3} and (len(projected) == 1) == use_cache
+            reference_ids, reference_scores = official_beam_search(
+                _RepeatedImages(model.text_decoder), prompts, images, **options
+            )
+            assert torch.equal(ids, reference_ids)
+            assert torch.allclose(scores, reference_scores, atol=1e-6, rtol=0)
+        generated = model.generate(pixels, prompts, max_length=max_length, min_length=min_length,
+                                   num_return_sequences=2, return_dict_in_generate=True)
+        assert torch.equal(generated.sequences, official_beam_search(
+            _RepeatedImages(model.text_decoder), prompts, images, **{**options, "encoder_attention_mask": None})[0])
 
 
 def test_greedy_is_the_stepwise_argmax_and_official_greedy_ignores_min_length():

@@ -88,6 +88,54 @@ def test_cache_equals_no_cache(cross_width, implementation, states_each_step):
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
 
 
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_encoder_index_equals_repeated_encoder_states(implementation):
+    """Rows reading their encoder sequence through `encoder_index` (beams of one image) give the logits of the
+    repeated sequences, step by step with a reordered cache and without one; each sequence's keys/values are
+    projected once and cached per row."""
+    config = _text_config(is_decoder=True, fusion_layer=1, encoder_width=12)
+    model = XVLMTextLMHeadModel(config).eval()
+    model.set_attn_implementation(implementation)
+    encoder = torch.randn(2, 5, 12)
+    index = torch.tensor([0, 0, 1, 1, 1])
+    encoder_mask = torch.ones(5, 5, dtype=torch.long)
+    encoder_mask[2:, 3:] = 0  # the second sequence's last two positions are padding
+    ids = _ids(batch=5, length=6)
+    projected = []
+    hook = model.text_model.encoder.layer[1].crossattention.self.key.register_forward_hook(
+        lambda _m, args, _o: projected.append(args[0].shape[0])
+    )
+    with torch.no_grad():
+        full = model(ids, encoder_hidden_states=encoder[index], encoder_attention_mask=encoder_mask, use_cache=False)
+        shared = model(ids, encoder_hidden_states=encoder, encoder_attention_mask=encoder_mask, encoder_index=index,
+                       use_cache=False)
+        assert torch.allclose(shared.logits, full.logits, atol=1e-6, rtol=0)
+        projected.clear()
+        reorder = torch.tensor([1, 0, 4, 2, 2])  # beams continue from others of the same image
+        runs = {}
+        for name, states, extra in (("repeated", encoder[index], {}), ("indexed", encoder, {"encoder_index": index})):
+            out = model(ids[:, :3], encoder_hidden_states=states, encoder_attention_mask=encoder_mask, use_cache=True,
+                        **extra)
+            logits, cache = [out.logits], out.cache
+            for t in range(3, 6):
+                cache.self_attention_cache.reorder_cache(reorder)
+                out = model(ids[:, t : t + 1], attention_mask=torch.ones(5, t + 1, dtype=torch.long),
+                            encoder_hidden_states=states, encoder_attention_mask=encoder_mask, cache=cache,
+                            use_cache=True, **extra)
+                cache = out.cache
+                logits.append(out.logits)
+            runs[name] = torch.cat(logits, dim=1)
+            assert cache.cross_attention_cache.layers[1].keys.shape[0] == 5  # per row
+    hook.remove()
+    assert projected == [5, 2]  # repeated: every row once; indexed: each sequence once, both in the first step only
+    assert torch.allclose(runs["indexed"], runs["repeated"], atol=1e-6, rtol=0)
+    assert (runs["indexed"][:2] - runs["indexed"][2:4]).abs().max() > 1e-4  # the two sequences differ
+    with pytest.raises(ValueError, match="image_index"):
+        model(ids, encoder_hidden_states=encoder, encoder_index=index[:4], use_cache=False)
+    with pytest.raises(ValueError, match="image_index values"):
+        model(ids, encoder_hidden_states=encoder, encoder_index=index + 1, use_cache=False)
+
+
 def test_generate_greedy_and_beam_with_cache_equal_without():
     config = _text_config(is_decoder=True, fusion_layer=1, encoder_width=12)
     model = XVLMTextLMHeadModel(config).eval()
