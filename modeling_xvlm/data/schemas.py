@@ -188,12 +188,17 @@ class SchemaMismatchError(ValueError):
     """A dataset does not have the features that an X-VLM configuration requires."""
 
 
+def _schema(config_name: str) -> Features:
+    """The shared (not to be modified) ``Features`` of ``config_name``; ``KeyError`` naming the known ones."""
+    if config_name not in _FEATURES:
+        raise KeyError(f"Unknown X-VLM dataset configuration {config_name!r}; expected one of {list(CONFIG_NAMES)}.")
+    return _FEATURES[config_name]
+
+
 def get_features(config_name: str, optional: Iterable[str] = ()) -> Features:
     """Return the ``datasets.Features`` of configuration ``config_name`` (a fresh copy), with the ``optional``
     columns named (:data:`OPTIONAL_FEATURES`) appended."""
-    if config_name not in _FEATURES:
-        raise KeyError(f"Unknown X-VLM dataset configuration {config_name!r}; expected one of {list(CONFIG_NAMES)}.")
-    features = _FEATURES[config_name].copy()
+    features = _schema(config_name).copy()
     known = OPTIONAL_FEATURES.get(config_name, {})
     for name in optional:
         if name not in known:
@@ -315,8 +320,8 @@ def validate_record(record: Mapping[str, Any], config_name: str) -> list[str]:
     integer ``question_id``, a non-empty ``image_id`` and ``question``, ``answers`` a list of strings (may be empty),
     ``source`` and ``group`` strings. ``vqa_answers`` rows: a non-empty ``answer``.
     """
-    features = get_features(config_name)
-    problems = [f"missing field {name!r}" for name in features if name not in record]
+    # the column names only: no copy of the schema per record (the converter validates every record)
+    problems = [f"missing field {name!r}" for name in _schema(config_name) if name not in record]
     if problems:
         return problems
     if config_name == "nlvr2":
